@@ -1,0 +1,45 @@
+# facelab — the two Quickstart commands (`make quickstart`, `make test`) and their set-up.
+# Each target creates .venv on first use; nothing needs installing by hand.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+PORT ?= 8000
+export PATH := $(abspath $(BIN)):$(PATH)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: quickstart test test-all install data clean-runs
+
+$(STAMP):
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0     # the CPU wheel; see pyproject.toml
+	$(BIN)/pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+install: $(STAMP)
+
+data: $(STAMP)
+	dvc repro
+
+# Build the data with DVC, run the quickstart sweep (2 trials), promote the best trial,
+# serve it with Ray Serve and answer one request.
+quickstart: data
+	facelab sweep sweeps/quickstart.yaml
+	facelab promote quickstart || echo "(promotion refused: the current champion stays)"
+	@set -e; facelab serve --port $(PORT) > .serve.log 2>&1 & pid=$$!; \
+	trap 'kill -INT $$pid 2>/dev/null; wait $$pid 2>/dev/null || true' EXIT; \
+	facelab request "I am so happy to see you again!" --url http://127.0.0.1:$(PORT) --wait 180 \
+	  || { cat .serve.log; exit 1; }; \
+	echo; echo "Review the runs in MLflow:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns.db"; \
+	echo "  then open http://127.0.0.1:5000 → experiment 'quickstart' (parent run + one child run per trial)."
+
+# The test suite CI runs (`.ci/run`): everything but GPU-only tests.
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not gpu" -q
+
+clean-runs:
+	rm -rf mlruns.db mlartifacts ray_results .serve.log

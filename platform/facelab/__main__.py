@@ -1,0 +1,5 @@
+import sys
+
+from facelab.cli import main
+
+sys.exit(main())

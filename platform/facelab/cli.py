@@ -1,0 +1,306 @@
+"""The ``facelab`` command line (also ``python -m facelab``).
+
+User errors (bad specs, unlocked data, an unreachable tracking store …) exit non-zero with a
+one-paragraph message; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _root() -> Path:
+    return Path.cwd().resolve()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from facelab.data.emoava import DataError
+    from facelab.data.lineage import DataLineageError
+    from facelab.specs import SpecError
+    from facelab.sweep import SweepError
+    from facelab.tracking import TrackingError
+    from facelab.train.checkpoint import CheckpointError
+
+    return (SpecError, DataLineageError, TrackingError, SweepError, DataError, CheckpointError, FileNotFoundError)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_sweep(args) -> int:
+    from facelab.specs import load_sweep
+
+    root = _root()
+    loaded = load_sweep(args.sweep, args.set, root=root)
+    if args.dry_run:
+        s = loaded.spec
+        print(f"sweep '{s.name}': job {s.job}, method {s.method}, metric {s.metric.name} ({s.metric.goal}), "
+              f"{len(loaded.trials)} trial(s), {s.resources.num_workers} worker(s) each")
+        for i, t in enumerate(loaded.trials):
+            ov = t.overrides(s.variants)
+            print(f"  [{i}] {t.name}")
+            print(f"       overrides: {json.dumps(ov, default=str)}")
+        return 0
+    return _run_and_summarize(loaded, root, resume=args.resume, address=args.address)
+
+
+def _run_and_summarize(loaded, root: Path, resume: bool, address: str | None) -> int:
+    from facelab.sweep import run_sweep
+
+    print(f"MLflow tracking store: {_tracking_uri(root)}")
+    out = run_sweep(loaded, root, resume=resume, address=address)
+    print()
+    print(f"sweep '{out.sweep}': {len(out.trials)} trial(s)")
+    for t in out.trials:
+        val = t.get(loaded.spec.metric.name)
+        print(f"  {t['status']:9s} {t['variant']} seed={t['seed']}  {loaded.spec.metric.name}="
+              f"{'%.5g' % val if isinstance(val, (int, float)) else '-'}  run {t['run_id']}")
+    if out.best:
+        print(f"best: {out.best['name']} ({loaded.spec.metric.name}={out.best[loaded.spec.metric.name]:.5g})")
+    print(f"MLflow: experiment '{out.sweep}' (id {out.experiment_id}), parent run {out.parent_run_id}")
+    print(f"  browse: mlflow ui --backend-store-uri {out.tracking_uri}   (then open http://127.0.0.1:5000)")
+    print(f"Ray results and checkpoints: {out.storage}")
+    failed = [t for t in out.trials if t["status"] != "FINISHED"]
+    return 1 if failed else 0
+
+
+def cmd_train(args) -> int:
+    """One run through the sweep code path: a one-trial sweep named after the job."""
+    from facelab.specs import LoadedSweep, SweepSpec, load_job, plan_trials
+
+    root = _root()
+    job, job_dict = load_job(args.job, args.set)
+    spec = SweepSpec(name=args.name or job_dict["name"], job=str(args.job),
+                     metric={"name": "val/loss", "goal": "minimize"},
+                     seeds=[job_dict["train"]["seed"]],
+                     resources={"num_workers": args.num_workers, "gpus_per_worker": args.gpus_per_worker,
+                                "cpus_per_worker": args.cpus_per_worker})
+    loaded = LoadedSweep(spec=spec, job=job, job_dict=job_dict, source=Path(args.job), job_path=Path(args.job),
+                         trials=plan_trials(spec))
+    return _run_and_summarize(loaded, root, resume=False, address=args.address)
+
+
+def _tracking_uri(root: Path) -> str:
+    from facelab import tracking
+
+    return tracking.tracking_uri(root)
+
+
+def _sweep_runs(name: str):
+    from facelab import tracking
+
+    root = _root()
+    c = tracking.check_reachable(_tracking_uri(root))
+    exp = c.get_experiment_by_name(name)
+    if exp is None:
+        raise tracking.TrackingError(f"no sweep '{name}' in {c.tracking_uri} (no MLflow experiment of that name)")
+    parent = tracking.sweep_parent(c, exp.experiment_id, name)
+    if parent is None:
+        raise tracking.TrackingError(f"experiment '{name}' has no sweep run in {c.tracking_uri}")
+    return c, exp, parent, tracking.trial_runs(c, exp.experiment_id, parent.info.run_id)
+
+
+def cmd_promote(args) -> int:
+    from facelab import tracking
+
+    c, exp, parent, trials = _sweep_runs(args.sweep)
+    metric = parent.data.params.get("sweep.metric.name", "val/loss")
+    goal = parent.data.params.get("sweep.metric.goal", "minimize")
+    best = tracking.best_trial(trials, metric, goal)
+    if best is None:
+        raise tracking.TrackingError(f"sweep '{args.sweep}' has no finished trial with metric {metric}")
+    model_name = args.model_name or best.params.get("name") or args.sweep
+    p = tracking.promote(c, best, model_name, metric, goal, force=args.force)
+    prev = f"; previous champion version {p.previous_version} is now '{tracking.PREVIOUS}'" if p.previous_version else ""
+    print(f"promoted {best.name} (run {p.run_id}, {metric}={p.value:.5g}) → models:/{p.model_name} "
+          f"version {p.version} @{tracking.CHAMPION}{prev}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from facelab.report import sweep_table
+
+    c, exp, parent, trials = _sweep_runs(args.sweep)
+    print(sweep_table(c, parent, trials, fmt=args.format, log=not args.no_log))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from ray import serve
+
+    from facelab import tracking
+    from facelab.serve.app import build_app
+    from facelab.sweep import init_ray
+
+    root = _root()
+    uri = _tracking_uri(root)
+    c = tracking.check_reachable(uri)
+    model_name = args.model or _default_model(c)
+    c.get_model_version_by_alias(model_name, "champion")  # fail fast with a clear message if absent
+    init_ray(args.address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(model_name, uri), name="facelab", route_prefix="/", blocking=False)
+    print(f"serving models:/{model_name}@champion on http://{args.host}:{args.port}  (docs: /docs; Ctrl-C stops)",
+          flush=True)
+    import time
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
+def _default_model(c) -> str:
+    from facelab.tracking import TrackingError
+
+    models = c.search_registered_models(max_results=100)
+    names = [m.name for m in models if "champion" in (m.aliases or {})]
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise TrackingError(f"no registered model with a 'champion' alias in {c.tracking_uri}; run `facelab promote SWEEP` first")
+    raise TrackingError(f"several registered models have a champion ({', '.join(sorted(names))}); pick one with --model")
+
+
+def cmd_request(args) -> int:
+    """Send one /v1/expressions request and print a short summary (used by the Quickstart)."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + args.wait
+    while True:
+        try:
+            with urllib.request.urlopen(f"{args.url}/healthz", timeout=5) as r:
+                if r.status == 200:
+                    break
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.time() > deadline:
+            print(f"no healthy server at {args.url} after {args.wait}s", file=sys.stderr)
+            return 1
+        time.sleep(1)
+    body = json.dumps({"text": args.text, "num_samples": args.num_samples, "max_frames": args.max_frames,
+                       "seed": args.seed}).encode()
+    req = urllib.request.Request(f"{args.url}/v1/expressions", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        out = json.loads(r.read())
+    m = out["model"]
+    print(f"POST /v1/expressions {{'text': {args.text!r}}} → models:/{m['name']} v{m['version']} (run {m['run_id']})")
+    for i, s in enumerate(out["sequences"]):
+        f = s["frames"]
+        print(f"  sample {i}: {len(f)} frames x {len(f[0]) if f else 0} dims at {out['fps']} fps; "
+              f"first frame[:4] = {[round(v, 3) for v in f[0][:4]] if f else []}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    import yaml
+
+    from facelab.data import emoava
+
+    if args.data_cmd == "build-emoava":
+        from facelab.data.synth import generate_emoava
+
+        params = (yaml.safe_load(Path(args.params).read_text()) or {}).get("emoava", {}) if args.params else {}
+        summary = generate_emoava(Path(args.out), **params)
+    elif args.data_cmd == "import-emoava":
+        summary = emoava.import_release(Path(args.release_dir), Path(args.out))
+    else:
+        summary = emoava.summarize(Path(args.path))
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="facelab", description="Sweeps, tracking and serving for text-to-facial-expression models.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("sweep", help="run a sweep YAML on Ray Tune + Train")
+    s.add_argument("sweep")
+    s.add_argument("--dry-run", action="store_true", help="print the resolved trials and start nothing")
+    s.add_argument("--resume", action="store_true", help="continue the latest run of this sweep")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a sweep or job key")
+    s.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    s.set_defaults(fn=cmd_sweep)
+
+    t = sub.add_parser("train", help="one run of a job YAML (a one-trial sweep)")
+    t.add_argument("job")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--name", default=None, help="sweep/experiment name (default: the job's name)")
+    t.add_argument("--num-workers", type=int, default=1)
+    t.add_argument("--gpus-per-worker", type=float, default=0)
+    t.add_argument("--cpus-per-worker", type=float, default=1)
+    t.add_argument("--address", default=None)
+    t.set_defaults(fn=cmd_train)
+
+    r = sub.add_parser("report", help="paper-layout table of a finished sweep")
+    r.add_argument("sweep")
+    r.add_argument("--format", choices=["md", "csv"], default="md")
+    r.add_argument("--no-log", action="store_true", help="do not log the table to the sweep's MLflow run")
+    r.set_defaults(fn=cmd_report)
+
+    pr = sub.add_parser("promote", help="register the sweep's best trial as champion")
+    pr.add_argument("sweep")
+    pr.add_argument("--model-name", default=None, help="registered model name (default: the job's name)")
+    pr.add_argument("--force", action="store_true", help="promote even if not better than the champion")
+    pr.set_defaults(fn=cmd_promote)
+
+    sv = sub.add_parser("serve", help="serve models:/NAME@champion over HTTP (Ray Serve)")
+    sv.add_argument("--model", default=None, help="registered model name (default: the only one with a champion)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--address", default=None)
+    sv.set_defaults(fn=cmd_serve)
+
+    rq = sub.add_parser("request", help="send one expression request to a running server")
+    rq.add_argument("text")
+    rq.add_argument("--url", default="http://127.0.0.1:8000")
+    rq.add_argument("--num-samples", type=int, default=1)
+    rq.add_argument("--max-frames", type=int, default=256)
+    rq.add_argument("--seed", type=int, default=0)
+    rq.add_argument("--wait", type=float, default=120, help="seconds to wait for /healthz")
+    rq.set_defaults(fn=cmd_request)
+
+    d = sub.add_parser("data", help="build, import and check datasets")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    b = dsub.add_parser("build-emoava", help="write the synthetic EmoAva-format corpus (the DVC stage)")
+    b.add_argument("--params", default="params.yaml")
+    b.add_argument("--out", default="data/emoava")
+    i = dsub.add_parser("import-emoava", help="import the EmoAva release pickles (safe unpickler)")
+    i.add_argument("release_dir")
+    i.add_argument("--out", default="data/emoava")
+    v = dsub.add_parser("validate", help="validate a dataset directory and print its summary")
+    v.add_argument("path")
+    d.set_defaults(fn=cmd_data)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - user errors become one paragraph, the rest re-raise
+        if args.debug or not isinstance(exc, _user_errors()):
+            raise
+        print(f"facelab: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Checkpoints without pickle: weights in safetensors, config and progress in JSON.
+
+Layout of a checkpoint directory::
+
+    model.safetensors   model weights (the frozen pretrained text encoder is not stored: it is
+                        rebuilt from ``model.text_encoder``; a fine-tuned encoder is stored)
+    config.json         the resolved job config + the job kind: enough to rebuild the model
+    train_state.pt      optimizer / LR-schedule / RNG state, loaded with ``weights_only=True``
+    meta.json           epoch, global step, metrics history
+
+``model.safetensors`` + ``config.json`` alone make a servable model (what MLflow stores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "train_state.pt"
+META_FILE = "meta.json"
+SERVABLE_FILES = (MODEL_FILE, CONFIG_FILE)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is missing files or holds unusable contents (the message names the file)."""
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def model_state(model: torch.nn.Module, keep_encoder: bool) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    if not keep_encoder:
+        sd = {k: v for k, v in sd.items() if not k.startswith("text_encoder.")}
+    # safetensors refuses shared storage; clone makes every tensor own its memory.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+
+
+def save(dirpath: Path, model: torch.nn.Module, config: dict, *, keep_encoder: bool,
+         train_state: dict[str, Any] | None = None, meta: dict | None = None) -> Path:
+    dirpath = Path(dirpath)
+    dirpath.mkdir(parents=True, exist_ok=True)
+    tmp = dirpath / (MODEL_FILE + ".tmp")
+    save_file(model_state(model, keep_encoder), str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, dirpath / MODEL_FILE)
+    _atomic_write_text(dirpath / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True))
+    if train_state is not None:
+        tmp = dirpath / (STATE_FILE + ".tmp")
+        torch.save(train_state, tmp)
+        os.replace(tmp, dirpath / STATE_FILE)
+    if meta is not None:
+        _atomic_write_text(dirpath / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+    return dirpath
+
+
+def load_config(dirpath: Path) -> dict:
+    p = Path(dirpath) / CONFIG_FILE
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{p}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{p}: not valid JSON ({exc})") from None
+
+
+def load_weights(dirpath: Path) -> dict[str, torch.Tensor]:
+    p = Path(dirpath) / MODEL_FILE
+    if not p.is_file():
+        raise CheckpointError(f"{p}: missing")
+    try:
+        return load_file(str(p))
+    except Exception as exc:  # safetensors raises several types for truncated/corrupt files
+        raise CheckpointError(f"{p}: unreadable safetensors file ({exc})") from None
+
+
+def load_train_state(dirpath: Path) -> dict | None:
+    p = Path(dirpath) / STATE_FILE
+    if not p.is_file():
+        return None
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{p}: unreadable training state ({exc})") from None
+
+
+def load_meta(dirpath: Path) -> dict:
+    p = Path(dirpath) / META_FILE
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        return {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{p}: not valid JSON ({exc})") from None
+
+
+def load_into(model: torch.nn.Module, dirpath: Path) -> None:
+    """Load weights into ``model``; only the frozen encoder may be absent from the file."""
+    sd = load_weights(dirpath)
+    try:
+        result = model.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise CheckpointError(f"{Path(dirpath) / MODEL_FILE}: does not fit the model ({exc})") from None
+    missing = [k for k in result.missing_keys if not k.startswith("text_encoder.")]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"{Path(dirpath) / MODEL_FILE}: does not fit the model "
+            f"(missing {missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected {result.unexpected_keys[:5]})")

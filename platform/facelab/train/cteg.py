@@ -1,0 +1,187 @@
+"""The CTEG per-worker training loop (Ray Train): setup → (resume) → train/validate → checkpoint.
+
+Plain PyTorch plus ``ray.train.report``. Every rank trains on its shard (DistributedSampler, DDP
+through ``ray.train.torch.prepare_model``); validation sums are all-reduced so every rank sees the
+same metrics; rank 0 alone writes checkpoints and logs to MLflow, so a DDP trial is one MLflow run.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+class PairDataset(Dataset):
+    """(text, frames) pairs of one split, frames cut to ``max_frames``."""
+
+    def __init__(self, texts: list[str], sequences: list[np.ndarray], max_frames: int):
+        self.texts = texts
+        self.sequences = [torch.from_numpy(np.ascontiguousarray(s[:max_frames], dtype=np.float32)) for s in sequences]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int):
+        return self.texts[i], self.sequences[i]
+
+
+def collate(batch):
+    """Pad to the longest sequence in the batch (no padding to a fixed MSL)."""
+    texts = [t for t, _ in batch]
+    lengths = torch.tensor([s.shape[0] for _, s in batch], dtype=torch.long)
+    frames = torch.zeros(len(batch), int(lengths.max()), batch[0][1].shape[1])
+    for i, (_, s) in enumerate(batch):
+        frames[i, : s.shape[0]] = s  # (T_i, 53)
+    return texts, frames, lengths
+
+
+def noam_factor(step: int, d_model: int, warmup: int) -> float:
+    """Eq. 10 (Noam): lr = d_model^-0.5 · min(step^-0.5, step · warmup^-1.5), step counted from 1."""
+    step = max(step, 1)
+    return d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_splits(data_dir: Path, data_cfg: dict):
+    from facelab.data import emoava
+
+    train = emoava.load_split(data_dir, "train")
+    dev = emoava.load_split(data_dir, "dev")
+    mean, _std = emoava.load_stats(data_dir)
+    n_tr, n_dev = data_cfg.get("train_subset"), data_cfg.get("dev_subset")
+    train_ds = PairDataset(train.texts[:n_tr], train.sequences[:n_tr], data_cfg["max_frames"])
+    dev_ds = PairDataset(dev.texts[:n_dev], dev.sequences[:n_dev], data_cfg["max_frames"])
+    return train_ds, dev_ds, mean
+
+
+def _allreduce(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker. ``config`` keys: job (resolved job dict), data_dir,
+    tracking ({uri, run_id} or None), trial (tags for the record)."""
+    import ray.train
+    import ray.train.torch
+
+    from facelab import tracking
+    from facelab.models.loading import build_cteg
+    from facelab.train import checkpoint as ckpt
+
+    job: dict = config["job"]
+    optim_cfg, train_cfg = job["optim"], job["train"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+
+    # ---- setup -------------------------------------------------------------------------------
+    seed_everything(train_cfg["seed"])             # same initial weights on every rank
+    train_ds, dev_ds, mean = load_splits(Path(config["data_dir"]), job["data"])
+    model = build_cteg(job, mean).to(device)
+    keep_encoder = bool(job["model"]["finetune_encoder"])
+    d_model = job["model"]["d_model"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=optim_cfg["lr_mul"], betas=tuple(optim_cfg["betas"]), eps=optim_cfg["eps"])
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: noam_factor(s + 1, d_model, optim_cfg["warmup"]))
+
+    start_epoch, step, history = 0, 0, []
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as d:
+            ckpt.load_into(model, Path(d))
+            state = ckpt.load_train_state(Path(d))
+            meta = ckpt.load_meta(Path(d))
+        if state is None:
+            raise ckpt.CheckpointError(f"{resume.path}: no {ckpt.STATE_FILE}; cannot resume training state")
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, step, history = meta["epoch"] + 1, meta["step"], meta.get("history", [])
+
+    ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+    per_worker = max(1, optim_cfg["batch_size"] // world)
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=train_cfg["seed"], drop_last=True)
+    loader = DataLoader(train_ds, batch_size=per_worker, sampler=sampler, collate_fn=collate, drop_last=True)
+    dev_idx = list(range(rank, len(dev_ds), world))  # exact sharding: no duplicated samples
+    dev_loader = DataLoader(torch.utils.data.Subset(dev_ds, dev_idx), batch_size=per_worker, collate_fn=collate)
+
+    client = tracking.client(config["tracking"]["uri"]) if rank == 0 and config.get("tracking") else None
+    run_id = config["tracking"]["run_id"] if client else None
+
+    # ---- train -------------------------------------------------------------------------------
+    for epoch in range(start_epoch, train_cfg["epochs"]):
+        t0 = time.time()
+        sampler.set_epoch(epoch)
+        # Per-rank, per-epoch stream for the CVAE's sampling noise: resumable and rank-distinct.
+        torch.manual_seed(train_cfg["seed"] * 1_000_003 + epoch * 1009 + rank)
+        ddp_model.train()
+        sums = {"loss": 0.0, "mse": 0.0, "kl": 0.0, "lg": 0.0}
+        n_batches = 0
+        for i, (texts, frames, lengths) in enumerate(loader):
+            if train_cfg["max_steps_per_epoch"] and i >= train_cfg["max_steps_per_epoch"]:
+                break
+            out = ddp_model(texts, frames.to(device), lengths.to(device))
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            if optim_cfg["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(params, optim_cfg["grad_clip"])
+            opt.step()
+            sched.step()
+            step += 1
+            n_batches += 1
+            for k in sums:
+                sums[k] += float(out[k].detach())
+        red = _allreduce([sums[k] for k in sums] + [n_batches], device)
+        train_metrics = {f"train/{k}": red[j] / max(red[-1], 1) for j, k in enumerate(sums)}
+
+        # ---- validate (teacher-forced loss terms on the dev split) ----------------------------
+        ddp_model.eval()
+        vs = {"loss": 0.0, "mse": 0.0, "kl": 0.0, "lg": 0.0}
+        n_seq = 0
+        with torch.no_grad():
+            for j, (texts, frames, lengths) in enumerate(dev_loader):
+                if train_cfg["max_val_batches"] and j >= train_cfg["max_val_batches"]:
+                    break
+                out = model(texts, frames.to(device), lengths.to(device))
+                for k in vs:
+                    vs[k] += float(out[k]) * len(texts)
+                n_seq += len(texts)
+        red = _allreduce([vs[k] for k in vs] + [n_seq], device)
+        val_metrics = {f"val/{k}": red[j] / max(red[-1], 1) for j, k in enumerate(vs)}
+
+        metrics = {**train_metrics, **val_metrics, "epoch": epoch, "step": step,
+                   "lr": sched.get_last_lr()[0], "epoch_time_s": time.time() - t0}
+        history.append({k: v for k, v in metrics.items()})
+        if not all(math.isfinite(v) for v in metrics.values()):
+            raise FloatingPointError(f"non-finite metrics at epoch {epoch}: {metrics}")
+
+        # ---- checkpoint + report -------------------------------------------------------------
+        if rank == 0:
+            if client:
+                tracking.log_metrics(client, run_id, metrics, step=epoch)
+            with tempfile.TemporaryDirectory() as d:
+                ckpt.save(Path(d), model, job, keep_encoder=keep_encoder,
+                          train_state={"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+                          meta={"epoch": epoch, "step": step, "history": history,
+                                "mlflow_run_id": run_id})
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)

@@ -1,0 +1,84 @@
+"""Shared fixtures: a throw-away facelab project (git + DVC + tiny corpus) for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+BIN = Path(sys.executable).parent
+
+# Small but real: the DVC stage builds this corpus in a second.
+TINY_PARAMS = {"emoava": {"n_train": 240, "n_dev": 48, "n_test": 48, "seed": 0}}
+
+
+def env_for(project: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    env.update({
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        "FACELAB_STORAGE": str(project / "ray_results"),
+        "RAY_DEDUP_LOGS": "0",
+    })
+    env.update(extra)
+    return env
+
+
+def facelab(project: Path, *args: str, check: bool = True, timeout: float = 900, **env) -> subprocess.CompletedProcess:
+    """Run the real CLI in ``project`` as a user would."""
+    proc = subprocess.run([str(BIN / "facelab"), *args], cwd=project, env=env_for(project, **env),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"facelab {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def make_project(dst: Path, params: dict | None = None) -> Path:
+    """Copy what a project needs (dvc.yaml, params, jobs, sweeps, the data-stage sources), init git + DVC."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, dst / name)
+    for d in ("jobs", "sweeps"):
+        shutil.copytree(REPO / d, dst / d)
+    src = dst / "platform" / "facelab" / "data"
+    src.mkdir(parents=True)
+    for f in (REPO / "platform" / "facelab" / "data").glob("*.py"):
+        shutil.copy(f, src / f.name)
+    (dst / "params.yaml").write_text(yaml.safe_dump(params or TINY_PARAMS))
+    (dst / ".gitignore").write_text("/data/\n/mlruns.db\n/mlartifacts/\n/ray_results/\n")
+    env = env_for(dst)
+    run = lambda *a: subprocess.run(a, cwd=dst, env=env, check=True, capture_output=True, text=True)  # noqa: E731
+    run("git", "init", "-q")
+    run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init")
+    run(str(BIN / "dvc"), "init", "-q")
+    run(str(BIN / "dvc"), "config", "core.analytics", "false")
+    return dst
+
+
+def dvc_repro(project: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "dvc"), "repro"], cwd=project, env=env_for(project),
+                          check=True, capture_output=True, text=True, timeout=600)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory) -> Path:
+    """A project whose data was built by `dvc repro` (shared by the end-to-end tests)."""
+    p = make_project(tmp_path_factory.mktemp("project"))
+    dvc_repro(p)
+    return p
