@@ -1,0 +1,229 @@
+"""End to end with the real components: DVC stage → Ray Tune + Train sweep → MLflow store →
+promote → Ray Serve → HTTP. One project is built once (session fixture) and shared in order."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, env_for, facelab, free_port
+
+pytestmark = pytest.mark.slow
+
+FAST = ["train.epochs=2", "train.max_steps_per_epoch=6", "train.max_val_batches=2", "data.train_subset=160",
+        "data.dev_subset=32", "data.max_frames=48"]
+
+
+def store(project: Path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{project / 'mlruns.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def runs_of(c, experiment: str):
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return c.search_runs([exp.experiment_id], max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def quickstart(built_project):
+    args = ["sweep", "sweeps/quickstart.yaml"] + [x for s in FAST for x in ("--set", s)]
+    proc = facelab(built_project, *args)
+    return built_project, proc
+
+
+def test_dvc_stage_built_and_locked(built_project):
+    lock = (built_project / "dvc.lock").read_text()
+    assert "data/emoava" in lock and ".dir" in lock
+    assert (built_project / "data" / "emoava" / "train.npz").is_file()
+
+
+def test_quickstart_sweep_records_parent_and_children(quickstart):
+    project, proc = quickstart
+    assert "best:" in proc.stdout
+    c = store(project)
+    runs = runs_of(c, "quickstart")
+    parents = [r for r in runs if r.data.tags.get("facelab.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("facelab.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    lock_md5 = [line.split("md5: ")[1] for line in (project / "dvc.lock").read_text().splitlines()
+                if "md5: " in line and ".dir" in line][0]
+    assert {r.data.tags["facelab.variant"] for r in children} == {"CTEG", "w.o. EwA"}
+    for r in children:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert r.data.tags["facelab.sweep"] == "quickstart" and r.data.tags["facelab.seed"] == "0"
+        assert r.data.tags["facelab.data.md5"] == lock_md5
+        assert len(r.data.tags["facelab.git_sha"]) == 40
+        # resolved config as params, per-epoch metrics
+        assert r.data.params["model.d_model"] == "64" and r.data.params["train.epochs"] == "2"
+        hist = c.get_metric_history(r.info.run_id, "val/loss")
+        assert [m.step for m in hist] == [0, 1]
+        arts = {a.path for a in c.list_artifacts(r.info.run_id)}
+        assert {"config.yaml", "checkpoint", "plots"} <= arts
+        ck = {a.path for a in c.list_artifacts(r.info.run_id, "checkpoint")}
+        assert ck == {"checkpoint/model.safetensors", "checkpoint/config.json"}
+        assert {a.path for a in c.list_artifacts(r.info.run_id, "plots")} == {"plots/loss_curve.png"}
+    ewa = {r.data.tags["facelab.variant"]: r.data.params["model.ewa"] for r in children}
+    assert ewa == {"CTEG": "True", "w.o. EwA": "False"}
+
+
+def test_resume_does_not_rerun_finished_trials(quickstart):
+    project, _ = quickstart
+    c = store(project)
+    before = {r.info.run_id: (r.info.start_time, r.info.end_time) for r in runs_of(c, "quickstart")}
+    facelab(project, "sweep", "sweeps/quickstart.yaml", "--resume", *[x for s in FAST for x in ("--set", s)])
+    after = {r.info.run_id: (r.info.start_time, r.info.end_time) for r in runs_of(c, "quickstart")}
+    assert set(after) == set(before)
+    children = [r for r in runs_of(c, "quickstart") if r.data.tags.get("facelab.role") == "trial"]
+    for r in children:  # not re-run: still exactly two epochs logged
+        assert len(c.get_metric_history(r.info.run_id, "val/loss")) == 2
+
+
+def test_report_prints_table(quickstart):
+    project, _ = quickstart
+    out = facelab(project, "report", "quickstart").stdout
+    assert out.splitlines()[0].startswith("| Variant | val/loss ↓")
+    assert "| CTEG |" in out and "| w.o. EwA |" in out
+    csv = facelab(project, "report", "quickstart", "--format", "csv").stdout
+    assert csv.splitlines()[0].startswith("variant,n_seeds,val/loss,val/loss_se")
+
+
+def test_promote_then_serve_over_http(quickstart):
+    project, _ = quickstart
+    c = store(project)
+    out = facelab(project, "promote", "quickstart").stdout
+    assert "@champion" in out
+    mv = c.get_model_version_by_alias("cteg-tiny", "champion")
+    # Promoting the same (not better) candidate again is refused; --force moves the alias.
+    again = facelab(project, "promote", "quickstart", check=False)
+    assert again.returncode != 0 and "already champion" in again.stderr
+    facelab(project, "promote", "quickstart", "--force")
+    assert c.get_model_version_by_alias("cteg-tiny", "previous").version == mv.version
+    champion = c.get_model_version_by_alias("cteg-tiny", "champion")
+
+    port = free_port()
+    log = open(project / "serve.log", "w")
+    proc = subprocess.Popen([str(BIN / "facelab"), "serve", "--port", str(port)], cwd=project,
+                            env=env_for(project), stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(base, proc, project)
+        info = _get(base + "/v1/models")
+        assert info["name"] == "cteg-tiny" and info["version"] == champion.version
+        assert info["alias"] == "champion" and info["job_kind"] == "cteg"
+
+        status, body = _post(base + "/v1/expressions", {"text": "I am so happy today!", "num_samples": 2,
+                                                         "max_frames": 20, "seed": 7})
+        assert status == 200, body
+        assert body["fps"] == 25 and len(body["sequences"]) == 2
+        for s in body["sequences"]:
+            assert 1 <= len(s["frames"]) <= 20 and all(len(f) == 53 for f in s["frames"])
+        # same seed → same frames
+        assert _post(base + "/v1/expressions", {"text": "I am so happy today!", "num_samples": 2,
+                                                "max_frames": 20, "seed": 7})[1] == body
+
+        bad = [({"text": ""}, "text"), ({"text": "   "}, "text"), ({"text": "x" * 5000}, "text"),
+               ({"text": "hi", "max_frames": 0}, "max_frames"), ({"text": "hi", "max_frames": 10**6}, "max_frames"),
+               ({"text": "hi", "num_samples": "two"}, "num_samples"), ({"text": 3}, "text"),
+               ({}, "text"), ({"text": "hi", "extra": 1}, "extra")]
+        for payload, field in bad:
+            status, body = _post(base + "/v1/expressions", payload)
+            assert 400 <= status < 500, (payload, status, body)
+            assert field in json.dumps(body["detail"]), (payload, body)
+        status, body = _post(base + "/v1/expressions", b"{not json", raw=True)
+        assert 400 <= status < 500 and "detail" in body
+        # still serving correct answers afterwards
+        assert _get(base + "/healthz")["status"] == "ok"
+        assert _post(base + "/v1/expressions", {"text": "still there?", "max_frames": 5})[0] == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _wait_healthy(base: str, proc, project: Path, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError("server exited:\n" + (project / "serve.log").read_text()[-5000:])
+        try:
+            with urllib.request.urlopen(base + "/healthz", timeout=3) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(1)
+    raise AssertionError("server never became healthy:\n" + (project / "serve.log").read_text()[-5000:])
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _post(url: str, payload, raw: bool = False):
+    data = payload if raw else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_ddp_two_workers_one_run(built_project):
+    p = built_project
+    facelab(p, "train", "jobs/cteg_tiny.yaml", "--name", "ddp", "--num-workers", "2",
+            *[x for s in FAST for x in ("--set", s)], "--set", "optim.batch_size=8")
+    runs = runs_of(store(p), "ddp")
+    children = [r for r in runs if r.data.tags.get("facelab.role") == "trial"]
+    assert len(children) == 1, "rank 0 only: one MLflow run per DDP trial"
+    assert children[0].info.status == "FINISHED"
+    assert len(store(p).get_metric_history(children[0].info.run_id, "train/loss")) == 2
+
+
+def test_refuses_data_that_does_not_match_dvc_lock(built_project):
+    p = built_project
+    f = p / "data" / "emoava" / "dev.texts.json"
+    original = f.read_bytes()
+    n_before = len(runs_of(store(p), "quickstart"))
+    try:
+        f.write_bytes(original.replace(b'"', b'"x', 1) if original.startswith(b'["') else original + b" ")
+        proc = facelab(p, "sweep", "sweeps/quickstart.yaml", check=False)
+        assert proc.returncode == 2
+        assert "data/emoava" in proc.stderr and "dvc.lock" in proc.stderr
+        assert "dvc repro emoava" in proc.stderr and "dvc checkout" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert len(runs_of(store(p), "quickstart")) == n_before, "no MLflow run may be created"
+    finally:
+        f.write_bytes(original)
+
+
+def test_bad_spec_fails_before_ray_or_mlflow(tmp_path):
+    from conftest import make_project
+
+    p = make_project(tmp_path / "p")
+    (p / "sweeps" / "bad.yaml").write_text(
+        "name: bad\njob: jobs/cteg_tiny.yaml\nmetric: {name: val/loss}\nvariants: {x: {model.nope: 1}}\nseeds: []\n")
+    proc = facelab(p, "sweep", "sweeps/bad.yaml", check=False)
+    assert proc.returncode == 2
+    assert "variants.x.model.nope" in proc.stderr and "seeds" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (p / "mlruns.db").exists() and not (p / "ray_results").exists()
+    dry = facelab(p, "sweep", "sweeps/quickstart.yaml", "--dry-run")
+    assert "2 trial(s)" in dry.stdout and "w.o. EwA" in dry.stdout
+    assert not (p / "mlruns.db").exists()
