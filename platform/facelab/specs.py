@@ -56,19 +56,25 @@ class CTEGModel(Strict):
     n_heads: int = Field(12, ge=1, description="Attention heads (§5.1).")
     ff_dim: int = Field(2048, ge=8, description="Feed-forward width (§5.1).")
     cvad_layers: int = Field(1, ge=1, le=8, description="Stacked CVAD layers N_c (Figure 9).")
-    latent_dim: int = Field(64, ge=1, description="Size of the per-step latent z_t (§3.4).")
+    latent_dim: int = Field(768, ge=1, description="Size of the per-step latent z_t (§3.4).")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout rate.")
     ewa: bool = Field(True, description="Expression-wise Attention input block (§3.3); false = linear projection.")
     ewa_dim: int = Field(64, ge=1, description="Latent size of the EwA cross-attention (§3.3).")
+    ewa_heads: int = Field(4, ge=1, description="Heads of the EwA cross-attention (§3.3).")
     lta: Literal["attention", "pooling", "none"] = Field("attention", description="Latent Temporal Attention variant (§3.4, Table 6).")
     target_guided: bool = Field(True, description="Target-guided loss L_g (§3.5, Eq. 8).")
     share_projection: bool = Field(False, description="Share projections (Table 6 'w. sharing').")
     stop_threshold: float = Field(1.0, gt=0.0, description="Decoding stops when a frame is this close (L2) to the zero face (§3.6).")
+    output_sigma: float = Field(1.0, ge=0.0, description="σ of the output Gaussian N(μ_g, σ²) (Eq. 5: σ = 1); 0 = use μ_g.")
+    kl_reduction: Literal["sum", "mean"] = Field("sum", description="KL over latent dims: exact 'sum', or the reference code's 'mean'.")
+    scale_embedding: bool = Field(True, description="Scale projected expressions by √d_model before the PE (reference -scale_emb).")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "CTEGModel":
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.ewa_dim % self.ewa_heads:
+            raise ValueError(f"ewa_dim ({self.ewa_dim}) must be divisible by ewa_heads ({self.ewa_heads})")
         return self
 
 
