@@ -110,7 +110,7 @@ def test_promote_then_serve_over_http(quickstart):
     again = facelab(project, "promote", "quickstart", check=False)
     assert again.returncode != 0 and "already champion" in again.stderr
     facelab(project, "promote", "quickstart", "--force")
-    assert c.get_model_version_by_alias("cteg-tiny", "previous").version == mv.version
+    assert c.get_model_version_by_alias("cteg-tiny", "previous").version == mv.version  # noqa
     champion = c.get_model_version_by_alias("cteg-tiny", "champion")
 
     port = free_port()
@@ -121,7 +121,7 @@ def test_promote_then_serve_over_http(quickstart):
     try:
         _wait_healthy(base, proc, project)
         info = _get(base + "/v1/models")
-        assert info["name"] == "cteg-tiny" and info["version"] == champion.version
+        assert info["name"] == "cteg-tiny" and info["version"] == str(champion.version)
         assert info["alias"] == "champion" and info["job_kind"] == "cteg"
 
         status, body = _post(base + "/v1/expressions", {"text": "I am so happy today!", "num_samples": 2,
@@ -187,7 +187,7 @@ def _post(url: str, payload, raw: bool = False):
 
 def test_ddp_two_workers_one_run(built_project):
     p = built_project
-    facelab(p, "train", "jobs/cteg_tiny.yaml", "--name", "ddp", "--num-workers", "2",
+    facelab(p, "train", "jobs/cteg_tiny.yaml", "--name", "ddp", "--num-workers", "2", "--cpus-per-worker", "0.5",
             *[x for s in FAST for x in ("--set", s)], "--set", "optim.batch_size=8")
     runs = runs_of(store(p), "ddp")
     children = [r for r in runs if r.data.tags.get("facelab.role") == "trial"]

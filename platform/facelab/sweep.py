@@ -237,7 +237,6 @@ def init_ray(address: str | None = None) -> None:
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     address = address or os.environ.get("RAY_ADDRESS")
     # Workers import facelab from the source tree; ship the path so they find it.
     src = str(Path(__file__).resolve().parents[1])
@@ -246,6 +245,24 @@ def init_ray(address: str | None = None) -> None:
                         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
     ray.init(address=address, runtime_env=env, log_to_driver=True,
              include_dashboard=False, configure_logging=True, logging_level="WARNING")
+
+
+TRIAL_CPU = 0.01  # the Tune trial function only drives the trainer (0 is rejected by Tune)
+
+
+def check_resources(spec: SweepSpec) -> None:
+    """Refuse a trial that can never be scheduled on this cluster instead of waiting forever."""
+    import ray
+
+    total = ray.cluster_resources()
+    r = spec.resources
+    need = {"CPU": r.num_workers * r.cpus_per_worker + TRIAL_CPU, "GPU": r.num_workers * r.gpus_per_worker}
+    short = [f"{k}: needs {v:g}, cluster has {total.get(k, 0):g}" for k, v in need.items() if v > total.get(k, 0) + 1e-9]
+    if short:
+        raise SweepError(
+            f"resources: one trial ({r.num_workers} worker(s) x {r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU "
+            f"+ {TRIAL_CPU} CPU for the trial driver) does not fit this Ray cluster ({'; '.join(short)}); lower "
+            "resources.cpus_per_worker / num_workers / gpus_per_worker or add nodes")
 
 
 @dataclass
@@ -269,6 +286,8 @@ def run_sweep(loaded: LoadedSweep, root: Path, *, resume: bool = False, address:
     entry = verify_data(root, job["data"]["path"])           # refuses unlocked data, before Ray starts
     uri = tracking.tracking_uri(root)
     c = tracking.check_reachable(uri)
+    init_ray(address)
+    check_resources(spec)                                     # before any run is recorded
     exp_id = tracking.ensure_experiment(c, spec.name, root)
     storage = storage_root(root)
     sweep_dir = _sweep_dir(storage, spec.name, resume)
@@ -296,10 +315,9 @@ def run_sweep(loaded: LoadedSweep, root: Path, *, resume: bool = False, address:
                        variants=spec.variants, resources=spec.resources.model_dump(),
                        storage=str(sweep_dir), lineage_tags=entry.as_tags(), git_tags=tracking.git_state(root))
 
-    init_ray(address)
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": TRIAL_CPU})
     tune_dir = sweep_dir / "tune"
     try:
         if resume:

@@ -6,7 +6,6 @@ model from safetensors + config.json (no pickle). Bad input is answered with a 4
 ``detail`` names the field; the replica never dies from a request.
 """
 
-from __future__ import annotations
 
 import tempfile
 from pathlib import Path

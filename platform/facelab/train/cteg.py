@@ -44,12 +44,6 @@ def collate(batch):
     return texts, frames, lengths
 
 
-def noam_factor(step: int, d_model: int, warmup: int) -> float:
-    """Eq. 10 (Noam): lr = d_model^-0.5 · min(step^-0.5, step · warmup^-1.5), step counted from 1."""
-    step = max(step, 1)
-    return d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -82,6 +76,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from facelab import tracking
+    from facelab.models.cteg.model import noam_lambda
     from facelab.models.loading import build_cteg
     from facelab.train import checkpoint as ckpt
 
@@ -99,8 +94,10 @@ def worker_loop(config: dict[str, Any]) -> None:
     d_model = job["model"]["d_model"]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=optim_cfg["lr_mul"], betas=tuple(optim_cfg["betas"]), eps=optim_cfg["eps"])
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: noam_factor(s + 1, d_model, optim_cfg["warmup"]))
+    noam = noam_lambda(d_model, optim_cfg["warmup"])  # Eq. 10
+    # A plain lambda keeps the schedule out of the scheduler's state dict, which must stay
+    # loadable with torch.load(weights_only=True).
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: noam(s))
 
     start_epoch, step, history = 0, 0, []
     resume = ray.train.get_checkpoint()
