@@ -31,7 +31,7 @@ quickstart: data
 	facelab sweep sweeps/quickstart.yaml
 	facelab promote quickstart || echo "(promotion refused: the current champion stays)"
 	@set -e; facelab serve --port $(PORT) > .serve.log 2>&1 & pid=$$!; \
-	trap 'kill -INT $$pid 2>/dev/null; wait $$pid 2>/dev/null || true' EXIT; \
+	trap 'kill -TERM $$pid 2>/dev/null; wait $$pid 2>/dev/null || true' EXIT; \
 	facelab request "I am so happy to see you again!" --url http://127.0.0.1:$(PORT) --wait 180 \
 	  || { cat .serve.log; exit 1; }; \
 	echo; echo "Review the runs in MLflow:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns.db"; \

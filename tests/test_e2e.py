@@ -227,3 +227,59 @@ def test_bad_spec_fails_before_ray_or_mlflow(tmp_path):
     dry = facelab(p, "sweep", "sweeps/quickstart.yaml", "--dry-run")
     assert "2 trial(s)" in dry.stdout and "w.o. EwA" in dry.stdout
     assert not (p / "mlruns.db").exists()
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(built_project):
+    """SIGINT the driver after the first trial finished; --resume runs only what is left."""
+    p = built_project
+    sets = [x for s in FAST + ["max_concurrent_trials=1", "name=interrupt"] for x in ("--set", s)]
+    c = store(p)
+    proc = subprocess.Popen([str(BIN / "facelab"), "sweep", "sweeps/quickstart.yaml", *sets], cwd=p,
+                            env=env_for(p), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 400
+    first = None
+    while time.time() < deadline and first is None:
+        done = [r for r in runs_of(c, "interrupt")
+                if r.data.tags.get("facelab.role") == "trial" and r.info.status == "FINISHED"]
+        first = done[0] if done else None
+        time.sleep(1)
+    assert first is not None, "first trial never finished"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-3000:]
+    assert "--resume" in out
+
+    facelab(p, "sweep", "sweeps/quickstart.yaml", "--resume", *sets)
+    children = [r for r in runs_of(c, "interrupt") if r.data.tags.get("facelab.role") == "trial"]
+    assert len(children) == 2, "a resumed trial reopens its run, never duplicates it"
+    assert all(r.info.status == "FINISHED" for r in children)
+    again = next(r for r in children if r.info.run_id == first.info.run_id)
+    assert (again.info.start_time, again.info.end_time) == (first.info.start_time, first.info.end_time)
+    for r in children:
+        assert [m.step for m in c.get_metric_history(r.info.run_id, "val/loss")] == [0, 1]
+    parents = [r for r in runs_of(c, "interrupt") if r.data.tags.get("facelab.role") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+
+def test_optuna_search_with_asha_records_every_trial(built_project):
+    """method: optuna (Ray Tune's OptunaSearch) + ASHA: sampled values are logged, stopped trials
+    are closed with their last checkpoint, and every trial is exactly one FINISHED run."""
+    p = built_project
+    (p / "sweeps" / "search.yaml").write_text(
+        "name: search\njob: jobs/cteg_tiny.yaml\nmetric: {name: val/loss, goal: minimize}\nmethod: optuna\n"
+        "variants: {CTEG: {}}\nparameters: {optim.lr_mul: {distribution: log_uniform, min: 0.001, max: 1000}}\n"
+        "num_samples: 3\nearly_terminate: {type: asha, grace_period: 1, reduction_factor: 2}\n"
+        "resources: {num_workers: 1, cpus_per_worker: 0.5}\nmax_concurrent_trials: 1\n")
+    facelab(p, "sweep", "sweeps/search.yaml", *[x for s in FAST + ["train.epochs=3"] for x in ("--set", s)])
+    c = store(p)
+    children = [r for r in runs_of(c, "search") if r.data.tags.get("facelab.role") == "trial"]
+    assert len(children) == 3
+    lrs = {float(r.data.params["override.optim.lr_mul"]) for r in children}
+    assert len(lrs) == 3 and all(0.001 <= x <= 1000 for x in lrs)
+    for r in children:
+        assert r.info.status == "FINISHED"
+        n_epochs = len(c.get_metric_history(r.info.run_id, "val/loss"))
+        stopped = r.data.tags.get("facelab.stopped_early") == "true"
+        assert (n_epochs < 3) == stopped, (n_epochs, r.data.tags)
+        assert {a.path for a in c.list_artifacts(r.info.run_id, "checkpoint")} == {
+            "checkpoint/model.safetensors", "checkpoint/config.json"}

@@ -64,6 +64,9 @@ def _run_and_summarize(loaded, root: Path, resume: bool, address: str | None) ->
     print(f"MLflow: experiment '{out.sweep}' (id {out.experiment_id}), parent run {out.parent_run_id}")
     print(f"  browse: mlflow ui --backend-store-uri {out.tracking_uri}   (then open http://127.0.0.1:5000)")
     print(f"Ray results and checkpoints: {out.storage}")
+    if any(t["status"] == "INTERRUPTED" for t in out.trials):
+        print(f"interrupted: continue with `facelab sweep {loaded.source} --resume` (finished trials are not re-run)")
+        return 130
     failed = [t for t in out.trials if t["status"] != "FINISHED"]
     return 1 if failed else 0
 
@@ -146,13 +149,22 @@ def cmd_serve(args) -> int:
     serve.run(build_app(model_name, uri), name="facelab", route_prefix="/", blocking=False)
     print(f"serving models:/{model_name}@champion on http://{args.host}:{args.port}  (docs: /docs; Ctrl-C stops)",
           flush=True)
+    import signal
     import time
 
+    def _stop(signum, frame):  # SIGTERM (a supervisor, `kill`) stops as cleanly as Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        print("shutting down", flush=True)
         serve.shutdown()
+        import ray
+
+        ray.shutdown()
     return 0
 
 

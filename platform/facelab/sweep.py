@@ -163,12 +163,10 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
             callbacks=[TuneReportCallback()],
         ),
     )
-    try:
-        result = trainer.fit()
-    except BaseException as exc:
-        c.set_tag(run_id, "facelab.error", f"{type(exc).__name__}: {exc}"[:5000])
-        c.set_terminated(run_id, "FAILED")
-        raise
+    # An exception here is either a real failure or Tune stopping the trial (ASHA removes its
+    # placement group, so the TrainController dies under fit()); only the driver can tell the
+    # two apart, so it closes the run in reconcile() rather than this function.
+    result = trainer.fit()
     finalize_trial_run(c, run_id, result.checkpoint.path if result.checkpoint else None)
     c.set_terminated(run_id, "FINISHED")
 
@@ -197,6 +195,7 @@ def finalize_trial_run(c, run_id: str, checkpoint_dir: str | None) -> None:
                     raise ckpt.CheckpointError(f"{src}: missing from the final checkpoint")
                 (out / f).write_bytes(src.read_bytes())
             c.log_artifacts(run_id, str(out), "checkpoint")
+        tracking.log_missing_history(c, run_id, ckpt.load_meta(Path(checkpoint_dir)).get("history", []))
     from facelab.plots import loss_curves
 
     with tempfile.TemporaryDirectory() as d:
@@ -339,44 +338,63 @@ def run_sweep(loaded: LoadedSweep, root: Path, *, resume: bool = False, address:
         c.set_terminated(parent_id, "FAILED")
         raise
 
-    trials = reconcile(c, exp_id, parent_id, results, spec.metric.name)
+    trials = reconcile(c, ctx, results, spec.metric.name)
     best = tracking.best_trial(tracking.trial_runs(c, exp_id, parent_id), spec.metric.name, spec.metric.goal)
     best_info = None
     if best is not None:
         best_info = {"run_id": best.run_id, "name": best.name, spec.metric.name: best.metrics[spec.metric.name]}
         c.log_metric(parent_id, f"best/{spec.metric.name}", best.metrics[spec.metric.name])
         c.set_tag(parent_id, "facelab.best_run_id", best.run_id)
-    failed = [t for t in trials if t["status"] == "FAILED"]
-    c.set_terminated(parent_id, "FAILED" if failed and len(failed) == len(trials) else "FINISHED")
+    states = {t["status"] for t in trials}
+    if "INTERRUPTED" in states:
+        c.set_terminated(parent_id, "KILLED")
+    else:
+        c.set_terminated(parent_id, "FAILED" if states == {"FAILED"} else "FINISHED")
     return SweepOutcome(spec.name, exp_id, parent_id, uri, sweep_dir, trials, best_info)
 
 
-def reconcile(c, exp_id: str, parent_id: str, results, metric: str) -> list[dict]:
-    """Close child runs Tune ended without the trial function finishing them (ASHA stops).
+def reconcile(c, ctx: SweepContext, results, metric: str) -> list[dict]:
+    """Bring every child run in line with what Tune says happened to its trial.
 
-    A trial stopped by the scheduler is killed inside ``fit()``; its run is finalized here from
-    the last checkpoint Tune saw, tagged ``facelab.stopped_early``."""
-    runs = {r.tags.get(tracking.TAG_TRIAL_KEY): r for r in tracking.trial_runs(c, exp_id, parent_id)}
+    * TERMINATED but the run still RUNNING: ASHA stopped the trial inside ``fit()``; the run is
+      finalized from the last checkpoint Tune saw and tagged ``facelab.stopped_early``.
+    * ERROR: the run is FAILED (the trial function usually did it; a killed one could not).
+    * anything else (the sweep was interrupted): the run is KILLED and tagged
+      ``facelab.interrupted``; ``facelab sweep --resume`` reopens the same run.
+    """
+    from ray.tune.experiment import Trial
+
+    runs = {r.tags.get(tracking.TAG_TRIAL_KEY): r for r in tracking.trial_runs(c, ctx.experiment_id, ctx.parent_run_id)}
+    errors = {Path(r.path).name: r.error for r in results if r.error is not None and r.path}
     out = []
-    for res in results:
-        run = _match_run(runs, res)
-        status = "FAILED" if res.error else "FINISHED"
-        if run is not None and run.status == "RUNNING":
-            if res.error is None:
-                c.set_tag(run.run_id, tracking.TAG_STOPPED_EARLY, "true")
-                finalize_trial_run(c, run.run_id, (res.metrics or {}).get("checkpoint_path"))
-            c.set_terminated(run.run_id, status)
-        out.append({"run_id": run.run_id if run else None, "status": status,
-                    "variant": (res.config or {}).get("variant"), "seed": (res.config or {}).get("seed"),
-                    metric: (res.metrics or {}).get(metric), "error": str(res.error) if res.error else None})
+    for trial in results._experiment_analysis.trials:  # ResultGrid exposes no public trial status
+        run = runs.get(trial.trial_id)
+        last = trial.last_result or {}
+        if run is not None and run.status in ("FINISHED", "FAILED"):
+            status = run.status  # the trial function closed its own run
+        elif trial.status == Trial.ERROR:
+            status = "FAILED"
+        # Tune marks a trial that ended on its own or by the scheduler's STOP with done=True; a
+        # trial stopped because the sweep was interrupted (SIGINT) is TERMINATED but not done.
+        elif trial.status == Trial.TERMINATED and last.get("done"):
+            status = "FINISHED"
+        else:
+            status = "INTERRUPTED"
+        if run is not None and run.status not in ("FINISHED", "FAILED"):
+            if status == "FINISHED":  # stopped by the scheduler inside fit()
+                epochs = apply_overrides(ctx.base_job, trial_overrides(ctx, trial.config))["train"]["epochs"]
+                early = int(last.get("epoch", -1)) + 1 < int(epochs)  # ASHA also stops at max_t
+                c.set_tag(run.run_id, tracking.TAG_STOPPED_EARLY, str(early).lower())
+                finalize_trial_run(c, run.run_id, last.get("checkpoint_path"))
+                c.set_terminated(run.run_id, "FINISHED")
+            elif status == "FAILED":
+                err = errors.get(Path(trial.path).name) if trial.path else None
+                c.set_tag(run.run_id, "facelab.error", f"{type(err).__name__}: {err}"[:5000] if err else "unknown")
+                c.set_terminated(run.run_id, "FAILED")
+            elif run.status == "RUNNING":
+                c.set_tag(run.run_id, "facelab.interrupted", "true")
+                c.set_terminated(run.run_id, "KILLED")
+        out.append({"trial_id": trial.trial_id, "run_id": run.run_id if run else None, "status": status,
+                    "variant": trial.config.get("variant"), "seed": trial.config.get("seed"),
+                    metric: last.get(metric)})
     return out
-
-
-def _match_run(runs: dict, res):
-    tid = (res.metrics or {}).get("trial_id")
-    if tid and tid in runs:
-        return runs[tid]
-    for key, run in runs.items():
-        if key and res.path and key in Path(res.path).name:
-            return run
-    return None

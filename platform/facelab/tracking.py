@@ -134,6 +134,18 @@ def log_metrics(c, run_id: str, metrics: dict[str, float], step: int, retries: i
             time.sleep(0.5 * 2 ** attempt)
 
 
+def log_missing_history(c, run_id: str, history: list[dict], key: str = "val/loss") -> int:
+    """Log the epochs of ``history`` (from a checkpoint's meta) that the run lacks; returns how many.
+
+    Rank 0 writes the checkpoint before the MLflow record, so a process killed in between (a
+    crash, or ASHA stopping the trial) leaves the checkpoint as the record of truth."""
+    logged = {m.step for m in c.get_metric_history(run_id, key)}
+    missing = [h for h in history if h.get("epoch") not in logged]
+    for h in missing:
+        log_metrics(c, run_id, h, step=int(h["epoch"]))
+    return len(missing)
+
+
 def find_runs(c, experiment_id: str, filter_string: str, max_results: int = 1000) -> list:
     return c.search_runs([experiment_id], filter_string=filter_string, max_results=max_results,
                          order_by=["attributes.start_time ASC"])

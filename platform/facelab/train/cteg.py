@@ -122,6 +122,8 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     client = tracking.client(config["tracking"]["uri"]) if rank == 0 and config.get("tracking") else None
     run_id = config["tracking"]["run_id"] if client else None
+    if client and history:  # resumed: make sure every finished epoch is on record exactly once
+        tracking.log_missing_history(client, run_id, history)
 
     # ---- train -------------------------------------------------------------------------------
     for epoch in range(start_epoch, train_cfg["epochs"]):
@@ -170,15 +172,17 @@ def worker_loop(config: dict[str, Any]) -> None:
         if not all(math.isfinite(v) for v in metrics.values()):
             raise FloatingPointError(f"non-finite metrics at epoch {epoch}: {metrics}")
 
-        # ---- checkpoint + report -------------------------------------------------------------
+        # ---- checkpoint + report, then the MLflow record --------------------------------------
+        # The checkpoint (with the metrics history) lands first; if the process dies before the
+        # MLflow write, the resumed run re-logs the missing epochs from that history.
         if rank == 0:
-            if client:
-                tracking.log_metrics(client, run_id, metrics, step=epoch)
             with tempfile.TemporaryDirectory() as d:
                 ckpt.save(Path(d), model, job, keep_encoder=keep_encoder,
                           train_state={"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
                           meta={"epoch": epoch, "step": step, "history": history,
                                 "mlflow_run_id": run_id})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            if client:
+                tracking.log_metrics(client, run_id, metrics, step=epoch)
         else:
             ray.train.report(metrics)
