@@ -142,3 +142,14 @@ def test_job_set_and_unknown_kind(tmp_path):
     with pytest.raises(SpecError, match="unknown job kind"):
         load_job(write(tmp_path, "k.yaml", {"kind": "nope"}))
     assert plan_trials  # imported API stays public
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_passes_dry_run(path, capsys, monkeypatch):
+    from facelab.cli import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["sweep", str(path.relative_to(REPO)), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    n = len(load_sweep(path, root=REPO).trials)
+    assert f"{n} trial(s)" in out and out.count("overrides:") == n

@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     except Exception as exc:  # noqa: BLE001 - user errors become one paragraph, the rest re-raise
         if args.debug or not isinstance(exc, _user_errors()):
             raise

@@ -94,6 +94,23 @@ class Train(Strict):
     max_val_batches: int | None = Field(None, ge=1, description="Cap on validation batches; null = the whole dev split.")
     checkpoints_to_keep: int = Field(2, ge=1, description="Ray Train keeps this many newest checkpoints per trial.")
     max_failures: int = Field(1, ge=0, description="Worker-group restarts allowed per trial (resumes from the last checkpoint).")
+    log_every_steps: int = Field(10, ge=1, description="Per-step loss terms (KL curve, Figure 5) are logged every N optimizer steps.")
+
+
+class CTEGEval(Strict):
+    """Test-split evaluation after training (paper Appendix D) and the §5.3 baselines."""
+
+    baseline: Literal["gt", "shuffle", "random"] | None = Field(
+        None, description="null = train and evaluate CTEG; gt | shuffle | random = evaluate that §5.3 baseline row instead (no training).")
+    max_frames: int = Field(256, ge=1, description="Maximum generated sequence length (MSL) at evaluation (Table 2: 256 and 64).")
+    n_diversity: int = Field(750, ge=2, description="Pairs of text-free generations for Diversity (Eq. 11, N_d).")
+    n_mmodality: int = Field(1500, ge=1, description="Texts with two samples each for MModality (Eq. 12, N_m).")
+    n_bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples for the standard errors.")
+    max_texts: int | None = Field(None, ge=1, description="Evaluate on the first N test pairs only (quick runs); null = all 1,500.")
+    batch_size: int = Field(64, ge=1, description="Sequences decoded in parallel.")
+    delta: float = Field(0.8, gt=0, description="Cppl box half-width δ (Eq. 16).")
+    sigma: float = Field(0.2, gt=0, description="Cppl Gaussian σ (Eq. 17).")
+    enabled: bool = Field(True, description="Run the test-split evaluation after the last epoch.")
 
 
 class CTEGJob(Strict):
@@ -104,6 +121,7 @@ class CTEGJob(Strict):
     model: CTEGModel = CTEGModel()
     optim: Optim = Optim()
     train: Train = Train()
+    eval: CTEGEval = CTEGEval()
 
 
 # Discriminated on ``kind``; further job families add themselves here.
@@ -508,4 +526,5 @@ def load_sweep(path: str | Path, sets: list[str] | None = None, root: Path | Non
 
 
 # Metrics the cteg worker loop reports each epoch (``metric.name`` must be one of them).
-CTEG_METRICS = {"val/loss", "val/mse", "val/kl", "val/lg", "train/loss", "train/mse", "train/kl", "train/lg"}
+CTEG_METRICS = {"val/loss", "val/mse", "val/kl", "val/lg", "val/cppl", "train/loss", "train/mse", "train/kl", "train/lg",
+                *(f"test/{m}" for m in ("cppl", "dot", "fgd", "diversity", "mmodality", "variation"))}

@@ -134,6 +134,17 @@ def log_metrics(c, run_id: str, metrics: dict[str, float], step: int, retries: i
             time.sleep(0.5 * 2 ** attempt)
 
 
+def log_metric_steps(c, run_id: str, rows: list[tuple[int, dict[str, float]]]) -> None:
+    """Log many (step, metrics) rows in batches of up to 1,000 values (MLflow's batch limit)."""
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    batch = [Metric(k, float(v), ts, step) for step, row in rows for k, v in row.items()
+             if math.isfinite(float(v))]
+    for i in range(0, len(batch), 1000):
+        c.log_batch(run_id, metrics=batch[i:i + 1000])
+
+
 def log_missing_history(c, run_id: str, history: list[dict], key: str = "val/loss") -> int:
     """Log the epochs of ``history`` (from a checkpoint's meta) that the run lacks; returns how many.
 

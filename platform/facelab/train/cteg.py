@@ -128,6 +128,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     # ---- train -------------------------------------------------------------------------------
     for epoch in range(start_epoch, train_cfg["epochs"]):
         t0 = time.time()
+        step_log: list[tuple[int, dict]] = []   # per-step terms (Figure 5), flushed once per epoch
         sampler.set_epoch(epoch)
         # Per-rank, per-epoch stream for the CVAE's sampling noise: resumable and rank-distinct.
         torch.manual_seed(train_cfg["seed"] * 1_000_003 + epoch * 1009 + rank)
@@ -148,6 +149,9 @@ def worker_loop(config: dict[str, Any]) -> None:
             n_batches += 1
             for k in sums:
                 sums[k] += float(out[k].detach())
+            if rank == 0 and step % train_cfg["log_every_steps"] == 0:
+                step_log.append((step, {f"step/{k}": float(out[k].detach()) for k in sums}
+                                 | {"step/lr": sched.get_last_lr()[0]}))
         red = _allreduce([sums[k] for k in sums] + [n_batches], device)
         train_metrics = {f"train/{k}": red[j] / max(red[-1], 1) for j, k in enumerate(sums)}
 
@@ -184,5 +188,6 @@ def worker_loop(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             if client:
                 tracking.log_metrics(client, run_id, metrics, step=epoch)
+                tracking.log_metric_steps(client, run_id, step_log)
         else:
             ray.train.report(metrics)

@@ -281,6 +281,63 @@ class CTEG(nn.Module):
         out["loss"] = out["mse"] + out["kl"] + out["lg"]
         return out
 
+    @torch.no_grad()
+    def teacher_forced_means(
+        self,
+        texts: list[str],
+        frames: Tensor,
+        lengths: Tensor,
+        generator: torch.Generator | None = None,
+        latent: str = "sample",
+    ) -> tuple[Tensor, Tensor]:
+        """Teacher-forced predicted mean frames for the continuous perplexity (Appendix D, Eq. 16-18).
+
+        Returns ``(means, mask)``: ``means`` (B, T+1, 53), ``means[:, p]`` is the model's predicted
+        mean of frame ψ_{p+1} given the true history ψ_0..ψ_p (ψ_0 = the mean face) and the text;
+        step ``lengths[b]`` (the (T_b+1)-th) predicts the zero-face terminator. ``mask`` (B, T+1)
+        bool is True on the T_b + 1 valid steps; padding steps are False and their means are 0.
+        Inputs as for :meth:`forward`.
+
+        What the prediction is. Every CVAD layer draws its latent z_p from the *prior* P_θ (as at
+        inference, never the posterior, which sees the target) — ``latent="sample"``: z = μ_p + σ_p ε
+        with ε from ``generator``; ``latent="mean"``: z = μ_p. The output is the generation
+        network's mean μ_g projected to a frame, *without* the output noise σ_out·ε (with N_c > 1
+        the next layer also gets the noiseless μ_g). Runs in eval mode (no dropout) and restores
+        the previous mode.
+
+        The reference evaluator (WalkerMitty/EmoAva ``src/evaluate.py`` on the output of
+        ``translate.py -infer_mode p``) scores the model's teacher-forced ``'infer'``-mode pass:
+        latents sampled from the prior as here, but its released setting (``-second_sample one``)
+        also adds the output noise (log-variance 1) before the projection, i.e. it scores a sampled
+        frame; here the mean is used, so the Gaussian of Eq. 16 is centred on μ rather than on a
+        noisy draw around it.
+        """
+        if latent not in ("sample", "mean"):
+            raise ValueError(f"latent must be 'sample' or 'mean', got {latent!r}")
+        from .decoding import _randn
+
+        was_training = self.training
+        self.eval()
+        try:
+            memory, pad = self.encode_text(texts)
+            key_valid = ~pad
+            x, step_valid = self._teacher_inputs(frames, lengths)
+            b, s, _ = x.shape
+            device, dtype = x.device, x.dtype
+            h = self.embed(x)
+            for layer in self.layers:
+                if latent == "sample":
+                    eps_z = _randn((b, s, layer.latent_dim), generator, device, dtype)
+                else:
+                    eps_z = torch.zeros(b, s, layer.latent_dim, device=device, dtype=dtype)
+                eps_out = torch.zeros(b, s, self.cfg.d_model, device=device, dtype=dtype)  # μ_g, no output noise
+                h = layer.forward_infer(h, layer.memory_kv(memory), key_valid, eps_z, eps_out)
+            means = self.project_out(h[:, :-1])
+            means = torch.where(step_valid.unsqueeze(-1), means, 0.0)
+            return means, step_valid
+        finally:
+            self.train(was_training)
+
     # ---------------------------------------------------------------------------------------
     # generation
     # ---------------------------------------------------------------------------------------
