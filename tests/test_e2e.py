@@ -74,7 +74,12 @@ def test_quickstart_sweep_records_parent_and_children(quickstart):
         assert {"config.yaml", "checkpoint", "plots"} <= arts
         ck = {a.path for a in c.list_artifacts(r.info.run_id, "checkpoint")}
         assert ck == {"checkpoint/model.safetensors", "checkpoint/config.json"}
-        assert {a.path for a in c.list_artifacts(r.info.run_id, "plots")} == {"plots/loss_curve.png"}
+        assert {a.path for a in c.list_artifacts(r.info.run_id, "plots")} == {"plots/loss_curve.png",
+                                                                              "plots/trajectories.png"}
+        for m in ("cppl", "dot", "fgd", "diversity", "mmodality", "variation"):
+            assert r.data.metrics[f"test/{m}"] >= 0 and r.data.metrics[f"test/{m}_se"] >= 0
+        assert len(c.get_metric_history(r.info.run_id, "step/kl")) >= 2  # per-step KL (Figure 5)
+        assert r.data.metrics["val/cppl"] > 1.0
     ewa = {r.data.tags["facelab.variant"]: r.data.params["model.ewa"] for r in children}
     assert ewa == {"CTEG": "True", "w.o. EwA": "False"}
 
@@ -94,10 +99,16 @@ def test_resume_does_not_rerun_finished_trials(quickstart):
 def test_report_prints_table(quickstart):
     project, _ = quickstart
     out = facelab(project, "report", "quickstart").stdout
-    assert out.splitlines()[0].startswith("| Variant | val/loss ↓")
-    assert "| CTEG |" in out and "| w.o. EwA |" in out
+    assert out.splitlines()[0] == ("| Variant | Cppl ↓ | DoT → | FgD → | Diversity → | MModality ↑ | Variation → |")
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines()[2:] if line.startswith("|")}
+    assert set(rows) == {"CTEG", "w.o. EwA"}
+    assert all(line.count(" ± ") == 6 for line in rows.values()), out  # bootstrap SE on every cell
     csv = facelab(project, "report", "quickstart", "--format", "csv").stdout
-    assert csv.splitlines()[0].startswith("variant,n_seeds,val/loss,val/loss_se")
+    assert csv.splitlines()[0].startswith("variant,n_seeds,Cppl,Cppl_se,DoT,DoT_se")
+    c = store(project)
+    parent = [r for r in runs_of(c, "quickstart") if r.data.tags.get("facelab.role") == "sweep"][-1]
+    assert {a.path for a in c.list_artifacts(parent.info.run_id, "report")} >= {
+        "report/table.md", "report/table.csv", "report/kl_curve.png"}
 
 
 def test_promote_then_serve_over_http(quickstart):

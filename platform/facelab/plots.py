@@ -33,3 +33,37 @@ def loss_curves(c, run_id: str, out: Path, keys=("train/loss", "val/loss", "trai
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def trajectories(texts: list[str], generated: list, truth: list, out: Path,
+                 dims: tuple[int, ...] = (0, 1, 2, 50), fps: int = 25) -> Path:
+    """A few generated expression trajectories next to the ground truth of the same text.
+
+    One row per text, one column per plotted coefficient (default: the first three FLAME
+    expression coefficients and the jaw-open pose, dim 50)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n = len(texts)
+    fig, axes = plt.subplots(n, len(dims), figsize=(3.2 * len(dims), 2.3 * n), squeeze=False)
+    for i, (text, gen, gt) in enumerate(zip(texts, generated, truth)):
+        gen, gt = np.asarray(gen), np.asarray(gt)
+        for j, d in enumerate(dims):
+            ax = axes[i][j]
+            ax.plot(np.arange(len(gt)) / fps, gt[:, d], color="0.3", label="ground truth")
+            ax.plot(np.arange(len(gen)) / fps, gen[:, d], color="tab:red", label="generated")
+            if i == 0:
+                ax.set_title("jaw pose 0" if d == 50 else f"expression {d}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel((text[:38] + "…") if len(text) > 40 else text, fontsize=7)
+            if i == n - 1:
+                ax.set_xlabel("seconds")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -226,6 +226,8 @@ def best_trial(trials: Iterable[TrialRun], metric: str, goal: str) -> TrialRun |
     for t in trials:
         if t.status != "FINISHED" or metric not in t.metrics or not math.isfinite(t.metrics[metric]):
             continue
+        if t.params.get("eval.baseline", "None") not in ("None", ""):
+            continue  # a baseline row (GT / Shuffle / Random) has no model to promote
         if best is None or _better(t.metrics[metric], best.metrics[metric], goal):
             best = t
     return best

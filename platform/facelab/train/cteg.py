@@ -62,6 +62,77 @@ def load_splits(data_dir: Path, data_cfg: dict):
     return train_ds, dev_ds, mean
 
 
+def eval_config(job: dict):
+    from facelab.metrics.cteg_eval import EvalConfig
+
+    e = job["eval"]
+    return EvalConfig(n_diversity=e["n_diversity"], n_mmodality=e["n_mmodality"], n_bootstrap=e["n_bootstrap"],
+                      max_frames=e["max_frames"], batch_size=e["batch_size"], seed=job["train"]["seed"],
+                      delta=e["delta"], sigma=e["sigma"], max_texts=e["max_texts"])
+
+
+def val_cppl_terms(model, dev_ds: PairDataset, idx: list[int], job: dict, batch_size: int, epoch: int) -> tuple[float, int]:
+    """This rank's sum of per-sequence Cppl cross-entropies (Eq. 18's inner mean) and their count."""
+    from facelab.metrics.cteg_eval import model_cppl_inputs
+    from facelab.metrics.expression import cppl_per_item
+
+    n_max = job["train"]["max_val_batches"]
+    idx = idx[: n_max * batch_size] if n_max else idx
+    if not idx:
+        return 0.0, 0
+    cfg = eval_config(job)
+    texts = [dev_ds.texts[i] for i in idx]
+    seqs = [dev_ds.sequences[i].numpy() for i in idx]
+    gen = torch.Generator(device=model.mean_expression.device).manual_seed(job["train"]["seed"] + epoch)
+    means, targets = model_cppl_inputs(model, texts, seqs, cfg, model.cfg.max_frames, gen)
+    nll = cppl_per_item(means, targets, cfg.delta, cfg.sigma, region=cfg.cppl_region, floor=cfg.cppl_floor)
+    return float(nll.sum()), len(nll)
+
+
+def _flatten_eval(results: dict[str, tuple[float, float]]) -> dict[str, float]:
+    out = {}
+    for name, (value, se) in results.items():
+        out[f"test/{name}"] = value
+        out[f"test/{name}_se"] = se
+    return out
+
+
+def run_test_eval(model, job: dict, data_dir: Path, device, client, run_id) -> dict[str, float]:
+    """The six metrics on the test split (+ a trajectories plot logged to the run)."""
+    from facelab.data import emoava
+    from facelab.metrics.cteg_eval import evaluate_model
+
+    test = emoava.load_split(data_dir, "test")
+    cfg = eval_config(job)
+    t0 = time.time()
+    metrics = _flatten_eval(evaluate_model(model, test, cfg, device=device))
+    metrics["test/eval_time_s"] = time.time() - t0
+    if client:
+        log_trajectories(model, test, job, client, run_id)
+    return metrics
+
+
+def log_trajectories(model, test, job: dict, client, run_id: str, n: int = 3) -> None:
+    from facelab.plots import trajectories
+
+    gen = torch.Generator(device=model.mean_expression.device).manual_seed(job["train"]["seed"])
+    texts = test.texts[:n]
+    out = model.generate(texts, max_frames=min(job["eval"]["max_frames"], model.cfg.max_frames), generator=gen)
+    with tempfile.TemporaryDirectory() as d:
+        png = trajectories(texts, [o.float().cpu().numpy() for o in out], test.sequences[:n],
+                           Path(d) / "trajectories.png")
+        client.log_artifact(run_id, str(png), "plots")
+
+
+def run_baseline_eval(job: dict, data_dir: Path) -> dict[str, float]:
+    from facelab.data import emoava
+    from facelab.metrics.cteg_eval import evaluate_baseline
+
+    test = emoava.load_split(data_dir, "test")
+    train = emoava.load_split(data_dir, "train")
+    return _flatten_eval(evaluate_baseline(job["eval"]["baseline"], test, train, eval_config(job)))
+
+
 def _allreduce(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
@@ -85,6 +156,17 @@ def worker_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+
+    if job["eval"]["baseline"]:  # a §5.3 baseline row: evaluate it, nothing to train
+        metrics = {}
+        if rank == 0:
+            client = tracking.client(config["tracking"]["uri"]) if config.get("tracking") else None
+            metrics = run_baseline_eval(job, Path(config["data_dir"]))
+            if client:
+                tracking.log_metrics(client, config["tracking"]["run_id"], metrics, step=0)
+                client.set_tag(config["tracking"]["run_id"], "facelab.baseline", job["eval"]["baseline"])
+        ray.train.report({**metrics, "epoch": 0})
+        return
 
     # ---- setup -------------------------------------------------------------------------------
     seed_everything(train_cfg["seed"])             # same initial weights on every rank
@@ -167,10 +249,17 @@ def worker_loop(config: dict[str, Any]) -> None:
                 for k in vs:
                     vs[k] += float(out[k]) * len(texts)
                 n_seq += len(texts)
-        red = _allreduce([vs[k] for k in vs] + [n_seq], device)
+            nll_sum, n_items = val_cppl_terms(model, dev_ds, dev_idx, job, per_worker, epoch)
+        red = _allreduce([vs[k] for k in vs] + [nll_sum, n_items, n_seq], device)
         val_metrics = {f"val/{k}": red[j] / max(red[-1], 1) for j, k in enumerate(vs)}
+        val_metrics["val/cppl"] = math.exp(red[len(vs)] / max(red[len(vs) + 1], 1))  # Eq. 18 over the dev split
 
-        metrics = {**train_metrics, **val_metrics, "epoch": epoch, "step": step,
+        # ---- test-split evaluation after the last epoch (Appendix D), rank 0 --------------------
+        test_metrics: dict[str, float] = {}
+        if epoch == train_cfg["epochs"] - 1 and job["eval"]["enabled"] and rank == 0:
+            test_metrics = run_test_eval(model, job, Path(config["data_dir"]), device, client, run_id)
+
+        metrics = {**train_metrics, **val_metrics, **test_metrics, "epoch": epoch, "step": step,
                    "lr": sched.get_last_lr()[0], "epoch_time_s": time.time() - t0}
         history.append({k: v for k, v in metrics.items()})
         if not all(math.isfinite(v) for v in metrics.values()):
