@@ -89,6 +89,10 @@ def best_rows(rows: list[dict], metrics: list[str]) -> dict[str, str]:
     return out
 
 
+def _num(x: float) -> str:
+    return f"{x:.3f}" if abs(x) < 1e4 else f"{x:.4g}"
+
+
 def render(rows: list[dict], metrics: list[str], fmt: str = "md") -> str:
     if fmt == "csv":
         buf = io.StringIO()
@@ -111,7 +115,7 @@ def render(rows: list[dict], metrics: list[str], fmt: str = "md") -> str:
                 cells.append("–")
                 continue
             mean, se = r[m]
-            txt = f"{mean:.3f}" + ("" if math.isnan(se) else f" ± {se:.3f}")
+            txt = _num(mean) + ("" if math.isnan(se) else f" ± {_num(se)}")
             cells.append(f"**{txt}**" if best.get(m) == r["variant"] else txt)
         lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

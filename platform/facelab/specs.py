@@ -110,6 +110,8 @@ class CTEGEval(Strict):
     batch_size: int = Field(64, ge=1, description="Sequences decoded in parallel.")
     delta: float = Field(0.8, gt=0, description="Cppl box half-width δ (Eq. 16).")
     sigma: float = Field(0.2, gt=0, description="Cppl Gaussian σ (Eq. 17).")
+    cppl_region: Literal["cdf_difference", "box"] = Field(
+        "cdf_difference", description="Cppl probability: the reference's CDF difference F(x+δ)−F(x−δ), or the box mass.")
     enabled: bool = Field(True, description="Run the test-split evaluation after the last epoch.")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -188,7 +189,10 @@ def test_gt_baseline_reproduces_the_dataset_metrics(splits):
         assert res[m][1] > 0
     assert res["diversity"][0] == pytest.approx(diversity(test.sequences, n_pairs=40, seed=cfg.seed))
     # frames as μ on their own targets: every frame has the box mass (2Φ(4) - 1)^53
-    assert res["cppl"][0] == pytest.approx((2 * norm.cdf(4.0) - 1) ** -53, rel=1e-9)
+    # default region (the reference's CDF difference): p = Φ(4)^53 − Φ(−4)^53 per frame
+    assert res["cppl"][0] == pytest.approx(1.0 / (norm.cdf(4.0) ** 53 - norm.cdf(-4.0) ** 53), rel=1e-9)
+    box = evaluate_baseline("gt", test, None, dataclasses.replace(cfg, cppl_region="box"))
+    assert box["cppl"][0] == pytest.approx((2 * norm.cdf(4.0) - 1) ** -53, rel=1e-9)
     assert all(math.isnan(v) for v in res["mmodality"])  # one sequence per text
     # the dataset's calibrated statistics (synthetic corpus: GT row of Table 2 is 9.24 / 1.26 / 0.28)
     assert 8 < res["dot"][0] < 11 and 1.0 < res["fgd"][0] < 1.6 and 0.2 < res["variation"][0] < 0.4

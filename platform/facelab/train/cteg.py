@@ -25,6 +25,7 @@ class PairDataset(Dataset):
 
     def __init__(self, texts: list[str], sequences: list[np.ndarray], max_frames: int):
         self.texts = texts
+        self.raw = sequences  # uncut, for metrics that must know where a sequence really ends
         self.sequences = [torch.from_numpy(np.ascontiguousarray(s[:max_frames], dtype=np.float32)) for s in sequences]
 
     def __len__(self) -> int:
@@ -68,7 +69,7 @@ def eval_config(job: dict):
     e = job["eval"]
     return EvalConfig(n_diversity=e["n_diversity"], n_mmodality=e["n_mmodality"], n_bootstrap=e["n_bootstrap"],
                       max_frames=e["max_frames"], batch_size=e["batch_size"], seed=job["train"]["seed"],
-                      delta=e["delta"], sigma=e["sigma"], max_texts=e["max_texts"])
+                      delta=e["delta"], sigma=e["sigma"], max_texts=e["max_texts"], cppl_region=e["cppl_region"])
 
 
 def val_cppl_terms(model, dev_ds: PairDataset, idx: list[int], job: dict, batch_size: int, epoch: int) -> tuple[float, int]:
@@ -82,7 +83,7 @@ def val_cppl_terms(model, dev_ds: PairDataset, idx: list[int], job: dict, batch_
         return 0.0, 0
     cfg = eval_config(job)
     texts = [dev_ds.texts[i] for i in idx]
-    seqs = [dev_ds.sequences[i].numpy() for i in idx]
+    seqs = [np.asarray(dev_ds.raw[i], dtype=np.float32) for i in idx]  # uncut: a cut sequence has no terminator step
     gen = torch.Generator(device=model.mean_expression.device).manual_seed(job["train"]["seed"] + epoch)
     means, targets = model_cppl_inputs(model, texts, seqs, cfg, model.cfg.max_frames, gen)
     nll = cppl_per_item(means, targets, cfg.delta, cfg.sigma, region=cfg.cppl_region, floor=cfg.cppl_floor)
