@@ -108,7 +108,8 @@ def test_report_prints_table(quickstart):
     c = store(project)
     parent = [r for r in runs_of(c, "quickstart") if r.data.tags.get("facelab.role") == "sweep"][-1]
     assert {a.path for a in c.list_artifacts(parent.info.run_id, "report")} >= {
-        "report/table.md", "report/table.csv", "report/kl_curve.png"}
+        "report/table.md", "report/table.csv", "report/kl_curve.png",
+        "report/trajectories_CTEG_seed0.png", "report/trajectories_w.o._EwA_seed0.png"}
 
 
 def test_promote_then_serve_over_http(quickstart):

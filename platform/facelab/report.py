@@ -162,9 +162,37 @@ def kl_curves(c, trials, out: Path) -> Path | None:
     return out
 
 
+def copy_trajectories(c, trials, parent_run_id: str, tmp: Path) -> int:
+    """Each trained trial's generated-vs-ground-truth trajectories, gathered on the parent run."""
+    import re
+
+    import mlflow.artifacts
+
+    n = 0
+    for t in trials:
+        if t.status != "FINISHED":
+            continue
+        if "plots/trajectories.png" not in {a.path for a in c.list_artifacts(t.run_id, "plots")}:
+            continue
+        local = mlflow.artifacts.download_artifacts(run_id=t.run_id, artifact_path="plots/trajectories.png",
+                                                    dst_path=str(tmp / t.run_id), tracking_uri=c.tracking_uri)
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{t.variant}_seed{t.seed}").strip("_")
+        dst = tmp / f"trajectories_{slug}.png"
+        Path(local).rename(dst)
+        c.log_artifact(parent_run_id, str(dst), "report")
+        n += 1
+    return n
+
+
 def sweep_table(c, parent, trials, fmt: str = "md", log: bool = True) -> str:
+    import json
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     metrics = table_metrics(parent, trials)
     rows = aggregate(trials, metrics)
+    order = json.loads(parent.data.tags.get("facelab.variants", "[]"))  # the sweep YAML's row order
+    rows.sort(key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
     text = render(rows, metrics, fmt)
     if log:
         run_id = parent.info.run_id
@@ -174,4 +202,5 @@ def sweep_table(c, parent, trials, fmt: str = "md", log: bool = True) -> str:
             png = kl_curves(c, [t for t in trials if t.status == "FINISHED"], Path(d) / "kl_curve.png")
             if png is not None:
                 c.log_artifact(run_id, str(png), "report")
+            copy_trajectories(c, trials, run_id, Path(d))
     return text

@@ -302,7 +302,8 @@ def run_sweep(loaded: LoadedSweep, root: Path, *, resume: bool = False, address:
     else:
         parent = c.create_run(exp_id, run_name=f"sweep {spec.name}", tags={
             tracking.TAG_ROLE: "sweep", tracking.TAG_SWEEP: spec.name, **tracking.git_state(root),
-            **entry.as_tags(), "facelab.sweep_dir": str(sweep_dir)})
+            **entry.as_tags(), "facelab.sweep_dir": str(sweep_dir),
+            "facelab.variants": json.dumps(list(spec.variants))})
         parent_id = parent.info.run_id
         state_file.write_text(json.dumps({"parent_run_id": parent_id, "experiment_id": exp_id,
                                           "sweep": spec.name}))
