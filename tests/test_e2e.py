@@ -156,6 +156,10 @@ def test_promote_then_serve_over_http(quickstart):
             assert field in json.dumps(body["detail"]), (payload, body)
         status, body = _post(base + "/v1/expressions", b"{not json", raw=True)
         assert 400 <= status < 500 and "detail" in body
+        status, body = _post(base + "/v1/expressions", b'{"text": "\xff\xfe hi"}', raw=True)  # not UTF-8
+        assert 400 <= status < 500 and "detail" in body
+        status, body = _post(base + "/v1/expressions", json.dumps({"text": "x" * 200_000}).encode(), raw=True)
+        assert status == 413 and body["detail"][0]["field"] == "body"
         # still serving correct answers afterwards
         assert _get(base + "/healthz")["status"] == "ok"
         assert _post(base + "/v1/expressions", {"text": "still there?", "max_frames": 5})[0] == 200

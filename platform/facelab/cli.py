@@ -145,7 +145,9 @@ def cmd_serve(args) -> int:
     model_name = args.model or _default_model(c)
     c.get_model_version_by_alias(model_name, "champion")  # fail fast with a clear message if absent
     init_ray(args.address)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    # request_timeout_s bounds every request (Serve answers 408 past it); generation is bounded by
+    # the request schema's max_frames / num_samples.
+    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": 120})
     serve.run(build_app(model_name, uri), name="facelab", route_prefix="/", blocking=False)
     print(f"serving models:/{model_name}@champion on http://{args.host}:{args.port}  (docs: /docs; Ctrl-C stops)",
           flush=True)

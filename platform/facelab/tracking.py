@@ -9,7 +9,6 @@ from different processes.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -289,12 +288,3 @@ def download_model(c, model_name: str, alias: str, dst: Path) -> tuple[Path, dic
             "job_kind": mv.tags.get(TAG_JOB_KIND, ""), "metric": mv.tags.get("facelab.metric"),
             "metric_value": mv.tags.get("facelab.metric_value")}
     return Path(local), info
-
-
-def write_json_artifact(c, run_id: str, obj: Any, name: str, artifact_path: str | None = None) -> None:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / name
-        p.write_text(json.dumps(obj, indent=2, default=str))
-        c.log_artifact(run_id, str(p), artifact_path)

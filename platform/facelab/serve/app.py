@@ -19,6 +19,24 @@ from facelab.serve.schemas import ExpressionRequest, ExpressionResponse, ModelIn
 
 api = FastAPI(title="facelab", description="Text → facial expression sequences (FLAME, 53-d).", version="1")
 
+MAX_BODY_BYTES = 64 * 1024  # a request is a short text and three numbers
+
+
+@api.middleware("http")
+async def _bounded_body(request: Request, call_next):
+    """Refuse oversized bodies with 413 before they are parsed (declared or streamed length)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+        return JSONResponse(status_code=413, content={"detail": [{"field": "body", "msg": f"body larger than {MAX_BODY_BYTES} bytes", "type": "too_large"}]})
+    if declared is None and request.method in ("POST", "PUT", "PATCH"):
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                return JSONResponse(status_code=413, content={"detail": [{"field": "body", "msg": f"body larger than {MAX_BODY_BYTES} bytes", "type": "too_large"}]})
+        request._body = body  # already consumed; let FastAPI read it from here
+    return await call_next(request)
+
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError):
