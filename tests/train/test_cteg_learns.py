@@ -15,7 +15,7 @@ from facelab.train.cteg import PairDataset, collate
 
 pytestmark = pytest.mark.slow
 
-STEPS = 200
+STEPS = 300
 
 JOB = {"kind": "cteg", "data": {"max_frames": 40},
        "model": {"text_encoder": "minilm", "finetune_encoder": False, "max_text_tokens": 24, "d_model": 64,
