@@ -146,7 +146,7 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
         f"tags.`{tracking.PARENT_TAG}` = '{ctx.parent_run_id}' and tags.`{tracking.TAG_TRIAL_KEY}` = '{trial_id}'")
     if created:
         tracking.log_params(c, run_id, {**tracking.flatten(job), **{f"override.{k}": v for k, v in overrides.items()}})
-        _log_text(c, run_id, yaml.safe_dump(job, sort_keys=False), "config.yaml")
+        c.log_text(run_id, yaml.safe_dump(job, sort_keys=False), "config.yaml")
 
     res = ctx.resources
     trainer = TorchTrainer(
@@ -169,14 +169,6 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
     result = trainer.fit()
     finalize_trial_run(c, run_id, result.checkpoint.path if result.checkpoint else None)
     c.set_terminated(run_id, "FINISHED")
-
-
-def _log_text(c, run_id: str, text: str, name: str, artifact_path: str | None = None) -> None:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / name).write_text(text)
-        c.log_artifact(run_id, str(Path(d) / name), artifact_path)
 
 
 def finalize_trial_run(c, run_id: str, checkpoint_dir: str | None) -> None:
@@ -309,8 +301,8 @@ def run_sweep(loaded: LoadedSweep, root: Path, *, resume: bool = False, address:
                                           "sweep": spec.name}))
         tracking.log_params(c, parent_id, {f"sweep.{k}": v for k, v in tracking.flatten(
             spec.model_dump(mode="json", exclude={"variants"})).items()})
-        _log_text(c, parent_id, loaded.source.read_text(), "sweep.yaml")
-        _log_text(c, parent_id, yaml.safe_dump(job, sort_keys=False), "base_job.yaml")
+        c.log_text(parent_id, loaded.source.read_text(), "sweep.yaml")
+        c.log_text(parent_id, yaml.safe_dump(job, sort_keys=False), "base_job.yaml")
 
     ctx = SweepContext(sweep=spec.name, root=str(root), data_dir=str(data_dir), tracking_uri=uri,
                        experiment_id=exp_id, parent_run_id=parent_id, base_job=job,

@@ -116,32 +116,28 @@ def log_params(c, run_id: str, params: dict[str, Any]) -> None:
         c.log_batch(run_id, params=items[i:i + 100])
 
 
-def log_metrics(c, run_id: str, metrics: dict[str, float], step: int, retries: int = 5) -> None:
-    """Log one step of metrics; retried with backoff, raising after the last failure (never dropped)."""
-    from mlflow.entities import Metric
-
-    ts = int(time.time() * 1000)
-    batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and math.isfinite(float(v))]
-    for attempt in range(retries):
-        try:
-            c.log_batch(run_id, metrics=batch)
-            return
-        except Exception:
-            if attempt == retries - 1:
-                raise
-            time.sleep(0.5 * 2 ** attempt)
-
-
-def log_metric_steps(c, run_id: str, rows: list[tuple[int, dict[str, float]]]) -> None:
-    """Log many (step, metrics) rows in batches of up to 1,000 values (MLflow's batch limit)."""
+def log_metric_steps(c, run_id: str, rows: list[tuple[int, dict[str, float]]], retries: int = 5) -> None:
+    """Log (step, metrics) rows in batches of up to 1,000 values (MLflow's batch limit); each batch
+    is retried with backoff and the last failure raises (metrics are never silently dropped)."""
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
     batch = [Metric(k, float(v), ts, step) for step, row in rows for k, v in row.items()
-             if math.isfinite(float(v))]
+             if isinstance(v, (int, float)) and math.isfinite(float(v))]
     for i in range(0, len(batch), 1000):
-        c.log_batch(run_id, metrics=batch[i:i + 1000])
+        for attempt in range(retries):
+            try:
+                c.log_batch(run_id, metrics=batch[i:i + 1000])
+                break
+            except Exception:
+                if attempt == retries - 1:
+                    raise
+                time.sleep(0.5 * 2 ** attempt)
+
+
+def log_metrics(c, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Log one step of metrics (see :func:`log_metric_steps`)."""
+    log_metric_steps(c, run_id, [(step, metrics)])
 
 
 def log_missing_history(c, run_id: str, history: list[dict], key: str = "val/loss") -> int:
