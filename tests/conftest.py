@@ -17,7 +17,10 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 BIN = Path(sys.executable).parent
 
 # Small but real: the DVC stage builds this corpus in a second.
-TINY_PARAMS = {"emoava": {"n_train": 240, "n_dev": 48, "n_test": 48, "seed": 0}}
+TINY_PARAMS = {"emoava": {"n_train": 240, "n_dev": 48, "n_test": 48, "seed": 0},
+               "keyframeface": {"n_scripts": 400, "split": [0.8, 0.1, 0.1], "seed": 0},
+               "tiny_lm": {"vocab_size": 1024, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                           "head_dim": 16, "intermediate_size": 128, "seed": 0}}
 
 
 def env_for(project: Path, **extra: str) -> dict[str, str]:
@@ -50,12 +53,13 @@ def make_project(dst: Path, params: dict | None = None) -> Path:
         shutil.copy(REPO / name, dst / name)
     for d in ("jobs", "sweeps"):
         shutil.copytree(REPO / d, dst / d)
-    src = dst / "platform" / "facelab" / "data"
-    src.mkdir(parents=True)
-    for f in (REPO / "platform" / "facelab" / "data").glob("*.py"):
-        shutil.copy(f, src / f.name)
+    for pkg in ("data", "models/keyframe_lm"):  # the sources the DVC stages depend on
+        src = dst / "platform" / "facelab" / pkg
+        src.mkdir(parents=True)
+        for f in (REPO / "platform" / "facelab" / pkg).glob("*.py"):
+            shutil.copy(f, src / f.name)
     (dst / "params.yaml").write_text(yaml.safe_dump(params or TINY_PARAMS))
-    (dst / ".gitignore").write_text("/data/\n/mlruns.db\n/mlartifacts/\n/ray_results/\n")
+    (dst / ".gitignore").write_text("/data/\n/models/\n/mlruns.db\n/mlartifacts/\n/ray_results/\n")
     env = env_for(dst)
     run = lambda *a: subprocess.run(a, cwd=dst, env=env, check=True, capture_output=True, text=True)  # noqa: E731
     run("git", "init", "-q")

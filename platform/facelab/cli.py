@@ -18,6 +18,7 @@ def _root() -> Path:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from facelab.data.arkit import ArkitError
     from facelab.data.emoava import DataError
     from facelab.data.lineage import DataLineageError
     from facelab.specs import SpecError
@@ -25,7 +26,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from facelab.tracking import TrackingError
     from facelab.train.checkpoint import CheckpointError
 
-    return (SpecError, DataLineageError, TrackingError, SweepError, DataError, CheckpointError, FileNotFoundError)
+    return (SpecError, DataLineageError, TrackingError, SweepError, DataError, CheckpointError, FileNotFoundError,
+            ArkitError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +150,7 @@ def cmd_serve(args) -> int:
     # request_timeout_s bounds every request (Serve answers 408 past it); generation is bounded by
     # the request schema's max_frames / num_samples.
     serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": 120})
-    serve.run(build_app(model_name, uri), name="facelab", route_prefix="/", blocking=False)
+    serve.run(build_app(model_name, uri, root=str(root)), name="facelab", route_prefix="/", blocking=False)
     print(f"serving models:/{model_name}@champion on http://{args.host}:{args.port}  (docs: /docs; Ctrl-C stops)",
           flush=True)
     import signal
@@ -219,16 +221,97 @@ def cmd_data(args) -> int:
 
     from facelab.data import emoava
 
+    def params(section: str) -> dict:
+        return (yaml.safe_load(Path(args.params).read_text()) or {}).get(section, {}) if args.params else {}
+
     if args.data_cmd == "build-emoava":
         from facelab.data.synth import generate_emoava
 
-        params = (yaml.safe_load(Path(args.params).read_text()) or {}).get("emoava", {}) if args.params else {}
-        summary = generate_emoava(Path(args.out), **params)
+        summary = generate_emoava(Path(args.out), **params("emoava"))
+    elif args.data_cmd == "build-keyframeface":
+        from facelab.data.synth_keyframe import generate_keyframeface
+
+        summary = generate_keyframeface(Path(args.out), **params("keyframeface"))
+    elif args.data_cmd == "build-tiny-lm":
+        from facelab.models.keyframe_lm.tiny import build_tiny_lm
+
+        summary = build_tiny_lm(Path(args.out), tiny_lm_corpus(Path(args.data)), **params("tiny_lm"))
     elif args.data_cmd == "import-emoava":
         summary = emoava.import_release(Path(args.release_dir), Path(args.out))
+    elif args.data_cmd == "import-keyframeface":
+        from facelab.data.keyframeface import import_chat_jsonl, write_dataset
+
+        scripts = import_chat_jsonl(Path(args.requests), Path(args.results), annotation=args.annotation)
+        summary = write_dataset(Path(args.out), {args.split: scripts}, {"source": "release (chat JSONL)"})
+    elif (Path(args.path) / "meta.json").is_file() and "keyframeface" in (Path(args.path) / "meta.json").read_text():
+        from facelab.data.keyframeface import validate_dir
+
+        summary = validate_dir(Path(args.path))
     else:
         summary = emoava.summarize(Path(args.path))
     print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def tiny_lm_corpus(data_dir: Path):
+    """Texts the tiny model's tokenizer is trained on: every training request and answer, in both
+    prompt formats and all annotation types (so numbers, channel names and JSON tokenise compactly)."""
+    from facelab.data.keyframeface import ANNOTATIONS, load_split
+    from facelab.models.keyframe_lm.prompts import PromptConfig, answer_text, build_messages
+
+    for s in load_split(data_dir, "train"):
+        for kf in s.keyframes:
+            for fmt in ("semantic", "non_semantic"):
+                for ann in ANNOTATIONS:
+                    cfg = PromptConfig(format=fmt, annotation=ann, glossary=True, target_frame_instruction=True)
+                    for m in build_messages(s, kf.index, cfg):
+                        yield m["content"]
+                yield answer_text(kf.values, kf.index, cfg)
+
+
+def cmd_export(args) -> int:
+    """Keyframes (a /v1/keyframes JSON answer or a keyframe CSV) → a 60 Hz Live Link Face animation CSV."""
+    import numpy as np
+
+    from facelab.data.arkit import ArkitError, interpolate_keyframes, read_llf_csv, vector_from_mapping, write_llf_csv
+
+    src = Path(args.input)
+    if src.suffix.lower() == ".json":
+        try:
+            doc = json.loads(src.read_text(encoding="utf-8"))
+            frames = doc["keyframes"]
+            rows = np.stack([vector_from_mapping(k["blendshapes"], where=f"{src}: keyframes[{i}]") for i, k in enumerate(frames)])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise ArkitError(f"{src}: not a /v1/keyframes answer ({type(exc).__name__}: {exc})") from None
+    else:
+        _, rows = read_llf_csv(src)
+    times = [i * args.spacing for i in range(len(rows))]
+    _, anim = interpolate_keyframes(rows, times, fps=args.fps)
+    write_llf_csv(anim, args.out, fps=args.fps)
+    print(f"{len(rows)} keyframe(s), {args.spacing:g} s apart → {len(anim)} frames at {args.fps:g} Hz → {args.out}")
+    return 0
+
+
+def cmd_request_keyframes(args) -> int:
+    """Send one /v1/keyframes request (JSON, or the Live Link Face CSV with --csv)."""
+    import urllib.request
+
+    body = json.dumps({"background": args.background, "emotion": args.emotion, "keyframes": args.keyframe}).encode()
+    url = f"{args.url}/v1/keyframes" + ("?format=csv" if args.csv else "")
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        payload = r.read()
+    if args.csv:
+        Path(args.csv).write_bytes(payload)
+        rows = payload.count(b"\n") - 1
+        print(f"wrote {args.csv} ({rows} keyframe rows)")
+        return 0
+    out = json.loads(payload)
+    m = out["model"]
+    print(f"POST /v1/keyframes → models:/{m['name']} v{m['version']}" + (f"  [{m['note']}]" if m.get("note") else ""))
+    for k in out["keyframes"]:
+        top = sorted(k["blendshapes"].items(), key=lambda kv: -abs(kv[1]))[:5]
+        print(f"  keyframe {k['index']} (valid={k['valid']}): " + ", ".join(f"{n}={v:.2f}" for n, v in top))
     return 0
 
 
@@ -291,12 +374,40 @@ def build_parser() -> argparse.ArgumentParser:
     b = dsub.add_parser("build-emoava", help="write the synthetic EmoAva-format corpus (the DVC stage)")
     b.add_argument("--params", default="params.yaml")
     b.add_argument("--out", default="data/emoava")
+    bk = dsub.add_parser("build-keyframeface", help="write the synthetic KeyframeFace-format corpus (the DVC stage)")
+    bk.add_argument("--params", default="params.yaml")
+    bk.add_argument("--out", default="data/keyframeface")
+    bt = dsub.add_parser("build-tiny-lm", help="build the tiny random-init Qwen3-architecture model + offline tokenizer")
+    bt.add_argument("--params", default="params.yaml")
+    bt.add_argument("--data", default="data/keyframeface", help="corpus the tokenizer is trained on")
+    bt.add_argument("--out", default="models/tiny-qwen3")
+    ik = dsub.add_parser("import-keyframeface", help="import release chat JSONL (requests + answers)")
+    ik.add_argument("requests", help="example.jsonl-style requests")
+    ik.add_argument("results", help="example_result.jsonl-style answers")
+    ik.add_argument("--annotation", default="original", choices=["original", "arkit", "image"])
+    ik.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ik.add_argument("--out", default="data/keyframeface-release")
     i = dsub.add_parser("import-emoava", help="import the EmoAva release pickles (safe unpickler)")
     i.add_argument("release_dir")
     i.add_argument("--out", default="data/emoava")
     v = dsub.add_parser("validate", help="validate a dataset directory and print its summary")
     v.add_argument("path")
     d.set_defaults(fn=cmd_data)
+
+    ex = sub.add_parser("export", help="keyframes → a 60 Hz Live Link Face animation CSV (interpolated)")
+    ex.add_argument("input", help="a /v1/keyframes JSON answer (.json) or a keyframe CSV")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--fps", type=float, default=60.0)
+    ex.add_argument("--spacing", type=float, default=1.0, help="seconds between consecutive keyframes")
+    ex.set_defaults(fn=cmd_export)
+
+    rk = sub.add_parser("request-keyframes", help="send one keyframe request to a running server")
+    rk.add_argument("--background", required=True)
+    rk.add_argument("--emotion", required=True)
+    rk.add_argument("--keyframe", action="append", required=True, help="a keyframe description (repeat, in order)")
+    rk.add_argument("--url", default="http://127.0.0.1:8000")
+    rk.add_argument("--csv", default=None, metavar="PATH", help="ask for the Live Link Face CSV and write it here")
+    rk.set_defaults(fn=cmd_request_keyframes)
     return p
 
 

@@ -184,11 +184,151 @@ def copy_trajectories(c, trials, parent_run_id: str, tmp: Path) -> int:
     return n
 
 
+# ------------------------------------------------------------------------------------------------
+# KeyframeFace: Tables 2, 3 and 4
+# ------------------------------------------------------------------------------------------------
+
+KF_LABELS = {"mse": "MSE", "mae": "MAE", "rmse": "RMSE", "fid": "FID", "w_dist": "W-Dist", "r_precision_1": "R-Prec@1",
+             "r_precision_2": "R-Prec@2", "r_precision_3": "R-Prec@3", "mmd": "MMD", "diversity": "Diversity",
+             "validity": "Valid"}
+KF_ARROWS = {"mse": "↓", "mae": "↓", "rmse": "↓", "fid": "↓", "w_dist": "↓", "r_precision_1": "↑", "r_precision_2": "↑",
+             "r_precision_3": "↑", "mmd": "↓", "diversity": "→", "validity": "↑"}
+KF_ERRORS = ["mse", "mae", "rmse"]
+KF_DISTRIBUTION = ["fid", "w_dist", "r_precision_1", "r_precision_2", "r_precision_3", "mmd", "diversity", "validity"]
+ANNOTATION_LABELS = {"original": "Original", "arkit": "ARKit-based", "image": "Image-based"}
+FORMAT_LABELS = {"semantic": "Semantic", "non_semantic": "Non-semantic"}
+
+
+def _stage(t) -> str:
+    if t.params.get("eval.baseline", "None") == "gt":
+        return "GT"
+    return "Tuned" if t.params.get("train.finetune", "True") == "True" else "Base"
+
+
+def _mean_se(xs: list[float]) -> tuple[float, float]:
+    mean = sum(xs) / len(xs)
+    se = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
+    return mean, se
+
+
+def _cell(ms: tuple[float, float] | None, bold: bool) -> str:
+    if ms is None:
+        return "–"
+    mean, se = ms
+    txt = _num(mean) + ("" if math.isnan(se) else f" ± {_num(se)}")
+    return f"**{txt}**" if bold else txt
+
+
+def _pivot(trials, row_key, stages: list[str], metrics: list[str]):
+    """{row: {(stage, metric): (mean, se)}} over finished trials, seeds averaged."""
+    cells: dict = defaultdict(lambda: defaultdict(list))
+    for t in trials:
+        if t.status != "FINISHED":
+            continue
+        st = _stage(t)
+        if st not in stages:
+            continue
+        for m in metrics:
+            v = t.metrics.get(f"test/{m}")
+            if v is not None and math.isfinite(v):
+                # GT rows repeat once per grid point with identical values: one per seed counts.
+                key = ("gt", t.seed) if st == "GT" else ("trial", t.run_id)
+                cells[row_key(t, st)][(st, m)].append((key, v))
+    return {row: {k: _mean_se(list(dict(v).values())) for k, v in cols.items()} for row, cols in cells.items()}
+
+
+def _best(table: dict, cols: list[tuple[str, str]], gt: dict | None) -> dict:
+    best = {}
+    for col in cols:
+        stage, m = col
+        cands = [(row, v[col][0]) for row, v in table.items() if col in v and row != "GT"]
+        if not cands:
+            continue
+        arrow = KF_ARROWS.get(m)
+        if arrow == "↓":
+            best[col] = min(cands, key=lambda rv: rv[1])[0]
+        elif arrow == "↑":
+            best[col] = max(cands, key=lambda rv: rv[1])[0]
+        elif arrow == "→" and gt and (("GT", m) in gt):
+            best[col] = min(cands, key=lambda rv: abs(rv[1] - gt[("GT", m)][0]))[0]
+    return best
+
+
+def _render_pivot(title: str, row_head: list[str], table: dict, cols: list[tuple[str, str]], fmt: str,
+                  row_cells, gt_first: bool = True) -> str:
+    gt = table.get("GT")
+    rows = sorted(table, key=lambda r: (r != "GT", str(r))) if gt_first else list(table)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(row_head + [f"{st} {KF_LABELS[m]}" for st, m in cols] + [f"{st} {KF_LABELS[m]} se" for st, m in cols])
+        for r in rows:
+            vals = [table[r].get(c) for c in cols]
+            w.writerow(row_cells(r) + [f"{v[0]:.6g}" if v else "" for v in vals]
+                       + [f"{v[1]:.3g}" if v and not math.isnan(v[1]) else "" for v in vals])
+        return f"# {title}\n" + buf.getvalue()
+    best = _best(table, cols, gt)
+    multi = len({st for st, _ in cols}) > 1
+    head = "| " + " | ".join(row_head) + " | " + " | ".join(
+        (f"{st} " if multi else "") + f"{KF_LABELS[m]} {KF_ARROWS[m]}" for st, m in cols) + " |"
+    lines = [f"**{title}**", "", head, "|" + "---|" * len(row_head) + "---:|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(row_cells(r)) + " | "
+                     + " | ".join(_cell(table[r].get(c), best.get(c) == r) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def keyframe_tables(trials, fmt: str = "md") -> str:
+    """Tables 2, 3 and 4 of KeyframeFace in the paper's layout, from whatever rows the sweep holds.
+
+    * Table 2 — annotation type x prompt format (rows), Base and Tuned (column groups), MSE/MAE/RMSE.
+    * Table 3 — one row per method (GT first), the distribution and alignment metrics measured through
+      the pinned evaluator: FID, W-Dist, R-Precision@1/2/3, MMD, Diversity (+ the validity rate).
+    * Table 4 — base model (rows), Base and Tuned (column groups), MSE/MAE/RMSE and R-Precision@1.
+    Means over seeds, ± the standard error of the mean when there are several; bold = best
+    (↓ lowest, ↑ highest, → closest to GT)."""
+    def base_label(t):
+        b = t.params.get("model.base_model", "")
+        return b + (" (tiny, random init)" if t.tags.get("facelab.base_model_label") else "")
+
+    stages = ["Base", "Tuned"]
+    t2 = _pivot(trials, lambda t, st: (t.params.get("data.annotation", ""), t.params.get("prompt.format", "")),
+                stages, KF_ERRORS)
+    t2 = dict(sorted(t2.items(), key=lambda kv: (list(ANNOTATION_LABELS).index(kv[0][0]) if kv[0][0] in ANNOTATION_LABELS else 9,
+                                                   kv[0][1])))
+    cols2 = [(st, m) for st in stages for m in KF_ERRORS if any((st, m) in v for v in t2.values())]
+    out = [_render_pivot("Table 2 — annotation type and prompt format (test keyframes)", ["Annotation", "Format"], t2, cols2,
+                         fmt, lambda r: [ANNOTATION_LABELS.get(r[0], r[0]), FORMAT_LABELS.get(r[1], r[1])], gt_first=False)]
+
+    def method(t, st):
+        if st == "GT":
+            return "GT"
+        return f"{t.variant} ({ANNOTATION_LABELS.get(t.params.get('data.annotation'), '')}, " \
+               f"{FORMAT_LABELS.get(t.params.get('prompt.format'), '')}, {base_label(t)})"
+
+    t3 = _pivot(trials, method, ["GT", "Base", "Tuned"], KF_DISTRIBUTION)
+    t3 = {r: {("", m): v for (st, m), v in cols.items()} for r, cols in t3.items()}
+    cols3 = [("", m) for m in KF_DISTRIBUTION if any(("", m) in v for v in t3.values())]
+    out.append(_render_pivot("Table 3 — distribution and text alignment (pinned evaluator)", ["Method"], t3, cols3, fmt,
+                             lambda r: [r]))
+    t4 = _pivot(trials, lambda t, st: base_label(t), stages, KF_ERRORS + ["r_precision_1"])
+    cols4 = [(st, m) for st in stages for m in KF_ERRORS + ["r_precision_1"] if any((st, m) in v for v in t4.values())]
+    out.append(_render_pivot("Table 4 — base models, Base vs Tuned", ["Base model"], t4, cols4, fmt, lambda r: [r],
+                             gt_first=False))
+    return "\n".join(out)
+
+
 def sweep_table(c, parent, trials, fmt: str = "md", log: bool = True) -> str:
     import json
     import os
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if any(t.tags.get("facelab.job_kind") == "keyframe" for t in trials):
+        text = keyframe_tables(trials, fmt)
+        if log:
+            c.log_text(parent.info.run_id, keyframe_tables(trials, "md"), "report/tables.md")
+            c.log_text(parent.info.run_id, keyframe_tables(trials, "csv"), "report/tables.csv")
+        return text
     metrics = table_metrics(parent, trials)
     rows = aggregate(trials, metrics)
     order = json.loads(parent.data.tags.get("facelab.variants", "[]"))  # the sweep YAML's row order

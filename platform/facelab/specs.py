@@ -126,8 +126,136 @@ class CTEGJob(Strict):
     eval: CTEGEval = CTEGEval()
 
 
+# --------------------------------------------------------------------------------------------
+# Job: KeyframeFace (LoRA-tuned causal LM → 61-channel ARKit keyframes)
+# --------------------------------------------------------------------------------------------
+
+TINY_LM = "models/tiny-qwen3"  # DVC stage `tiny_lm`: a random-init Qwen3-architecture model, not pretrained
+
+
+class KeyframeData(Strict):
+    path: str = Field("data/keyframeface", description="Dataset directory (DVC output), relative to the project root.")
+    annotation: Literal["original", "arkit", "image"] = Field(
+        "arkit", description="Keyframe description type in the prompt (§3: original, ARKit-based or image-based annotation).")
+    train_subset: int | None = Field(None, ge=1, description="Use only the first N training scripts (quick runs); null = all.")
+    val_subset: int | None = Field(None, ge=1, description="Use only the first N validation scripts; null = all.")
+    test_subset: int | None = Field(None, ge=1, description="Evaluate on the first N test scripts only; null = all.")
+
+
+class KeyframeModel(Strict):
+    base_model: str = Field(
+        TINY_LM, description="Causal LM: a directory (relative to the project root or absolute) or a Hugging Face id "
+        "already in the local cache. Paper: Qwen/Qwen3-4B-Instruct-2507, Qwen/Qwen3-14B, "
+        "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B. Default: the tiny random-init model the `tiny_lm` stage builds.")
+    lora: bool = Field(True, description="LoRA fine-tuning (§5.2); false = full fine-tuning (tiny models only).")
+    lora_r: int = Field(8, ge=1, description="LoRA rank r (§5.2: 8).")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling α (§5.2: 32).")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto = bfloat16 on GPU, float32 on CPU.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory).")
+
+
+class KeyframePrompt(Strict):
+    format: Literal["semantic", "non_semantic"] = Field(
+        "semantic", description="§5.1: semantic = system prompt + JSON with ARKit names; non_semantic = plain numeric vector.")
+    glossary: bool = Field(True, description="Semantic format: explain every ARKit parameter in the system prompt (the non_semantic format has no system prompt; ignored there).")
+    target_frame_instruction: bool = Field(True, description="End the request with the Target Frame Instruction (§4).")
+    max_tokens: int = Field(4096, ge=64, description="Training examples longer than this (prompt + answer) are refused.")
+
+
+class KeyframeOptim(Strict):
+    batch_size: int = Field(8, ge=1, description="Requests (one per keyframe) per optimizer step, summed over workers.")
+    lr: float = Field(1e-4, gt=0.0, description="AdamW peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Linear warmup as a fraction of all steps, then cosine decay.")
+    grad_clip: float | None = Field(1.0, gt=0.0, description="Clip the gradient norm to this value; null = off.")
+
+
+class KeyframeTrain(Strict):
+    finetune: bool = Field(True, description="false = evaluate the base model as is (the tables' 'Base' rows).")
+    epochs: int = Field(3, ge=1, description="Training epochs.")
+    seed: int = Field(0, description="Seed for adapter init, data order (a sweep sets it per trial).")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on optimizer steps per epoch; null = full epoch.")
+    max_val_batches: int | None = Field(None, ge=1, description="Cap on validation batches; null = the whole val split.")
+    checkpoints_to_keep: int = Field(2, ge=1, description="Ray Train keeps this many newest checkpoints per trial.")
+    max_failures: int = Field(1, ge=0, description="Worker-group restarts allowed per trial (resumes from the last checkpoint).")
+    log_every_steps: int = Field(10, ge=1, description="Per-step loss is logged every N optimizer steps.")
+
+
+class KeyframeEval(Strict):
+    enabled: bool = Field(True, description="Generate the test split's keyframes after the last epoch and score them.")
+    baseline: Literal["gt"] | None = Field(None, description="gt = score the ground truth itself (the tables' GT row); no model.")
+    decode: Literal["constrained", "plain"] = Field(
+        "constrained", description="constrained = only the values are decoded, the JSON skeleton is forced (fast, always "
+        "parseable); plain = unconstrained greedy `generate` of the whole answer.")
+    max_new_tokens: int = Field(1024, ge=8, description="Plain decoding: generation budget per keyframe.")
+    batch_size: int = Field(8, ge=1, description="Requests generated in parallel.")
+    evaluator: str | None = Field(
+        None, description="Registered text–motion evaluator, 'NAME@ALIAS' or 'NAME/VERSION' (Appendix C); resolved to "
+        "one version when the sweep starts. null = FID, R-Precision, MMD and Diversity are not computed.")
+    diversity_pairs: int = Field(300, ge=2, description="Pairs for Diversity (T2M protocol).")
+    r_precision_batch: int = Field(32, ge=2, description="R-Precision batch size (Appendix C: 32).")
+
+
+class KeyframeJob(Strict):
+    kind: Literal["keyframe"] = "keyframe"
+    name: str = Field("keyframe", description="Registered-model name used by `facelab promote` unless overridden.")
+    description: str = ""
+    data: KeyframeData = KeyframeData()
+    model: KeyframeModel = KeyframeModel()
+    prompt: KeyframePrompt = KeyframePrompt()
+    optim: KeyframeOptim = KeyframeOptim()
+    train: KeyframeTrain = KeyframeTrain()
+    eval: KeyframeEval = KeyframeEval()
+
+
+
+# --------------------------------------------------------------------------------------------
+# Job: the contrastive text–motion evaluator (KeyframeFace Appendix C)
+# --------------------------------------------------------------------------------------------
+
+
+class EvaluatorData(Strict):
+    path: str = Field("data/keyframeface", description="Dataset directory (DVC output), relative to the project root.")
+    train_subset: int | None = Field(None, ge=1, description="Use only the first N training scripts; null = all.")
+
+
+class EvaluatorModel(Strict):
+    text_encoder: str = Field("minilm", description="Frozen pretrained text encoder ('minilm' offline default, or a local path).")
+    embed_dim: int = Field(256, ge=8, description="Joint embedding size.")
+    hidden: int = Field(512, ge=8, description="Hidden width of the text projection and motion encoder MLPs.")
+    max_text_tokens: int = Field(64, ge=4, description="Text is truncated to this many tokens.")
+    temperature: float = Field(0.07, gt=0.0, description="InfoNCE temperature τ (Appendix C: 0.07).")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout in the MLPs.")
+
+
+class EvaluatorOptim(Strict):
+    batch_size: int = Field(64, ge=2, description="Pairs per step (in-batch negatives).")
+    lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate (Appendix C: 1e-4).")
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay (Appendix C: the same value as the lr).")
+
+
+class EvaluatorTrain(Strict):
+    epochs: int = Field(100, ge=1, description="Maximum epochs (cosine schedule over them).")
+    patience: int = Field(10, ge=1, description="Early stopping on validation R-Precision@1 (Appendix C: 10).")
+    seed: int = Field(42, description="Appendix C: 42.")
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    checkpoints_to_keep: int = Field(2, ge=1)
+    max_failures: int = Field(1, ge=0)
+
+
+class EvaluatorJob(Strict):
+    kind: Literal["keyframe_evaluator"] = "keyframe_evaluator"
+    name: str = Field("keyframe-evaluator", description="Registered-model name; keyframe jobs pin it by version.")
+    description: str = ""
+    data: EvaluatorData = EvaluatorData()
+    model: EvaluatorModel = EvaluatorModel()
+    optim: EvaluatorOptim = EvaluatorOptim()
+    train: EvaluatorTrain = EvaluatorTrain()
+
+
 # Discriminated on ``kind``; further job families add themselves here.
-JOB_TYPES: dict[str, type[Strict]] = {"cteg": CTEGJob}
+JOB_TYPES: dict[str, type[Strict]] = {"cteg": CTEGJob, "keyframe": KeyframeJob, "keyframe_evaluator": EvaluatorJob}
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,10 +611,12 @@ def load_sweep(path: str | Path, sets: list[str] | None = None, root: Path | Non
                 problems.append(f"parameters.{key}: not a key of the {cls.__name__} config")
         if "train.seed" in params:
             problems.append("parameters.train.seed: set seeds with the sweep's 'seeds' list")
-        if cls is CTEGJob and isinstance(raw.get("metric"), dict):
+        reported = JOB_METRICS.get(getattr(cls.model_fields.get("kind"), "default", None))
+        if reported and isinstance(raw.get("metric"), dict):
             name = raw["metric"].get("name")
-            if isinstance(name, str) and name not in CTEG_METRICS:
-                problems.append(f"metric.name: {name!r} is not reported by the cteg job; choose one of {sorted(CTEG_METRICS)}")
+            if isinstance(name, str) and name not in reported:
+                problems.append(f"metric.name: {name!r} is not reported by the {cls.model_fields['kind'].default} job; "
+                                f"choose one of {sorted(reported)}")
 
     # Every concrete override must give a valid job (types, ranges, cross-field rules).
     if base_job is not None and cls is not None:
@@ -530,3 +660,9 @@ def load_sweep(path: str | Path, sets: list[str] | None = None, root: Path | Non
 # Metrics the cteg worker loop reports each epoch (``metric.name`` must be one of them).
 CTEG_METRICS = {"val/loss", "val/mse", "val/kl", "val/lg", "val/cppl", "train/loss", "train/mse", "train/kl", "train/lg",
                 *(f"test/{m}" for m in ("cppl", "dot", "fgd", "diversity", "mmodality", "variation"))}
+
+KEYFRAME_TEST = ("mse", "mae", "rmse", "w_dist", "validity", "fid", "r_precision_1", "r_precision_2",
+                 "r_precision_3", "mmd", "diversity")
+KEYFRAME_METRICS = {"val/loss", "train/loss", *(f"test/{m}" for m in KEYFRAME_TEST)}
+EVALUATOR_METRICS = {"val/loss", "train/loss", "val/r_precision_1", "val/r_precision_2", "val/r_precision_3"}
+JOB_METRICS = {"cteg": CTEG_METRICS, "keyframe": KEYFRAME_METRICS, "keyframe_evaluator": EVALUATOR_METRICS}

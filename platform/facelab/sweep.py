@@ -122,6 +122,17 @@ def trial_overrides(ctx: SweepContext, config: dict) -> dict[str, Any]:
     return {**ctx.variants[config["variant"]], **config.get("params", {}), "train.seed": int(config["seed"])}
 
 
+def worker_loop_for(kind: str):
+    """The Ray Train per-worker loop of a job family (one plain-PyTorch loop per family)."""
+    if kind == "keyframe":
+        from facelab.train.keyframe import worker_loop
+    elif kind == "keyframe_evaluator":
+        from facelab.train.keyframe_evaluator import worker_loop
+    else:
+        from facelab.train.cteg import worker_loop
+    return worker_loop
+
+
 def run_trial(config: dict, ctx: SweepContext) -> None:
     """Tune function trainable: resolve the trial's job, open its MLflow child run, fit a TorchTrainer."""
     from ray import tune
@@ -129,8 +140,7 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from facelab.train.cteg import worker_loop
-
+    worker_loop = worker_loop_for(ctx.base_job["kind"])
     trial_id = tune.get_context().get_trial_id()
     overrides = trial_overrides(ctx, config)
     job = validate_job(apply_overrides(ctx.base_job, overrides), f"trial {trial_id}").model_dump(mode="json")
@@ -151,7 +161,7 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
     res = ctx.resources
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"job": job, "data_dir": ctx.data_dir,
+        train_loop_config={"job": job, "data_dir": ctx.data_dir, "root": ctx.root,
                            "tracking": {"uri": ctx.tracking_uri, "run_id": run_id}},
         scaling_config=ScalingConfig(num_workers=res["num_workers"], use_gpu=res["gpus_per_worker"] > 0,
                                      resources_per_worker={"CPU": res["cpus_per_worker"],
@@ -258,6 +268,20 @@ def check_resources(spec: SweepSpec) -> None:
             "resources.cpus_per_worker / num_workers / gpus_per_worker or add nodes")
 
 
+def job_lineage(root: Path, job: dict) -> dict[str, str]:
+    """Extra lineage of a job beyond its dataset: a base LM built by a DVC stage is verified and pinned too."""
+    from facelab.data.lineage import DataLineageError, lock_entry, verify_data
+
+    base = (job.get("model") or {}).get("base_model") if job["kind"] == "keyframe" else None
+    if not base or Path(base).is_absolute() or not (root / base).exists():
+        return {}  # a Hugging Face id or a directory outside the project: not DVC's to pin
+    try:
+        lock_entry(root, base)
+    except DataLineageError:
+        return {}  # a local model directory that no stage builds
+    return verify_data(root, base).as_tags("facelab.base_model")
+
+
 @dataclass
 class SweepOutcome:
     sweep: str
@@ -279,6 +303,11 @@ def run_sweep(loaded: LoadedSweep, root: Path, *, resume: bool = False, address:
     entry = verify_data(root, job["data"]["path"])           # refuses unlocked data, before Ray starts
     uri = tracking.tracking_uri(root)
     c = tracking.check_reachable(uri)
+    lineage = {**entry.as_tags(), **job_lineage(root, job)}
+    if job["kind"] == "keyframe" and job["eval"]["evaluator"]:
+        # Pin the evaluator once for the whole sweep: every trial is scored by the same version.
+        job["eval"]["evaluator"] = tracking.resolve_model_version(c, job["eval"]["evaluator"])
+        lineage["facelab.evaluator"] = job["eval"]["evaluator"]
     init_ray(address)
     check_resources(spec)                                     # before any run is recorded
     exp_id = tracking.ensure_experiment(c, spec.name, root)
@@ -294,7 +323,7 @@ def run_sweep(loaded: LoadedSweep, root: Path, *, resume: bool = False, address:
     else:
         parent = c.create_run(exp_id, run_name=f"sweep {spec.name}", tags={
             tracking.TAG_ROLE: "sweep", tracking.TAG_SWEEP: spec.name, **tracking.git_state(root),
-            **entry.as_tags(), "facelab.sweep_dir": str(sweep_dir),
+            **lineage, "facelab.sweep_dir": str(sweep_dir),
             "facelab.variants": json.dumps(list(spec.variants))})
         parent_id = parent.info.run_id
         state_file.write_text(json.dumps({"parent_run_id": parent_id, "experiment_id": exp_id,
@@ -307,7 +336,7 @@ def run_sweep(loaded: LoadedSweep, root: Path, *, resume: bool = False, address:
     ctx = SweepContext(sweep=spec.name, root=str(root), data_dir=str(data_dir), tracking_uri=uri,
                        experiment_id=exp_id, parent_run_id=parent_id, base_job=job,
                        variants=spec.variants, resources=spec.resources.model_dump(),
-                       storage=str(sweep_dir), lineage_tags=entry.as_tags(), git_tags=tracking.git_state(root))
+                       storage=str(sweep_dir), lineage_tags=lineage, git_tags=tracking.git_state(root))
 
     from ray import tune
 

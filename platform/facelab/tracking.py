@@ -268,15 +268,36 @@ def promote(c, trial: TrialRun, model_name: str, metric: str, goal: str, force: 
     return Promotion(model_name, mv.version, trial.run_id, metric, value, prev_version, prev_value)
 
 
-def download_model(c, model_name: str, alias: str, dst: Path) -> tuple[Path, dict]:
-    """Download ``models:/<name>@<alias>``'s files; return (local dir, model info)."""
+def resolve_model_version(c, ref: str) -> str:
+    """``NAME@ALIAS`` or ``NAME/VERSION`` → ``NAME/VERSION`` (pins an alias to the version it points at now)."""
+    from mlflow.exceptions import MlflowException
+
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        try:
+            return f"{name}/{c.get_model_version_by_alias(name, alias).version}"
+        except MlflowException as exc:
+            raise TrackingError(f"no model version models:/{ref} in {c.tracking_uri}: {exc.message}") from None
+    name, sep, version = ref.partition("/")
+    if not sep or not version.isdigit():
+        raise TrackingError(f"model reference {ref!r}: expected NAME@ALIAS or NAME/VERSION")
+    try:
+        c.get_model_version(name, version)
+    except MlflowException as exc:
+        raise TrackingError(f"no model version models:/{ref} in {c.tracking_uri}: {exc.message}") from None
+    return ref
+
+
+def download_model(c, model_name: str, alias: str, dst: Path, by: str = "alias") -> tuple[Path, dict]:
+    """Download ``models:/<name>@<alias>`` (or ``<name>/<version>`` with ``by="version"``); return (local dir, info)."""
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
     try:
-        mv = c.get_model_version_by_alias(model_name, alias)
+        mv = c.get_model_version(model_name, alias) if by == "version" else c.get_model_version_by_alias(model_name, alias)
     except MlflowException as exc:
-        raise TrackingError(f"no model version models:/{model_name}@{alias} in {c.tracking_uri}: {exc.message}") from None
+        sep = "/" if by == "version" else "@"
+        raise TrackingError(f"no model version models:/{model_name}{sep}{alias} in {c.tracking_uri}: {exc.message}") from None
     dst.mkdir(parents=True, exist_ok=True)
     local = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst),
                                                 tracking_uri=c.tracking_uri)

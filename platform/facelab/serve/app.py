@@ -1,6 +1,9 @@
 """Ray Serve application: a FastAPI ingress serving ``models:/<name>@champion``.
 
-Endpoints (OpenAPI at ``/docs``): ``GET /healthz``, ``GET /v1/models``, ``POST /v1/expressions``.
+Endpoints (OpenAPI at ``/docs``): ``GET /healthz``, ``GET /v1/models``, ``POST /v1/expressions``
+(CTEG models: text → FLAME expression sequences) and ``POST /v1/keyframes`` (KeyframeFace models:
+script → ARKit keyframes as JSON, or ``?format=csv`` for the Live Link Face CSV of the release).
+Each endpoint answers 409 when the served model is of the other family.
 The replica downloads the champion's files from the MLflow registry once at start and rebuilds the
 model from safetensors + config.json (no pickle). Bad input is answered with a 4xx whose JSON
 ``detail`` names the field; the replica never dies from a request.
@@ -10,14 +13,18 @@ model from safetensors + config.json (no pickle). Bad input is answered with a 4
 import tempfile
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, Request
+from typing import Literal
+
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from facelab.serve.schemas import ExpressionRequest, ExpressionResponse, ModelInfo
+from facelab.serve.schemas import (ExpressionRequest, ExpressionResponse, KeyframeOut, KeyframeRequest,
+                                   KeyframeResponse, ModelInfo)
 
-api = FastAPI(title="facelab", description="Text → facial expression sequences (FLAME, 53-d).", version="1")
+api = FastAPI(title="facelab", version="1",
+              description="Text → facial expression sequences (CTEG, FLAME 53-d) and script → ARKit keyframes (KeyframeFace, 61 channels).")
 
 MAX_BODY_BYTES = 64 * 1024  # a request is a short text and three numbers
 
@@ -54,8 +61,8 @@ async def _validation_error(request: Request, exc: RequestValidationError):
     graceful_shutdown_timeout_s=5,
 )
 @serve.ingress(api)
-class ExpressionServer:
-    def __init__(self, model_name: str, tracking_uri: str, alias: str = "champion"):
+class FacelabServer:
+    def __init__(self, model_name: str, tracking_uri: str, alias: str = "champion", root: str | None = None):
         import torch
 
         from facelab import tracking
@@ -64,9 +71,20 @@ class ExpressionServer:
         torch.set_num_threads(max(1, torch.get_num_threads()))
         self._tmp = tempfile.TemporaryDirectory(prefix="facelab-serve-")
         local, info = tracking.download_model(tracking.client(tracking_uri), model_name, alias, Path(self._tmp.name))
-        self.model, self.config = load_servable(local)
+        self.model, self.config = load_servable(local, root=Path(root) if root else None)
+        self.kind = self.config.get("kind")
+        if self.kind == "keyframe":
+            info["base_model"] = self.config["model"]["base_model"]
+            info["note"] = self.model.label
         self.info = ModelInfo(**{k: (str(v) if v is not None else None) for k, v in info.items()})
-        self.max_frames = int(self.config["data"]["max_frames"])
+        self.max_frames = int(self.config["data"]["max_frames"]) if self.kind == "cteg" else 0
+
+    def _require(self, kind: str, route: str) -> None:
+        if self.kind != kind:
+            other = {"cteg": "/v1/expressions", "keyframe": "/v1/keyframes"}.get(self.kind, "none")
+            raise HTTPException(status_code=409, detail=[{
+                "field": "model", "msg": f"the served model is a {self.kind!r} model; {route} needs a {kind!r} "
+                f"model (this one answers {other})", "type": "wrong_model_kind"}])
 
     def check_health(self) -> None:  # Serve restarts a replica whose model is unusable
         if self.model is None:
@@ -84,6 +102,7 @@ class ExpressionServer:
     def expressions(self, req: ExpressionRequest) -> ExpressionResponse:
         import torch
 
+        self._require("cteg", "/v1/expressions")
         gen = torch.Generator()
         gen.manual_seed(req.seed if req.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
         max_frames = min(req.max_frames, self.max_frames)
@@ -96,5 +115,33 @@ class ExpressionServer:
         return ExpressionResponse(model=self.info, sequences=[{"frames": f} for f in frames])
 
 
-def build_app(model_name: str, tracking_uri: str, alias: str = "champion"):
-    return ExpressionServer.bind(model_name, tracking_uri, alias)
+    @api.post("/v1/keyframes", response_model=KeyframeResponse,
+              responses={200: {"content": {"text/csv": {}}, "description": "JSON, or the Live Link Face CSV with ?format=csv"}})
+    def keyframes(self, req: KeyframeRequest, format: Literal["json", "csv"] = Query("json")):
+        import io
+        import math
+
+        import numpy as np
+
+        from facelab.data.arkit import mapping_from_vector, write_llf_csv
+
+        self._require("keyframe", "/v1/keyframes")
+        results = self.model.keyframes(req.background, req.emotion, req.keyframes)
+        rows = np.stack([r.values for r in results])  # (K, 61)
+        if not all(math.isfinite(v) for v in rows.ravel().tolist()):
+            raise HTTPException(status_code=500, detail="model produced non-finite values")
+        if format == "csv":
+            buf = io.StringIO()
+            write_llf_csv(rows, buf)
+            return Response(content=buf.getvalue(), media_type="text/csv",
+                            headers={"Content-Disposition": 'attachment; filename="keyframes.csv"'})
+        return KeyframeResponse(model=self.info, keyframes=[
+            KeyframeOut(index=i + 1, valid=bool(r.valid), blendshapes=mapping_from_vector(r.values))
+            for i, r in enumerate(results)])
+
+
+ExpressionServer = FacelabServer  # the name of the first release
+
+
+def build_app(model_name: str, tracking_uri: str, alias: str = "champion", root: str | None = None):
+    return FacelabServer.bind(model_name, tracking_uri, alias, root)

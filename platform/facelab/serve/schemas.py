@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from facelab.data.arkit import CHANNELS
+
 MAX_TEXT_CHARS = 2000
 MAX_SAMPLES = 16
 MAX_FRAMES = 1024
+
+
+MAX_KEYFRAMES = 5          # the KeyframeFace scripts hold 1–5 keyframes
+MAX_DESCRIPTION_CHARS = 1000
 
 
 class ModelInfo(BaseModel):
@@ -17,6 +23,8 @@ class ModelInfo(BaseModel):
     job_kind: str
     metric: str | None = None
     metric_value: str | None = None
+    base_model: str | None = None
+    note: str | None = None       # e.g. "tiny random-init Qwen3-architecture model — not a pretrained LM"
 
 
 class ExpressionRequest(BaseModel):
@@ -43,3 +51,45 @@ class ExpressionResponse(BaseModel):
     model: ModelInfo
     fps: int = 25
     sequences: list[Sequence]
+
+
+def _blank(v: str, what: str) -> str:
+    if not v.strip():
+        raise ValueError(f"{what} must contain non-whitespace characters")
+    return v
+
+
+class KeyframeRequest(BaseModel):
+    """A KeyframeFace script: background, emotion and 1–5 keyframe descriptions (§3)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    background: str = Field(..., max_length=MAX_TEXT_CHARS, description="Contextual background of the script.")
+    emotion: str = Field(..., max_length=MAX_TEXT_CHARS, description="The (possibly complex) emotion.")
+    keyframes: list[str] = Field(..., min_length=1, max_length=MAX_KEYFRAMES,
+                                 description="One description per keyframe, in order (1–5).")
+
+    @field_validator("background", "emotion")
+    @classmethod
+    def _not_blank(cls, v: str, info) -> str:
+        return _blank(v, info.field_name)
+
+    @field_validator("keyframes")
+    @classmethod
+    def _descriptions(cls, v: list[str]) -> list[str]:
+        for i, d in enumerate(v):
+            if len(d) > MAX_DESCRIPTION_CHARS:
+                raise ValueError(f"keyframes[{i}]: longer than {MAX_DESCRIPTION_CHARS} characters")
+            _blank(d, f"keyframes[{i}]")
+        return v
+
+
+class KeyframeOut(BaseModel):
+    index: int
+    valid: bool = Field(..., description="The model's answer parsed completely (false: missing values were set to 0).")
+    blendshapes: dict[str, float] = Field(..., description=f"The {len(CHANNELS)} ARKit channels in the release's order.")
+
+
+class KeyframeResponse(BaseModel):
+    model: ModelInfo
+    keyframes: list[KeyframeOut]

@@ -48,10 +48,17 @@ def model_state(model: torch.nn.Module, keep_encoder: bool) -> dict[str, torch.T
 
 def save(dirpath: Path, model: torch.nn.Module, config: dict, *, keep_encoder: bool,
          train_state: dict[str, Any] | None = None, meta: dict | None = None) -> Path:
+    return save_tensors(dirpath, model_state(model, keep_encoder), config, train_state=train_state, meta=meta)
+
+
+def save_tensors(dirpath: Path, tensors: dict[str, torch.Tensor], config: dict, *,
+                 train_state: dict[str, Any] | None = None, meta: dict | None = None) -> Path:
+    """Write a checkpoint from an explicit weight dict (e.g. only a LoRA adapter's tensors)."""
     dirpath = Path(dirpath)
     dirpath.mkdir(parents=True, exist_ok=True)
     tmp = dirpath / (MODEL_FILE + ".tmp")
-    save_file(model_state(model, keep_encoder), str(tmp), metadata={"format": "pt"})
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, dirpath / MODEL_FILE)
     _atomic_write_text(dirpath / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True))
     if train_state is not None:
