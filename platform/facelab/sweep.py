@@ -240,7 +240,8 @@ def init_ray(address: str | None = None) -> None:
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     # Baseline rows (GT / Shuffle / Random) report test metrics only, not the sweep metric.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    address = address or os.environ.get("RAY_ADDRESS")
+    # No address: always a fresh local instance, never whatever cluster a stale session file points at.
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     # Workers import facelab from the source tree; ship the path so they find it.
     src = str(Path(__file__).resolve().parents[1])
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(x for x in (src, os.environ.get("PYTHONPATH")) if x),

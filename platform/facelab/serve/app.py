@@ -145,3 +145,21 @@ ExpressionServer = FacelabServer  # the name of the first release
 
 def build_app(model_name: str, tracking_uri: str, alias: str = "champion", root: str | None = None):
     return FacelabServer.bind(model_name, tracking_uri, alias, root)
+
+
+def app_from_env(args: dict[str, str]):
+    """Serve application builder for ``serve run`` / a KubeRay RayService (``import_path:
+    facelab.serve.app:app_from_env``). Ray Serve passes the config's ``args``; anything not given
+    there comes from the environment: ``FACELAB_MODEL``, ``FACELAB_MODEL_ALIAS`` (default champion),
+    ``MLFLOW_TRACKING_URI``, ``FACELAB_ROOT`` (where a project-relative base model lives)."""
+    import os
+
+    model = args.get("model") or os.environ.get("FACELAB_MODEL")
+    alias = args.get("alias") or os.environ.get("FACELAB_MODEL_ALIAS") or "champion"
+    uri = args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    root = args.get("root") or os.environ.get("FACELAB_ROOT") or None
+    missing = [n for n, v in (("model (args.model or FACELAB_MODEL)", model),
+                              ("tracking_uri (args.tracking_uri or MLFLOW_TRACKING_URI)", uri)) if not v]
+    if missing:
+        raise ValueError("facelab.serve.app:app_from_env needs " + " and ".join(missing))
+    return build_app(model, uri, alias=alias, root=root)

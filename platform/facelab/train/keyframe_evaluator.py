@@ -54,7 +54,7 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     from facelab import tracking
     from facelab.data.keyframeface import load_split
-    from facelab.models.keyframe_evaluator import TextMotionEvaluator, evaluator_state
+    from facelab.models.keyframe_evaluator import TextMotionEvaluator, evaluator_state, feature_stats
     from facelab.train import checkpoint as ckpt
 
     job: dict = config["job"]
@@ -72,7 +72,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     val_texts, val_values = pairs(load_split(data_dir, "val"))
     test_texts, test_values = pairs(load_split(data_dir, "test"))
     cfg = evaluator_config(job)
-    model = TextMotionEvaluator(cfg, train_values.mean(0), train_values.std(0)).to(device)
+    model = TextMotionEvaluator(cfg, *feature_stats(train_values)).to(device)  # z-score stats of the train split
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
     per_worker = max(2, o["batch_size"] // world)
