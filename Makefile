@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: quickstart test test-all install data clean-runs
+.PHONY: quickstart keyframe-quickstart test test-all install data clean-runs
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,23 @@ quickstart: data
 	  || { cat .serve.log; exit 1; }; \
 	echo; echo "Review the runs in MLflow:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns.db"; \
 	echo "  then open http://127.0.0.1:5000 → experiment 'quickstart' (parent run + one child run per trial)."
+
+# KeyframeFace: train + promote the text–motion evaluator, the LoRA quickstart sweep scored through
+# it, Tables 2–4, promote the adapter, serve it and ask for two keyframes.
+keyframe-quickstart: data
+	facelab sweep sweeps/keyframe_evaluator.yaml --set train.epochs=20 --set data.train_subset=600
+	facelab promote keyframe-evaluator || echo "(promotion refused: the current evaluator champion stays)"
+	facelab sweep sweeps/keyframe_quickstart.yaml --set eval.evaluator=keyframe-evaluator@champion
+	facelab report keyframe-quickstart
+	facelab promote keyframe-quickstart || echo "(promotion refused: the current champion stays)"
+	@set -e; facelab serve --model keyframe-tiny --port $(PORT) > .serve.log 2>&1 & pid=$$!; \
+	trap 'kill -TERM $$pid 2>/dev/null; wait $$pid 2>/dev/null || true' EXIT; \
+	facelab request-keyframes --url http://127.0.0.1:$(PORT) --wait 180 \
+	  --background "A student waits outside an interview room and tries to hide their anxiety." \
+	  --emotion "Anxiety concealed by a restrained smile." \
+	  --keyframe "The gaze is lowered, the inner brows lift slightly, and the lips press together." \
+	  --keyframe "The gaze rises and both mouth corners form a small restrained smile." \
+	  || { cat .serve.log; exit 1; }
 
 # The test suite CI runs (`.ci/run`): everything but GPU-only tests.
 test: $(STAMP)

@@ -142,7 +142,7 @@ def test_adapter_round_trips_through_registry_and_endpoint(kf):
         status, ctype, body = _post(f"{base}/v1/keyframes", json.dumps(script).encode())
         assert status == 200, body
         out = json.loads(body)
-        assert out["model"]["version"] == mv.version and "tiny" in (out["model"]["note"] or "")
+        assert out["model"]["version"] == str(mv.version) and "tiny" in (out["model"]["note"] or "")
         assert [k["index"] for k in out["keyframes"]] == [1, 2]
         from facelab.data.arkit import CHANNELS
 

@@ -184,24 +184,31 @@ def _default_model(c) -> str:
     raise TrackingError(f"several registered models have a champion ({', '.join(sorted(names))}); pick one with --model")
 
 
-def cmd_request(args) -> int:
-    """Send one /v1/expressions request and print a short summary (used by the Quickstart)."""
+def _wait_healthy(url: str, wait: float) -> bool:
     import time
     import urllib.error
     import urllib.request
 
-    deadline = time.time() + args.wait
+    deadline = time.time() + wait
     while True:
         try:
-            with urllib.request.urlopen(f"{args.url}/healthz", timeout=5) as r:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
                 if r.status == 200:
-                    break
+                    return True
         except (urllib.error.URLError, OSError):
             pass
         if time.time() > deadline:
-            print(f"no healthy server at {args.url} after {args.wait}s", file=sys.stderr)
-            return 1
+            print(f"no healthy server at {url} after {wait}s", file=sys.stderr)
+            return False
         time.sleep(1)
+
+
+def cmd_request(args) -> int:
+    """Send one /v1/expressions request and print a short summary (used by the Quickstart)."""
+    import urllib.request
+
+    if not _wait_healthy(args.url, args.wait):
+        return 1
     body = json.dumps({"text": args.text, "num_samples": args.num_samples, "max_frames": args.max_frames,
                        "seed": args.seed}).encode()
     req = urllib.request.Request(f"{args.url}/v1/expressions", data=body, headers={"Content-Type": "application/json"})
@@ -296,6 +303,8 @@ def cmd_request_keyframes(args) -> int:
     """Send one /v1/keyframes request (JSON, or the Live Link Face CSV with --csv)."""
     import urllib.request
 
+    if not _wait_healthy(args.url, args.wait):
+        return 1
     body = json.dumps({"background": args.background, "emotion": args.emotion, "keyframes": args.keyframe}).encode()
     url = f"{args.url}/v1/keyframes" + ("?format=csv" if args.csv else "")
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
@@ -407,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--keyframe", action="append", required=True, help="a keyframe description (repeat, in order)")
     rk.add_argument("--url", default="http://127.0.0.1:8000")
     rk.add_argument("--csv", default=None, metavar="PATH", help="ask for the Live Link Face CSV and write it here")
+    rk.add_argument("--wait", type=float, default=120, help="seconds to wait for /healthz")
     rk.set_defaults(fn=cmd_request_keyframes)
     return p
 

@@ -242,8 +242,8 @@ def _best(table: dict, cols: list[tuple[str, str]], gt: dict | None) -> dict:
     for col in cols:
         stage, m = col
         cands = [(row, v[col][0]) for row, v in table.items() if col in v and row != "GT"]
-        if not cands:
-            continue
+        if len(cands) < 2:
+            continue  # nothing to compare against
         arrow = KF_ARROWS.get(m)
         if arrow == "↓":
             best[col] = min(cands, key=lambda rv: rv[1])[0]

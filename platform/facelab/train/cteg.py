@@ -7,6 +7,7 @@ same metrics; rank 0 alone writes checkpoints and logs to MLflow, so a DDP trial
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import tempfile
@@ -141,6 +142,18 @@ def _allreduce(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def worker_nodes() -> list[str]:
+    """The Ray node id of every rank, ordered by rank (where a DDP trial's workers ran)."""
+    import ray
+
+    own = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [own]
+    nodes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, own)
+    return nodes
+
+
 def worker_loop(config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker. ``config`` keys: job (resolved job dict), data_dir,
     tracking ({uri, run_id} or None), trial (tags for the record)."""
@@ -207,6 +220,9 @@ def worker_loop(config: dict[str, Any]) -> None:
     run_id = config["tracking"]["run_id"] if client else None
     if client and history:  # resumed: make sure every finished epoch is on record exactly once
         tracking.log_missing_history(client, run_id, history)
+    nodes = worker_nodes()  # collective: every rank takes part
+    if client:
+        client.set_tag(run_id, "facelab.worker_nodes", json.dumps(nodes))
 
     # ---- train -------------------------------------------------------------------------------
     for epoch in range(start_epoch, train_cfg["epochs"]):
