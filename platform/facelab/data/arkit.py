@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from numbers import Real
 from pathlib import Path
@@ -291,19 +290,9 @@ def write_llf_csv(rows: Any, stream_or_path: TextIO | str | os.PathLike, *,
     if hasattr(stream_or_path, "write"):
         stream_or_path.write(text)
         return
-    path = Path(stream_or_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(text.encode("utf-8"))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    from facelab.data.emoava import _atomic_write
+
+    _atomic_write(Path(stream_or_path), lambda fh: fh.write(text.encode("utf-8")))
 
 
 def read_llf_csv(path: str | os.PathLike | TextIO) -> tuple[list[str], np.ndarray]:
