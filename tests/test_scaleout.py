@@ -167,7 +167,7 @@ class Cluster:
     def logs(self, n: int = 3000) -> str:
         """The tail of the Ray processes' error logs (raylets, GCS, dashboard, workers)."""
         out = []
-        for f in sorted(self.temp_dir.glob("session_*/logs/*")):
+        for f in sorted(self.temp_dir.glob("n*/session_*/logs/*")):
             if f.is_file() and f.suffix in (".err", ".log") and f.stat().st_size:
                 text = f.read_text(errors="replace")
                 if "Error" in text or "error" in text:
@@ -225,7 +225,7 @@ def _teardown(c: Cluster) -> None:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.time() + 15
+        deadline = time.time() + (8 if sig == signal.SIGTERM else 15)
         while time.time() < deadline and _processes_under(c.temp_dir):
             time.sleep(0.5)
     shutil.rmtree(c.temp_dir, ignore_errors=True)
@@ -252,7 +252,10 @@ def cluster(project):
         nm, om, agent, agent_grpc, metrics, rt_env, _ = node_ports[7 * i: 7 * i + 7]
         lo, hi = free_port_range(40, taken)
         return ["--node-ip-address=127.0.0.1", f"--num-cpus={NODE_CPUS}", "--num-gpus=0",
-                f"--resources={json.dumps({f'facelab_node_{i}': 1})}", f"--temp-dir={temp_dir}",
+                f"--resources={json.dumps({f'facelab_node_{i}': 1})}",
+                # One temp dir per node: nodes sharing one would share runtime_resources/, and the
+                # second node re-extracting a job's working_dir there pulls it from under the driver.
+                f"--temp-dir={temp_dir / f'n{i}'}",
                 f"--node-manager-port={nm}", f"--object-manager-port={om}",
                 f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
                 f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}",
@@ -316,7 +319,8 @@ def test_ray_job_submit_ships_the_working_directory(project, cluster):
                            "--", "bash", "-c", entry], cwd=project, env=env, capture_output=True, text=True,
                           timeout=600)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "succeeded" in out, f"ray job submit failed ({proc.returncode}):\n{tail(out, 6000)}"
+    assert proc.returncode == 0 and "succeeded" in out, \
+        f"ray job submit failed ({proc.returncode}):\n{tail(out, 8000)}\n{cluster.logs()}"
     run = _trial(project, "scaleout-job")
     assert run.info.status == "FINISHED"
     assert run.data.tags["facelab.data.md5"] == locked_md5(project)

@@ -77,7 +77,7 @@ def verify_data(root: Path, data_path: str | Path) -> LockedOutput:
     from dvc.repo import Repo  # heavy import, only where it is needed
 
     with Repo(str(root)) as repo:
-        status = repo.status(targets=[entry.path])
+        status = repo.status(targets=[str(Path(root).resolve() / entry.path)])  # absolute: independent of the cwd
     # Only the outputs matter here: a stage whose code changed still pins the data it built.
     problems = []
     for changes in status.values():
