@@ -146,11 +146,19 @@ def cmd_serve(args) -> int:
     c = tracking.check_reachable(uri)
     model_name = args.model or _default_model(c)
     c.get_model_version_by_alias(model_name, "champion")  # fail fast with a clear message if absent
+    # The key is read from the environment (never from argv, where `ps` shows it) and removed from it
+    # before Ray starts, so no Ray process inherits it; build_app gives the replicas only a salted digest.
+    api_key = os.environ.pop(args.api_key_env, "") or None
     init_ray(args.address)
     # request_timeout_s bounds every request (Serve answers 408 past it); generation is bounded by
     # the request schema's max_frames / num_samples.
-    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": 120})
-    serve.run(build_app(model_name, uri, root=str(root)), name="facelab", route_prefix="/", blocking=False)
+    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
+    serve.run(build_app(model_name, uri, root=str(root), api_key=api_key, replicas=args.replicas,
+                        max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests),
+              name="facelab", route_prefix="/", blocking=False)
+    print(f"API key: {'required (X-API-Key header; from $' + args.api_key_env + ')' if api_key else 'none ($' + args.api_key_env + ' is unset)'}; "
+          f"{args.replicas} replica(s) x {args.max_ongoing_requests} concurrent + {args.max_queued_requests} queued, "
+          f"timeout {args.request_timeout_s:g}s", flush=True)
     print(f"serving models:/{model_name}@champion on http://{args.host}:{args.port}  (docs: /docs; Ctrl-C stops)",
           flush=True)
     import signal
@@ -184,6 +192,14 @@ def _default_model(c) -> str:
     raise TrackingError(f"several registered models have a champion ({', '.join(sorted(names))}); pick one with --model")
 
 
+def _request_headers() -> dict[str, str]:
+    """JSON, plus the API key from FACELAB_API_KEY when the server requires one."""
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("FACELAB_API_KEY"):
+        headers["X-API-Key"] = os.environ["FACELAB_API_KEY"]
+    return headers
+
+
 def _wait_healthy(url: str, wait: float) -> bool:
     import time
     import urllib.error
@@ -211,7 +227,7 @@ def cmd_request(args) -> int:
         return 1
     body = json.dumps({"text": args.text, "num_samples": args.num_samples, "max_frames": args.max_frames,
                        "seed": args.seed}).encode()
-    req = urllib.request.Request(f"{args.url}/v1/expressions", data=body, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(f"{args.url}/v1/expressions", data=body, headers=_request_headers())
     with urllib.request.urlopen(req, timeout=120) as r:
         out = json.loads(r.read())
     m = out["model"]
@@ -307,7 +323,7 @@ def cmd_request_keyframes(args) -> int:
         return 1
     body = json.dumps({"background": args.background, "emotion": args.emotion, "keyframes": args.keyframe}).encode()
     url = f"{args.url}/v1/keyframes" + ("?format=csv" if args.csv else "")
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=body, headers=_request_headers())
     with urllib.request.urlopen(req, timeout=120) as r:
         payload = r.read()
     if args.csv:
@@ -363,10 +379,33 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(fn=cmd_promote)
 
     sv = sub.add_parser("serve", help="serve models:/NAME@champion over HTTP (Ray Serve)")
+
+    def _at_least(lo: float, cast=int):
+        def parse(text: str):
+            try:
+                v = cast(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+            if not v >= lo:
+                raise argparse.ArgumentTypeError(f"must be >= {lo:g} (got {text})")
+            return v
+        return parse
+
     sv.add_argument("--model", default=None, help="registered model name (default: the only one with a champion)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--address", default=None)
+    sv.add_argument("--api-key-env", default="FACELAB_API_KEY", metavar="NAME",
+                    help="environment variable holding the API key; when set and non-empty, every route but /healthz "
+                         "needs 'X-API-Key: <key>' or 'Authorization: Bearer <key>' (default: FACELAB_API_KEY)")
+    sv.add_argument("--replicas", type=_at_least(1), default=1,
+                    help="Serve replicas (each loads the model and reserves one CPU); 2+ keep answering while a dead "
+                         "replica is replaced (default 1)")
+    sv.add_argument("--max-ongoing-requests", type=_at_least(1), default=8, help="requests one replica runs at once (default 8)")
+    sv.add_argument("--max-queued-requests", type=_at_least(0), default=64,
+                    help="requests waiting beyond those; more get an immediate 503 (default 64)")
+    sv.add_argument("--request-timeout-s", type=_at_least(0.1, float), default=120.0,
+                    help="per-request limit; slower requests are answered 408 (default 120)")
     sv.set_defaults(fn=cmd_serve)
 
     rq = sub.add_parser("request", help="send one expression request to a running server")

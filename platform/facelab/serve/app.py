@@ -7,9 +7,24 @@ Each endpoint answers 409 when the served model is of the other family.
 The replica downloads the champion's files from the MLflow registry once at start and rebuilds the
 model from safetensors + config.json (no pickle). Bad input is answered with a 4xx whose JSON
 ``detail`` names the field; the replica never dies from a request.
+
+Limits: bodies over 64 KiB → 413 (declared or chunked); generation is bounded by the schema
+(``max_frames`` ≤ the model's trained length, ``num_samples`` ≤ 16, ≤ 5 keyframes); each request is
+bounded by the proxy's ``request_timeout_s`` (408); past ``max_ongoing_requests`` per replica plus
+``max_queued_requests`` waiting, Serve answers 503 at once instead of queueing without bound.
+
+API key (optional): when one is configured, every route except ``/healthz`` needs ``X-API-Key: <key>``
+(or ``Authorization: Bearer <key>``), else 401. The key is given to ``build_app`` by the caller
+(``facelab serve`` reads it from an environment variable and drops it from its environment before Ray
+starts); the replicas get only a random salt and
+HMAC-SHA256(salt, key) as init arguments, compare with ``hmac.compare_digest``, and never see, log or
+store the key itself.
 """
 
 
+import hashlib
+import hmac
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -27,20 +42,70 @@ api = FastAPI(title="facelab", version="1",
               description="Text → facial expression sequences (CTEG, FLAME 53-d) and script → ARKit keyframes (KeyframeFace, 61 channels).")
 
 MAX_BODY_BYTES = 64 * 1024  # a request is a short text and three numbers
+OPEN_PATHS = frozenset({"/healthz"})  # answered without an API key (liveness probes)
+
+# Set once per replica process by FacelabServer.__init__ (one replica per Ray actor process): the
+# salt and HMAC-SHA256 of the API key, or None when the endpoint is open. The key itself never
+# reaches the replica, the Serve config or a log — only this salted digest travels in the init args.
+_API_KEY_CHECK: tuple[bytes, bytes] | None = None
+
+
+def api_key_check(key: str) -> tuple[bytes, bytes]:
+    """(salt, HMAC-SHA256(salt, key)) for a key: what the replica is given instead of the key."""
+    salt = secrets.token_bytes(16)
+    return salt, hmac.new(salt, key.encode(), hashlib.sha256).digest()
+
+
+def _presented_key(request: Request) -> str | None:
+    key = request.headers.get("x-api-key")
+    if key is None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        key = token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return key
+
+
+def _this_module():
+    # Serve pickles the ingress class by value (``@serve.ingress`` rebinds its module-level name), so
+    # a plain ``global`` in the replica's __init__ would land in a copy of this module's namespace;
+    # the replica and the middleware both go through the imported module instead.
+    import sys
+
+    return sys.modules[__name__]
+
+
+def _authorized(request: Request) -> bool:
+    check = _this_module()._API_KEY_CHECK
+    if check is None or request.url.path in OPEN_PATHS:
+        return True
+    key = _presented_key(request)
+    if key is None:
+        return False
+    salt, digest = check
+    return hmac.compare_digest(hmac.new(salt, key.encode("utf-8", "surrogateescape"), hashlib.sha256).digest(), digest)
+
+
+def _too_large() -> JSONResponse:
+    return JSONResponse(status_code=413, content={"detail": [
+        {"field": "body", "msg": f"body larger than {MAX_BODY_BYTES} bytes", "type": "too_large"}]})
 
 
 @api.middleware("http")
-async def _bounded_body(request: Request, call_next):
-    """Refuse oversized bodies with 413 before they are parsed (declared or streamed length)."""
+async def _guard(request: Request, call_next):
+    """API key first (401 before any body is read), then refuse oversized bodies with 413 before they
+    are parsed (declared Content-Length, or counted while a chunked body streams in)."""
+    if not _authorized(request):
+        return JSONResponse(status_code=401, headers={"WWW-Authenticate": "Bearer"}, content={"detail": [{
+            "field": "X-API-Key", "type": "unauthorized",
+            "msg": "missing or wrong API key: send the header 'X-API-Key: <key>' (or 'Authorization: Bearer <key>')"}]})
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
-        return JSONResponse(status_code=413, content={"detail": [{"field": "body", "msg": f"body larger than {MAX_BODY_BYTES} bytes", "type": "too_large"}]})
+        return _too_large()
     if declared is None and request.method in ("POST", "PUT", "PATCH"):
         body = b""
         async for chunk in request.stream():
             body += chunk
             if len(body) > MAX_BODY_BYTES:
-                return JSONResponse(status_code=413, content={"detail": [{"field": "body", "msg": f"body larger than {MAX_BODY_BYTES} bytes", "type": "too_large"}]})
+                return _too_large()
         request._body = body  # already consumed; let FastAPI read it from here
     return await call_next(request)
 
@@ -62,8 +127,13 @@ async def _validation_error(request: Request, exc: RequestValidationError):
 )
 @serve.ingress(api)
 class FacelabServer:
-    def __init__(self, model_name: str, tracking_uri: str, alias: str = "champion", root: str | None = None):
+    def __init__(self, model_name: str, tracking_uri: str, alias: str = "champion", root: str | None = None,
+                 api_key_check: tuple[bytes, bytes] | None = None):
         import torch
+
+        import importlib
+
+        importlib.import_module("facelab.serve.app")._API_KEY_CHECK = api_key_check
 
         from facelab import tracking
         from facelab.models.loading import load_servable
@@ -143,23 +213,36 @@ class FacelabServer:
 ExpressionServer = FacelabServer  # the name of the first release
 
 
-def build_app(model_name: str, tracking_uri: str, alias: str = "champion", root: str | None = None):
-    return FacelabServer.bind(model_name, tracking_uri, alias, root)
+def build_app(model_name: str, tracking_uri: str, alias: str = "champion", root: str | None = None, *,
+              api_key: str | None = None, replicas: int = 1, max_ongoing_requests: int = 8,
+              max_queued_requests: int = 64):
+    """The bound Serve application. ``api_key`` (optional) is turned into a salted HMAC here, in the
+    caller's process; replicas receive only that digest. ``replicas`` > 1 keeps answering while one
+    replica is replaced (one replica = a short outage when its process dies) at the price of one
+    model copy and, by default, one CPU per replica. Per replica, ``max_ongoing_requests`` run at once;
+    beyond that up to ``max_queued_requests`` wait at the proxy and the rest get a quick 503."""
+    check = api_key_check(api_key) if api_key else None
+    dep = FacelabServer.options(num_replicas=replicas, max_ongoing_requests=max_ongoing_requests,
+                                max_queued_requests=max_queued_requests)
+    return dep.bind(model_name, tracking_uri, alias, root, check)
 
 
 def app_from_env(args: dict[str, str]):
     """Serve application builder for ``serve run`` / a KubeRay RayService (``import_path:
     facelab.serve.app:app_from_env``). Ray Serve passes the config's ``args``; anything not given
     there comes from the environment: ``FACELAB_MODEL``, ``FACELAB_MODEL_ALIAS`` (default champion),
-    ``MLFLOW_TRACKING_URI``, ``FACELAB_ROOT`` (where a project-relative base model lives)."""
+    ``MLFLOW_TRACKING_URI``, ``FACELAB_ROOT`` (where a project-relative base model lives) and the API
+    key in the variable named by ``api_key_env`` (default ``FACELAB_API_KEY``; unset or empty = open
+    endpoint). The key is read here and never written into the Serve config."""
     import os
 
     model = args.get("model") or os.environ.get("FACELAB_MODEL")
     alias = args.get("alias") or os.environ.get("FACELAB_MODEL_ALIAS") or "champion"
     uri = args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
     root = args.get("root") or os.environ.get("FACELAB_ROOT") or None
+    api_key = os.environ.get(args.get("api_key_env") or "FACELAB_API_KEY") or None
     missing = [n for n, v in (("model (args.model or FACELAB_MODEL)", model),
                               ("tracking_uri (args.tracking_uri or MLFLOW_TRACKING_URI)", uri)) if not v]
     if missing:
         raise ValueError("facelab.serve.app:app_from_env needs " + " and ".join(missing))
-    return build_app(model, uri, alias=alias, root=root)
+    return build_app(model, uri, alias=alias, root=root, api_key=api_key)

@@ -1,4 +1,6 @@
-"""HTTP request/response schemas (pydantic; FastAPI turns violations into 422s naming the field)."""
+"""HTTP request/response schemas (pydantic; FastAPI turns violations into 422s naming the field).
+
+Counts are strict integers: ``true``, ``"3"`` or ``3.0`` are refused rather than coerced."""
 
 from __future__ import annotations
 
@@ -31,9 +33,9 @@ class ExpressionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: str = Field(..., max_length=MAX_TEXT_CHARS, description="The utterance to animate (non-empty).")
-    num_samples: int = Field(1, ge=1, le=MAX_SAMPLES, description="Independent samples from the CVAE prior.")
-    max_frames: int = Field(256, ge=1, le=MAX_FRAMES, description="Upper bound on frames per sequence (25 fps).")
-    seed: int | None = Field(None, ge=0, le=2**53, description="Seed for reproducible sampling; null = random.")
+    num_samples: int = Field(1, strict=True, ge=1, le=MAX_SAMPLES, description="Independent samples from the CVAE prior.")
+    max_frames: int = Field(256, strict=True, ge=1, le=MAX_FRAMES, description="Upper bound on frames per sequence (25 fps).")
+    seed: int | None = Field(None, strict=True, ge=0, le=2**53, description="Seed for reproducible sampling; null = random.")
 
     @field_validator("text")
     @classmethod
