@@ -244,16 +244,20 @@ def _dumps_line(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
+def _check_fields(obj: dict, expected: set[str], where: str) -> None:
+    """The object holds exactly ``expected``: the first missing, else the first unknown field is named."""
+    missing, extra = sorted(expected - obj.keys()), sorted(obj.keys() - expected)
+    if missing:
+        raise DataError(f"{where}: missing field {missing[0]!r}")
+    if extra:
+        raise DataError(f"{where}: unknown field {extra[0]!r}")
+
+
 def script_from_json(obj: Any, where: str) -> Script:
     """Validate one parsed line and build the :class:`Script`; errors are prefixed with ``where``."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    missing = sorted(_SCRIPT_KEYS - obj.keys())
-    if missing:
-        raise DataError(f"{where}: missing field {missing[0]!r}")
-    extra = sorted(obj.keys() - _SCRIPT_KEYS)
-    if extra:
-        raise DataError(f"{where}: unknown field {extra[0]!r}")
+    _check_fields(obj, _SCRIPT_KEYS, where)
     for name in ("script_id", "actor", "background", "emotion"):
         if not isinstance(obj[name], str):
             raise DataError(f"{where}: field {name!r} must be a string, got {type(obj[name]).__name__}")
@@ -270,12 +274,7 @@ def script_from_json(obj: Any, where: str) -> Script:
         at = f"{where}: keyframes[{pos}]"
         if not isinstance(kf, dict):
             raise DataError(f"{at}: expected an object, got {type(kf).__name__}")
-        missing = sorted(_KEYFRAME_KEYS - kf.keys())
-        if missing:
-            raise DataError(f"{at}: missing field {missing[0]!r}")
-        extra = sorted(kf.keys() - _KEYFRAME_KEYS)
-        if extra:
-            raise DataError(f"{at}: unknown field {extra[0]!r}")
+        _check_fields(kf, _KEYFRAME_KEYS, at)
         index = kf["index"]
         if isinstance(index, bool) or not isinstance(index, int) or index != pos + 1:
             raise DataError(f"{at}.index is {index!r}, expected {pos + 1} (indices must be 1..K in order)")

@@ -110,9 +110,19 @@ def load_meta(dirpath: Path) -> dict:
         raise CheckpointError(f"{p}: not valid JSON ({exc})") from None
 
 
-def load_into(model: torch.nn.Module, dirpath: Path) -> None:
-    """Load weights into ``model``; only the frozen encoder may be absent from the file."""
-    sd = load_weights(dirpath)
+def load_resume(checkpoint) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """``(weights, train_state, meta)`` of the Ray Train checkpoint a restarted worker resumes from;
+    a checkpoint without training state cannot be resumed and says so."""
+    with checkpoint.as_directory() as d:
+        weights, state, meta = load_weights(Path(d)), load_train_state(Path(d)), load_meta(Path(d))
+    if state is None:
+        raise CheckpointError(f"{checkpoint.path}: no {STATE_FILE}; cannot resume training state")
+    return weights, state, meta
+
+
+def load_into(model: torch.nn.Module, dirpath: Path, sd: dict[str, torch.Tensor] | None = None) -> None:
+    """Load weights (``sd``, or the directory's file) into ``model``; only the frozen encoder may be absent."""
+    sd = load_weights(dirpath) if sd is None else sd
     try:
         result = model.load_state_dict(sd, strict=False)
     except RuntimeError as exc:  # shape mismatches

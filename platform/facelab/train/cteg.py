@@ -198,12 +198,8 @@ def worker_loop(config: dict[str, Any]) -> None:
     start_epoch, step, history = 0, 0, []
     resume = ray.train.get_checkpoint()
     if resume is not None:
-        with resume.as_directory() as d:
-            ckpt.load_into(model, Path(d))
-            state = ckpt.load_train_state(Path(d))
-            meta = ckpt.load_meta(Path(d))
-        if state is None:
-            raise ckpt.CheckpointError(f"{resume.path}: no {ckpt.STATE_FILE}; cannot resume training state")
+        weights, state, meta = ckpt.load_resume(resume)
+        ckpt.load_into(model, Path(resume.path), weights)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch, step, history = meta["epoch"] + 1, meta["step"], meta.get("history", [])

@@ -223,12 +223,8 @@ def worker_loop(config: dict[str, Any]) -> None:
     start_epoch, step, history = 0, 0, []
     resume = ray.train.get_checkpoint()
     if resume is not None and train_cfg["finetune"]:
-        with resume.as_directory() as d:
-            load_keyframe_lm_state(model, ckpt.load_weights(Path(d)), job)
-            state = ckpt.load_train_state(Path(d))
-            meta = ckpt.load_meta(Path(d))
-        if state is None:
-            raise ckpt.CheckpointError(f"{resume.path}: no {ckpt.STATE_FILE}; cannot resume training state")
+        weights, state, meta = ckpt.load_resume(resume)
+        load_keyframe_lm_state(model, weights, job, str(resume.path))
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch, step, history = meta["epoch"] + 1, meta["step"], meta.get("history", [])

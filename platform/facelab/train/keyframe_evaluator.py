@@ -86,12 +86,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     best_state = evaluator_state(model)
     resume = ray.train.get_checkpoint()
     if resume is not None:
-        with resume.as_directory() as d:
-            state = ckpt.load_train_state(Path(d))
-            meta = ckpt.load_meta(Path(d))
-            best_state = ckpt.load_weights(Path(d))
-        if state is None:
-            raise ckpt.CheckpointError(f"{resume.path}: no {ckpt.STATE_FILE}; cannot resume training state")
+        best_state, state, meta = ckpt.load_resume(resume)  # servable weights = the best so far
         model.load_state_dict(state["model"], strict=False)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
