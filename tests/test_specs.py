@@ -173,3 +173,31 @@ def test_every_shipped_sweep_passes_dry_run(path, capsys, monkeypatch):
     out = capsys.readouterr().out
     n = len(load_sweep(path, root=REPO).trials)
     assert f"{n} trial(s)" in out and out.count("overrides:") == n
+
+
+def test_variant_with_its_own_job_file(proj):
+    """A variant may name another family's job file (a learned baseline as one row of a table):
+    its overrides, the sweep's parameters and the metric are checked against that job's schema."""
+    write(proj, "jobs/lml.yaml", {"kind": "lm_listener", "name": "lml", "train": {"epochs": 3, "vq_epochs": 2}})
+    p = sweep(proj, metric={"name": "val/cppl", "goal": "minimize"},
+              variants={"CTEG": {}, "LM-Listener": {"job": "jobs/lml.yaml", "model.top_p": 0.9}})
+    loaded = load_sweep(p, ["train.epochs=1", "train.vq_epochs=1"], root=proj)
+    assert loaded.spec.variants == {"CTEG": {}, "LM-Listener": {"model.top_p": 0.9}}  # "job" is not an override
+    assert loaded.job_for("CTEG")["kind"] == "cteg" and loaded.job_for("CTEG")["train"]["epochs"] == 1
+    lml = loaded.job_for("LM-Listener")
+    assert lml["kind"] == "lm_listener" and lml["train"] == {**lml["train"], "epochs": 1, "vq_epochs": 1}
+    assert [t.variant for t in loaded.trials] == ["CTEG", "LM-Listener"]
+
+    bad = sweep(proj, metric={"name": "val/kl", "goal": "minimize"},
+                variants={"CTEG": {}, "A": {"job": "jobs/lml.yaml", "model.ewa": False},
+                          "B": {"job": "jobs/missing.yaml"}, "C": {"job": 3},
+                          "D": {"job": "jobs/lml.yaml", "model.top_p": 2.0}})
+    with pytest.raises(SpecError) as ei:
+        load_sweep(bad, ["model.nope=1"], root=proj)
+    msg = str(ei.value)
+    assert "variants.A.model.ewa: not a key of the LMListenerJob config" in msg
+    assert "variants.B.job: job file 'jobs/missing.yaml' does not exist" in msg
+    assert "variants.C.job: must be a job file path" in msg
+    assert "variants.D.model.top_p" in msg
+    assert "metric.name: 'val/kl' is not reported by the lm_listener job of variant 'A'" in msg
+    assert "--set model.nope: not a sweep key nor a key of any job config" in msg

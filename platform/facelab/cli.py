@@ -115,9 +115,19 @@ def cmd_promote(args) -> int:
     c, exp, parent, trials = _sweep_runs(args.sweep)
     metric = parent.data.params.get("sweep.metric.name", "val/loss")
     goal = parent.data.params.get("sweep.metric.goal", "minimize")
-    best = tracking.best_trial(trials, metric, goal)
+    if args.variant:
+        pool = [t for t in trials if t.variant == args.variant]
+        if not pool:
+            known = sorted({t.variant for t in trials})
+            raise tracking.TrackingError(f"--variant {args.variant!r}: no trial of that variant in sweep '{args.sweep}'; "
+                                         f"variants: {known}")
+    else:  # the sweep's own model family; a baseline of another family is promoted by naming its variant
+        kind = parent.data.tags.get(tracking.TAG_JOB_KIND)
+        pool = [t for t in trials if not kind or t.tags.get(tracking.TAG_JOB_KIND, kind) == kind]
+    best = tracking.best_trial(pool, metric, goal)
     if best is None:
-        raise tracking.TrackingError(f"sweep '{args.sweep}' has no finished trial with metric {metric}")
+        where = f"variant {args.variant!r} of " if args.variant else ""
+        raise tracking.TrackingError(f"{where}sweep '{args.sweep}' has no finished trial with metric {metric}")
     model_name = args.model_name or best.params.get("name") or args.sweep
     p = tracking.promote(c, best, model_name, metric, goal, force=args.force)
     prev = f"; previous champion version {p.previous_version} is now '{tracking.PREVIOUS}'" if p.previous_version else ""
@@ -376,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("sweep")
     pr.add_argument("--model-name", default=None, help="registered model name (default: the job's name)")
     pr.add_argument("--force", action="store_true", help="promote even if not better than the champion")
+    pr.add_argument("--variant", help="promote the best trial of this variant (e.g. a learned baseline of another "
+                    "model family); default: the best trial of the sweep's own job kind")
     pr.set_defaults(fn=cmd_promote)
 
     sv = sub.add_parser("serve", help="serve models:/NAME@champion over HTTP (Ray Serve)")

@@ -190,11 +190,14 @@ def copy_trajectories(c, trials, parent_run_id: str, tmp: Path) -> int:
 
 KF_LABELS = {"mse": "MSE", "mae": "MAE", "rmse": "RMSE", "fid": "FID", "w_dist": "W-Dist", "r_precision_1": "R-Prec@1",
              "r_precision_2": "R-Prec@2", "r_precision_3": "R-Prec@3", "mmd": "MMD", "diversity": "Diversity",
-             "validity": "Valid"}
+             "validity": "Valid", "keyframes_per_s": "Keyframes/s"}
 KF_ARROWS = {"mse": "↓", "mae": "↓", "rmse": "↓", "fid": "↓", "w_dist": "↓", "r_precision_1": "↑", "r_precision_2": "↑",
-             "r_precision_3": "↑", "mmd": "↓", "diversity": "→", "validity": "↑"}
+             "r_precision_3": "↑", "mmd": "↓", "diversity": "→", "validity": "↑",
+             "keyframes_per_s": "↑"}
 KF_ERRORS = ["mse", "mae", "rmse"]
-KF_DISTRIBUTION = ["fid", "w_dist", "r_precision_1", "r_precision_2", "r_precision_3", "mmd", "diversity", "validity"]
+KF_DISTRIBUTION = ["fid", "w_dist", "r_precision_1", "r_precision_2", "r_precision_3", "mmd", "diversity", "validity",
+                   "keyframes_per_s"]
+KEYFRAME_KINDS = ("keyframe", "keyframe_mdm")  # job kinds whose trials fill the KeyframeFace tables
 ANNOTATION_LABELS = {"original": "Original", "arkit": "ARKit-based", "image": "Image-based"}
 FORMAT_LABELS = {"semantic": "Semantic", "non_semantic": "Non-semantic"}
 
@@ -229,6 +232,8 @@ def _pivot(trials, row_key, stages: list[str], metrics: list[str]):
         if st not in stages:
             continue
         for m in metrics:
+            if st == "GT" and m == "keyframes_per_s":
+                continue  # nothing is generated for the GT row
             v = t.metrics.get(f"test/{m}")
             if v is not None and math.isfinite(v):
                 # GT rows repeat once per grid point with identical values: one per seed counts.
@@ -286,13 +291,16 @@ def keyframe_tables(trials, fmt: str = "md") -> str:
       the pinned evaluator: FID, W-Dist, R-Precision@1/2/3, MMD, Diversity (+ the validity rate).
     * Table 4 — base model (rows), Base and Tuned (column groups), MSE/MAE/RMSE and R-Precision@1.
     Means over seeds, ± the standard error of the mean when there are several; bold = best
-    (↓ lowest, ↑ highest, → closest to GT)."""
+    (↓ lowest, ↑ highest, → closest to GT). Learned baselines of other families (``keyframe_mdm``:
+    Express4D-MDM) are rows of Table 3 only, with their generation speed (keyframes/s) beside the
+    LoRA model's; Tables 2 and 4 are about the LoRA-tuned LMs."""
+    lm_trials = [t for t in trials if t.tags.get("facelab.job_kind", "keyframe") == "keyframe"]
     def base_label(t):
         b = t.params.get("model.base_model", "")
         return b + (" (tiny, random init)" if t.tags.get("facelab.base_model_label") else "")
 
     stages = ["Base", "Tuned"]
-    t2 = _pivot(trials, lambda t, st: (t.params.get("data.annotation", ""), t.params.get("prompt.format", "")),
+    t2 = _pivot(lm_trials, lambda t, st: (t.params.get("data.annotation", ""), t.params.get("prompt.format", "")),
                 stages, KF_ERRORS)
     t2 = dict(sorted(t2.items(), key=lambda kv: (list(ANNOTATION_LABELS).index(kv[0][0]) if kv[0][0] in ANNOTATION_LABELS else 9,
                                                    kv[0][1])))
@@ -303,6 +311,9 @@ def keyframe_tables(trials, fmt: str = "md") -> str:
     def method(t, st):
         if st == "GT":
             return "GT"
+        if t.tags.get("facelab.job_kind") == "keyframe_mdm":
+            return f"{t.variant} (Express4D-MDM, {ANNOTATION_LABELS.get(t.params.get('data.annotation'), '')}, " \
+                   f"{t.params.get('eval.sampling_steps', '?')} steps)"
         return f"{t.variant} ({ANNOTATION_LABELS.get(t.params.get('data.annotation'), '')}, " \
                f"{FORMAT_LABELS.get(t.params.get('prompt.format'), '')}, {base_label(t)})"
 
@@ -311,7 +322,7 @@ def keyframe_tables(trials, fmt: str = "md") -> str:
     cols3 = [("", m) for m in KF_DISTRIBUTION if any(("", m) in v for v in t3.values())]
     out.append(_render_pivot("Table 3 — distribution and text alignment (pinned evaluator)", ["Method"], t3, cols3, fmt,
                              lambda r: [r]))
-    t4 = _pivot(trials, lambda t, st: base_label(t), stages, KF_ERRORS + ["r_precision_1"])
+    t4 = _pivot(lm_trials, lambda t, st: base_label(t), stages, KF_ERRORS + ["r_precision_1"])
     cols4 = [(st, m) for st in stages for m in KF_ERRORS + ["r_precision_1"] if any((st, m) in v for v in t4.values())]
     out.append(_render_pivot("Table 4 — base models, Base vs Tuned", ["Base model"], t4, cols4, fmt, lambda r: [r],
                              gt_first=False))
@@ -323,7 +334,7 @@ def sweep_table(c, parent, trials, fmt: str = "md", log: bool = True) -> str:
     import os
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if any(t.tags.get("facelab.job_kind") == "keyframe" for t in trials):
+    if any(t.tags.get("facelab.job_kind") in KEYFRAME_KINDS for t in trials):
         text = keyframe_tables(trials, fmt)
         if log:
             c.log_text(parent.info.run_id, keyframe_tables(trials, "md"), "report/tables.md")

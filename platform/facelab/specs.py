@@ -254,8 +254,125 @@ class EvaluatorJob(Strict):
     train: EvaluatorTrain = EvaluatorTrain()
 
 
+# --------------------------------------------------------------------------------------------
+# Job: LM-Listener baseline (Ng et al. 2023: VQ-VAE over FLAME expressions + text-conditioned LM)
+# --------------------------------------------------------------------------------------------
+
+
+class LMListenerModel(Strict):
+    text_encoder: str = Field("minilm", description="Frozen text encoder: 'minilm' (offline default) or a local path / HF id.")
+    max_text_tokens: int = Field(128, ge=4, description="Text is truncated to this many tokens.")
+    codebook_size: int = Field(256, ge=2, description="VQ-VAE codebook entries K.")
+    code_dim: int = Field(128, ge=4, description="Size of a codebook vector.")
+    downsample: int = Field(4, ge=1, le=32, description="Frames per code (temporal downsampling of the VQ-VAE encoder).")
+    vq_hidden: int = Field(256, ge=8, description="Channels of the VQ-VAE's temporal convolutions.")
+    vq_layers: int = Field(2, ge=1, le=8, description="Residual conv blocks per VQ-VAE encoder/decoder.")
+    commitment: float = Field(0.25, ge=0.0, description="VQ-VAE commitment weight β.")
+    ema_decay: float = Field(0.99, ge=0.0, lt=1.0, description="Codebook EMA decay (0 = codebook loss instead of EMA).")
+    d_model: int = Field(256, ge=8, description="Code LM transformer width.")
+    n_heads: int = Field(4, ge=1, description="Code LM attention heads.")
+    n_layers: int = Field(4, ge=1, le=24, description="Code LM transformer layers.")
+    ff_dim: int = Field(1024, ge=8, description="Code LM feed-forward width.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout rate.")
+    top_p: float = Field(0.8, gt=0.0, le=1.0, description="Nucleus sampling p at generation (the CTEG paper's comparison: 0.8).")
+    cppl_top_k: int = Field(16, ge=1, description="Cppl: expected frame over the LM's k most likely next codes (renormalised).")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "LMListenerModel":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        return self
+
+
+class LMListenerOptim(Strict):
+    batch_size: int = Field(32, ge=1, description="Sequences per optimizer step, summed over all workers.")
+    vq_lr: float = Field(2e-4, gt=0.0, description="AdamW learning rate of the VQ-VAE stage.")
+    lr: float = Field(2e-4, gt=0.0, description="AdamW learning rate of the code LM stage.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    grad_clip: float | None = Field(1.0, gt=0.0, description="Clip the gradient norm to this value; null = off.")
+
+
+class LMListenerTrain(Train):
+    vq_epochs: int = Field(20, ge=1, description="Stage 1: VQ-VAE epochs (then `epochs` of code-LM training).")
+
+
+class LMListenerJob(Strict):
+    kind: Literal["lm_listener"] = "lm_listener"
+    name: str = Field("lm-listener", description="Registered-model name used by `facelab promote` unless overridden.")
+    description: str = ""
+    data: CTEGData = CTEGData()
+    model: LMListenerModel = LMListenerModel()
+    optim: LMListenerOptim = LMListenerOptim()
+    train: LMListenerTrain = LMListenerTrain()
+    eval: CTEGEval = CTEGEval()
+
+
+# --------------------------------------------------------------------------------------------
+# Job: Express4D-MDM baseline (KeyframeFace Table 3: a motion diffusion model over ARKit keyframes)
+# --------------------------------------------------------------------------------------------
+
+
+class MDMModel(Strict):
+    text_encoder: str = Field("minilm", description="Frozen text encoder; the paper's MDM uses CLIP, here the offline MiniLM (documented substitution).")
+    max_text_tokens: int = Field(64, ge=4, description="Text is truncated to this many tokens.")
+    d_model: int = Field(256, ge=8, description="Denoiser transformer width.")
+    n_heads: int = Field(4, ge=1, description="Denoiser attention heads.")
+    n_layers: int = Field(4, ge=1, le=24, description="Denoiser transformer layers.")
+    ff_dim: int = Field(1024, ge=8, description="Denoiser feed-forward width.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout rate.")
+    diffusion_steps: int = Field(1000, ge=2, description="DDPM training steps T (MDM: 1000).")
+    noise_schedule: Literal["cosine", "linear"] = Field("cosine", description="β schedule (MDM: cosine).")
+    prediction: Literal["x0", "eps"] = Field("x0", description="What the denoiser predicts (MDM: the clean sample x0).")
+    cond_drop: float = Field(0.1, ge=0.0, lt=1.0, description="Probability of dropping the text in training (classifier-free guidance).")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "MDMModel":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        return self
+
+
+class MDMOptim(Strict):
+    batch_size: int = Field(64, ge=1, description="Scripts per optimizer step, summed over all workers.")
+    lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate (MDM: 1e-4).")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    grad_clip: float | None = Field(1.0, gt=0.0, description="Clip the gradient norm to this value; null = off.")
+
+
+class MDMEval(Strict):
+    enabled: bool = Field(True, description="Sample the test split's keyframes after the last epoch and score them.")
+    sampling_steps: int = Field(50, ge=1, description="Denoising steps at sampling (respaced from the T training steps).")
+    guidance_scale: float = Field(2.5, ge=0.0, description="Classifier-free guidance scale s (MDM: 2.5; 1 = off, 0 = unconditional).")
+    batch_size: int = Field(64, ge=1, description="Scripts sampled in parallel.")
+    evaluator: str | None = Field(None, description="Registered text–motion evaluator, as for `keyframe` jobs.")
+    diversity_pairs: int = Field(300, ge=2, description="Pairs for Diversity (T2M protocol).")
+    r_precision_batch: int = Field(32, ge=2, description="R-Precision batch size (Appendix C: 32).")
+
+
+class MDMTrain(Strict):
+    epochs: int = Field(50, ge=1, description="Training epochs.")
+    seed: int = Field(0, description="Seed for weights, data order and noise (a sweep sets it per trial).")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on optimizer steps per epoch; null = full epoch.")
+    max_val_batches: int | None = Field(None, ge=1, description="Cap on validation batches; null = the whole val split.")
+    checkpoints_to_keep: int = Field(2, ge=1, description="Ray Train keeps this many newest checkpoints per trial.")
+    max_failures: int = Field(1, ge=0, description="Worker-group restarts allowed per trial (resumes from the last checkpoint).")
+    log_every_steps: int = Field(10, ge=1, description="Per-step loss is logged every N optimizer steps.")
+
+
+class KeyframeMDMJob(Strict):
+    kind: Literal["keyframe_mdm"] = "keyframe_mdm"
+    name: str = Field("keyframe-mdm", description="Registered-model name used by `facelab promote` unless overridden.")
+    description: str = ""
+    data: KeyframeData = KeyframeData()
+    model: MDMModel = MDMModel()
+    optim: MDMOptim = MDMOptim()
+    train: MDMTrain = MDMTrain()
+    eval: MDMEval = MDMEval()
+
+
 # Discriminated on ``kind``; further job families add themselves here.
-JOB_TYPES: dict[str, type[Strict]] = {"cteg": CTEGJob, "keyframe": KeyframeJob, "keyframe_evaluator": EvaluatorJob}
+JOB_TYPES: dict[str, type[Strict]] = {"cteg": CTEGJob, "keyframe": KeyframeJob, "keyframe_evaluator": EvaluatorJob,
+                                      "lm_listener": LMListenerJob, "keyframe_mdm": KeyframeMDMJob}
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,6 +613,11 @@ class LoadedSweep:
     source: Path
     job_path: Path
     trials: list["TrialPlan"] = field(default_factory=list)
+    variant_jobs: dict[str, dict] = field(default_factory=dict)  # variants with their own job file → that job
+
+    def job_for(self, variant: str) -> dict:
+        """The base job of a variant's trials (its own job file, or the sweep's)."""
+        return self.variant_jobs.get(variant, self.job_dict)
 
 
 @dataclass(frozen=True)
@@ -572,64 +694,56 @@ def load_sweep(path: str | Path, sets: list[str] | None = None, root: Path | Non
 
     job_ref = raw.get("job")
     job_path = (root / job_ref) if isinstance(job_ref, str) else None
-    job_raw, cls = None, None
-    if isinstance(job_ref, str):
-        if not job_path.is_file():
-            problems.append(f"job: job file '{job_ref}' does not exist (relative to {root.name or root}/)")
-        else:
-            try:
-                job_raw = read_yaml(job_path)
-                cls = job_class(job_raw, str(job_ref))
-            except SpecError as exc:
-                problems += [f"job ({job_ref}): {p}" for p in exc.problems]
-                job_raw = None
+    variants = raw.get("variants") if isinstance(raw.get("variants"), dict) else {"default": {}}
+    params = raw.get("parameters") if isinstance(raw.get("parameters"), dict) else {}
+    base_job, cls = _load_job_file(root, job_ref, "job", job_sets, problems) if isinstance(job_ref, str) else (None, None)
 
-    base_job = None
-    if job_raw is not None and cls is not None:
-        for key, value in job_sets.items():
-            if not has_path(cls, key):
-                problems.append(f"--set {key}: not a sweep key nor a key of the {cls.__name__} config")
-            else:
-                set_path(job_raw, key, value)
-        try:
-            base_job = cls.model_validate(job_raw)
-        except ValidationError as exc:
-            problems += pydantic_problems(exc, prefix=f"job ({job_ref})")
+    # A variant may name its own job file (``job: jobs/other.yaml``): a different model family
+    # in the same sweep, e.g. a learned baseline as one row of a paper table.
+    jobs: dict[str, tuple[Strict | None, type[Strict] | None]] = {}
+    for vname, overrides in variants.items():
+        if not isinstance(overrides, dict):
+            continue
+        ref = overrides.get("job")
+        if ref is None:
+            jobs[vname] = (base_job, cls)
+        elif not isinstance(ref, str):
+            problems.append(f"variants.{vname}.job: must be a job file path, got {ref!r}")
+        else:
+            jobs[vname] = _load_job_file(root, ref, f"variants.{vname}.job", job_sets, problems)
+    unused = [k for k in job_sets if not any(c is not None and has_path(c, k) for _j, c in [(base_job, cls), *jobs.values()])]
+    for key in unused:
+        problems.append(f"--set {key}: not a sweep key nor a key of any job config of this sweep")
 
     # Dot-paths of variants/parameters must exist in the job config and give a valid job.
-    variants = raw.get("variants") if isinstance(raw.get("variants"), dict) else {}
-    params = raw.get("parameters") if isinstance(raw.get("parameters"), dict) else {}
-    if cls is not None:
-        for vname, overrides in variants.items():
-            if not isinstance(overrides, dict):
-                continue
-            for key in overrides:
-                if not has_path(cls, str(key)):
-                    problems.append(f"variants.{vname}.{key}: not a key of the {cls.__name__} config")
+    for vname, (vjob, vcls) in jobs.items():
+        if vcls is None:
+            continue
+        overrides = {str(k): v for k, v in variants[vname].items() if k != "job"}
+        for key in overrides:
+            if not has_path(vcls, key):
+                problems.append(f"variants.{vname}.{key}: not a key of the {vcls.__name__} config")
         for key in params:
-            if not has_path(cls, str(key)):
-                problems.append(f"parameters.{key}: not a key of the {cls.__name__} config")
-        if "train.seed" in params:
-            problems.append("parameters.train.seed: set seeds with the sweep's 'seeds' list")
-        reported = JOB_METRICS.get(getattr(cls.model_fields.get("kind"), "default", None))
+            if not has_path(vcls, str(key)):
+                problems.append(f"parameters.{key}: not a key of the {vcls.__name__} config"
+                                + (f" (variant {vname!r})" if vcls is not cls else ""))
+        reported = JOB_METRICS.get(getattr(vcls.model_fields.get("kind"), "default", None))
         if reported and isinstance(raw.get("metric"), dict):
             name = raw["metric"].get("name")
             if isinstance(name, str) and name not in reported:
-                problems.append(f"metric.name: {name!r} is not reported by the {cls.model_fields['kind'].default} job; "
-                                f"choose one of {sorted(reported)}")
-
-    # Every concrete override must give a valid job (types, ranges, cross-field rules).
-    if base_job is not None and cls is not None:
-        base = base_job.model_dump(mode="json")
-        for vname, overrides in variants.items():
-            if isinstance(overrides, dict):
-                known = {str(k): v for k, v in overrides.items() if has_path(cls, str(k))}
-                try:
-                    cls.model_validate(apply_overrides(base, known))
-                except ValidationError as exc:
-                    problems += pydantic_problems(exc, prefix=f"variants.{vname}")
+                problems.append(f"metric.name: {name!r} is not reported by the {vcls.model_fields['kind'].default} job"
+                                + (f" of variant {vname!r}" if vcls is not cls else "") + f"; choose one of {sorted(reported)}")
+        if vjob is None:
+            continue
+        # Every concrete override must give a valid job (types, ranges, cross-field rules).
+        base = vjob.model_dump(mode="json")
+        known = {k: v for k, v in overrides.items() if has_path(vcls, k)}
+        try:
+            vcls.model_validate(apply_overrides(base, known))
+        except ValidationError as exc:
+            problems += pydantic_problems(exc, prefix=f"variants.{vname}")
         for key, p in params.items():
-            if not (isinstance(p, dict) and has_path(cls, str(key))):
+            if not (isinstance(p, dict) and has_path(vcls, str(key))):
                 continue
             if isinstance(p.get("values"), list):
                 points = p["values"]
@@ -640,21 +754,50 @@ def load_sweep(path: str | Path, sets: list[str] | None = None, root: Path | Non
                           for b in (p.get("min"), p.get("max")) if b is not None]
             for i, point in enumerate(points):
                 try:
-                    cls.model_validate(apply_overrides(base, {str(key): point}))
+                    vcls.model_validate(apply_overrides(base, {str(key): point}))
                 except ValidationError as exc:
                     problems += [f"parameters.{key}[{i}] = {point!r}: " + e.split(": ", 1)[1]
                                  for e in pydantic_problems(exc)]
-        bs = getattr(getattr(base_job, "optim", None), "batch_size", None)
+        bs = getattr(getattr(vjob, "optim", None), "batch_size", None)
         if spec is not None and bs is not None and bs < spec.resources.num_workers:
-            problems.append(f"resources.num_workers: {spec.resources.num_workers} workers cannot split optim.batch_size {bs}")
+            problems.append(f"resources.num_workers: {spec.resources.num_workers} workers cannot split optim.batch_size {bs}"
+                            + (f" (variant {vname!r})" if vcls is not cls else ""))
+    if "train.seed" in params:
+        problems.append("parameters.train.seed: set seeds with the sweep's 'seeds' list")
 
-    trials = plan_trials(spec) if spec is not None else []
     if problems:
         # Keep order, drop exact duplicates (the same bad variant seen for several seeds).
         raise SpecError(str(path), list(dict.fromkeys(problems)))
     assert spec is not None and base_job is not None and job_path is not None
+    variant_jobs = {v: j.model_dump(mode="json") for v, (j, _c) in jobs.items() if j is not base_job and j is not None}
+    for v in spec.variants:  # from here on a variant is its overrides only
+        spec.variants[v] = {k: val for k, val in spec.variants[v].items() if k != "job"}
     return LoadedSweep(spec=spec, job=base_job, job_dict=base_job.model_dump(mode="json"),
-                       source=path, job_path=job_path, trials=trials)
+                       source=path, job_path=job_path, trials=plan_trials(spec), variant_jobs=variant_jobs)
+
+
+def _load_job_file(root: Path, ref: str, where: str, job_sets: dict[str, Any],
+                   problems: list[str]) -> tuple[Strict | None, type[Strict] | None]:
+    """Read and validate one job file of a sweep (``--set`` job overrides applied where the key
+    exists in its config); problems are appended, prefixed with ``where``."""
+    job_path = root / ref
+    if not job_path.is_file():
+        problems.append(f"{where}: job file '{ref}' does not exist (relative to {root.name or root}/)")
+        return None, None
+    try:
+        job_raw = read_yaml(job_path)
+        cls = job_class(job_raw, str(ref))
+    except SpecError as exc:
+        problems += [f"{where} ({ref}): {p}" for p in exc.problems]
+        return None, None
+    for key, value in job_sets.items():
+        if has_path(cls, key):
+            set_path(job_raw, key, value)
+    try:
+        return cls.model_validate(job_raw), cls
+    except ValidationError as exc:
+        problems += pydantic_problems(exc, prefix=f"{where} ({ref})")
+        return None, cls
 
 
 # Metrics the cteg worker loop reports each epoch (``metric.name`` must be one of them).
@@ -665,4 +808,10 @@ KEYFRAME_TEST = ("mse", "mae", "rmse", "w_dist", "validity", "fid", "r_precision
                  "r_precision_3", "mmd", "diversity")
 KEYFRAME_METRICS = {"val/loss", "train/loss", *(f"test/{m}" for m in KEYFRAME_TEST)}
 EVALUATOR_METRICS = {"val/loss", "train/loss", "val/r_precision_1", "val/r_precision_2", "val/r_precision_3"}
-JOB_METRICS = {"cteg": CTEG_METRICS, "keyframe": KEYFRAME_METRICS, "keyframe_evaluator": EVALUATOR_METRICS}
+# lm_listener: val/loss and train/loss are the current stage's objective (stage 1 VQ-VAE, stage 2 code LM).
+LM_LISTENER_METRICS = {"val/loss", "train/loss", "val/vq_loss", "train/vq_loss", "val/recon_mse", "val/code_ce",
+                       "val/code_perplexity", "val/cppl", *(f"test/{m}" for m in ("cppl", "dot", "fgd", "diversity",
+                                                                                  "mmodality", "variation"))}
+MDM_METRICS = {"val/loss", "train/loss", *(f"test/{m}" for m in KEYFRAME_TEST)}
+JOB_METRICS = {"cteg": CTEG_METRICS, "keyframe": KEYFRAME_METRICS, "keyframe_evaluator": EVALUATOR_METRICS,
+               "lm_listener": LM_LISTENER_METRICS, "keyframe_mdm": MDM_METRICS}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ class SweepContext:
     parent_run_id: str
     base_job: dict
     variants: dict[str, dict]
+    variant_jobs: dict[str, dict]   # variants with their own job file (another family) → that job
     resources: dict
     storage: str
     lineage_tags: dict[str, str]
@@ -128,6 +130,10 @@ def worker_loop_for(kind: str):
         from facelab.train.keyframe import worker_loop
     elif kind == "keyframe_evaluator":
         from facelab.train.keyframe_evaluator import worker_loop
+    elif kind == "lm_listener":
+        from facelab.train.lm_listener import worker_loop
+    elif kind == "keyframe_mdm":
+        from facelab.train.keyframe_mdm import worker_loop
     else:
         from facelab.train.cteg import worker_loop
     return worker_loop
@@ -140,10 +146,11 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    worker_loop = worker_loop_for(ctx.base_job["kind"])
+    base_job = ctx.variant_jobs.get(config["variant"], ctx.base_job)
+    worker_loop = worker_loop_for(base_job["kind"])
     trial_id = tune.get_context().get_trial_id()
     overrides = trial_overrides(ctx, config)
-    job = validate_job(apply_overrides(ctx.base_job, overrides), f"trial {trial_id}").model_dump(mode="json")
+    job = validate_job(apply_overrides(base_job, overrides), f"trial {trial_id}").model_dump(mode="json")
 
     c = tracking.client(ctx.tracking_uri)
     name = f"{config['variant']} | seed={config['seed']}" + "".join(f" | {k}={v}" for k, v in config.get("params", {}).items())
@@ -161,7 +168,7 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
     res = ctx.resources
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"job": job, "data_dir": ctx.data_dir, "root": ctx.root,
+        train_loop_config={"job": job, "data_dir": str((Path(ctx.root) / job["data"]["path"]).resolve()), "root": ctx.root,
                            "tracking": {"uri": ctx.tracking_uri, "run_id": run_id}},
         scaling_config=ScalingConfig(num_workers=res["num_workers"], use_gpu=res["gpus_per_worker"] > 0,
                                      resources_per_worker={"CPU": res["cpus_per_worker"],
@@ -305,10 +312,30 @@ def run_sweep(loaded: LoadedSweep, root: Path, *, resume: bool = False, address:
     uri = tracking.tracking_uri(root)
     c = tracking.check_reachable(uri)
     lineage = {**entry.as_tags(), **job_lineage(root, job)}
-    if job["kind"] == "keyframe" and job["eval"]["evaluator"]:
-        # Pin the evaluator once for the whole sweep: every trial is scored by the same version.
-        job["eval"]["evaluator"] = tracking.resolve_model_version(c, job["eval"]["evaluator"])
-        lineage["facelab.evaluator"] = job["eval"]["evaluator"]
+    variant_jobs = loaded.variant_jobs
+    for vname, vjob in variant_jobs.items():  # another family's job in the same sweep: its data is checked too
+        key = re.sub(r"[^\w.\-]", "_", vname)  # an MLflow tag key
+        if vjob["data"]["path"] != job["data"]["path"]:
+            lineage.update(verify_data(root, vjob["data"]["path"]).as_tags(f"facelab.data.{key}"))
+        lineage.update({k.replace("facelab.base_model", f"facelab.base_model.{key}"): v
+                        for k, v in job_lineage(root, vjob).items()})
+    pinned: dict[str, str] = {}
+    for one in (job, *variant_jobs.values()):
+        spec_str = (one.get("eval") or {}).get("evaluator")
+        if spec_str:
+            # Pin the evaluator once for the whole sweep: every trial is scored by the same version.
+            pinned.setdefault(spec_str, tracking.resolve_model_version(c, spec_str))
+            one["eval"]["evaluator"] = pinned[spec_str]
+            lineage["facelab.evaluator"] = pinned[spec_str]
+    for overrides in spec.variants.values():  # a variant may name the evaluator itself
+        spec_str = overrides.get("eval.evaluator")
+        if isinstance(spec_str, str):
+            pinned.setdefault(spec_str, tracking.resolve_model_version(c, spec_str))
+            overrides["eval.evaluator"] = pinned[spec_str]
+            lineage["facelab.evaluator"] = pinned[spec_str]
+    if len(set(pinned.values())) > 1:
+        raise SweepError(f"eval.evaluator: the sweep's jobs name different evaluators {sorted(pinned)}; a table "
+                         "needs one evaluator for every row")
     init_ray(address)
     check_resources(spec)                                     # before any run is recorded
     exp_id = tracking.ensure_experiment(c, spec.name, root)
@@ -325,7 +352,7 @@ def run_sweep(loaded: LoadedSweep, root: Path, *, resume: bool = False, address:
         parent = c.create_run(exp_id, run_name=f"sweep {spec.name}", tags={
             tracking.TAG_ROLE: "sweep", tracking.TAG_SWEEP: spec.name, **tracking.git_state(root),
             **lineage, "facelab.sweep_dir": str(sweep_dir),
-            "facelab.variants": json.dumps(list(spec.variants))})
+            "facelab.variants": json.dumps(list(spec.variants)), tracking.TAG_JOB_KIND: job["kind"]})
         parent_id = parent.info.run_id
         state_file.write_text(json.dumps({"parent_run_id": parent_id, "experiment_id": exp_id,
                                           "sweep": spec.name}))
@@ -333,10 +360,12 @@ def run_sweep(loaded: LoadedSweep, root: Path, *, resume: bool = False, address:
             spec.model_dump(mode="json", exclude={"variants"})).items()})
         c.log_text(parent_id, loaded.source.read_text(), "sweep.yaml")
         c.log_text(parent_id, yaml.safe_dump(job, sort_keys=False), "base_job.yaml")
+        for vname, vjob in variant_jobs.items():
+            c.log_text(parent_id, yaml.safe_dump(vjob, sort_keys=False), f"variant_jobs/{vname}.yaml")
 
     ctx = SweepContext(sweep=spec.name, root=str(root), data_dir=str(data_dir), tracking_uri=uri,
                        experiment_id=exp_id, parent_run_id=parent_id, base_job=job,
-                       variants=spec.variants, resources=spec.resources.model_dump(),
+                       variants=spec.variants, variant_jobs=variant_jobs, resources=spec.resources.model_dump(),
                        storage=str(sweep_dir), lineage_tags=lineage, git_tags=tracking.git_state(root))
 
     from ray import tune

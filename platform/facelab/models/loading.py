@@ -145,7 +145,8 @@ def load_servable(dirpath: Path, device: str = "cpu", root: Path | None = None):
     """Rebuild the model stored in a checkpoint directory (safetensors + config.json) → (model, config).
 
     ``cteg`` → the CTEG module; ``keyframe`` → :class:`ServableKeyframeLM`; ``keyframe_evaluator``
-    → the text–motion evaluator."""
+    → the text–motion evaluator; the learned baselines ``lm_listener`` (same interface as CTEG) and
+    ``keyframe_mdm`` (same ``keyframes`` method as :class:`ServableKeyframeLM`)."""
     config = ckpt.load_config(dirpath)
     kind = config.get("kind")
     weights = ckpt.load_weights(dirpath)
@@ -169,4 +170,12 @@ def load_servable(dirpath: Path, device: str = "cpu", root: Path | None = None):
         except (KeyError, RuntimeError, TypeError) as exc:
             raise ckpt.CheckpointError(f"{where}: not a usable evaluator checkpoint ({exc})") from None
         return model.to(device).eval(), config
+    if kind == "lm_listener":
+        from facelab.models.lm_listener import load_servable_lm_listener
+
+        return load_servable_lm_listener(weights, config, device, where), config
+    if kind == "keyframe_mdm":
+        from facelab.models.keyframe_mdm import load_servable_mdm
+
+        return load_servable_mdm(weights, config, device, where), config
     raise ckpt.CheckpointError(f"{Path(dirpath) / ckpt.CONFIG_FILE}: unknown job kind {kind!r}")

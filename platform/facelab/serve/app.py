@@ -119,6 +119,12 @@ async def _validation_error(request: Request, exc: RequestValidationError):
     return JSONResponse(status_code=422, content={"detail": detail})
 
 
+# Which route answers each job kind: expression sequences (CTEG and its LM-Listener baseline) or
+# keyframes (the KeyframeFace LoRA LM and its Express4D-MDM baseline).
+ROUTES = {"cteg": "/v1/expressions", "lm_listener": "/v1/expressions",
+          "keyframe": "/v1/keyframes", "keyframe_mdm": "/v1/keyframes"}
+
+
 @serve.deployment(
     max_ongoing_requests=8,
     max_queued_requests=64,           # overload gets a quick 503 instead of an unbounded queue
@@ -143,18 +149,19 @@ class FacelabServer:
         local, info = tracking.download_model(tracking.client(tracking_uri), model_name, alias, Path(self._tmp.name))
         self.model, self.config = load_servable(local, root=Path(root) if root else None)
         self.kind = self.config.get("kind")
+        self.route = ROUTES.get(self.kind)
         if self.kind == "keyframe":
             info["base_model"] = self.config["model"]["base_model"]
             info["note"] = self.model.label
         self.info = ModelInfo(**{k: (str(v) if v is not None else None) for k, v in info.items()})
-        self.max_frames = int(self.config["data"]["max_frames"]) if self.kind == "cteg" else 0
+        self.max_frames = int(self.config["data"]["max_frames"]) if self.route == "/v1/expressions" else 0
 
-    def _require(self, kind: str, route: str) -> None:
-        if self.kind != kind:
-            other = {"cteg": "/v1/expressions", "keyframe": "/v1/keyframes"}.get(self.kind, "none")
+    def _require(self, route: str) -> None:
+        if self.route != route:
+            needs = " or ".join(repr(k) for k, r in ROUTES.items() if r == route)
             raise HTTPException(status_code=409, detail=[{
-                "field": "model", "msg": f"the served model is a {self.kind!r} model; {route} needs a {kind!r} "
-                f"model (this one answers {other})", "type": "wrong_model_kind"}])
+                "field": "model", "msg": f"the served model is a {self.kind!r} model; {route} needs a {needs} "
+                f"model (this one answers {self.route or 'none'})", "type": "wrong_model_kind"}])
 
     def check_health(self) -> None:  # Serve restarts a replica whose model is unusable
         if self.model is None:
@@ -172,7 +179,7 @@ class FacelabServer:
     def expressions(self, req: ExpressionRequest) -> ExpressionResponse:
         import torch
 
-        self._require("cteg", "/v1/expressions")
+        self._require("/v1/expressions")
         gen = torch.Generator()
         gen.manual_seed(req.seed if req.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
         max_frames = min(req.max_frames, self.max_frames)
@@ -195,7 +202,7 @@ class FacelabServer:
 
         from facelab.data.arkit import mapping_from_vector, write_llf_csv
 
-        self._require("keyframe", "/v1/keyframes")
+        self._require("/v1/keyframes")
         results = self.model.keyframes(req.background, req.emotion, req.keyframes)
         rows = np.stack([r.values for r in results])  # (K, 61)
         if not all(math.isfinite(v) for v in rows.ravel().tolist()):
