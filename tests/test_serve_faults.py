@@ -348,3 +348,120 @@ def test_request_timeout_answers_408(tight):
     print(f"\ntrickled body: {r.status_code} after {time.perf_counter() - t0:.1f}s: {r.text[:100]}")
     assert r.status_code == 408, r.text
     assert httpx.post(tight.base + "/v1/expressions", json=OK, timeout=60).status_code == 200
+
+
+def _register_variant(project: Path, name: str, version: str, alter) -> str:
+    """A new version of the registered model ``name``: the files of ``version``, changed by ``alter(dir)``,
+    logged to a fresh run and made champion directly in the registry (as a person with MLflow access
+    could) — no check on the way, so only the serving side stands between it and users."""
+    import tempfile
+
+    import mlflow.artifacts
+
+    from facelab import tracking
+
+    c = tracking.client(tracking.default_tracking_uri(project))
+    champ = c.get_model_version(name, version)
+    with tempfile.TemporaryDirectory() as d:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=champ.source, dst_path=d, tracking_uri=c.tracking_uri))
+        alter(local)
+        run = c.create_run(c.get_run(champ.run_id).info.experiment_id, run_name=f"hand-made {alter.__name__}")
+        c.log_artifacts(run.info.run_id, str(local), "checkpoint")
+        c.set_terminated(run.info.run_id)
+    mv = c.create_model_version(name, source=f"{run.info.artifact_uri.rstrip('/')}/checkpoint", run_id=run.info.run_id,
+                                tags={tracking.TAG_JOB_KIND: champ.tags.get(tracking.TAG_JOB_KIND, "")})
+    c.set_registered_model_alias(name, "champion", mv.version)
+    return str(mv.version)
+
+
+def missing_file(d: Path) -> None:
+    (d / "model.safetensors").unlink()
+
+
+def wrong_shapes(d: Path) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model"]["d_model"] //= 2  # the weights were trained at the full width
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def nan_weights(d: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(d / "model.safetensors")
+    save_file({k: (v * float("nan") if v.is_floating_point() and "weight" in k else v) for k, v in w.items()},
+              d / "model.safetensors")
+
+
+def unchanged(d: Path) -> None:
+    pass
+
+
+def test_broken_promotion_is_refused_and_the_champion_keeps_serving(project):
+    """Broken models made champion under load (missing file, wrong shapes, NaN outputs): each fails the
+    replica's health probe and is refused, the previous champion answers every request, then a good
+    new version is swapped in — zero failed requests throughout."""
+    from facelab import tracking
+
+    s = Server(project, "watch", "--watch-champion", "1")
+    try:
+        s.wait_healthy()
+        first = httpx.get(s.base + "/healthz").json()
+        name = first["model"]
+        results: list[tuple[float, int | str, str | None]] = []  # (time, status, version that answered)
+        stop = threading.Event()
+        lock = threading.Lock()
+
+        def client(i: int) -> None:
+            with httpx.Client(timeout=60) as c:
+                while not stop.is_set():
+                    try:
+                        r = c.post(s.base + "/v1/expressions", json={**OK, "seed": i})
+                        st, ver = r.status_code, (r.json()["model"]["version"] if r.status_code == 200 else None)
+                    except (httpx.HTTPError, ValueError) as e:
+                        st, ver = type(e).__name__, None
+                    with lock:
+                        results.append((time.time(), st, ver))
+
+        def wait_for(pred, what: str, timeout: float = 120) -> dict:
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                h = httpx.get(s.base + "/healthz", timeout=10).json()
+                if pred(h):
+                    return h
+                time.sleep(0.5)
+            raise AssertionError(f"{what} not seen within {timeout:.0f}s; last /healthz: {h}\n" + s.log()[-3000:])
+
+        refused: dict[str, str] = {}
+        with ThreadPoolExecutor(4) as ex:
+            for i in range(4):
+                ex.submit(client, i)
+            time.sleep(3)
+            for alter in (missing_file, wrong_shapes, nan_weights):
+                v = _register_variant(project, name, first["version"], alter)
+                h = wait_for(lambda h: v in h["refused"], f"refusal of version {v} ({alter.__name__})")
+                assert h["version"] == first["version"], h
+                refused[alter.__name__] = h["refused"][v]
+            good = _register_variant(project, name, first["version"], unchanged)
+            t_good = time.time()
+            wait_for(lambda h: h["version"] == good, f"swap to good version {good}")
+            t_swapped = time.time()
+            time.sleep(3)
+            stop.set()
+
+        print("\nrefused:", json.dumps(refused, indent=1))
+        print(f"good version {good} in service {t_swapped - t_good:.1f}s after it became champion; "
+              f"{len(results)} requests during the swaps")
+        assert "model.safetensors" in refused["missing_file"]
+        assert "CheckpointError" in refused["wrong_shapes"]
+        assert "non-finite" in refused["nan_weights"]
+        failed = [r for r in results if r[1] != 200]
+        assert not failed, failed[:5]
+        versions = [r[2] for r in results]
+        assert set(versions) <= {first["version"], good}            # no broken version ever answered
+        assert versions[0] == first["version"] and versions[-1] == good
+        c = tracking.client(tracking.default_tracking_uri(project))
+        tags = [c.get_model_version(name, v).tags.get("facelab.serve_refused") for v in
+                sorted(httpx.get(s.base + "/healthz").json()["refused"])]
+        assert len(tags) == 3 and all(tags), tags                    # the reason is on record in the registry
+    finally:
+        s.stop()

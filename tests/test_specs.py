@@ -201,3 +201,28 @@ def test_variant_with_its_own_job_file(proj):
     assert "variants.D.model.top_p" in msg
     assert "metric.name: 'val/kl' is not reported by the lm_listener job of variant 'A'" in msg
     assert "--set model.nope: not a sweep key nor a key of any job config" in msg
+
+
+def test_error_summary_puts_the_innermost_cause_first():
+    """A failed trial's ``facelab.error`` tag starts with what went wrong, not with Ray's wrapper."""
+    from facelab.sweep import error_summary
+
+    remote = ("ray::_RayTrainWorker__execute.get_next() (pid=1, ip=127.0.0.1)\n"
+              "  File \"x.py\", line 3, in worker_loop\n    ckpt.load_resume(resume)\n"
+              "facelab.train.checkpoint.CheckpointError: /ckpt/model.safetensors: truncated or not safetensors")
+
+    class WorkerGroupError(RuntimeError):
+        pass
+
+    try:
+        try:
+            raise RuntimeError(remote)
+        except RuntimeError as inner:
+            raise WorkerGroupError("Training failed due to worker errors:\n[Rank 0]\n" + remote) from inner
+    except WorkerGroupError as err:
+        text = error_summary(err)
+    head, _, rest = text.partition("\n\n")
+    assert head == "facelab.train.checkpoint.CheckpointError: /ckpt/model.safetensors: truncated or not safetensors"
+    assert rest.startswith("WorkerGroupError: Training failed") and "[Rank 0]" in rest
+    assert error_summary(ValueError("plain")) == "ValueError: plain"
+    assert len(error_summary(ValueError("x" * 9000))) == 5000

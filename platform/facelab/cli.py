@@ -164,11 +164,14 @@ def cmd_serve(args) -> int:
     # the request schema's max_frames / num_samples.
     serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
     serve.run(build_app(model_name, uri, root=str(root), api_key=api_key, replicas=args.replicas,
-                        max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests),
+                        max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
+                        watch_s=args.watch_champion),
               name="facelab", route_prefix="/", blocking=False)
     print(f"API key: {'required (X-API-Key header; from $' + args.api_key_env + ')' if api_key else 'none ($' + args.api_key_env + ' is unset)'}; "
           f"{args.replicas} replica(s) x {args.max_ongoing_requests} concurrent + {args.max_queued_requests} queued, "
-          f"timeout {args.request_timeout_s:g}s", flush=True)
+          f"timeout {args.request_timeout_s:g}s; "
+          + (f"a new champion is health-probed and swapped in (checked every {args.watch_champion:g}s)"
+             if args.watch_champion > 0 else "the champion is loaded once (--watch-champion 0)"), flush=True)
     print(f"serving models:/{model_name}@champion on http://{args.host}:{args.port}  (docs: /docs; Ctrl-C stops)",
           flush=True)
     import signal
@@ -418,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests waiting beyond those; more get an immediate 503 (default 64)")
     sv.add_argument("--request-timeout-s", type=_at_least(0.1, float), default=120.0,
                     help="per-request limit; slower requests are answered 408 (default 120)")
+    sv.add_argument("--watch-champion", type=_at_least(0.0, float), default=30.0, metavar="SECONDS",
+                    help="look for a newly promoted champion this often; it is health-probed and swapped in "
+                         "without dropping requests, or refused while the current one keeps serving (default 30; 0 = never)")
     sv.set_defaults(fn=cmd_serve)
 
     rq = sub.add_parser("request", help="send one expression request to a running server")

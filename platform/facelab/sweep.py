@@ -407,6 +407,19 @@ def run_sweep(loaded: LoadedSweep, root: Path, *, resume: bool = False, address:
     return SweepOutcome(spec.name, exp_id, parent_id, uri, sweep_dir, trials, best_info)
 
 
+_EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Failure|Died)\b(: .*)?$")
+
+
+def error_summary(err: BaseException, limit: int = 5000) -> str:
+    """A failed trial's error for the run's ``facelab.error`` tag: the innermost cause first (Ray wraps
+    a worker's exception in layers of remote tracebacks; the last ``SomeError: message`` line is what
+    actually went wrong), then the whole text, cut to ``limit`` characters."""
+    full = f"{type(err).__name__}: {err}"
+    causes = [ln.strip() for ln in full.splitlines() if _EXC_LINE.match(ln.strip())]
+    head = causes[-1] if causes else full.splitlines()[0]
+    return (head if head == full else f"{head}\n\n{full}")[:limit]
+
+
 def reconcile(c, ctx: SweepContext, results, metric: str) -> list[dict]:
     """Bring every child run in line with what Tune says happened to its trial.
 
@@ -436,14 +449,15 @@ def reconcile(c, ctx: SweepContext, results, metric: str) -> list[dict]:
             status = "INTERRUPTED"
         if run is not None and run.status not in ("FINISHED", "FAILED"):
             if status == "FINISHED":  # stopped by the scheduler inside fit()
-                epochs = apply_overrides(ctx.base_job, trial_overrides(ctx, trial.config))["train"]["epochs"]
+                base = ctx.variant_jobs.get(trial.config.get("variant"), ctx.base_job)
+                epochs = apply_overrides(base, trial_overrides(ctx, trial.config))["train"]["epochs"]
                 early = int(last.get("epoch", -1)) + 1 < int(epochs)  # ASHA also stops at max_t
                 c.set_tag(run.run_id, tracking.TAG_STOPPED_EARLY, str(early).lower())
                 finalize_trial_run(c, run.run_id, last.get("checkpoint_path"))
                 c.set_terminated(run.run_id, "FINISHED")
             elif status == "FAILED":
                 err = errors.get(Path(trial.path).name) if trial.path else None
-                c.set_tag(run.run_id, "facelab.error", f"{type(err).__name__}: {err}"[:5000] if err else "unknown")
+                c.set_tag(run.run_id, "facelab.error", error_summary(err) if err else "unknown")
                 c.set_terminated(run.run_id, "FAILED")
             elif run.status == "RUNNING":
                 c.set_tag(run.run_id, "facelab.interrupted", "true")

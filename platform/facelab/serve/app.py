@@ -4,8 +4,11 @@ Endpoints (OpenAPI at ``/docs``): ``GET /healthz``, ``GET /v1/models``, ``POST /
 (CTEG models: text → FLAME expression sequences) and ``POST /v1/keyframes`` (KeyframeFace models:
 script → ARKit keyframes as JSON, or ``?format=csv`` for the Live Link Face CSV of the release).
 Each endpoint answers 409 when the served model is of the other family.
-The replica downloads the champion's files from the MLflow registry once at start and rebuilds the
-model from safetensors + config.json (no pickle). Bad input is answered with a 4xx whose JSON
+The replica downloads the champion's files from the MLflow registry at start and rebuilds the
+model from safetensors + config.json (no pickle); a model must pass a health probe (one small real
+request: shapes and finite values) before it answers users. Following the alias (``watch_s``), a
+newly promoted champion is probed beside the one in service and swapped in only if it passes; a
+broken one is refused and the previous champion keeps serving (:class:`FacelabServer`). Bad input is answered with a 4xx whose JSON
 ``detail`` names the field; the replica never dies from a request.
 
 Limits: bodies over 64 KiB → 413 (declared or chunked); generation is bounded by the schema
@@ -24,11 +27,12 @@ store the key itself.
 
 import hashlib
 import hmac
+import logging
 import secrets
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -125,6 +129,68 @@ ROUTES = {"cteg": "/v1/expressions", "lm_listener": "/v1/expressions",
           "keyframe": "/v1/keyframes", "keyframe_mdm": "/v1/keyframes"}
 
 
+class ModelUnhealthy(RuntimeError):
+    """A loaded model failed the health probe (the message says how)."""
+
+
+def health_probe(model, kind: str) -> None:
+    """One small real request through a freshly loaded model, before it may answer users: the right
+    shapes and finite values, or :class:`ModelUnhealthy` naming what is wrong (NaN weights, a broken
+    decoder, a model of the wrong family)."""
+    import math
+
+    import numpy as np
+    import torch
+
+    route = ROUTES.get(kind)
+    if route is None:
+        raise ModelUnhealthy(f"unknown job kind {kind!r}: no route serves it")
+    with torch.no_grad():
+        if route == "/v1/expressions":
+            seqs = model.generate(["health check"], max_frames=8, generator=torch.Generator().manual_seed(0))
+            if len(seqs) != 1 or seqs[0].ndim != 2 or seqs[0].shape[-1] != 53 or seqs[0].shape[0] < 1:
+                raise ModelUnhealthy(f"probe answer has the wrong shape: {[tuple(x.shape) for x in seqs]}")
+            values = seqs[0].float().cpu().numpy()
+        else:
+            results = model.keyframes("health check", "neutral", ["a neutral face"])
+            values = np.stack([r.values for r in results])
+            if values.shape != (1, 61):
+                raise ModelUnhealthy(f"probe answer has the wrong shape: {values.shape}, expected (1, 61)")
+    if not all(math.isfinite(v) for v in values.ravel().tolist()):
+        raise ModelUnhealthy("probe answer holds non-finite values (NaN/inf weights?)")
+
+
+@dataclass(frozen=True)
+class Served:
+    """One loaded model version and what the routes need of it; swapped as a whole."""
+
+    model: Any
+    config: dict
+    kind: str
+    route: str
+    info: ModelInfo
+    max_frames: int
+
+
+def load_checked(tracking_uri: str, model_name: str, ref: str, by: str, root: str | None) -> Served:
+    """Download ``models:/name@alias`` (or ``name/version``), rebuild it and pass the health probe."""
+    from facelab import tracking
+    from facelab.models.loading import load_servable
+
+    with tempfile.TemporaryDirectory(prefix="facelab-serve-") as tmp:  # weights are in memory after loading
+        local, info = tracking.download_model(tracking.client(tracking_uri), model_name, ref, Path(tmp), by=by)
+        model, config = load_servable(local, root=Path(root) if root else None)
+    kind = config.get("kind")
+    health_probe(model, kind)
+    if kind == "keyframe":
+        info["base_model"] = config["model"]["base_model"]
+        info["note"] = model.label
+    route = ROUTES[kind]
+    return Served(model=model, config=config, kind=kind, route=route,
+                  info=ModelInfo(**{k: (str(v) if v is not None else None) for k, v in info.items()}),
+                  max_frames=int(config["data"]["max_frames"]) if route == "/v1/expressions" else 0)
+
+
 @serve.deployment(
     max_ongoing_requests=8,
     max_queued_requests=64,           # overload gets a quick 503 instead of an unbounded queue
@@ -133,63 +199,107 @@ ROUTES = {"cteg": "/v1/expressions", "lm_listener": "/v1/expressions",
 )
 @serve.ingress(api)
 class FacelabServer:
+    """Serves ``models:/<name>@<alias>``. With ``watch_s`` > 0 every replica checks the alias every
+    ``watch_s`` seconds; a new version is downloaded, rebuilt and health-probed *beside* the one in
+    service and swapped in only when it passes (requests in flight finish on the old one). A version
+    that fails — missing file, wrong shapes, NaN outputs, another endpoint family — is refused: the
+    previous champion keeps serving, the reason is logged, shown by ``/healthz`` and tagged on the
+    model version (``facelab.serve_refused``), and that version is not tried again. Serve's own
+    rolling update is not used for this: with one replica it stops the old replica before the new
+    one has started, so a broken model would leave nothing serving."""
+
     def __init__(self, model_name: str, tracking_uri: str, alias: str = "champion", root: str | None = None,
-                 api_key_check: tuple[bytes, bytes] | None = None):
+                 api_key_check: tuple[bytes, bytes] | None = None, watch_s: float = 0.0):
+        import importlib
+        import threading
+
         import torch
 
-        import importlib
-
         importlib.import_module("facelab.serve.app")._API_KEY_CHECK = api_key_check
-
-        from facelab import tracking
-        from facelab.models.loading import load_servable
-
         torch.set_num_threads(max(1, torch.get_num_threads()))
-        self._tmp = tempfile.TemporaryDirectory(prefix="facelab-serve-")
-        local, info = tracking.download_model(tracking.client(tracking_uri), model_name, alias, Path(self._tmp.name))
-        self.model, self.config = load_servable(local, root=Path(root) if root else None)
-        self.kind = self.config.get("kind")
-        self.route = ROUTES.get(self.kind)
-        if self.kind == "keyframe":
-            info["base_model"] = self.config["model"]["base_model"]
-            info["note"] = self.model.label
-        self.info = ModelInfo(**{k: (str(v) if v is not None else None) for k, v in info.items()})
-        self.max_frames = int(self.config["data"]["max_frames"]) if self.route == "/v1/expressions" else 0
+        self.model_name, self.tracking_uri, self.alias, self.root = model_name, tracking_uri, alias, root
+        self.served = load_checked(tracking_uri, model_name, alias, "alias", root)  # a broken first model: no replica
+        self.refused: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._watcher = None
+        if watch_s > 0:
+            self._watcher = threading.Thread(target=self._watch, args=(watch_s,), name="facelab-watch", daemon=True)
+            self._watcher.start()
 
-    def _require(self, route: str) -> None:
-        if self.route != route:
+    def _watch(self, every: float) -> None:
+        from facelab import tracking
+
+        log = logging.getLogger("ray.serve")
+        while not self._stop.wait(every):
+            try:
+                c = tracking.client(self.tracking_uri)
+                version = str(c.get_model_version_by_alias(self.model_name, self.alias).version)
+            except Exception as exc:  # registry unreachable: keep serving what we have, look again later
+                log.warning("facelab: cannot read models:/%s@%s (%s); still serving version %s", self.model_name,
+                            self.alias, exc.__class__.__name__, self.served.info.version)
+                continue
+            if version == self.served.info.version or version in self.refused:
+                continue
+            try:
+                new = load_checked(self.tracking_uri, self.model_name, version, "version", self.root)
+                if new.route != self.served.route:
+                    raise ModelUnhealthy(f"a {new.kind!r} model answers {new.route}, but this endpoint serves "
+                                         f"{self.served.route}")
+            except Exception as exc:  # refused: the version in service stays
+                reason = f"{exc.__class__.__name__}: {exc}"[:500]
+                self.refused[version] = reason
+                log.error("facelab: refused models:/%s/%s (%s); still serving version %s", self.model_name,
+                          version, reason, self.served.info.version)
+                try:
+                    c.set_model_version_tag(self.model_name, version, "facelab.serve_refused", reason)
+                except Exception:
+                    pass
+                continue
+            old, self.served = self.served, new  # one reference swap: a request sees one version whole
+            log.info("facelab: now serving models:/%s/%s (was %s)", self.model_name, version, old.info.version)
+
+    def __del__(self):
+        if getattr(self, "_stop", None) is not None:
+            self._stop.set()
+
+    def _require(self, s: Served, route: str) -> None:
+        if s.route != route:
             needs = " or ".join(repr(k) for k, r in ROUTES.items() if r == route)
             raise HTTPException(status_code=409, detail=[{
-                "field": "model", "msg": f"the served model is a {self.kind!r} model; {route} needs a {needs} "
-                f"model (this one answers {self.route or 'none'})", "type": "wrong_model_kind"}])
+                "field": "model", "msg": f"the served model is a {s.kind!r} model; {route} needs a {needs} "
+                f"model (this one answers {s.route})", "type": "wrong_model_kind"}])
 
-    def check_health(self) -> None:  # Serve restarts a replica whose model is unusable
-        if self.model is None:
+    def check_health(self) -> None:  # Serve restarts a replica whose model or watcher is gone
+        if self.served is None:
             raise RuntimeError("model not loaded")
+        if self._watcher is not None and not self._watcher.is_alive():
+            raise RuntimeError("the champion watcher thread died")
 
     @api.get("/healthz")
     def healthz(self) -> dict:
-        return {"status": "ok", "model": self.info.name, "version": self.info.version}
+        s = self.served
+        return {"status": "ok", "model": s.info.name, "version": s.info.version, "refused": dict(self.refused)}
 
     @api.get("/v1/models", response_model=ModelInfo)
     def models(self) -> ModelInfo:
-        return self.info
+        return self.served.info
 
     @api.post("/v1/expressions", response_model=ExpressionResponse)
     def expressions(self, req: ExpressionRequest) -> ExpressionResponse:
         import torch
 
-        self._require("/v1/expressions")
+        s = self.served
+        self._require(s, "/v1/expressions")
         gen = torch.Generator()
         gen.manual_seed(req.seed if req.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
-        max_frames = min(req.max_frames, self.max_frames)
+        max_frames = min(req.max_frames, s.max_frames)
         with torch.no_grad():
-            seqs = self.model.generate([req.text] * req.num_samples, max_frames=max_frames, generator=gen)
+            seqs = s.model.generate([req.text] * req.num_samples, max_frames=max_frames, generator=gen)
         frames = [s.float().cpu().tolist() for s in seqs]
         for f in frames:
             if not all(all(v == v and abs(v) != float("inf") for v in row) for row in f):
                 raise HTTPException(status_code=500, detail="model produced non-finite frames")
-        return ExpressionResponse(model=self.info, sequences=[{"frames": f} for f in frames])
+        return ExpressionResponse(model=s.info, sequences=[{"frames": f} for f in frames])
 
 
     @api.post("/v1/keyframes", response_model=KeyframeResponse,
@@ -202,8 +312,9 @@ class FacelabServer:
 
         from facelab.data.arkit import mapping_from_vector, write_llf_csv
 
-        self._require("/v1/keyframes")
-        results = self.model.keyframes(req.background, req.emotion, req.keyframes)
+        s = self.served
+        self._require(s, "/v1/keyframes")
+        results = s.model.keyframes(req.background, req.emotion, req.keyframes)
         rows = np.stack([r.values for r in results])  # (K, 61)
         if not all(math.isfinite(v) for v in rows.ravel().tolist()):
             raise HTTPException(status_code=500, detail="model produced non-finite values")
@@ -212,7 +323,7 @@ class FacelabServer:
             write_llf_csv(rows, buf)
             return Response(content=buf.getvalue(), media_type="text/csv",
                             headers={"Content-Disposition": 'attachment; filename="keyframes.csv"'})
-        return KeyframeResponse(model=self.info, keyframes=[
+        return KeyframeResponse(model=s.info, keyframes=[
             KeyframeOut(index=i + 1, valid=bool(r.valid), blendshapes=mapping_from_vector(r.values))
             for i, r in enumerate(results)])
 
@@ -222,23 +333,26 @@ ExpressionServer = FacelabServer  # the name of the first release
 
 def build_app(model_name: str, tracking_uri: str, alias: str = "champion", root: str | None = None, *,
               api_key: str | None = None, replicas: int = 1, max_ongoing_requests: int = 8,
-              max_queued_requests: int = 64):
+              max_queued_requests: int = 64, watch_s: float = 0.0):
     """The bound Serve application. ``api_key`` (optional) is turned into a salted HMAC here, in the
     caller's process; replicas receive only that digest. ``replicas`` > 1 keeps answering while one
     replica is replaced (one replica = a short outage when its process dies) at the price of one
     model copy and, by default, one CPU per replica. Per replica, ``max_ongoing_requests`` run at once;
-    beyond that up to ``max_queued_requests`` wait at the proxy and the rest get a quick 503."""
+    beyond that up to ``max_queued_requests`` wait at the proxy and the rest get a quick 503. ``watch_s``
+    > 0: follow the alias (a newly promoted champion is health-probed, then swapped in; see
+    :class:`FacelabServer`)."""
     check = api_key_check(api_key) if api_key else None
     dep = FacelabServer.options(num_replicas=replicas, max_ongoing_requests=max_ongoing_requests,
                                 max_queued_requests=max_queued_requests)
-    return dep.bind(model_name, tracking_uri, alias, root, check)
+    return dep.bind(model_name, tracking_uri, alias, root, check, watch_s)
 
 
 def app_from_env(args: dict[str, str]):
     """Serve application builder for ``serve run`` / a KubeRay RayService (``import_path:
     facelab.serve.app:app_from_env``). Ray Serve passes the config's ``args``; anything not given
     there comes from the environment: ``FACELAB_MODEL``, ``FACELAB_MODEL_ALIAS`` (default champion),
-    ``MLFLOW_TRACKING_URI``, ``FACELAB_ROOT`` (where a project-relative base model lives) and the API
+    ``MLFLOW_TRACKING_URI``, ``FACELAB_ROOT`` (where a project-relative base model lives),
+    ``FACELAB_WATCH_S`` (how often replicas look for a new champion; default 30, 0 = never) and the API
     key in the variable named by ``api_key_env`` (default ``FACELAB_API_KEY``; unset or empty = open
     endpoint). The key is read here and never written into the Serve config."""
     import os
@@ -248,8 +362,9 @@ def app_from_env(args: dict[str, str]):
     uri = args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
     root = args.get("root") or os.environ.get("FACELAB_ROOT") or None
     api_key = os.environ.get(args.get("api_key_env") or "FACELAB_API_KEY") or None
+    watch_s = float(args.get("watch_s") or os.environ.get("FACELAB_WATCH_S") or 30)
     missing = [n for n, v in (("model (args.model or FACELAB_MODEL)", model),
                               ("tracking_uri (args.tracking_uri or MLFLOW_TRACKING_URI)", uri)) if not v]
     if missing:
         raise ValueError("facelab.serve.app:app_from_env needs " + " and ".join(missing))
-    return build_app(model, uri, alias=alias, root=root, api_key=api_key)
+    return build_app(model, uri, alias=alias, root=root, api_key=api_key, watch_s=watch_s)
