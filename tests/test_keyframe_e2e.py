@@ -4,6 +4,7 @@ sweep → promote it → a LoRA sweep on Ray Tune + Train scored through the pin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -76,7 +77,7 @@ def test_lora_sweep_learns_and_records_everything(kf):
     project, proc = kf
     c = store(project)
     runs = children(c, "keyframe-quickstart")
-    assert set(runs) == {"GT", "Base", "Tuned"}
+    assert set(runs) == {"GT", "Base", "Tuned", "Express4D-MDM"}
     assert all(r.info.status == "FINISHED" for r in runs.values()), proc.stdout
     tuned, base, gt = runs["Tuned"], runs["Base"], runs["GT"]
     hist = sorted(c.get_metric_history(tuned.info.run_id, "step/loss"), key=lambda m: m.step)
@@ -102,6 +103,9 @@ def test_report_renders_tables_2_3_4(kf):
         assert title in out
     assert "| ARKit-based | Semantic |" in out
     assert "| GT |" in out and "R-Prec@1 ↑" in out and "MSE ↓" in out
+    table3 = out[out.index("Table 3"):out.index("Table 4")]
+    assert "| Express4D-MDM (Express4D-MDM, ARKit-based, 20 steps) |" in table3 and "Keyframes/s ↑" in table3
+    assert "Express4D-MDM" not in out[out.index("Table 4"):]  # Tables 2 and 4 are about the LoRA LMs
     csv_out = facelab(project, "report", "keyframe-quickstart", "--format", "csv").stdout
     assert "Tuned MSE" in csv_out
 
@@ -115,15 +119,11 @@ def _post(url: str, body: bytes, timeout: float = 120):
         return e.code, e.headers.get("content-type", ""), e.read()
 
 
-def test_adapter_round_trips_through_registry_and_endpoint(kf):
-    project, _ = kf
-    facelab(project, "promote", "keyframe-quickstart")
-    c = store(project)
-    mv = c.get_model_version_by_alias("keyframe-tiny", "champion")
-    assert mv.run_id == children(c, "keyframe-quickstart")["Tuned"].info.run_id
-
+@contextlib.contextmanager
+def serving(project: Path, model: str):
+    """`facelab serve --model MODEL` on a free port until the block ends; yields the base URL."""
     port = free_port()
-    server = subprocess.Popen([str(BIN / "facelab"), "serve", "--model", "keyframe-tiny", "--port", str(port)],
+    server = subprocess.Popen([str(BIN / "facelab"), "serve", "--model", model, "--port", str(port)],
                               cwd=project, env=env_for(project), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -137,8 +137,28 @@ def test_adapter_round_trips_through_registry_and_endpoint(kf):
                 pass
             assert server.poll() is None and time.time() < deadline, "server did not come up"
             time.sleep(1)
-        script = {"background": "A student waits outside an interview room.", "emotion": "joy",
-                  "keyframes": ["The mouth corners lift into a wide smile.", "The eyes close briefly."]}
+        yield base
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+SCRIPT = {"background": "A student waits outside an interview room.", "emotion": "joy",
+          "keyframes": ["The mouth corners lift into a wide smile.", "The eyes close briefly."]}
+
+
+def test_adapter_round_trips_through_registry_and_endpoint(kf):
+    project, _ = kf
+    facelab(project, "promote", "keyframe-quickstart")
+    c = store(project)
+    mv = c.get_model_version_by_alias("keyframe-tiny", "champion")
+    assert mv.run_id == children(c, "keyframe-quickstart")["Tuned"].info.run_id  # the sweep's own family by default
+
+    with serving(project, "keyframe-tiny") as base:
+        script = SCRIPT
         status, ctype, body = _post(f"{base}/v1/keyframes", json.dumps(script).encode())
         assert status == 200, body
         out = json.loads(body)
@@ -171,12 +191,39 @@ def test_adapter_round_trips_through_registry_and_endpoint(kf):
         assert status == 409 and "keyframe" in body.decode()
         status, _, _ = _post(f"{base}/v1/keyframes", json.dumps(script).encode())
         assert status == 200
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+
+
+def test_mdm_baseline_learns_reports_and_serves(kf):
+    """Express4D-MDM: a row of the same sweep, its loss falls, it is scored through the same pinned
+    evaluator, round-trips through the registry (promote --variant) and answers POST /v1/keyframes."""
+    from facelab.data.arkit import CHANNELS, HIGH, LOW
+
+    project, _ = kf
+    c = store(project)
+    mdm = children(c, "keyframe-quickstart")["Express4D-MDM"]
+    assert mdm.info.status == "FINISHED" and mdm.data.tags["facelab.job_kind"] == "keyframe_mdm"
+    # val/loss is the denoising loss at fixed timesteps and noise, so epochs compare (a step's loss
+    # depends on the random timesteps it drew).
+    val = [m.value for m in sorted(c.get_metric_history(mdm.info.run_id, "val/loss"), key=lambda m: m.step)]
+    assert len(val) == 3 and val[-1] < 0.95 * val[0], val
+    for key in ("test/mse", "test/fid", "test/r_precision_1", "test/mmd", "test/diversity", "test/keyframes_per_s"):
+        assert key in mdm.data.metrics
+    assert mdm.data.metrics["test/validity"] == 1.0
+
+    out = facelab(project, "promote", "keyframe-quickstart", "--variant", "Express4D-MDM").stdout
+    assert "keyframe-mdm-tiny" in out
+    mv = c.get_model_version_by_alias("keyframe-mdm-tiny", "champion")
+    assert mv.run_id == mdm.info.run_id
+    with serving(project, "keyframe-mdm-tiny") as base:
+        status, _, body = _post(f"{base}/v1/keyframes", json.dumps(SCRIPT).encode())
+        assert status == 200, body
+        got = json.loads(body)
+        assert got["model"]["job_kind"] == "keyframe_mdm" and [k["index"] for k in got["keyframes"]] == [1, 2]
+        for k in got["keyframes"]:
+            vals = [k["blendshapes"][n] for n in CHANNELS]
+            assert all(lo - 1e-6 <= v <= hi + 1e-6 for v, lo, hi in zip(vals, LOW, HIGH))
+        status, _, body = _post(f"{base}/v1/expressions", json.dumps({"text": "hello"}).encode())
+        assert status == 409 and "keyframe_mdm" in body.decode()
 
 
 def test_export_interpolates_to_60hz(kf, tmp_path):

@@ -349,16 +349,6 @@ class MDMEval(Strict):
     r_precision_batch: int = Field(32, ge=2, description="R-Precision batch size (Appendix C: 32).")
 
 
-class MDMTrain(Strict):
-    epochs: int = Field(50, ge=1, description="Training epochs.")
-    seed: int = Field(0, description="Seed for weights, data order and noise (a sweep sets it per trial).")
-    max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on optimizer steps per epoch; null = full epoch.")
-    max_val_batches: int | None = Field(None, ge=1, description="Cap on validation batches; null = the whole val split.")
-    checkpoints_to_keep: int = Field(2, ge=1, description="Ray Train keeps this many newest checkpoints per trial.")
-    max_failures: int = Field(1, ge=0, description="Worker-group restarts allowed per trial (resumes from the last checkpoint).")
-    log_every_steps: int = Field(10, ge=1, description="Per-step loss is logged every N optimizer steps.")
-
-
 class KeyframeMDMJob(Strict):
     kind: Literal["keyframe_mdm"] = "keyframe_mdm"
     name: str = Field("keyframe-mdm", description="Registered-model name used by `facelab promote` unless overridden.")
@@ -366,7 +356,7 @@ class KeyframeMDMJob(Strict):
     data: KeyframeData = KeyframeData()
     model: MDMModel = MDMModel()
     optim: MDMOptim = MDMOptim()
-    train: MDMTrain = MDMTrain()
+    train: Train = Train()             # the same training-loop settings as CTEG's
     eval: MDMEval = MDMEval()
 
 
