@@ -171,11 +171,11 @@ def test_promote_then_serve_over_http(quickstart):
             proc.kill()
 
 
-def _wait_healthy(base: str, proc, project: Path, timeout: float = 240) -> None:
+def _wait_healthy(base: str, proc, project: Path, timeout: float = 240, log_name: str = "serve.log") -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise AssertionError("server exited:\n" + (project / "serve.log").read_text()[-5000:])
+            raise AssertionError("server exited:\n" + (project / log_name).read_text()[-5000:])
         try:
             with urllib.request.urlopen(base + "/healthz", timeout=3) as r:
                 if r.status == 200:
@@ -183,7 +183,7 @@ def _wait_healthy(base: str, proc, project: Path, timeout: float = 240) -> None:
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(1)
-    raise AssertionError("server never became healthy:\n" + (project / "serve.log").read_text()[-5000:])
+    raise AssertionError("server never became healthy:\n" + (project / log_name).read_text()[-5000:])
 
 
 def _get(url: str):
@@ -299,3 +299,55 @@ def test_optuna_search_with_asha_records_every_trial(built_project):
         assert (n_epochs < 3) == stopped, (n_epochs, r.data.tags)
         assert {a.path for a in c.list_artifacts(r.info.run_id, "checkpoint")} == {
             "checkpoint/model.safetensors", "checkpoint/config.json"}
+
+
+def test_lm_listener_baseline_learns_reports_and_serves(built_project):
+    """LM-Listener as a row of a CTEG sweep (its own job file): both stages train and their losses
+    fall, the six metrics are computed by the same protocol, the report shows it beside CTEG and GT,
+    `promote --variant` registers it and `POST /v1/expressions` answers with it."""
+    p = built_project
+    sets = FAST + ["train.vq_epochs=2"]
+    facelab(p, "sweep", "sweeps/cteg_baselines_quickstart.yaml", *[x for s in sets for x in ("--set", s)])
+    c = store(p)
+    trials = {r.data.tags["facelab.variant"]: r for r in runs_of(c, "cteg-baselines-quickstart")
+              if r.data.tags.get("facelab.role") == "trial"}
+    assert set(trials) == {"GT", "CTEG", "LM-Listener"} and all(r.info.status == "FINISHED" for r in trials.values())
+    lml = trials["LM-Listener"]
+    assert lml.data.tags["facelab.job_kind"] == "lm_listener" and lml.data.params["train.vq_epochs"] == "2"
+    by_epoch = {m.step: m.value for m in c.get_metric_history(lml.info.run_id, "train/loss")}
+    stage = {m.step: m.value for m in c.get_metric_history(lml.info.run_id, "stage")}
+    s1 = [by_epoch[e] for e in sorted(by_epoch) if stage[e] == 1]
+    s2 = [by_epoch[e] for e in sorted(by_epoch) if stage[e] == 2]
+    assert len(s1) == 2 and len(s2) == 2
+    assert s1[-1] < s1[0] and s2[-1] < s2[0], (s1, s2)           # the VQ-VAE and the code LM both learn
+    for m in ("cppl", "dot", "fgd", "diversity", "mmodality", "variation"):
+        assert f"test/{m}" in lml.data.metrics, m
+
+    out = facelab(p, "report", "cteg-baselines-quickstart").stdout
+    assert "| LM-Listener |" in out and "| CTEG |" in out and "| GT |" in out
+
+    promoted = facelab(p, "promote", "cteg-baselines-quickstart", "--variant", "LM-Listener").stdout
+    assert "lm-listener-tiny" in promoted
+    assert c.get_model_version_by_alias("lm-listener-tiny", "champion").run_id == lml.info.run_id
+    port = free_port()
+    log = open(p / "serve-lml.log", "w")
+    proc = subprocess.Popen([str(BIN / "facelab"), "serve", "--model", "lm-listener-tiny", "--port", str(port)],
+                            cwd=p, env=env_for(p), stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(base, proc, p, log_name="serve-lml.log")
+        assert _get(base + "/v1/models")["job_kind"] == "lm_listener"
+        req = {"text": "I am so happy today!", "num_samples": 2, "max_frames": 20, "seed": 7}
+        status, body = _post(base + "/v1/expressions", req)
+        assert status == 200, body
+        for s in body["sequences"]:
+            assert 1 <= len(s["frames"]) <= 20 and all(len(f) == 53 for f in s["frames"])
+        assert _post(base + "/v1/expressions", req)[1] == body   # seeded: the same answer
+        status, body = _post(base + "/v1/keyframes", {"background": "b", "emotion": "joy", "keyframes": ["a smile"]})
+        assert status == 409 and "lm_listener" in json.dumps(body)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -269,6 +269,8 @@ class LMListenerModel(Strict):
     vq_layers: int = Field(2, ge=1, le=8, description="Residual conv blocks per VQ-VAE encoder/decoder.")
     commitment: float = Field(0.25, ge=0.0, description="VQ-VAE commitment weight β.")
     ema_decay: float = Field(0.99, ge=0.0, lt=1.0, description="Codebook EMA decay (0 = codebook loss instead of EMA).")
+    dead_code_threshold: float = Field(1.0, ge=0.0, description="EMA codebook: a code used less than this often (EMA count) is restarted on a batch vector.")
+    text_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Code LM: drop the text with this probability in training (trains the unconditional mode).")
     d_model: int = Field(256, ge=8, description="Code LM transformer width.")
     n_heads: int = Field(4, ge=1, description="Code LM attention heads.")
     n_layers: int = Field(4, ge=1, le=24, description="Code LM transformer layers.")
