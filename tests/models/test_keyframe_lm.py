@@ -332,6 +332,37 @@ def test_fresh_adapter_is_the_identity_and_scales_alpha_over_r(tiny_dir):
         LoraSettings(r=0)
 
 
+def test_unpadded_train_step_equals_the_padded_batch_loss(tiny_dir, tokenizer):
+    """train.keyframe.train_step (one example at a time, LM head at the answer positions only) takes
+    the same loss and gradients as ``model(padded batch, labels=...)``."""
+    from transformers import AutoModelForCausalLM
+
+    from facelab.train.keyframe import train_step
+
+    examples = [encode_example(tokenizer, m, a) for s in (_script(3), _script(2, 1)) for m, a in examples_for_script(s, SEM)]
+    assert len({len(ids) for ids, _ in examples}) > 1  # the padded batch really has padding
+    grads, losses = [], []
+    for mode in ("padded", "step"):
+        torch.manual_seed(0)
+        model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraSettings(dropout=0.0))
+        for n, p in model.named_parameters():  # a non-zero adapter, so that every LoRA weight gets a gradient
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.0)
+        if mode == "padded":
+            batch = collate(examples, tokenizer.pad_token_id)
+            loss = model(**batch).loss
+            opt.zero_grad()
+            loss.backward()
+        else:
+            loss = train_step(model, examples, opt, None, params, 0.0, "cpu")
+        losses.append(float(loss))
+        grads.append(torch.cat([p.grad.flatten() for p in params]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # The tiny model
 # --------------------------------------------------------------------------------------------

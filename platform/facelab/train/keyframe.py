@@ -10,10 +10,18 @@ metrics of §5.3 after the last epoch.
 
 ``train.finetune: false`` evaluates the base model as is (the tables' "Base" rows);
 ``eval.baseline: gt`` scores the ground truth itself (the "GT" row).
+
+A training step (:func:`train_step`) runs its batch one example at a time, unpadded, accumulating
+gradients: no padding tokens are computed, attention takes the causal fast path (no mask), and the
+LM head runs only at the positions that predict an answer token (``logits_to_keep``), so the
+full-vocabulary logits of the ~2k request tokens are never formed. The loss is the batch's summed
+answer-token cross-entropy over its number of answer tokens -- exactly the mean that the padded
+batch's ``model(..., labels=...).loss`` gives. On CUDA, AdamW is the fused kernel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
@@ -81,6 +89,48 @@ def answer_nll(model, batch: dict, device) -> tuple[float, int]:
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                             ignore_index=-100, reduction="sum")
     return float(nll), int((labels[:, 1:] != -100).sum())
+
+
+def answer_targets(labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, targets): the positions whose next token is an answer token, and those tokens."""
+    from facelab.models.keyframe_lm.data import IGNORE_INDEX
+
+    lab = torch.as_tensor(list(labels), dtype=torch.long)
+    pos = (lab[1:] != IGNORE_INDEX).nonzero().flatten()
+    return pos, lab[1:][pos]
+
+
+def make_optimizer(params, optim_cfg: dict, device) -> torch.optim.Optimizer:
+    """AdamW (lr, weight decay from the job); the fused kernel on CUDA."""
+    fused = torch.device(device).type == "cuda"
+    return torch.optim.AdamW(params, lr=optim_cfg["lr"], weight_decay=optim_cfg["weight_decay"], fused=fused or None)
+
+
+def train_step(model, examples, opt, sched, params, grad_clip: float, device) -> torch.Tensor:
+    """One optimizer step on ``examples`` [(input_ids, labels), ...] (see the module docstring).
+    Returns the batch's mean answer-token loss, detached, on the device (no host sync)."""
+    targets = [answer_targets(lab) for _, lab in examples]
+    n_answer = max(1, sum(len(t) for _, t in targets))
+    opt.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=device)
+    sync_ctx = getattr(model, "no_sync", None)
+    for i, ((ids, _lab), (pos, tgt)) in enumerate(zip(examples, targets)):
+        last = i == len(examples) - 1
+        ctx = sync_ctx() if sync_ctx is not None and not last else contextlib.nullcontext()
+        with ctx:
+            ids_t = torch.as_tensor(list(ids), dtype=torch.long)[None]
+            pin = torch.device(device).type == "cuda"
+            ids_t, pos, tgt = ((t.pin_memory() if pin else t).to(device, non_blocking=True) for t in (ids_t, pos, tgt))
+            logits = model(input_ids=ids_t, logits_to_keep=pos).logits[0]  # (n_answer_i, V)
+            loss = torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="sum") / n_answer
+            loss.backward()
+        total += loss.detach()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+    opt.step()
+    if sched is not None:
+        sched.step()
+    return total
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,7 +267,7 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     opt = sched = None
     if train_cfg["finetune"]:
-        opt = torch.optim.AdamW(params, lr=optim_cfg["lr"], weight_decay=optim_cfg["weight_decay"])
+        opt = make_optimizer(params, optim_cfg, device)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
 
     start_epoch, step, history = 0, 0, []
@@ -235,8 +285,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         if train_cfg["finetune"] and world > 1 else model
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=train_cfg["seed"],
                                  drop_last=True)
-    loader = DataLoader(train_ds, batch_size=per_worker, sampler=sampler, drop_last=True,
-                        collate_fn=lambda b: collate(b, pad_id))
+    loader = DataLoader(train_ds, batch_size=per_worker, sampler=sampler, drop_last=True, collate_fn=list)
     val_idx = list(range(rank, len(val_ds), world))
     val_loader = DataLoader(torch.utils.data.Subset(val_ds, val_idx), batch_size=per_worker,
                             collate_fn=lambda b: collate(b, pad_id))
@@ -248,24 +297,17 @@ def worker_loop(config: dict[str, Any]) -> None:
         if train_cfg["finetune"]:
             sampler.set_epoch(epoch)
             ddp_model.train()
-            loss_sum, n = 0.0, 0
-            for i, batch in enumerate(loader):
+            loss_sum, n = torch.zeros((), device=device), 0
+            for i, examples in enumerate(loader):
                 if i >= steps_per_epoch:
                     break
-                out = ddp_model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                                labels=batch["labels"].to(device))
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                if optim_cfg["grad_clip"]:
-                    torch.nn.utils.clip_grad_norm_(params, optim_cfg["grad_clip"])
-                opt.step()
-                sched.step()
+                loss = train_step(ddp_model, examples, opt, sched, params, optim_cfg["grad_clip"], device)
                 step += 1
                 n += 1
-                loss_sum += float(out.loss.detach())
+                loss_sum += loss
                 if rank == 0 and step % train_cfg["log_every_steps"] == 0:
-                    step_log.append((step, {"step/loss": float(out.loss.detach()), "step/lr": sched.get_last_lr()[0]}))
-            red = _allreduce([loss_sum, n], device)
+                    step_log.append((step, {"step/loss": float(loss), "step/lr": sched.get_last_lr()[0]}))
+            red = _allreduce([float(loss_sum), n], device)
             train_metrics = {"train/loss": red[0] / max(red[1], 1)}
 
         # ---- validate: answer-token cross-entropy on the val split -----------------------------

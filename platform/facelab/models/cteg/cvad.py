@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .layers import Attention, FeedForward, KVCache
+from .layers import Attention, FeedForward, KVCache, StaticKVCache
 
 LTA_MODES = ("attention", "pooling", "none")
 
@@ -64,10 +64,19 @@ def reparameterise(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
 class LayerState:
     """What autoregressive decoding keeps for one CVAD layer between steps."""
 
-    self_kv: KVCache
-    lta_kv: KVCache | None = None
+    self_kv: KVCache | StaticKVCache
+    lta_kv: KVCache | StaticKVCache | None = None
     lta_sum: Tensor | None = None  # running sum of a_{<=p} for LTA "pooling"
     steps: int = 0
+    position: Tensor | None = None
+    """Static (CUDA-graph) decoding only: the device-side step counter p, a (1,) long tensor that
+    the caller advances after each step; the caches are :class:`StaticKVCache` and ``lta_sum`` a
+    preallocated buffer, so a step reads and writes fixed addresses."""
+    slot_mask: Tensor | None = None  # static: the filled cache slots of the current step
+
+    @property
+    def static(self) -> bool:
+        return self.position is not None
 
     def select(self, rows: Tensor) -> None:
         self.self_kv.select(rows)
@@ -95,11 +104,14 @@ class LatentTemporalAttention(nn.Module):
             if state is None:
                 return self.attn(a, k, v, causal=True)
             k, v = state.lta_kv.append(k, v)
-            return self.attn(a, k, v)
+            return self.attn(a, k, v, attn_mask=state.slot_mask)
         # pooling: running mean over the history
         if state is None:
             count = torch.arange(1, a.shape[1] + 1, device=a.device, dtype=a.dtype)[:, None]
             return a.cumsum(dim=1) / count
+        if state.static:  # lta_sum starts at zero; 0 + a_0 == a_0 exactly, so this equals the branch below
+            state.lta_sum.add_(a[:, 0])
+            return (state.lta_sum / (state.position + 1).to(a.dtype)).unsqueeze(1)
         state.lta_sum = a[:, 0] if state.lta_sum is None else state.lta_sum + a[:, 0]
         return (state.lta_sum / (state.steps + 1)).unsqueeze(1)
 
@@ -145,6 +157,21 @@ class CVADLayer(nn.Module):
     def new_state(self, max_len: int) -> LayerState:
         return LayerState(self_kv=KVCache(max_len), lta_kv=KVCache(max_len) if self.lta.mode == "attention" else None)
 
+    def new_static_state(self, batch: int, max_len: int, position: Tensor, *, dtype, device) -> LayerState:
+        """Fixed-shape decoding state for CUDA-graph capture (see :class:`LayerState`)."""
+        attn = self.self_attn
+
+        def cache() -> StaticKVCache:
+            return StaticKVCache(batch, attn.n_heads, max_len, attn.head_dim, position, dtype=dtype, device=device)
+
+        d = attn.n_heads * attn.head_dim
+        return LayerState(
+            self_kv=cache(),
+            lta_kv=cache() if self.lta.mode == "attention" else None,
+            lta_sum=torch.zeros(batch, d, dtype=dtype, device=device) if self.lta.mode == "pooling" else None,
+            position=position,
+        )
+
     def _context(self, h: Tensor, mem_kv, key_valid: Tensor, state: LayerState | None) -> tuple[Tensor, Tensor]:
         """s (history) and o (LTA output) for the positions in ``h``; with ``state``, ``h`` is
         the next single position and the causal history comes from the cache."""
@@ -154,10 +181,12 @@ class CVADLayer(nn.Module):
         else:
             if h.shape[1] != 1:
                 raise ValueError("cached decoding takes one position at a time")
-            s = self.self_attn(h, *state.self_kv.append(k, v))
+            if state.static:
+                state.slot_mask = state.self_kv.filled()
+            s = self.self_attn(h, *state.self_kv.append(k, v), attn_mask=state.slot_mask)
         a = self.text_attn(s, *mem_kv[0], key_valid=key_valid)
         o = self.lta(a, state)
-        if state is not None:
+        if state is not None and not state.static:
             state.steps += 1
         return s, o
 

@@ -16,10 +16,19 @@ zero (``translate.truncate_mask``). Differences, on purpose:
   running sum) and the text memory's keys/values are cached, so each step runs one position; the
   reference re-runs the whole prefix every step, redrawing all of its noise;
 * sequences that stopped leave the batch (their cache rows are dropped);
-* all noise is drawn per step for the full batch, in a fixed order (layer by layer: ε_z, then ε_out),
-  from ``generator``; so a sequence's frames do not depend on when the others stop, and the
-  full-recomputation path (``use_cache=False``, which replays the stored noise of the prefix) gives
-  the same frames as the cached one.
+* all noise is drawn for the full batch in chunks of :data:`NOISE_CHUNK` steps, in a fixed order
+  (per chunk, layer by layer: ε_z for the chunk's steps, then ε_out), from ``generator``; so a
+  sequence's frames do not depend on when the others stop, and every path -- the full recomputation
+  (``use_cache=False``, which replays the stored noise of the prefix), the eager cached one and the
+  static one below -- gives the same frames.
+
+On CUDA the cached path is *static* by default: the KV caches are fixed-shape buffers written at a
+device-side step counter (:class:`~.layers.StaticKVCache`), the text masks are prepared once, and
+one decoding step is captured as a CUDA graph and replayed, so a step costs its kernels' run time
+instead of a Python pass over ~80 launches. All rows run every step (a stopped row's later frames
+are computed and dropped; its own frames are unaffected); whether every row has stopped is checked
+every :data:`STOP_CHECK_EVERY` steps. On the CPU the eager cached path (stopped rows leave the
+batch) stays the default.
 """
 
 from __future__ import annotations
@@ -29,8 +38,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .layers import KeyMask
+
 if TYPE_CHECKING:
     from .model import CTEG
+
+NOISE_CHUNK = 16
+"""Steps of noise drawn per call of the generator (see the module docstring)."""
+STOP_CHECK_EVERY = 16
+"""Static decoding: steps between two checks (one device sync) of whether every row has stopped."""
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -42,6 +58,40 @@ def _select_kv(mem_kv, rows: Tensor):
     return [tuple((k[rows], v[rows]) for k, v in layer_kv) for layer_kv in mem_kv]
 
 
+class _Noise:
+    """The sampling noise of one ``generate`` call: per layer, ε_z (steps, B, latent) and, with
+    σ_out > 0, ε_out (steps, B, d_model), drawn chunk by chunk (see the module docstring)."""
+
+    def __init__(self, model: CTEG, b: int, n_max: int, generator, device, dtype):
+        cfg = model.cfg
+        self.n_layers, self.b, self.n_max = len(model.layers), b, n_max
+        self.latent, self.d, self.sigma_out = cfg.latent_dim, cfg.d_model, cfg.output_sigma > 0
+        self.generator, self.device, self.dtype = generator, device, dtype
+        self.z: list[list[Tensor]] = [[] for _ in range(self.n_layers)]
+        self.out: list[list[Tensor]] = [[] for _ in range(self.n_layers)]
+
+    def _draw_until(self, step: int) -> None:
+        while len(self.z[0]) * NOISE_CHUNK <= step:
+            start = len(self.z[0]) * NOISE_CHUNK
+            n = min(NOISE_CHUNK, self.n_max - start)
+            for m in range(self.n_layers):
+                self.z[m].append(_randn((n, self.b, self.latent), self.generator, self.device, self.dtype))
+                if self.sigma_out:
+                    self.out[m].append(_randn((n, self.b, self.d), self.generator, self.device, self.dtype))
+
+    def step(self, p: int) -> list[tuple[Tensor, Tensor | None]]:
+        """Per layer (ε_z (B, latent), ε_out (B, d) or None) of step ``p``."""
+        self._draw_until(p)
+        c, i = divmod(p, NOISE_CHUNK)
+        return [(self.z[m][c][i], self.out[m][c][i] if self.sigma_out else None) for m in range(self.n_layers)]
+
+    def all(self) -> list[tuple[Tensor, Tensor | None]]:
+        """Per layer (ε_z (n_max, B, latent), ε_out (n_max, B, d) or None): every step's noise."""
+        self._draw_until(self.n_max - 1)
+        return [(torch.cat(self.z[m]), torch.cat(self.out[m]) if self.sigma_out else None)
+                for m in range(self.n_layers)]
+
+
 @torch.no_grad()
 def generate(
     model: CTEG,
@@ -49,19 +99,28 @@ def generate(
     max_frames: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    static: bool | None = None,
 ) -> list[Tensor]:
     """One (T_i, 53) tensor per text, 1 <= T_i <= max_frames (default ``cfg.max_frames``, the
     MSL), terminator not included. Empty texts are generated unconditionally. Runs in eval mode
-    (no dropout) and restores the previous mode."""
+    (no dropout) and restores the previous mode.
+
+    ``static`` (cached decoding only): fixed-shape caches with one step captured as a CUDA graph;
+    None = on CUDA devices. ``static=True`` on the CPU runs the same fixed-shape step without a graph."""
     texts = list(texts)
     n_max = model.cfg.max_frames if max_frames is None else int(max_frames)
     if n_max < 1:
         raise ValueError(f"max_frames must be >= 1, got {n_max}")
     if not texts:
         return []
+    device = model.mean_expression.device
+    if static is None:
+        static = device.type == "cuda"
     was_training = model.training
     model.eval()
     try:
+        if use_cache and static:
+            return _sample_static(model, texts, n_max, generator, graph=device.type == "cuda")
         return _sample(model, texts, n_max, generator, use_cache)
     finally:
         model.train(was_training)
@@ -78,6 +137,7 @@ def _sample(model: CTEG, texts: list[str], n_max: int, generator, use_cache: boo
     memory, pad = model.encode_text(texts)
     key_valid = ~pad
     mem_kv = [layer.memory_kv(memory) for layer in layers]
+    noise = _Noise(model, b, n_max, generator, device, dtype)
 
     frames = torch.zeros(b, n_max, cfg.expr_dim, device=device, dtype=dtype)
     lengths = torch.full((b,), n_max, dtype=torch.long)
@@ -93,11 +153,7 @@ def _sample(model: CTEG, texts: list[str], n_max: int, generator, use_cache: boo
         noise_out = [torch.zeros(b, n_max, cfg.d_model, device=device, dtype=dtype) for _ in layers] if sigma_out else None
 
     for p in range(n_max):
-        eps = []
-        for _ in layers:
-            e_z = _randn((b, cfg.latent_dim), generator, device, dtype)
-            e_out = _randn((b, cfg.d_model), generator, device, dtype) if sigma_out else None
-            eps.append((e_z, e_out))
+        eps = noise.step(p)
 
         if use_cache:
             h = model.embed(x[:, None], start=p)
@@ -148,3 +204,69 @@ def _sample(model: CTEG, texts: list[str], n_max: int, generator, use_cache: boo
         x = y
 
     return [frames[i, : int(n)].clone() for i, n in enumerate(lengths.tolist())]
+
+
+def _sample_static(model: CTEG, texts: list[str], n_max: int, generator, graph: bool) -> list[Tensor]:
+    """Cached decoding with fixed shapes: step 0 runs eagerly (it also warms the kernels up), the
+    step is then captured once as a CUDA graph (``graph``) and replayed for steps 1..n_max-1."""
+    cfg = model.cfg
+    mean = model.mean_expression
+    device, dtype = mean.device, mean.dtype
+    b = len(texts)
+    layers = list(model.layers)
+
+    memory, pad = model.encode_text(texts)
+    text_mask = KeyMask(~pad)  # prepared once for every step and both cross-attentions
+    mem_kv = [layer.memory_kv(memory) for layer in layers]
+    noise = _Noise(model, b, n_max, generator, device, dtype).all()  # per layer (n_max, B, ·)
+    model.embed.positions(0, n_max)  # the PE table must hold every position before capture
+
+    position = torch.zeros(1, dtype=torch.long, device=device)  # the step counter p, on the device
+    states = [layer.new_static_state(b, n_max, position, dtype=dtype, device=device) for layer in layers]
+    x = mean.expand(b, -1).clone()  # (B, 53) input frame of the step
+    frames = torch.zeros(n_max, b, cfg.expr_dim, device=device, dtype=dtype)  # (n_max, B, 53)
+
+    def step() -> None:
+        h = model.embed(x[:, None], start=position)
+        for m, layer in enumerate(layers):
+            e_z, e_out = noise[m]
+            h = layer.forward_infer(
+                h,
+                mem_kv[m],
+                text_mask,
+                e_z.index_select(0, position).transpose(0, 1),  # (B, 1, latent)
+                e_out.index_select(0, position).transpose(0, 1) if e_out is not None else None,
+                state=states[m],
+            )
+        y = model.project_out(h[:, 0])
+        frames.index_copy_(0, position, y[None])
+        x.copy_(y)
+        position.add_(1)
+
+    def all_stopped(done: int) -> bool:  # frame 0 is always kept; a row stops at its first small frame after it
+        return bool((frames[1:done].norm(dim=-1) < cfg.stop_threshold).any(dim=0).all())
+
+    if graph:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            step()  # step 0, for real: also loads every kernel before the capture
+        torch.cuda.current_stream(device).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step()  # recorded, not run
+        run = g.replay
+    else:
+        step()
+        run = step
+    done = 1
+    while done < n_max:
+        run()
+        done += 1
+        if done % STOP_CHECK_EVERY == 0 and done < n_max and all_stopped(done):
+            break
+
+    out = frames[:done].transpose(0, 1)  # (B, done, 53)
+    small = out[:, 1:].norm(dim=-1) < cfg.stop_threshold  # (B, done-1)
+    first = torch.where(small.any(dim=1), small.float().argmax(dim=1) + 1, done)  # T_i
+    return [out[i, :n].clone() for i, n in enumerate(first.tolist())]

@@ -37,7 +37,7 @@ class ExpressionWiseAttention(nn.Module):
             raise ValueError(f"jaw_dim ({jaw_dim}) must be in (0, expr_dim={expr_dim})")
         self.n_face = expr_dim - jaw_dim
         self.to_latent = nn.Linear(1, ewa_dim)  # coefficient -> token, shared by E^f and E^j
-        self.cross = Attention(ewa_dim, n_heads, dropout)  # E^j queries, E^f keys/values
+        self.cross = Attention(ewa_dim, n_heads, dropout, fused=False)  # E^j queries, E^f keys/values
         self.to_coef = nn.Linear(ewa_dim, 1)  # "reduce back to |E^j|"
 
     def forward(self, e: Tensor) -> Tensor:
@@ -84,8 +84,15 @@ class FrameEmbedding(nn.Module):
             self.pe = sinusoidal_encoding(2 * (start + n), self.pe.shape[1], device=self.pe.device, dtype=self.pe.dtype)
         return self.pe[start : start + n]
 
-    def forward(self, frames: Tensor, start: int = 0) -> Tensor:
-        """``frames`` (B, S, 53) at positions ``start .. start+S-1`` -> (B, S, d_model)."""
+    def forward(self, frames: Tensor, start: int | Tensor = 0) -> Tensor:
+        """``frames`` (B, S, 53) at positions ``start .. start+S-1`` -> (B, S, d_model).
+
+        ``start`` may be a (1,) long tensor on the device (static decoding, S = 1): the table must
+        then already hold that position (:meth:`positions` grows it)."""
         e = self.ewa(frames) if self.ewa is not None else frames
-        h = self.proj(e) * self.scale + self.positions(start, frames.shape[1]).to(frames.dtype)
+        if isinstance(start, Tensor):
+            pe = self.pe.index_select(0, start)
+        else:
+            pe = self.positions(start, frames.shape[1])
+        h = self.proj(e) * self.scale + pe.to(frames.dtype)
         return self.norm(h)

@@ -12,8 +12,13 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 LN_EPS = 1e-6
+
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+"""Kernels SDPA may pick here. cuDNN's is left out: on an H200 (torch 2.11) its backward failed
+(``mha_graph.execute ... is_good()``) on these shapes; flash / memory-efficient cover them."""
 
 
 def sinusoidal_encoding(n_positions: int, dim: int, *, device=None, dtype=torch.float32) -> Tensor:
@@ -26,6 +31,19 @@ def sinusoidal_encoding(n_positions: int, dim: int, *, device=None, dtype=torch.
     return table.to(dtype)
 
 
+class KeyMask:
+    """A key-padding mask prepared once for many attention calls (e.g. every decoding step).
+
+    ``key_valid`` (B, Lk) bool, True = a real key. ``mask`` (B, 1, 1, Lk) is what SDPA gets: a row
+    with no valid key at all (an empty text) attends to every key instead, and ``has_key`` (B,)
+    zeroes that row's output afterwards (see :meth:`Attention.forward`).
+    """
+
+    def __init__(self, key_valid: Tensor):
+        self.has_key = key_valid.any(dim=-1)  # (B,)
+        self.mask = (key_valid | ~self.has_key[:, None])[:, None, None, :]
+
+
 class Attention(nn.Module):
     """Multi-head attention sub-layer ``LN(x + Dropout(W_o · Concat_h softmax(QK^T/√d_h) V))``.
 
@@ -33,10 +51,13 @@ class Attention(nn.Module):
     text memory once per generation, the causal self-attention history step by step.
     """
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, *, fused: bool = True):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        # fused=False: plain matmul/softmax (SDPA's math), for many tiny attentions (EwA runs one per
+        # frame: batch x heads can pass the 65,535 grid limit of the fused CUDA kernels)
+        self.fused = fused
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.attn_dropout = dropout
@@ -60,23 +81,33 @@ class Attention(nn.Module):
         x: Tensor,
         k: Tensor,
         v: Tensor,
-        key_valid: Tensor | None = None,
+        key_valid: Tensor | KeyMask | None = None,
         causal: bool = False,
+        attn_mask: Tensor | None = None,
     ) -> Tensor:
         """Attend from queries ``x`` (..., Lq, D) to ``k``/``v`` (..., H, Lk, D/H).
 
-        ``key_valid`` (B, Lk) bool, True = a real key. A row with no valid key at all (an empty
-        text) gets a zero attention output instead of NaN, i.e. the block passes ``x`` through.
-        ``causal`` applies the autoregressive mask (query i sees keys <= i; needs Lq == Lk).
+        ``key_valid`` (B, Lk) bool, True = a real key (or a :class:`KeyMask` prepared from it). A
+        row with no valid key at all (an empty text) gets a zero attention output instead of NaN,
+        i.e. the block passes ``x`` through. ``causal`` applies the autoregressive mask (query i
+        sees keys <= i; needs Lq == Lk). ``attn_mask`` (bool, broadcastable to (B, H, Lq, Lk)) is
+        passed to SDPA as is (the filled slots of a preallocated decoding cache).
         """
         q = self._heads(self.w_q(x))
-        mask = has_key = None
+        mask = attn_mask
+        has_key = None
         if key_valid is not None:
-            has_key = key_valid.any(dim=-1)  # (B,)
-            mask = (key_valid | ~has_key[:, None])[:, None, None, :]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=causal
-        )
+            km = key_valid if isinstance(key_valid, KeyMask) else KeyMask(key_valid)
+            mask, has_key = km.mask, km.has_key
+        p_drop = self.attn_dropout if self.training else 0.0
+        if self.fused:
+            with sdpa_kernel(SDPA_BACKENDS):
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop, is_causal=causal)
+        else:
+            if causal or mask is not None:
+                raise ValueError("the unfused attention takes neither masks nor causal")
+            w = torch.softmax((q * self.head_dim**-0.5) @ k.transpose(-2, -1), dim=-1)
+            y = F.dropout(w, p_drop, training=p_drop > 0) @ v
         y = self.dropout(self.w_o(y.transpose(-3, -2).flatten(-2)))
         if has_key is not None:
             y = y * has_key[:, None, None].to(y.dtype)
@@ -123,6 +154,30 @@ class KVCache:
         """Keep only batch ``rows`` (sequences that have not stopped)."""
         if self.k is not None:
             self.k, self.v = self.k[rows], self.v[rows]
+
+
+class StaticKVCache:
+    """Keys/values of one causal attention in fixed-shape buffers (B, H, max_len, d), written at
+    the device-side step counter ``position`` (a (1,) long tensor): every decoding step runs the
+    same kernels on the same addresses, so a step can be captured once as a CUDA graph and
+    replayed. Attention reads all ``max_len`` slots; the slots not yet written are masked out
+    (:meth:`filled`) and hold zeros, so they contribute exactly nothing."""
+
+    def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, position: Tensor, *, dtype, device):
+        self.k = torch.zeros(batch, n_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.position = position
+        self.slots = torch.arange(max_len, device=device)
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the step's ``k``/``v`` (B, H, 1, d) at ``position``; return the whole buffers."""
+        self.k.index_copy_(2, self.position, k)
+        self.v.index_copy_(2, self.position, v)
+        return self.k, self.v
+
+    def filled(self) -> Tensor:
+        """(1, 1, 1, max_len) bool: the slots written so far (this step's included)."""
+        return (self.slots <= self.position)[None, None, None, :]
 
 
 def xavier_init_(module: nn.Module) -> None:

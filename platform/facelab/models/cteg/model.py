@@ -39,7 +39,56 @@ from torch import Tensor, nn
 from ..text_encoder import load_text_encoder
 from .cvad import LTA_MODES, CVADLayer
 from .ewa import FrameEmbedding
-from .layers import xavier_init_
+from .layers import KeyMask, xavier_init_
+
+
+class TextStateCache:
+    """The frozen text encoder's states per distinct text, kept on the device.
+
+    A frozen encoder (``finetune_encoder=False``, always in eval mode) is a fixed function of the
+    text, so its states can be computed once per text and reused in every later epoch: the cache
+    turns the encoder pass (and the tokenizer call) of a training step into one gather. The
+    training loop enables it (``model.text_cache = TextStateCache()``) after the weights are
+    loaded; whoever changes the encoder's weights afterwards must drop it. Memory: one row of
+    ``hidden_size`` floats per text token (12,000 EmoAva texts × ~15 tokens × 768: ~0.5 GB).
+    """
+
+    def __init__(self) -> None:
+        self.index: dict[str, tuple[int, int]] = {}  # text -> (first row, number of tokens)
+        self.buf: Tensor | None = None  # (capacity, hidden); row 0 stays zero (padding)
+        self.rows = 1
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def add(self, texts: list[str], hidden: Tensor, lengths: list[int]) -> None:
+        """Store ``hidden[i, :lengths[i]]`` (hidden (M, L, H)) for each of ``texts``."""
+        flat = torch.tensor([i * hidden.shape[1] + j for i, n in enumerate(lengths) for j in range(n)], dtype=torch.long)
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat.to(hidden.device, non_blocking=True))
+        need = self.rows + rows.shape[0]
+        if self.buf is None or need > self.buf.shape[0]:
+            grown = hidden.new_zeros(max(need, 2 * (self.buf.shape[0] if self.buf is not None else 4096)), hidden.shape[-1])
+            if self.buf is not None:
+                grown[: self.rows] = self.buf[: self.rows]
+            self.buf = grown
+        self.buf[self.rows:need] = rows
+        for t, n in zip(texts, lengths):
+            self.index[t] = (self.rows, n)
+            self.rows += n
+
+    def gather(self, texts: list[str], device) -> tuple[Tensor, Tensor]:
+        """(hidden (B, L, H) zero-padded, valid (B, L) bool) for cached ``texts``."""
+        spans = [self.index[t] for t in texts]
+        width = max(n for _, n in spans)
+        idx = torch.zeros(len(texts), width, dtype=torch.long)
+        valid = torch.zeros(len(texts), width, dtype=torch.bool)
+        for i, (start, n) in enumerate(spans):
+            idx[i, :n] = torch.arange(start, start + n)
+            valid[i, :n] = True
+        if self.buf.is_cuda:
+            idx, valid = idx.pin_memory(), valid.pin_memory()
+        idx, valid = idx.to(device, non_blocking=True), valid.to(device, non_blocking=True)
+        return self.buf.index_select(0, idx.flatten()).view(len(texts), width, -1), valid
 
 
 @dataclass
@@ -171,6 +220,7 @@ class CTEG(nn.Module):
 
         self.text_encoder = encoder
         self.tokenizer = tokenizer
+        self.text_cache: TextStateCache | None = None  # see TextStateCache; frozen encoders only
         pooler = getattr(encoder, "pooler", None)
         for name, p in encoder.named_parameters():
             # the pooler is never used (we read last_hidden_state); freezing it keeps DDP happy
@@ -198,15 +248,38 @@ class CTEG(nn.Module):
         """
         texts = list(texts)
         device = self.mean_expression.device
+        if self.text_cache is not None and not self.cfg.finetune_encoder:
+            return self._encode_cached(texts, device)
         batch = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.cfg.max_text_tokens, return_tensors="pt"
         )
-        ids = batch["input_ids"].to(device)
-        valid = batch["attention_mask"].to(device).bool()
+        empty = torch.tensor([not t.strip() for t in texts], dtype=torch.bool)
+        ids, mask, empty = batch["input_ids"], batch["attention_mask"], empty
+        if device.type == "cuda":  # a copy from pageable memory would wait for the GPU to drain
+            ids, mask, empty = ids.pin_memory(), mask.pin_memory(), empty.pin_memory()
+        ids, mask, empty = (t.to(device, non_blocking=True) for t in (ids, mask, empty))
+        valid = mask.bool()
         with torch.set_grad_enabled(self.cfg.finetune_encoder and torch.is_grad_enabled()):
-            hidden = self.text_encoder(input_ids=ids, attention_mask=valid.long()).last_hidden_state
+            hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         memory = self.text_proj(hidden.to(self.mean_expression.dtype))
-        empty = torch.tensor([not t.strip() for t in texts], dtype=torch.bool, device=device)
+        return memory, ~(valid & ~empty[:, None])
+
+    def _encode_cached(self, texts: list[str], device) -> tuple[Tensor, Tensor]:
+        cache = self.text_cache
+        missing = list(dict.fromkeys(t for t in texts if t not in cache.index))
+        if missing:
+            batch = self.tokenizer(
+                missing, padding=True, truncation=True, max_length=self.cfg.max_text_tokens, return_tensors="pt"
+            )
+            with torch.no_grad():
+                hidden = self.text_encoder(
+                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+                ).last_hidden_state
+            cache.add(missing, hidden, batch["attention_mask"].sum(dim=1).tolist())
+        hidden, valid = cache.gather(texts, device)
+        empty = torch.tensor([not t.strip() for t in texts], dtype=torch.bool)
+        empty = (empty.pin_memory() if device.type == "cuda" else empty).to(device, non_blocking=True)
+        memory = self.text_proj(hidden.to(self.mean_expression.dtype))
         return memory, ~(valid & ~empty[:, None])
 
     # ---------------------------------------------------------------------------------------
@@ -221,11 +294,13 @@ class CTEG(nn.Module):
         b, t, e = frames.shape
         device = self.mean_expression.device
         frames = frames.to(device=device, dtype=self.mean_expression.dtype)
-        lengths = torch.as_tensor(lengths, device=device).long().reshape(-1)
+        lengths = torch.as_tensor(lengths).long().reshape(-1)
         if lengths.numel() != b:
             raise ValueError(f"{lengths.numel()} lengths for {b} sequences")
+        # checked where the lengths are (the training loop passes them on the CPU: no device sync)
         if bool(((lengths < 0) | (lengths > t)).any()):
             raise ValueError(f"lengths must be in [0, {t}], got {lengths.tolist()}")
+        lengths = lengths.to(device, non_blocking=True)
         pos = torch.arange(t + 1, device=device)
         real = (pos[None, 1:] <= lengths[:, None]).unsqueeze(-1)  # frame i (1-based) exists
         x = torch.cat(
@@ -251,7 +326,7 @@ class CTEG(nn.Module):
         ``kl`` (summed over the N_c layers), ``lg``; plus ``mask`` (valid steps) and ``pred``
         (B, T+1, 53), the sampled outputs (step T+1's target is the zero-face terminator)."""
         memory, pad = self.encode_text(texts)
-        key_valid = ~pad
+        key_valid = KeyMask(~pad)
         x, step_valid = self._teacher_inputs(frames, lengths)
         h = self.embed(x)
         kl = guide = None
@@ -320,7 +395,7 @@ class CTEG(nn.Module):
         self.eval()
         try:
             memory, pad = self.encode_text(texts)
-            key_valid = ~pad
+            key_valid = KeyMask(~pad)
             x, step_valid = self._teacher_inputs(frames, lengths)
             b, s, _ = x.shape
             device, dtype = x.device, x.dtype

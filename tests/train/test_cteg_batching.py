@@ -1,0 +1,80 @@
+"""CTEG training loop pieces: the length-bucketing batch sampler and the frozen-encoder state cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from facelab.train.cteg import BucketBatchSampler
+
+
+def test_bucket_sampler_shards_pads_little_and_is_reproducible():
+    lengths = np.random.default_rng(0).lognormal(np.log(36), 0.86, size=1000).astype(int) + 1
+    samplers = [BucketBatchSampler(lengths, 16, num_replicas=2, rank=r, seed=3, bucket_batches=8) for r in (0, 1)]
+    for s in samplers:
+        s.set_epoch(1)
+    a, b = (list(s) for s in samplers)
+    assert len(a) == len(b) == len(samplers[0]) == 1000 // 32
+    flat = [i for batch in a + b for i in batch]
+    assert len(flat) == len(set(flat)) == 31 * 32  # disjoint shards, incomplete global batch dropped
+    assert all(len(x) == 16 for x in a + b)
+    padded = sum(16 * max(lengths[i] for i in x) for x in a + b)
+    random_batches = np.random.default_rng(0).permutation(1000)[:31 * 32].reshape(-1, 16)
+    assert padded < 0.5 * sum(16 * lengths[x].max() for x in random_batches)  # far less padding than random batches
+    for s in samplers:
+        s.set_epoch(1)
+    assert list(samplers[0]) == a  # same epoch, same batches (resumable)
+    samplers[0].set_epoch(2)
+    assert list(samplers[0]) != a
+    with pytest.raises(ValueError):
+        BucketBatchSampler(lengths, 16, num_replicas=2, rank=2)
+
+
+def test_static_decoding_equals_the_eager_paths():
+    """The fixed-shape decoding step (the CUDA-graph path, run here without a graph) gives the frames
+    of the eager cached and the full-recomputation paths, stops included."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+    from test_cteg_model import GEN_TEXTS, make
+
+    from facelab.models.cteg.decoding import generate
+
+    for overrides in (dict(), dict(lta="pooling", cvad_layers=2)):
+        model = make(max_frames=24, stop_threshold=0.0, **overrides)
+        free = generate(model, GEN_TEXTS, generator=torch.Generator().manual_seed(3))
+        v = torch.stack([f.norm(dim=-1) for f in free])[:, 1:].flatten().sort().values
+        model.cfg.stop_threshold = float(v[len(v) // 12] + v[len(v) // 12 + 1]) / 2
+        eager = generate(model, GEN_TEXTS, generator=torch.Generator().manual_seed(3))
+        static = generate(model, GEN_TEXTS, generator=torch.Generator().manual_seed(3), static=True)
+        full = generate(model, GEN_TEXTS, generator=torch.Generator().manual_seed(3), use_cache=False)
+        assert [len(x) for x in static] == [len(x) for x in eager] == [len(x) for x in full]
+        assert len({len(x) for x in static}) >= 2
+        for s, e, f in zip(static, eager, full):
+            torch.testing.assert_close(s, e, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(s, f, rtol=1e-5, atol=1e-5)
+
+
+def test_text_state_cache_gives_the_encoder_states():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+    from test_cteg_model import TEXTS, batch, make
+
+    from facelab.models.cteg.model import TextStateCache
+
+    model = make().eval()
+    mem, pad = model.encode_text(TEXTS)
+    frames, lengths = batch()
+    torch.manual_seed(0)
+    loss = model(TEXTS, frames, lengths)["loss"]
+    model.text_cache = TextStateCache()
+    model.encode_text(TEXTS[1:3])  # partly filled
+    mem2, pad2 = model.encode_text(TEXTS)
+    assert len(model.text_cache) == len(TEXTS) and torch.equal(pad, pad2)
+    torch.testing.assert_close(mem2[~pad], mem[~pad], rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    torch.testing.assert_close(model(TEXTS, frames, lengths)["loss"], loss, rtol=1e-5, atol=1e-5)
