@@ -118,21 +118,32 @@ def log_params(c, run_id: str, params: dict[str, Any]) -> None:
 
 def log_metric_steps(c, run_id: str, rows: list[tuple[int, dict[str, float]]], retries: int = 5) -> None:
     """Log (step, metrics) rows in batches of up to 1,000 values (MLflow's batch limit); each batch
-    is retried with backoff and the last failure raises (metrics are never silently dropped)."""
+    is retried with backoff and the last failure raises (metrics are never silently dropped).
+
+    Idempotent: a (metric, step) the run already holds is not logged again. A trial restarted from
+    a checkpoint older than its last MLflow record (Ray Train had not yet registered the newest
+    checkpoint when the process died) retrains that epoch deterministically; its record stays one
+    entry per epoch instead of two."""
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
+    keys = {k for _step, row in rows for k in row}
+    logged = _retry(lambda: {k: {m.step for m in c.get_metric_history(run_id, k)} for k in keys}, retries)
     batch = [Metric(k, float(v), ts, step) for step, row in rows for k, v in row.items()
-             if isinstance(v, (int, float)) and math.isfinite(float(v))]
+             if isinstance(v, (int, float)) and math.isfinite(float(v)) and step not in logged[k]]
     for i in range(0, len(batch), 1000):
-        for attempt in range(retries):
-            try:
-                c.log_batch(run_id, metrics=batch[i:i + 1000])
-                break
-            except Exception:
-                if attempt == retries - 1:
-                    raise
-                time.sleep(0.5 * 2 ** attempt)
+        _retry(lambda: c.log_batch(run_id, metrics=batch[i:i + 1000]), retries)
+
+
+def _retry(fn, retries: int):
+    """``fn()``, retried with exponential backoff (0.5 s, 1 s, 2 s …); the last failure raises."""
+    for attempt in range(retries):
+        try:
+            return fn()
+        except Exception:
+            if attempt == retries - 1:
+                raise
+            time.sleep(0.5 * 2 ** attempt)
 
 
 def log_metrics(c, run_id: str, metrics: dict[str, float], step: int) -> None:
