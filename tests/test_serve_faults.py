@@ -124,8 +124,8 @@ def api_key() -> str:
 
 @pytest.fixture(scope="module")
 def secured(project, api_key):
-    """Server A: API key from FACELAB_API_KEY, two replicas, default limits."""
-    s = Server(project, "secured", "--replicas", "2", FACELAB_API_KEY=api_key)
+    """Server A: API key from FACELAB_API_KEY, two replicas, default limits, looking for a new champion every second."""
+    s = Server(project, "secured", "--replicas", "2", "--watch-champion", "1", FACELAB_API_KEY=api_key)
     try:
         s.wait_healthy()
         yield s
@@ -304,52 +304,6 @@ def test_replica_killed_under_load_is_replaced(secured, api_key):
     assert httpx.get(b + "/healthz").status_code == 200
 
 
-def test_overload_is_shed_quickly_with_503(tight):
-    b = tight.base
-
-    def one(_):
-        t0 = time.perf_counter()
-        try:
-            st: int | str = httpx.post(b + "/v1/expressions", json=SLOW, timeout=120).status_code
-        except httpx.HTTPError as e:
-            st = type(e).__name__
-        return st, time.perf_counter() - t0
-
-    n = 40
-    with ThreadPoolExecutor(n) as ex:
-        res = list(ex.map(one, range(n)))
-    by: dict = {}
-    for st, dt in res:
-        by.setdefault(st, []).append(dt)
-    print("\n" + ", ".join(f"{st}: {len(v)} (max {max(v):.2f}s)" for st, v in sorted(by.items(), key=str)))
-    assert set(by) <= {200, 503, 408}, by  # nothing else: no 500, no dropped connection
-    assert len(by.get(503, [])) >= n - 20, by  # 1 running + 2 queued: most of the flood is shed
-    assert 200 in by
-    # shed at once rather than after queueing: the fastest 503 beats the request timeout by far
-    assert min(by[503]) < 30
-    r = httpx.post(b + "/v1/expressions", json=OK, timeout=60)
-    assert r.status_code == 200 and len(r.json()["sequences"][0]["frames"]) >= 1
-    assert httpx.get(b + "/healthz").status_code == 200
-
-
-def test_request_timeout_answers_408(tight):
-    """A body that trickles in for longer than --request-timeout-s (2 s) gets 408, and the server goes on."""
-
-    def trickle():
-        yield b'{"text": "'
-        for _ in range(10):
-            time.sleep(0.5)
-            yield b"a"
-        yield b'"}'
-
-    t0 = time.perf_counter()
-    r = httpx.post(tight.base + "/v1/expressions", content=trickle(), headers={"content-type": "application/json"},
-                   timeout=60)
-    print(f"\ntrickled body: {r.status_code} after {time.perf_counter() - t0:.1f}s: {r.text[:100]}")
-    assert r.status_code == 408, r.text
-    assert httpx.post(tight.base + "/v1/expressions", json=OK, timeout=60).status_code == 200
-
-
 def _register_variant(project: Path, name: str, version: str, alter) -> str:
     """A new version of the registered model ``name``: the files of ``version``, changed by ``alter(dir)``,
     logged to a fresh run and made champion directly in the registry (as a person with MLflow access
@@ -396,72 +350,116 @@ def unchanged(d: Path) -> None:
     pass
 
 
-def test_broken_promotion_is_refused_and_the_champion_keeps_serving(project):
+def test_broken_promotion_is_refused_and_the_champion_keeps_serving(project, secured, api_key):
     """Broken models made champion under load (missing file, wrong shapes, NaN outputs): each fails the
-    replica's health probe and is refused, the previous champion answers every request, then a good
-    new version is swapped in — zero failed requests throughout."""
+    replicas' health probe and is refused, the previous champion answers every request, then a good
+    new version is swapped in on both replicas — zero failed requests throughout."""
     from facelab import tracking
 
-    s = Server(project, "watch", "--watch-champion", "1")
-    try:
-        s.wait_healthy()
-        first = httpx.get(s.base + "/healthz").json()
-        name = first["model"]
-        results: list[tuple[float, int | str, str | None]] = []  # (time, status, version that answered)
-        stop = threading.Event()
-        lock = threading.Lock()
+    s, hdr = secured, _h(api_key)
+    first = httpx.get(s.base + "/healthz").json()
+    name = first["model"]
+    results: list[tuple[float, int | str, str | None]] = []  # (time, status, version that answered)
+    stop = threading.Event()
+    lock = threading.Lock()
 
-        def client(i: int) -> None:
-            with httpx.Client(timeout=60) as c:
-                while not stop.is_set():
-                    try:
-                        r = c.post(s.base + "/v1/expressions", json={**OK, "seed": i})
-                        st, ver = r.status_code, (r.json()["model"]["version"] if r.status_code == 200 else None)
-                    except (httpx.HTTPError, ValueError) as e:
-                        st, ver = type(e).__name__, None
-                    with lock:
-                        results.append((time.time(), st, ver))
+    def client(i: int) -> None:
+        with httpx.Client(headers=hdr, timeout=60) as c:
+            while not stop.is_set():
+                try:
+                    r = c.post(s.base + "/v1/expressions", json={**OK, "seed": i})
+                    st, ver = r.status_code, (r.json()["model"]["version"] if r.status_code == 200 else None)
+                except (httpx.HTTPError, ValueError) as e:
+                    st, ver = type(e).__name__, None
+                with lock:
+                    results.append((time.time(), st, ver))
 
-        def wait_for(pred, what: str, timeout: float = 120) -> dict:
-            deadline = time.time() + timeout
-            while time.time() < deadline:
-                h = httpx.get(s.base + "/healthz", timeout=10).json()
-                if pred(h):
-                    return h
-                time.sleep(0.5)
-            raise AssertionError(f"{what} not seen within {timeout:.0f}s; last /healthz: {h}\n" + s.log()[-3000:])
+    def wait_for(pred, what: str, timeout: float = 120) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            h = httpx.get(s.base + "/healthz", timeout=10).json()
+            if pred(h):
+                return h
+            time.sleep(0.5)
+        raise AssertionError(f"{what} not seen within {timeout:.0f}s; last /healthz: {h}\n" + s.log()[-3000:])
 
-        refused: dict[str, str] = {}
-        with ThreadPoolExecutor(4) as ex:
-            for i in range(4):
-                ex.submit(client, i)
-            time.sleep(3)
-            for alter in (missing_file, wrong_shapes, nan_weights):
-                v = _register_variant(project, name, first["version"], alter)
-                h = wait_for(lambda h: v in h["refused"], f"refusal of version {v} ({alter.__name__})")
-                assert h["version"] == first["version"], h
-                refused[alter.__name__] = h["refused"][v]
-            good = _register_variant(project, name, first["version"], unchanged)
-            t_good = time.time()
-            wait_for(lambda h: h["version"] == good, f"swap to good version {good}")
-            t_swapped = time.time()
-            time.sleep(3)
-            stop.set()
+    refused: dict[str, str] = {}
+    broken: list[str] = []
+    with ThreadPoolExecutor(4) as ex:
+        for i in range(4):
+            ex.submit(client, i)
+        time.sleep(3)
+        for alter in (missing_file, wrong_shapes, nan_weights):
+            v = _register_variant(project, name, first["version"], alter)
+            broken.append(v)
+            h = wait_for(lambda h: v in h["refused"], f"refusal of version {v} ({alter.__name__})")
+            assert h["version"] == first["version"], h
+            refused[alter.__name__] = h["refused"][v]
+        good = _register_variant(project, name, first["version"], unchanged)
+        t_good = time.time()
+        wait_for(lambda h: h["version"] == good, f"swap to good version {good}")
+        t_swapped = time.time()
+        time.sleep(3)
+        stop.set()
 
-        print("\nrefused:", json.dumps(refused, indent=1))
-        print(f"good version {good} in service {t_swapped - t_good:.1f}s after it became champion; "
-              f"{len(results)} requests during the swaps")
-        assert "model.safetensors" in refused["missing_file"]
-        assert "CheckpointError" in refused["wrong_shapes"]
-        assert "non-finite" in refused["nan_weights"]
-        failed = [r for r in results if r[1] != 200]
-        assert not failed, failed[:5]
-        versions = [r[2] for r in results]
-        assert set(versions) <= {first["version"], good}            # no broken version ever answered
-        assert versions[0] == first["version"] and versions[-1] == good
-        c = tracking.client(tracking.default_tracking_uri(project))
-        tags = [c.get_model_version(name, v).tags.get("facelab.serve_refused") for v in
-                sorted(httpx.get(s.base + "/healthz").json()["refused"])]
-        assert len(tags) == 3 and all(tags), tags                    # the reason is on record in the registry
-    finally:
-        s.stop()
+    print("\nrefused:", json.dumps(refused, indent=1))
+    print(f"good version {good} in service {t_swapped - t_good:.1f}s after it became champion; "
+          f"{len(results)} requests during the swaps")
+    assert "model.safetensors" in refused["missing_file"]
+    assert "CheckpointError" in refused["wrong_shapes"]
+    assert "non-finite" in refused["nan_weights"]
+    failed = [r for r in results if r[1] != 200]
+    assert not failed, failed[:5]
+    versions = [r[2] for r in results]
+    assert set(versions) <= {first["version"], good}            # no broken version ever answered
+    assert versions[0] == first["version"] and versions[-1] == good
+    c = tracking.client(tracking.default_tracking_uri(project))
+    tags = [c.get_model_version(name, v).tags.get("facelab.serve_refused") for v in broken]
+    assert len(tags) == 3 and all(tags), tags                    # the reason is on record in the registry
+
+
+def test_overload_is_shed_quickly_with_503(tight):
+    b = tight.base
+
+    def one(_):
+        t0 = time.perf_counter()
+        try:
+            st: int | str = httpx.post(b + "/v1/expressions", json=SLOW, timeout=120).status_code
+        except httpx.HTTPError as e:
+            st = type(e).__name__
+        return st, time.perf_counter() - t0
+
+    n = 40
+    with ThreadPoolExecutor(n) as ex:
+        res = list(ex.map(one, range(n)))
+    by: dict = {}
+    for st, dt in res:
+        by.setdefault(st, []).append(dt)
+    print("\n" + ", ".join(f"{st}: {len(v)} (max {max(v):.2f}s)" for st, v in sorted(by.items(), key=str)))
+    assert set(by) <= {200, 503, 408}, by  # nothing else: no 500, no dropped connection
+    assert len(by.get(503, [])) >= n - 20, by  # 1 running + 2 queued: most of the flood is shed
+    assert 200 in by
+    # shed at once rather than after queueing: the fastest 503 beats the request timeout by far
+    assert min(by[503]) < 30
+    r = httpx.post(b + "/v1/expressions", json=OK, timeout=60)
+    assert r.status_code == 200 and len(r.json()["sequences"][0]["frames"]) >= 1
+    assert httpx.get(b + "/healthz").status_code == 200
+
+
+def test_request_timeout_answers_408(tight):
+    """A body that trickles in for longer than --request-timeout-s (2 s) gets 408, and the server goes on."""
+
+    def trickle():
+        yield b'{"text": "'
+        for _ in range(10):
+            time.sleep(0.5)
+            yield b"a"
+        yield b'"}'
+
+    t0 = time.perf_counter()
+    r = httpx.post(tight.base + "/v1/expressions", content=trickle(), headers={"content-type": "application/json"},
+                   timeout=60)
+    print(f"\ntrickled body: {r.status_code} after {time.perf_counter() - t0:.1f}s: {r.text[:100]}")
+    assert r.status_code == 408, r.text
+    assert httpx.post(tight.base + "/v1/expressions", json=OK, timeout=60).status_code == 200
+

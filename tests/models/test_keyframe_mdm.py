@@ -383,48 +383,5 @@ def test_unfit_weights_raise_a_checkpoint_error_naming_the_file(trained, tmp_pat
         load_servable_mdm(extra, job, "cpu", where)
 
 
-# --------------------------------------------------------------------------------------------
-# the Ray Train worker
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_worker_loop_trains_and_scores_the_test_split(tmp_path):
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from facelab.data.keyframeface import write_dataset
-    from facelab.train.keyframe_mdm import worker_loop
-
-    scripts = toy_scripts(36, seed=1)
-    write_dataset(tmp_path / "data", {"train": scripts[:24], "val": scripts[24:30], "test": scripts[30:]})
-    job = KeyframeMDMJob(
-        data={"annotation": "arkit"},
-        model={"d_model": 32, "n_heads": 2, "n_layers": 1, "ff_dim": 64, "dropout": 0.0, "diffusion_steps": STEPS},
-        optim={"batch_size": 8, "lr": 3e-3},
-        train={"epochs": 4, "seed": 0, "log_every_steps": 5},
-        eval={"sampling_steps": 10, "evaluator": None, "batch_size": 8},
-    ).model_dump(mode="json")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    try:
-        result = TorchTrainer(
-            worker_loop,
-            train_loop_config={"job": job, "data_dir": str(tmp_path / "data"), "root": str(tmp_path), "tracking": None},
-            scaling_config=ScalingConfig(num_workers=1, use_gpu=False),
-            run_config=RunConfig(name="mdm", storage_path=str(tmp_path / "ray")),
-        ).fit()
-    finally:
-        ray.shutdown()
-    assert result.error is None
-    history = ckpt.load_meta(result.checkpoint.path)["history"]
-    assert [h["epoch"] for h in history] == list(range(4))
-    assert history[-1]["val/loss"] < 0.7 * history[0]["val/loss"]
-    assert history[-1]["train/loss"] < history[0]["train/loss"]
-    final = result.metrics
-    for key in ("test/mse", "test/mae", "test/rmse", "test/w_dist", "test/gen_time_s", "test/keyframes_per_s"):
-        assert math.isfinite(final[key]), key
-    assert final["test/validity"] == 1.0 and final["test/mse"] < 0.05
-    weights = ckpt.load_weights(result.checkpoint.path)
-    servable = load_servable_mdm(weights, ckpt.load_config(result.checkpoint.path), "cpu", "final")
-    assert len(servable.keyframes("", "Joy.", [KINDS["joy"][2]])) == 1
+# The worker loops run through real Ray Tune + Train sweeps in tests/test_e2e.py (LM-Listener)
+# and tests/test_keyframe_e2e.py (Express4D-MDM): training, test-split scores, registry, endpoint.
