@@ -22,12 +22,13 @@ import pytest
 from conftest import BIN, TINY_PARAMS, env_for, free_port, make_project
 
 EPOCHS = 3
-STEPS = 80
-# 480 training pairs / batch 4 → up to 120 steps; 80 steps make an epoch last a few seconds on a
-# 2-core CPU: long enough for Ray Train's controller (it polls its workers every 2 s) to register
-# a reported checkpoint and still land a kill inside the next epoch. The rest is kept small.
+STEPS = 240
+# 1,200 training pairs / batch 4 → up to 300 steps; 240 steps make an epoch last several seconds on
+# a 2-core CPU (length-bucketed batches are fast): long enough for Ray Train's controller (it polls
+# its workers every 2 s) to register a reported checkpoint and still land a kill inside the next
+# epoch. The rest is kept small.
 FAST = [f"train.epochs={EPOCHS}", f"train.max_steps_per_epoch={STEPS}", "optim.batch_size=4",
-        "train.max_val_batches=1", "data.train_subset=480", "data.dev_subset=16", "data.max_frames=32",
+        "train.max_val_batches=1", "data.train_subset=1200", "data.dev_subset=16", "data.max_frames=32",
         "eval.enabled=false"]
 SWEEP = "sweeps/faults.yaml"
 TWO = "sweeps/faults_two.yaml"
@@ -227,7 +228,7 @@ def checkpoints(project: Path, sweep: str, trial_key: str) -> list[tuple[int, Pa
 def project(tmp_path_factory) -> Path:
     """A project of its own (git + DVC + the EmoAva stage built by `dvc repro`), one- and two-variant sweeps."""
     p = make_project(tmp_path_factory.mktemp("faults"),
-                     {**TINY_PARAMS, "emoava": {**TINY_PARAMS["emoava"], "n_train": 480}})
+                     {**TINY_PARAMS, "emoava": {**TINY_PARAMS["emoava"], "n_train": 1200}})
     subprocess.run([str(BIN / "dvc"), "repro", "emoava"], cwd=p, env=env_for(p), check=True,
                    capture_output=True, text=True, timeout=600)
     common = ("job: jobs/cteg_tiny.yaml\nmetric: {name: val/loss, goal: minimize}\nmethod: grid\nseeds: [0]\n"

@@ -248,6 +248,19 @@ def worker_nodes() -> list[str]:
     return nodes
 
 
+def warm_text_cache(model, texts: list[str], chunk: int = 256) -> None:
+    """Fill the frozen-encoder cache for ``texts`` in one canonical order (sorted, fixed chunks).
+
+    An encoder's output for a text differs in the last bits with the batch it is padded into; filling
+    the cache from whatever batches training happens to draw would make a run resumed from a
+    checkpoint (cold cache, different batches) drift from the undisturbed run. Filled this way, the
+    states of a text are the same in every process, so a resumed run equals the undisturbed one."""
+    unique = sorted(set(texts))
+    with torch.no_grad():
+        for i in range(0, len(unique), chunk):
+            model.encode_text(unique[i:i + chunk])
+
+
 def worker_loop(config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker. ``config`` keys: job (resolved job dict), data_dir,
     tracking ({uri, run_id} or None), trial (tags for the record)."""
@@ -300,6 +313,7 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     if not keep_encoder:  # frozen encoder: its states are computed once per text (TextStateCache)
         model.text_cache = TextStateCache()
+        warm_text_cache(model, [*train_ds.texts, *dev_ds.texts])
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
     per_worker = max(1, optim_cfg["batch_size"] // world)
     sampler = BucketBatchSampler([len(s) for s in train_ds.sequences], per_worker, num_replicas=world, rank=rank,
