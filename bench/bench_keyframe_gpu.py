@@ -46,20 +46,11 @@ QWEN2_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{
 
 
 def qwen_like_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from facelab.models.keyframe_lm.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS
+    from facelab.models.keyframe_lm.tiny import CHAT_TEMPLATE, train_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(iter(texts), trainer)
+    tok = train_bpe_tokenizer(texts, vocab_size, pattern=QWEN2_PRETOKENIZE)
     out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>")
     out.chat_template = CHAT_TEMPLATE
     return out

@@ -806,7 +806,7 @@ def load_servable_lm_listener(weights: dict[str, Tensor], config: dict, device: 
     every other weight must be present with its shape, and no unknown weight may be: anything else
     raises :class:`~facelab.train.checkpoint.CheckpointError` naming ``where``. Eval mode, on ``device``.
     """
-    from facelab.train.checkpoint import CheckpointError
+    from facelab.train.checkpoint import CheckpointError, load_checked
 
     if "mean_expression" not in weights:
         raise CheckpointError(f"{where}: no 'mean_expression' buffer")
@@ -814,13 +814,6 @@ def load_servable_lm_listener(weights: dict[str, Tensor], config: dict, device: 
         model = build_lm_listener(config, weights["mean_expression"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: config does not describe an lm_listener model ({exc!r})") from None
-    try:
-        result = model.load_state_dict(weights, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise CheckpointError(f"{where}: does not fit the model ({exc})") from None
-    missing = [k for k in result.missing_keys if not k.startswith("text_encoder.")]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"{where}: does not fit the model (missing {missing[:5]}, "
-                              f"unexpected {list(result.unexpected_keys)[:5]})")
+    load_checked(model, weights, where)
     model.set_stage(2)
     return model.to(device).eval()

@@ -122,13 +122,18 @@ def load_resume(checkpoint) -> tuple[dict[str, torch.Tensor], dict, dict]:
 
 def load_into(model: torch.nn.Module, dirpath: Path, sd: dict[str, torch.Tensor] | None = None) -> None:
     """Load weights (``sd``, or the directory's file) into ``model``; only the frozen encoder may be absent."""
-    sd = load_weights(dirpath) if sd is None else sd
+    load_checked(model, load_weights(dirpath) if sd is None else sd, str(Path(dirpath) / MODEL_FILE))
+
+
+def load_checked(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
+    """``model.load_state_dict(sd)`` where only the frozen encoder (``text_encoder.*``) may be absent;
+    a wrong shape, a missing or an unknown weight raises :class:`CheckpointError` naming ``where``."""
     try:
         result = model.load_state_dict(sd, strict=False)
     except RuntimeError as exc:  # shape mismatches
-        raise CheckpointError(f"{Path(dirpath) / MODEL_FILE}: does not fit the model ({exc})") from None
+        raise CheckpointError(f"{where}: does not fit the model ({exc})") from None
     missing = [k for k in result.missing_keys if not k.startswith("text_encoder.")]
     if missing or result.unexpected_keys:
         raise CheckpointError(
-            f"{Path(dirpath) / MODEL_FILE}: does not fit the model "
+            f"{where}: does not fit the model "
             f"(missing {missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected {result.unexpected_keys[:5]})")

@@ -71,12 +71,13 @@ def _fixed_corpus() -> list[str]:
     ]
 
 
-def _train_tokenizer(texts: Iterable[str], vocab_size: int):
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, pattern: str = PRETOKENIZE_PATTERN):
+    """A byte-level BPE trained offline on ``texts``, pre-split by ``pattern``, with the chat specials."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
@@ -136,7 +137,7 @@ def build_tiny_lm(out_dir: str | os.PathLike, texts: Iterable[str], *, vocab_siz
         raise ValueError("build_tiny_lm: " + "; ".join(problems))
 
     corpus = [t for t in texts if isinstance(t, str)] + _fixed_corpus()
-    tok = _train_tokenizer(corpus, vocab_size)
+    tok = train_bpe_tokenizer(corpus, vocab_size)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         chat_template=CHAT_TEMPLATE, model_max_length=max_position_embeddings)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
