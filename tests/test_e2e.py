@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import BIN, env_for, facelab, free_port
@@ -145,6 +146,7 @@ def test_promote_then_serve_over_http(quickstart):
         # same seed → same frames
         assert _post(base + "/v1/expressions", {"text": "I am so happy today!", "num_samples": 2,
                                                 "max_frames": 20, "seed": 7})[1] == body
+        _check_request_batching(base)
 
         bad = [({"text": ""}, "text"), ({"text": "   "}, "text"), ({"text": "x" * 5000}, "text"),
                ({"text": "hi", "max_frames": 0}, "max_frames"), ({"text": "hi", "max_frames": 10**6}, "max_frames"),
@@ -171,6 +173,44 @@ def test_promote_then_serve_over_http(quickstart):
             proc.kill()
 
 
+def _check_request_batching(base: str) -> None:
+    """Concurrent seeded requests are decoded in batches (X-Facelab-Batch > 1), and each gets the answer
+    it gets alone: same number of sequences and frames, values equal to float rounding."""
+    import threading
+
+    reqs = [{"text": t, "num_samples": k, "max_frames": n, "seed": 100 + i} for i, (t, k, n) in enumerate([
+        ("I am so happy today!", 1, 20), ("Why would you do that?", 3, 12), ("Well, this is awkward.", 2, 20),
+        ("No way!", 1, 7), ("I missed you so much.", 2, 18), ("Leave me alone.", 1, 20)])]
+    alone = []
+    for r in reqs:
+        status, body, headers = _post(base + "/v1/expressions", r, with_headers=True)
+        assert status == 200 and headers["x-facelab-batch"] == "1", (status, body)
+        alone.append(body["sequences"])
+    batch_sizes: list[int] = []
+    for _ in range(5):  # released together; a round may still find the replica free for each one alone
+        got: list = [None] * len(reqs)
+        gate = threading.Barrier(len(reqs))
+
+        def send(i: int) -> None:
+            gate.wait()
+            got[i] = _post(base + "/v1/expressions", reqs[i], with_headers=True)
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(reqs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for (status, body, headers), want in zip(got, alone):
+            assert status == 200, body
+            batch_sizes.append(int(headers["x-facelab-batch"]))
+            assert [len(s["frames"]) for s in body["sequences"]] == [len(s["frames"]) for s in want]
+            for s, w in zip(body["sequences"], want):
+                np.testing.assert_allclose(np.array(s["frames"]), np.array(w["frames"]), rtol=1e-4, atol=1e-5)
+        if max(batch_sizes) > 1:
+            break
+    assert max(batch_sizes) > 1, batch_sizes
+
+
 def _wait_healthy(base: str, proc, project: Path, timeout: float = 240, log_name: str = "serve.log") -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -191,14 +231,15 @@ def _get(url: str):
         return json.loads(r.read())
 
 
-def _post(url: str, payload, raw: bool = False):
+def _post(url: str, payload, raw: bool = False, with_headers: bool = False):
     data = payload if raw else json.dumps(payload).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
+            out = r.status, json.loads(r.read()), {k.lower(): v for k, v in r.headers.items()}
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+        out = e.code, json.loads(e.read() or b"{}"), {k.lower(): v for k, v in e.headers.items()}
+    return out if with_headers else out[:2]
 
 
 def test_ddp_two_workers_one_run(built_project):

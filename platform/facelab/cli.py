@@ -151,6 +151,9 @@ def cmd_serve(args) -> int:
     from facelab.serve.app import build_app
     from facelab.sweep import init_ray
 
+    if args.max_batch_size > args.max_ongoing_requests:
+        raise ValueError(f"--max-batch-size ({args.max_batch_size}) is larger than --max-ongoing-requests "
+                         f"({args.max_ongoing_requests}): a replica never holds that many requests at once")
     root = _root()
     uri = _tracking_uri(root)
     c = tracking.check_reachable(uri)
@@ -165,11 +168,15 @@ def cmd_serve(args) -> int:
     serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
     serve.run(build_app(model_name, uri, root=str(root), api_key=api_key, replicas=args.replicas,
                         max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
-                        watch_s=args.watch_champion),
+                        watch_s=args.watch_champion, max_batch_size=args.max_batch_size,
+                        batch_wait_s=args.batch_wait_ms / 1000.0, gpus_per_replica=args.gpus_per_replica),
               name="facelab", route_prefix="/", blocking=False)
     print(f"API key: {'required (X-API-Key header; from $' + args.api_key_env + ')' if api_key else 'none ($' + args.api_key_env + ' is unset)'}; "
-          f"{args.replicas} replica(s) x {args.max_ongoing_requests} concurrent + {args.max_queued_requests} queued, "
+          f"{args.replicas} replica(s) on {'CUDA' if args.gpus_per_replica > 0 else 'CPU'} x "
+          f"{args.max_ongoing_requests} concurrent + {args.max_queued_requests} queued, "
           f"timeout {args.request_timeout_s:g}s; "
+          + (f"expression requests batched up to {args.max_batch_size} (wait {args.batch_wait_ms:g} ms); "
+             if args.max_batch_size > 1 else "no request batching; ")
           + (f"a new champion is health-probed and swapped in (checked every {args.watch_champion:g}s)"
              if args.watch_champion > 0 else "the champion is loaded once (--watch-champion 0)"), flush=True)
     print(f"serving models:/{model_name}@champion on http://{args.host}:{args.port}  (docs: /docs; Ctrl-C stops)",
@@ -424,6 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--watch-champion", type=_at_least(0.0, float), default=30.0, metavar="SECONDS",
                     help="look for a newly promoted champion this often; it is health-probed and swapped in "
                          "without dropping requests, or refused while the current one keeps serving (default 30; 0 = never)")
+    sv.add_argument("--max-batch-size", type=_at_least(1), default=8,
+                    help="expression requests waiting in a replica are decoded as one batch of up to this many "
+                         "(each keeps its own seed; at most --max-ongoing-requests; 1 = no batching; default 8)")
+    sv.add_argument("--gpus-per-replica", type=_at_least(0.0, float), default=0.0,
+                    help="GPUs each replica reserves from Ray; > 0 runs the model on CUDA (default 0: CPU)")
+    sv.add_argument("--batch-wait-ms", type=_at_least(0.0, float), default=0.0,
+                    help="hold a lone request this long for others to batch with (default 0: batch what is "
+                         "already waiting, add no latency)")
     sv.set_defaults(fn=cmd_serve)
 
     rq = sub.add_parser("request", help="send one expression request to a running server")

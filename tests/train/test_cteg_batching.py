@@ -78,3 +78,41 @@ def test_text_state_cache_gives_the_encoder_states():
     torch.testing.assert_close(mem2[~pad], mem[~pad], rtol=1e-5, atol=1e-6)
     torch.manual_seed(0)
     torch.testing.assert_close(model(TEXTS, frames, lengths)["loss"], loss, rtol=1e-5, atol=1e-5)
+
+
+def test_a_request_decoded_in_a_batch_gets_the_answer_it_gets_alone():
+    """Request batching (the server's): each request's rows draw their noise from its own generator
+    and are cut to its own max_frames, so a seeded request gets the same frames and lengths alone as
+    inside a batch of other requests -- on the eager and on the static path, in any batch order."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+    from test_cteg_model import GEN_TEXTS, make
+
+    from facelab.models.cteg.decoding import generate, generate_groups
+
+    model = make(max_frames=40, stop_threshold=0.0)
+    free = generate(model, GEN_TEXTS, generator=torch.Generator().manual_seed(3))
+    v = torch.stack([f.norm(dim=-1) for f in free])[:, 1:].flatten().sort().values
+    model.cfg.stop_threshold = float(v[len(v) // 30] + v[len(v) // 30 + 1]) / 2  # some rows stop early
+    # (texts, max_frames, seed): several samples of one text, lengths across a noise-chunk boundary
+    requests = [(GEN_TEXTS[:1] * 3, 40, 11), (GEN_TEXTS[1:3], 17, 12), (GEN_TEXTS[3:4], 33, 13), ([""], 5, 14)]
+
+    def alone(static):
+        return [generate(model, t, max_frames=n, generator=torch.Generator().manual_seed(s), static=static)
+                for t, n, s in requests]
+
+    for static in (False, True):
+        want = alone(static)
+        assert len({len(x) for r in want for x in r}) >= 3  # stops and max_frames cuts both happen
+        for order in ([0, 1, 2, 3], [3, 2, 1, 0]):
+            reqs = [(requests[i][0], requests[i][1], torch.Generator().manual_seed(requests[i][2])) for i in order]
+            got = generate_groups(model, reqs, static=static)
+            for i, answer in zip(order, got):
+                assert [len(x) for x in answer] == [len(x) for x in want[i]]
+                for a, w in zip(answer, want[i]):
+                    torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one generator per text"):
+        generate(model, GEN_TEXTS[:2], generator=[torch.Generator()])
+

@@ -16,6 +16,10 @@ Limits: bodies over 64 KiB → 413 (declared or chunked); generation is bounded 
 bounded by the proxy's ``request_timeout_s`` (408); past ``max_ongoing_requests`` per replica plus
 ``max_queued_requests`` waiting, Serve answers 503 at once instead of queueing without bound.
 
+Request batching: expression requests waiting in a replica are decoded together, one batch on the
+device, each with its own seed and ``max_frames`` (``max_batch_size``, ``batch_wait_s``; see
+:func:`build_app`). Keyframe requests run one at a time.
+
 API key (optional): when one is configured, every route except ``/healthz`` needs ``X-API-Key: <key>``
 (or ``Authorization: Bearer <key>``), else 401. The key is given to ``build_app`` by the caller
 (``facelab serve`` reads it from an environment variable and drops it from its environment before Ray
@@ -30,6 +34,7 @@ import hmac
 import logging
 import secrets
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -133,6 +138,12 @@ class ModelUnhealthy(RuntimeError):
     """A loaded model failed the health probe (the message says how)."""
 
 
+# One model call at a time per replica process: the decoding batches, keyframe requests and the health
+# probe of a candidate champion (from the watcher thread). On CUDA a CTEG batch captures a CUDA graph,
+# and a capture must not overlap other work of the process on the device.
+_MODEL_LOCK = threading.Lock()
+
+
 def health_probe(model, kind: str) -> None:
     """One small real request through a freshly loaded model, before it may answer users: the right
     shapes and finite values, or :class:`ModelUnhealthy` naming what is wrong (NaN weights, a broken
@@ -145,7 +156,7 @@ def health_probe(model, kind: str) -> None:
     route = ROUTES.get(kind)
     if route is None:
         raise ModelUnhealthy(f"unknown job kind {kind!r}: no route serves it")
-    with torch.no_grad():
+    with _MODEL_LOCK, torch.no_grad():
         if route == "/v1/expressions":
             seqs = model.generate(["health check"], max_frames=8, generator=torch.Generator().manual_seed(0))
             if len(seqs) != 1 or seqs[0].ndim != 2 or seqs[0].shape[-1] != 53 or seqs[0].shape[0] < 1:
@@ -172,14 +183,58 @@ class Served:
     max_frames: int
 
 
-def load_checked(tracking_uri: str, model_name: str, ref: str, by: str, root: str | None) -> Served:
-    """Download ``models:/name@alias`` (or ``name/version``), rebuild it and pass the health probe."""
+@dataclass(frozen=True)
+class _Decode:
+    """One ``POST /v1/expressions`` waiting for its batch."""
+
+    served: Served
+    text: str
+    num_samples: int
+    max_frames: int
+    seed: int
+
+
+def _decode_jobs(jobs: list[_Decode]) -> list[list[list[list[float]]] | None]:
+    """Frames (as lists) per job, or None for a job whose frames are not all finite. Jobs are grouped
+    by the model version they were accepted under (a swap may fall between two of them); CTEG decodes
+    a group as one batch, other models (LM-Listener) one request after the other."""
+    import math
+
+    import torch
+
+    from facelab.models.cteg.decoding import generate_groups
+    from facelab.models.cteg.model import CTEG
+
+    out: list = [None] * len(jobs)
+    by_model: dict[int, list[int]] = {}
+    for i, j in enumerate(jobs):
+        by_model.setdefault(id(j.served), []).append(i)
+    with _MODEL_LOCK, torch.no_grad():
+        for idx in by_model.values():
+            model = jobs[idx[0]].served.model
+            reqs = [([jobs[i].text] * jobs[i].num_samples, jobs[i].max_frames, torch.Generator().manual_seed(jobs[i].seed))
+                    for i in idx]
+            if isinstance(model, CTEG):
+                answers = generate_groups(model, reqs)
+            else:
+                answers = [model.generate(t, max_frames=n, generator=g) for t, n, g in reqs]
+            for i, seqs in zip(idx, answers):
+                frames = [x.float().cpu().tolist() for x in seqs]
+                finite = all(math.isfinite(v) for f in frames for row in f for v in row)
+                out[i] = frames if finite else None
+    return out
+
+
+def load_checked(tracking_uri: str, model_name: str, ref: str, by: str, root: str | None,
+                 device: str = "cpu") -> Served:
+    """Download ``models:/name@alias`` (or ``name/version``), rebuild it on ``device`` and pass the
+    health probe."""
     from facelab import tracking
     from facelab.models.loading import load_servable
 
     with tempfile.TemporaryDirectory(prefix="facelab-serve-") as tmp:  # weights are in memory after loading
         local, info = tracking.download_model(tracking.client(tracking_uri), model_name, ref, Path(tmp), by=by)
-        model, config = load_servable(local, root=Path(root) if root else None)
+        model, config = load_servable(local, device=device, root=Path(root) if root else None)
     kind = config.get("kind")
     health_probe(model, kind)
     if kind == "keyframe":
@@ -209,16 +264,21 @@ class FacelabServer:
     one has started, so a broken model would leave nothing serving."""
 
     def __init__(self, model_name: str, tracking_uri: str, alias: str = "champion", root: str | None = None,
-                 api_key_check: tuple[bytes, bytes] | None = None, watch_s: float = 0.0):
+                 api_key_check: tuple[bytes, bytes] | None = None, watch_s: float = 0.0,
+                 max_batch_size: int = 8, batch_wait_s: float = 0.0, device: str = "cpu"):
         import importlib
-        import threading
 
         import torch
 
         importlib.import_module("facelab.serve.app")._API_KEY_CHECK = api_key_check
         torch.set_num_threads(max(1, torch.get_num_threads()))
+        self._decode_batch.set_max_batch_size(max_batch_size)
+        self._decode_batch.set_batch_wait_timeout_s(batch_wait_s)
         self.model_name, self.tracking_uri, self.alias, self.root = model_name, tracking_uri, alias, root
-        self.served = load_checked(tracking_uri, model_name, alias, "alias", root)  # a broken first model: no replica
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("gpus_per_replica > 0, but this replica sees no CUDA device")
+        self.device = device
+        self.served = load_checked(tracking_uri, model_name, alias, "alias", root, device)  # a broken first model: no replica
         self.refused: dict[str, str] = {}
         self._stop = threading.Event()
         self._watcher = None
@@ -241,7 +301,7 @@ class FacelabServer:
             if version == self.served.info.version or version in self.refused:
                 continue
             try:
-                new = load_checked(self.tracking_uri, self.model_name, version, "version", self.root)
+                new = load_checked(self.tracking_uri, self.model_name, version, "version", self.root, self.device)
                 if new.route != self.served.route:
                     raise ModelUnhealthy(f"a {new.kind!r} model answers {new.route}, but this endpoint serves "
                                          f"{self.served.route}")
@@ -285,22 +345,26 @@ class FacelabServer:
         return self.served.info
 
     @api.post("/v1/expressions", response_model=ExpressionResponse)
-    def expressions(self, req: ExpressionRequest) -> ExpressionResponse:
-        import torch
-
+    async def expressions(self, req: ExpressionRequest, response: Response) -> ExpressionResponse:
         s = self.served
         self._require(s, "/v1/expressions")
-        gen = torch.Generator()
-        gen.manual_seed(req.seed if req.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
-        max_frames = min(req.max_frames, s.max_frames)
-        with torch.no_grad():
-            seqs = s.model.generate([req.text] * req.num_samples, max_frames=max_frames, generator=gen)
-        frames = [s.float().cpu().tolist() for s in seqs]
-        for f in frames:
-            if not all(all(v == v and abs(v) != float("inf") for v in row) for row in f):
-                raise HTTPException(status_code=500, detail="model produced non-finite frames")
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**31 - 1)
+        frames, batch = await self._decode_batch(_Decode(s, req.text, req.num_samples, min(req.max_frames, s.max_frames), seed))
+        response.headers["X-Facelab-Batch"] = str(batch)  # how many requests were decoded together
+        if frames is None:
+            raise HTTPException(status_code=500, detail="model produced non-finite frames")
         return ExpressionResponse(model=s.info, sequences=[{"frames": f} for f in frames])
 
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)  # both set per replica in __init__
+    async def _decode_batch(self, jobs: list["_Decode"]) -> list[tuple[list[list[list[float]]] | None, int]]:
+        """Request batching: the requests waiting when the replica is free are decoded as one batch
+        (:func:`facelab.models.cteg.decoding.generate_groups`: each request keeps its own seed, noise and
+        ``max_frames``, so its answer does not depend on its batch-mates). The model runs in a worker
+        thread, so the replica's event loop keeps accepting requests -- the next batch -- meanwhile."""
+        import asyncio
+
+        answers = await asyncio.to_thread(_decode_jobs, jobs)
+        return [(a, len(jobs)) for a in answers]
 
     @api.post("/v1/keyframes", response_model=KeyframeResponse,
               responses={200: {"content": {"text/csv": {}}, "description": "JSON, or the Live Link Face CSV with ?format=csv"}})
@@ -314,7 +378,8 @@ class FacelabServer:
 
         s = self.served
         self._require(s, "/v1/keyframes")
-        results = s.model.keyframes(req.background, req.emotion, req.keyframes)
+        with _MODEL_LOCK:
+            results = s.model.keyframes(req.background, req.emotion, req.keyframes)
         rows = np.stack([r.values for r in results])  # (K, 61)
         if not all(math.isfinite(v) for v in rows.ravel().tolist()):
             raise HTTPException(status_code=500, detail="model produced non-finite values")
@@ -333,18 +398,33 @@ ExpressionServer = FacelabServer  # the name of the first release
 
 def build_app(model_name: str, tracking_uri: str, alias: str = "champion", root: str | None = None, *,
               api_key: str | None = None, replicas: int = 1, max_ongoing_requests: int = 8,
-              max_queued_requests: int = 64, watch_s: float = 0.0):
+              max_queued_requests: int = 64, watch_s: float = 0.0, max_batch_size: int = 8,
+              batch_wait_s: float = 0.0, gpus_per_replica: float = 0.0):
     """The bound Serve application. ``api_key`` (optional) is turned into a salted HMAC here, in the
     caller's process; replicas receive only that digest. ``replicas`` > 1 keeps answering while one
     replica is replaced (one replica = a short outage when its process dies) at the price of one
     model copy and, by default, one CPU per replica. Per replica, ``max_ongoing_requests`` run at once;
     beyond that up to ``max_queued_requests`` wait at the proxy and the rest get a quick 503. ``watch_s``
     > 0: follow the alias (a newly promoted champion is health-probed, then swapped in; see
-    :class:`FacelabServer`)."""
+    :class:`FacelabServer`). Request batching (``POST /v1/expressions``): up to ``max_batch_size``
+    requests waiting in a replica are decoded as one batch (1 = off); ``batch_wait_s`` > 0 holds the
+    first request up to that long for more to arrive (0 = take what is waiting, add no latency). A
+    batch is never larger than ``max_ongoing_requests``, so that must be at least ``max_batch_size``.
+    ``gpus_per_replica`` > 0: each replica reserves that share of a GPU from Ray and runs its model on
+    CUDA (CTEG then decodes with the static KV cache and CUDA-graph step); 0 = on the CPU."""
+    if max_batch_size < 1 or batch_wait_s < 0:
+        raise ValueError(f"max_batch_size must be >= 1 and batch_wait_s >= 0 (got {max_batch_size}, {batch_wait_s})")
+    if max_batch_size > max_ongoing_requests:
+        raise ValueError(f"max_batch_size ({max_batch_size}) is larger than max_ongoing_requests "
+                         f"({max_ongoing_requests}): a replica never holds that many requests at once")
     check = api_key_check(api_key) if api_key else None
+    if gpus_per_replica < 0:
+        raise ValueError(f"gpus_per_replica must be >= 0 (got {gpus_per_replica})")
     dep = FacelabServer.options(num_replicas=replicas, max_ongoing_requests=max_ongoing_requests,
-                                max_queued_requests=max_queued_requests)
-    return dep.bind(model_name, tracking_uri, alias, root, check, watch_s)
+                                max_queued_requests=max_queued_requests,
+                                ray_actor_options={"num_cpus": 1, "num_gpus": gpus_per_replica})
+    return dep.bind(model_name, tracking_uri, alias, root, check, watch_s, max_batch_size, batch_wait_s,
+                    "cuda" if gpus_per_replica > 0 else "cpu")
 
 
 def app_from_env(args: dict[str, str]):
@@ -352,7 +432,8 @@ def app_from_env(args: dict[str, str]):
     facelab.serve.app:app_from_env``). Ray Serve passes the config's ``args``; anything not given
     there comes from the environment: ``FACELAB_MODEL``, ``FACELAB_MODEL_ALIAS`` (default champion),
     ``MLFLOW_TRACKING_URI``, ``FACELAB_ROOT`` (where a project-relative base model lives),
-    ``FACELAB_WATCH_S`` (how often replicas look for a new champion; default 30, 0 = never) and the API
+    ``FACELAB_WATCH_S`` (how often replicas look for a new champion; default 30, 0 = never),
+    ``FACELAB_GPUS_PER_REPLICA`` (default 0: CPU), ``FACELAB_MAX_BATCH_SIZE`` (default 8) and the API
     key in the variable named by ``api_key_env`` (default ``FACELAB_API_KEY``; unset or empty = open
     endpoint). The key is read here and never written into the Serve config."""
     import os
@@ -363,8 +444,11 @@ def app_from_env(args: dict[str, str]):
     root = args.get("root") or os.environ.get("FACELAB_ROOT") or None
     api_key = os.environ.get(args.get("api_key_env") or "FACELAB_API_KEY") or None
     watch_s = float(args.get("watch_s") or os.environ.get("FACELAB_WATCH_S") or 30)
+    gpus = float(args.get("gpus_per_replica") or os.environ.get("FACELAB_GPUS_PER_REPLICA") or 0)
+    batch = int(args.get("max_batch_size") or os.environ.get("FACELAB_MAX_BATCH_SIZE") or 8)
     missing = [n for n, v in (("model (args.model or FACELAB_MODEL)", model),
                               ("tracking_uri (args.tracking_uri or MLFLOW_TRACKING_URI)", uri)) if not v]
     if missing:
         raise ValueError("facelab.serve.app:app_from_env needs " + " and ".join(missing))
-    return build_app(model, uri, alias=alias, root=root, api_key=api_key, watch_s=watch_s)
+    return build_app(model, uri, alias=alias, root=root, api_key=api_key, watch_s=watch_s,
+                     gpus_per_replica=gpus, max_batch_size=batch, max_ongoing_requests=max(8, batch))

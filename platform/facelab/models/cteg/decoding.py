@@ -21,6 +21,11 @@ zero (``translate.truncate_mask``). Differences, on purpose:
   sequence's frames do not depend on when the others stop, and every path -- the full recomputation
   (``use_cache=False``, which replays the stored noise of the prefix), the eager cached one and the
   static one below -- gives the same frames.
+* ``generator`` may also be a list with one generator per text: consecutive rows that share one
+  generator object form a *group* whose noise that generator draws on its own, exactly as it would
+  for those rows alone. This is what request batching in the server uses: a seeded request decoded
+  in a batch with others gets the noise -- and, up to float rounding of the batched kernels, the
+  frames -- it gets alone (:func:`generate_groups`).
 
 On CUDA the cached path is *static* by default: the KV caches are fixed-shape buffers written at a
 device-side step counter (:class:`~.layers.StaticKVCache`), the text masks are prepared once, and
@@ -54,6 +59,22 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: to
     return torch.randn(shape, generator=generator, device=src, dtype=dtype).to(device)
 
 
+def _groups(generator, b: int) -> list[tuple[torch.Generator | None, int]]:
+    """(generator, rows) per group of consecutive rows drawing from one generator (module docstring)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return [(generator, b)]
+    gens = list(generator)
+    if len(gens) != b:
+        raise ValueError(f"generator: a list needs one generator per text ({b}), got {len(gens)}")
+    groups: list[list] = []
+    for g in gens:
+        if groups and groups[-1][0] is g:
+            groups[-1][1] += 1
+        else:
+            groups.append([g, 1])
+    return [(g, n) for g, n in groups]
+
+
 def _select_kv(mem_kv, rows: Tensor):
     return [tuple((k[rows], v[rows]) for k, v in layer_kv) for layer_kv in mem_kv]
 
@@ -66,18 +87,24 @@ class _Noise:
         cfg = model.cfg
         self.n_layers, self.b, self.n_max = len(model.layers), b, n_max
         self.latent, self.d, self.sigma_out = cfg.latent_dim, cfg.d_model, cfg.output_sigma > 0
-        self.generator, self.device, self.dtype = generator, device, dtype
+        self.groups = _groups(generator, b)
+        self.device, self.dtype = device, dtype
         self.z: list[list[Tensor]] = [[] for _ in range(self.n_layers)]
         self.out: list[list[Tensor]] = [[] for _ in range(self.n_layers)]
 
+    def _draw(self, n: int, width: int) -> Tensor:
+        parts = [_randn((n, rows, width), g, self.device, self.dtype) for g, rows in self.groups]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
     def _draw_until(self, step: int) -> None:
         while len(self.z[0]) * NOISE_CHUNK <= step:
-            start = len(self.z[0]) * NOISE_CHUNK
-            n = min(NOISE_CHUNK, self.n_max - start)
+            # Always a whole chunk, also past n_max: a step's noise then depends on the generator and
+            # the step alone, not on n_max, so a request decoded in a batch with a larger max_frames
+            # gets the noise it gets alone.
             for m in range(self.n_layers):
-                self.z[m].append(_randn((n, self.b, self.latent), self.generator, self.device, self.dtype))
+                self.z[m].append(self._draw(NOISE_CHUNK, self.latent))
                 if self.sigma_out:
-                    self.out[m].append(_randn((n, self.b, self.d), self.generator, self.device, self.dtype))
+                    self.out[m].append(self._draw(NOISE_CHUNK, self.d))
 
     def step(self, p: int) -> list[tuple[Tensor, Tensor | None]]:
         """Per layer (ε_z (B, latent), ε_out (B, d) or None) of step ``p``."""
@@ -88,7 +115,7 @@ class _Noise:
     def all(self) -> list[tuple[Tensor, Tensor | None]]:
         """Per layer (ε_z (n_max, B, latent), ε_out (n_max, B, d) or None): every step's noise."""
         self._draw_until(self.n_max - 1)
-        return [(torch.cat(self.z[m]), torch.cat(self.out[m]) if self.sigma_out else None)
+        return [(torch.cat(self.z[m])[: self.n_max], torch.cat(self.out[m])[: self.n_max] if self.sigma_out else None)
                 for m in range(self.n_layers)]
 
 
@@ -97,7 +124,7 @@ def generate(
     model: CTEG,
     texts: list[str],
     max_frames: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator | None] | None = None,
     use_cache: bool = True,
     static: bool | None = None,
 ) -> list[Tensor]:
@@ -124,6 +151,30 @@ def generate(
         return _sample(model, texts, n_max, generator, use_cache)
     finally:
         model.train(was_training)
+
+
+def generate_groups(model: CTEG, requests: list[tuple[list[str], int, torch.Generator | None]],
+                    static: bool | None = None) -> list[list[Tensor]]:
+    """Decode several requests ``(texts, max_frames, generator)`` as one batch: one list of (T, 53)
+    tensors per request. Each request's rows draw their noise from its own generator and are cut to
+    its own ``max_frames``, so the answer is the one ``generate(model, texts, max_frames, generator)``
+    gives for the request alone (same noise, same stop decisions; values equal up to the rounding of
+    batched kernels and of padding the text batch). The batch runs ``max(max_frames)`` steps, ended
+    early once every row has stopped. Used by the server's request batching."""
+    if not requests:
+        return []
+    texts: list[str] = []
+    gens: list[torch.Generator | None] = []
+    for req_texts, _, gen in requests:
+        texts += req_texts
+        gens += [gen] * len(req_texts)
+    n_max = max(int(n) for _, n, _ in requests)
+    rows = generate(model, texts, max_frames=n_max, generator=gens, static=static)
+    out, i = [], 0
+    for req_texts, n, _ in requests:
+        out.append([r[: int(n)] for r in rows[i: i + len(req_texts)]])
+        i += len(req_texts)
+    return out
 
 
 def _sample(model: CTEG, texts: list[str], n_max: int, generator, use_cache: bool) -> list[Tensor]:
