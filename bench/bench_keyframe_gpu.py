@@ -22,7 +22,9 @@ Throughput counts real (non-padding) tokens; MFU uses the 4·N-per-token convent
 against ``--peak-tflops``. Peak memory is ``torch.cuda.max_memory_allocated`` per path.
 
 Generation: ``generate_keyframes`` at batch 1 and 32, ``mode="constrained"`` against ``mode="plain"``
-(greedy ``model.generate`` of the named JSON). A random-weight model never writes the end-of-turn token,
+(greedy ``model.generate`` of the named JSON) on the peft model as trained -- the common baseline -- and
+then ``mode="constrained"`` on the model as facelab serves it (``lora.merge_for_inference``: the adapter
+folded into the weights, what ``load_servable`` does). A random-weight model never writes the end-of-turn token,
 so plain decoding gets ``max_new_tokens`` = the longest answer's token count + 1: the number of tokens a
 trained model would emit. Keyframes/s and the parse rate are reported (plain decoding of a random model
 does not parse; constrained decoding always does).
@@ -58,6 +60,23 @@ def qwen_like_tokenizer(texts: list[str], vocab_size: int):
 
 def sync():
     torch.cuda.synchronize()
+
+
+def gen_timed(model, tok, chosen, cfg, mode: str, b: int, ans_len: int, device, label: str | None = None) -> dict:
+    from facelab.models.keyframe_lm.generate import generate_keyframes
+
+    stats: dict = {}
+    sync() if device.type == "cuda" else None
+    t0 = time.perf_counter()
+    out = generate_keyframes(model, tok, chosen, cfg, mode=mode, batch_size=b, max_new_tokens=ans_len, stats=stats)
+    sync() if device.type == "cuda" else None
+    t = time.perf_counter() - t0
+    flat = [r for per in out for r in per]
+    valid = sum(bool(r.valid) for r in flat)
+    print(f"generate b={b} {label or mode}: {len(flat)} keyframes in {t:.2f} s -> {len(flat) / t:.3f} keyframes/s, "
+          f"parsed {valid}/{len(flat)}, {stats['forward_calls']} forward calls", flush=True)
+    return {"s": t, "keyframes_per_s": len(flat) / t, "parse_rate": valid / len(flat),
+            "forward_calls": stats["forward_calls"], "fed_tokens": stats["fed_tokens"]}
 
 
 def main() -> None:
@@ -182,7 +201,10 @@ def main() -> None:
 
     gen_rows = []
     if not args.skip_generate:
+        from facelab.models.keyframe_lm.lora import merge_for_inference
+
         model.eval()
+        chosen_by_b = {}
         for b in [int(x) for x in args.gen_batches.split(",")]:
             want = args.gen_requests_b1 if b == 1 else b
             chosen, n = [], 0
@@ -194,24 +216,18 @@ def main() -> None:
             ans_len = max(len(tok(answer_text(kf.values, kf.index, cfg), add_special_tokens=False)["input_ids"])
                           for s in chosen for kf in s.keyframes) + 1
             entry = {"requests": n, "max_new_tokens_plain": ans_len}
+            chosen_by_b[b] = (chosen, ans_len, entry)
             generate_keyframes(model, tok, scripts[:1], cfg, mode="constrained", batch_size=b)  # warm-up
             for mode in ("constrained", "plain"):
-                stats: dict = {}
-                sync() if device.type == "cuda" else None
-                t0 = time.perf_counter()
-                out = generate_keyframes(model, tok, chosen, cfg, mode=mode, batch_size=b, max_new_tokens=ans_len,
-                                         stats=stats)
-                sync() if device.type == "cuda" else None
-                t = time.perf_counter() - t0
-                flat = [r for per in out for r in per]
-                valid = sum(bool(r.valid) for r in flat)
-                entry[mode] = {"s": t, "keyframes_per_s": len(flat) / t, "parse_rate": valid / len(flat),
-                               "forward_calls": stats["forward_calls"], "fed_tokens": stats["fed_tokens"]}
-                print(f"generate b={b} {mode}: {len(flat)} keyframes in {t:.2f} s -> {len(flat) / t:.3f} keyframes/s, "
-                      f"parsed {valid}/{len(flat)}, {stats['forward_calls']} forward calls", flush=True)
-            entry["speedup"] = entry["constrained"]["keyframes_per_s"] / entry["plain"]["keyframes_per_s"]
+                entry[mode] = gen_timed(model, tok, chosen, cfg, mode, b, ans_len, device)
             res.setdefault("generate", {})[b] = entry
             gen_rows.append((b, entry))
+        model = merge_for_inference(model).eval()  # as served; the adapter is gone from here on
+        for b, (chosen, ans_len, entry) in chosen_by_b.items():
+            generate_keyframes(model, tok, scripts[:1], cfg, mode="constrained", batch_size=b)  # warm-up
+            entry["served"] = gen_timed(model, tok, chosen, cfg, "constrained", b, ans_len, device, "served")
+            entry["speedup"] = entry["served"]["keyframes_per_s"] / entry["plain"]["keyframes_per_s"]
+            entry["speedup_unmerged"] = entry["constrained"]["keyframes_per_s"] / entry["plain"]["keyframes_per_s"]
 
     print("\n## LoRA training (real tokens/s; MFU = tokens/s x 4N / %.0f TFLOP/s, N = %.2fB)" % (args.peak_tflops,
                                                                                             n_params / 1e9))
@@ -222,12 +238,13 @@ def main() -> None:
         print(f"facelab / baseline: {res['train_speedup']:.2f}x")
     if gen_rows:
         print("\n## keyframe generation")
-        print(f"| {'batch':>5} | {'requests':>8} | {'constrained kf/s':>16} | {'plain kf/s':>10} | {'speed-up':>8} "
-              f"| {'parsed (c / p)':>14} |")
+        print(f"| {'batch':>5} | {'requests':>8} | {'served kf/s':>11} | {'constrained kf/s':>16} | {'plain kf/s':>10} "
+              f"| {'speed-up':>8} | {'unmerged':>8} | {'parsed (s / c / p)':>18} |")
         for b, e in gen_rows:
-            c, p = e["constrained"], e["plain"]
-            print(f"| {b:5d} | {e['requests']:8d} | {c['keyframes_per_s']:16.3f} | {p['keyframes_per_s']:10.3f} | "
-                  f"{e['speedup']:7.2f}x | {c['parse_rate']:5.0%} / {p['parse_rate']:4.0%} |")
+            sv, c, p = e["served"], e["constrained"], e["plain"]
+            print(f"| {b:5d} | {e['requests']:8d} | {sv['keyframes_per_s']:11.3f} | {c['keyframes_per_s']:16.3f} | "
+                  f"{p['keyframes_per_s']:10.3f} | {e['speedup']:7.2f}x | {e['speedup_unmerged']:7.2f}x | "
+                  f"{sv['parse_rate']:4.0%} / {c['parse_rate']:4.0%} / {p['parse_rate']:4.0%} |")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
 

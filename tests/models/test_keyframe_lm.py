@@ -332,6 +332,32 @@ def test_fresh_adapter_is_the_identity_and_scales_alpha_over_r(tiny_dir):
         LoraSettings(r=0)
 
 
+def test_merged_adapter_gives_the_adapted_models_logits(tiny_dir):
+    """Serving folds the adapter into the weights (merge_for_inference): same logits as the peft model
+    with a non-zero adapter, and no LoRA module left."""
+    from transformers import AutoModelForCausalLM
+
+    from facelab.models.keyframe_lm.lora import merge_for_inference
+
+    torch.manual_seed(0)
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraSettings()).eval()
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    ids = torch.arange(3, 40).unsqueeze(0)  # (1, T)
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        base = model.get_base_model()
+        with model.disable_adapter():
+            plain = model(input_ids=ids).logits
+        assert (adapted - plain).abs().max() > 1e-3  # the adapter matters
+        merged = merge_for_inference(model)
+        assert not any("lora" in n for n, _ in merged.named_modules())
+        assert merged is base or type(merged) is type(base)
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-5)
+    assert merge_for_inference(merged) is merged  # a plain model is left alone
+
+
 def test_unpadded_train_step_equals_the_padded_batch_loss(tiny_dir, tokenizer):
     """train.keyframe.train_step (one example at a time, LM head at the answer positions only) takes
     the same loss and gradients as ``model(padded batch, labels=...)``."""

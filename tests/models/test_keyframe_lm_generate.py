@@ -86,7 +86,8 @@ class OracleLM(torch.nn.Module):
         self.off_target += 1
         return logits
 
-    def forward(self, input_ids, attention_mask, position_ids=None, past_key_values=None, use_cache=True, **kw):
+    def forward(self, input_ids, attention_mask, position_ids=None, past_key_values=None, use_cache=True,
+                logits_to_keep=0, **kw):
         self.calls += 1
         past = past_key_values if past_key_values is not None else input_ids[:, :0]
         ids = torch.cat([past, input_ids], dim=1)  # (B, T)
@@ -101,7 +102,10 @@ class OracleLM(torch.nn.Module):
                 history = ids[b, :start + i + 1][keep].tolist()
                 assert position_ids[b, i] == len(history) - 1, "position ids do not count the kept tokens"
                 logits[b, i] = self.next_logits(history)
-        return SimpleNamespace(logits=logits, past_key_values=ids)
+        # The LM head only at the kept positions, as transformers' causal LMs do: an int keeps the last
+        # ``logits_to_keep`` positions (0 = all), a tensor lists them.
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep.cpu()
+        return SimpleNamespace(logits=logits[:, keep], past_key_values=ids)
 
 
 def plain_greedy(model: OracleLM, prompt: list[int], eos: int, limit: int = 2000) -> list[int]:

@@ -158,9 +158,11 @@ def load_servable(dirpath: Path, device: str = "cpu", root: Path | None = None):
         ckpt.load_into(model, dirpath)
         return model.to(device).eval(), config
     if kind == "keyframe":
+        from facelab.models.keyframe_lm.lora import merge_for_inference
+
         model, tokenizer, _info = build_keyframe_lm(config, root or Path.cwd(), device, trainable=False)
         load_keyframe_lm_state(model, weights, config, where)
-        model.eval()
+        model = merge_for_inference(model).eval()  # the adapter folded into the weights: faster decoding
         return ServableKeyframeLM(model, tokenizer, config), config
     if kind == "keyframe_evaluator":
         from facelab.models.keyframe_evaluator import load_evaluator

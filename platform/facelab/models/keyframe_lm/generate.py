@@ -297,8 +297,10 @@ def _constrained_batch(model: Any, programs: Sequence[_Program], prompts: Sequen
     ids, mask = _left_pad([r.chunk for r in rows], pad_id)  # (B, T)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     n_real = mask.sum(-1).tolist()
+    # The prefill needs the logits of its last position only (left padding: the same column for every
+    # row); the LM head over the whole prompt would be a (B, T, vocabulary) tensor.
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                use_cache=True)
+                use_cache=True, logits_to_keep=1)
     stats["forward_calls"] += 1
     stats["fed_tokens"] += int(mask.sum())
     cache = out.past_key_values
@@ -322,15 +324,20 @@ def _constrained_batch(model: Any, programs: Sequence[_Program], prompts: Sequen
             positions[b] = n_real[b] + torch.arange(width)
         start = mask.shape[1]
         mask = torch.cat([mask, new_mask], dim=1)  # (B, T + L)
+        lens = torch.tensor([max(len(c), 1) for c in chunks])
+        # Only the chunk positions whose logits are read (the first, and each row's last) go through the
+        # LM head: ``keep`` lists them, ``at`` maps a position to its row in the kept logits.
+        keep = torch.unique(torch.cat([torch.zeros(1, dtype=torch.long), lens - 1]))  # sorted
+        at = torch.full((width,), -1, dtype=torch.long)
+        at[keep] = torch.arange(len(keep))
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                    past_key_values=cache, use_cache=True)
+                    past_key_values=cache, use_cache=True, logits_to_keep=keep.to(device))
         stats["forward_calls"] += 1
         stats["fed_tokens"] += int(new_mask.sum())
         cache = out.past_key_values
-        lens = torch.tensor([max(len(c), 1) for c in chunks])
-        logits = out.logits[:, :, cols_dev]  # (B, L, C)
+        logits = out.logits[:, :, cols_dev]  # (B, len(keep), C)
         firsts = logits[:, 0].float().cpu()  # (B, C)
-        lasts = logits[torch.arange(B, device=logits.device), (lens - 1).to(logits.device)].float().cpu()  # (B, C)
+        lasts = logits[torch.arange(B, device=logits.device), at[lens - 1].to(logits.device)].float().cpu()  # (B, C)
         for b, (r, c) in enumerate(zip(rows, chunks)):
             if not c:
                 continue
