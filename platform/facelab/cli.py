@@ -151,6 +151,8 @@ def cmd_serve(args) -> int:
     from facelab.serve.app import build_app
     from facelab.sweep import init_ray
 
+    if args.max_batch_size is None:
+        args.max_batch_size = min(8, args.max_ongoing_requests)
     if args.max_batch_size > args.max_ongoing_requests:
         raise ValueError(f"--max-batch-size ({args.max_batch_size}) is larger than --max-ongoing-requests "
                          f"({args.max_ongoing_requests}): a replica never holds that many requests at once")
@@ -431,9 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--watch-champion", type=_at_least(0.0, float), default=30.0, metavar="SECONDS",
                     help="look for a newly promoted champion this often; it is health-probed and swapped in "
                          "without dropping requests, or refused while the current one keeps serving (default 30; 0 = never)")
-    sv.add_argument("--max-batch-size", type=_at_least(1), default=8,
+    sv.add_argument("--max-batch-size", type=_at_least(1), default=None,
                     help="expression requests waiting in a replica are decoded as one batch of up to this many "
-                         "(each keeps its own seed; at most --max-ongoing-requests; 1 = no batching; default 8)")
+                         "(each keeps its own seed; at most --max-ongoing-requests; 1 = no batching; default 8, "
+                         "or --max-ongoing-requests if smaller)")
     sv.add_argument("--gpus-per-replica", type=_at_least(0.0, float), default=0.0,
                     help="GPUs each replica reserves from Ray; > 0 runs the model on CUDA (default 0: CPU)")
     sv.add_argument("--batch-wait-ms", type=_at_least(0.0, float), default=0.0,

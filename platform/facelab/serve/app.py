@@ -398,7 +398,7 @@ ExpressionServer = FacelabServer  # the name of the first release
 
 def build_app(model_name: str, tracking_uri: str, alias: str = "champion", root: str | None = None, *,
               api_key: str | None = None, replicas: int = 1, max_ongoing_requests: int = 8,
-              max_queued_requests: int = 64, watch_s: float = 0.0, max_batch_size: int = 8,
+              max_queued_requests: int = 64, watch_s: float = 0.0, max_batch_size: int | None = None,
               batch_wait_s: float = 0.0, gpus_per_replica: float = 0.0):
     """The bound Serve application. ``api_key`` (optional) is turned into a salted HMAC here, in the
     caller's process; replicas receive only that digest. ``replicas`` > 1 keeps answering while one
@@ -407,11 +407,14 @@ def build_app(model_name: str, tracking_uri: str, alias: str = "champion", root:
     beyond that up to ``max_queued_requests`` wait at the proxy and the rest get a quick 503. ``watch_s``
     > 0: follow the alias (a newly promoted champion is health-probed, then swapped in; see
     :class:`FacelabServer`). Request batching (``POST /v1/expressions``): up to ``max_batch_size``
-    requests waiting in a replica are decoded as one batch (1 = off); ``batch_wait_s`` > 0 holds the
+    requests waiting in a replica are decoded as one batch (1 = off; default: 8, at most
+    ``max_ongoing_requests``); ``batch_wait_s`` > 0 holds the
     first request up to that long for more to arrive (0 = take what is waiting, add no latency). A
     batch is never larger than ``max_ongoing_requests``, so that must be at least ``max_batch_size``.
     ``gpus_per_replica`` > 0: each replica reserves that share of a GPU from Ray and runs its model on
     CUDA (CTEG then decodes with the static KV cache and CUDA-graph step); 0 = on the CPU."""
+    if max_batch_size is None:
+        max_batch_size = min(8, max_ongoing_requests)
     if max_batch_size < 1 or batch_wait_s < 0:
         raise ValueError(f"max_batch_size must be >= 1 and batch_wait_s >= 0 (got {max_batch_size}, {batch_wait_s})")
     if max_batch_size > max_ongoing_requests:
