@@ -168,6 +168,12 @@ def bench_trial(config: dict, ctx) -> None:
     real_for = sweep.worker_loop_for
     sweep.worker_loop_for = lambda kind: _timed_worker_loop(real_for(kind))
     try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # a GPU machine without matplotlib: the trial's loss-curve PNG is skipped
+        import facelab.plots
+
+        facelab.plots.loss_curves = lambda *a, **k: None
+    try:
         real_run_trial(config, ctx)
     finally:
         sweep.worker_loop_for = real_for
