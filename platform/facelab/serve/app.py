@@ -194,6 +194,65 @@ class _Decode:
     seed: int
 
 
+class Batcher:
+    """Request batching that forms a batch when the model is free: requests queue up while a batch
+    runs, and the next batch takes all that are waiting (up to ``max_batch_size``; with ``wait_s`` > 0
+    a lone request waits that long for company). ``run(jobs)`` runs in a worker thread, one batch at a
+    time, so the replica's event loop keeps accepting requests meanwhile; it returns one answer per job.
+
+    Why not ``@serve.batch``: Ray Serve's batcher cuts a batch as soon as its wait expires, *before*
+    the previous batch has finished (its concurrency limit applies afterwards), so with no wait every
+    request becomes a batch of one, and with a wait the batches are what arrived within that window
+    while latency grows by it. Measured on CPU, 8 clients: 104 of 112 requests decoded alone."""
+
+    def __init__(self, run, max_batch_size: int, wait_s: float = 0.0):
+        self.run, self.max_batch_size, self.wait_s = run, max_batch_size, wait_s
+        self._queue = None  # made on the replica's event loop at the first request
+
+    async def submit(self, job):
+        """Queue ``job``; → (its answer, how many jobs its batch held). A failure of the batch is raised
+        to each of its requests."""
+        import asyncio
+
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.get_running_loop().create_task(self._serve())
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((job, fut))
+        return await fut
+
+    async def _serve(self) -> None:
+        import asyncio
+
+        while True:
+            items = [await self._queue.get()]
+            if self.wait_s > 0:
+                deadline = asyncio.get_running_loop().time() + self.wait_s
+                while len(items) < self.max_batch_size:
+                    left = deadline - asyncio.get_running_loop().time()
+                    if left <= 0:
+                        break
+                    try:
+                        items.append(await asyncio.wait_for(self._queue.get(), left))
+                    except asyncio.TimeoutError:
+                        break
+            while len(items) < self.max_batch_size and not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            items = [(job, fut) for job, fut in items if not fut.done()]  # the client gave up (cancelled)
+            if not items:
+                continue
+            try:
+                answers = await asyncio.to_thread(self.run, [job for job, _ in items])
+            except Exception as exc:  # noqa: BLE001 - every request of the batch gets the error (a 500)
+                for _, fut in items:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), answer in zip(items, answers):
+                if not fut.done():
+                    fut.set_result((answer, len(items)))
+
+
 def _decode_jobs(jobs: list[_Decode]) -> list[list[list[list[float]]] | None]:
     """Frames (as lists) per job, or None for a job whose frames are not all finite. Jobs are grouped
     by the model version they were accepted under (a swap may fall between two of them); CTEG decodes
@@ -272,8 +331,7 @@ class FacelabServer:
 
         importlib.import_module("facelab.serve.app")._API_KEY_CHECK = api_key_check
         torch.set_num_threads(max(1, torch.get_num_threads()))
-        self._decode_batch.set_max_batch_size(max_batch_size)
-        self._decode_batch.set_batch_wait_timeout_s(batch_wait_s)
+        self._batcher = Batcher(_decode_jobs, max_batch_size, batch_wait_s)
         self.model_name, self.tracking_uri, self.alias, self.root = model_name, tracking_uri, alias, root
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("gpus_per_replica > 0, but this replica sees no CUDA device")
@@ -349,22 +407,11 @@ class FacelabServer:
         s = self.served
         self._require(s, "/v1/expressions")
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31 - 1)
-        frames, batch = await self._decode_batch(_Decode(s, req.text, req.num_samples, min(req.max_frames, s.max_frames), seed))
+        frames, batch = await self._batcher.submit(_Decode(s, req.text, req.num_samples, min(req.max_frames, s.max_frames), seed))
         response.headers["X-Facelab-Batch"] = str(batch)  # how many requests were decoded together
         if frames is None:
             raise HTTPException(status_code=500, detail="model produced non-finite frames")
         return ExpressionResponse(model=s.info, sequences=[{"frames": f} for f in frames])
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)  # both set per replica in __init__
-    async def _decode_batch(self, jobs: list["_Decode"]) -> list[tuple[list[list[list[float]]] | None, int]]:
-        """Request batching: the requests waiting when the replica is free are decoded as one batch
-        (:func:`facelab.models.cteg.decoding.generate_groups`: each request keeps its own seed, noise and
-        ``max_frames``, so its answer does not depend on its batch-mates). The model runs in a worker
-        thread, so the replica's event loop keeps accepting requests -- the next batch -- meanwhile."""
-        import asyncio
-
-        answers = await asyncio.to_thread(_decode_jobs, jobs)
-        return [(a, len(jobs)) for a in answers]
 
     @api.post("/v1/keyframes", response_model=KeyframeResponse,
               responses={200: {"content": {"text/csv": {}}, "description": "JSON, or the Live Link Face CSV with ?format=csv"}})
