@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_cteg_gpu import build_encoder_dir  # noqa: E402
-from load_serve import run_load  # noqa: E402
+from load_serve import run_load, wait_healthy  # noqa: E402
 
 TEXTS = "I am so happy to see you again, it has been far too long!"
 
@@ -70,20 +70,6 @@ def make_champion(tmp: Path, vocab: str, small: bool, max_frames: int) -> tuple[
                               {tracking.TAG_JOB_KIND: "cteg"}, "bench-serve")
     tracking.promote(c, trial, job["name"], "val/loss", "minimize")
     return uri, job["name"], job
-
-
-def wait_healthy(url: str, timeout: float = 600) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/healthz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"no healthy server at {url} after {timeout:.0f}s")
 
 
 def main() -> None:
@@ -122,7 +108,7 @@ def main() -> None:
             serve.run(build_app(name, uri, max_ongoing_requests=max(clients + [bs]), max_queued_requests=256,
                                 max_batch_size=bs, gpus_per_replica=1 if cuda else 0),
                       name="facelab", route_prefix="/", blocking=False)
-            wait_healthy(url)
+            wait_healthy(url, None, timeout=600)
             print(f"max_batch_size {bs}: replica ready in {time.perf_counter() - t0:.1f}s", flush=True)
             for n in clients:
                 run_load(url, n, args.warmup, body, {}, 300)
