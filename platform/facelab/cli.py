@@ -148,14 +148,14 @@ def cmd_serve(args) -> int:
     from ray import serve
 
     from facelab import tracking
-    from facelab.serve.app import build_app
+    from facelab.serve.app import batch_size_for, build_app
     from facelab.sweep import init_ray
 
-    if args.max_batch_size is None:
-        args.max_batch_size = min(8, args.max_ongoing_requests)
-    if args.max_batch_size > args.max_ongoing_requests:
-        raise ValueError(f"--max-batch-size ({args.max_batch_size}) is larger than --max-ongoing-requests "
-                         f"({args.max_ongoing_requests}): a replica never holds that many requests at once")
+    try:  # checked before Ray starts
+        args.max_batch_size = batch_size_for(args.max_batch_size, args.max_ongoing_requests)
+    except ValueError as exc:
+        print(f"facelab: error: --max-batch-size: {exc}", file=sys.stderr)
+        return 2
     root = _root()
     uri = _tracking_uri(root)
     c = tracking.check_reachable(uri)

@@ -208,6 +208,7 @@ class Batcher:
     def __init__(self, run, max_batch_size: int, wait_s: float = 0.0):
         self.run, self.max_batch_size, self.wait_s = run, max_batch_size, wait_s
         self._queue = None  # made on the replica's event loop at the first request
+        self._worker = None  # the task running _serve; held here so that it is not garbage-collected
 
     async def submit(self, job):
         """Queue ``job``; → (its answer, how many jobs its batch held). A failure of the batch is raised
@@ -443,6 +444,20 @@ class FacelabServer:
 ExpressionServer = FacelabServer  # the name of the first release
 
 
+def batch_size_for(max_batch_size: int | None, max_ongoing_requests: int) -> int:
+    """The request-batch limit a replica uses: ``max_batch_size``, by default 8 or
+    ``max_ongoing_requests`` if smaller; ValueError when it is < 1 or larger than
+    ``max_ongoing_requests`` (a replica never holds more requests than that at once)."""
+    if max_batch_size is None:
+        return min(8, max_ongoing_requests)
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1 (got {max_batch_size})")
+    if max_batch_size > max_ongoing_requests:
+        raise ValueError(f"max_batch_size ({max_batch_size}) is larger than max_ongoing_requests "
+                         f"({max_ongoing_requests}): a replica never holds that many requests at once")
+    return max_batch_size
+
+
 def build_app(model_name: str, tracking_uri: str, alias: str = "champion", root: str | None = None, *,
               api_key: str | None = None, replicas: int = 1, max_ongoing_requests: int = 8,
               max_queued_requests: int = 64, watch_s: float = 0.0, max_batch_size: int | None = None,
@@ -460,13 +475,9 @@ def build_app(model_name: str, tracking_uri: str, alias: str = "champion", root:
     batch is never larger than ``max_ongoing_requests``, so that must be at least ``max_batch_size``.
     ``gpus_per_replica`` > 0: each replica reserves that share of a GPU from Ray and runs its model on
     CUDA (CTEG then decodes with the static KV cache and CUDA-graph step); 0 = on the CPU."""
-    if max_batch_size is None:
-        max_batch_size = min(8, max_ongoing_requests)
-    if max_batch_size < 1 or batch_wait_s < 0:
-        raise ValueError(f"max_batch_size must be >= 1 and batch_wait_s >= 0 (got {max_batch_size}, {batch_wait_s})")
-    if max_batch_size > max_ongoing_requests:
-        raise ValueError(f"max_batch_size ({max_batch_size}) is larger than max_ongoing_requests "
-                         f"({max_ongoing_requests}): a replica never holds that many requests at once")
+    max_batch_size = batch_size_for(max_batch_size, max_ongoing_requests)
+    if batch_wait_s < 0:
+        raise ValueError(f"batch_wait_s must be >= 0 (got {batch_wait_s})")
     check = api_key_check(api_key) if api_key else None
     if gpus_per_replica < 0:
         raise ValueError(f"gpus_per_replica must be >= 0 (got {gpus_per_replica})")
