@@ -17,7 +17,7 @@ import numpy as np
 import scipy
 from scipy.stats import multivariate_normal
 
-from facelab.metrics.expression import CPPL_FLOOR, cppl_per_item, perplexity
+from facelab.tasks.expressions.metrics import CPPL_FLOOR, cppl_per_item, perplexity
 
 
 def numerical(means: list[np.ndarray], targets: list[np.ndarray], delta: float, sigma: float) -> np.ndarray:

@@ -20,7 +20,7 @@ Measured, in one run:
    ``TranslationDataset``/``collate_fn`` (padded to 128 text tokens and 256 frames; built before the
    clock starts, so its tokenizer time is *not* counted), anomaly detection on (as shipped: its
    ``train.py`` turns it on at import) and off; facelab's ``train_step`` over a full epoch of the
-   ``BucketBatchSampler`` (the default path of ``facelab.train.cteg``), plus ablation rows.
+   ``BucketBatchSampler`` (the default path of ``facelab.families.cteg.loop``), plus ablation rows.
    Sequences: ``--n-train`` (12,000) with EmoAva's length model (``facelab.data.synth``: log-normal,
    mean ~52 frames, ~1.2 % over 256, longer texts -> longer sequences), cut to 256 frames; texts
    from ``--texts`` (the release's ``test_stage1_text.pkl``) cycled. MFU counts the useful FLOPs
@@ -250,8 +250,8 @@ def main() -> None:
 
     import transformers
 
-    from facelab.models.cteg.model import CTEG, CTEGConfig, TextStateCache, noam_lambda
-    from facelab.train.cteg import BucketBatchSampler, PairDataset, collate, make_optimizer, train_step
+    from facelab.families.cteg.model import CTEG, CTEGConfig, TextStateCache, noam_lambda
+    from facelab.families.cteg.loop import BucketBatchSampler, PairDataset, collate, make_optimizer, train_step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ref_dir = Path(args.reference)
@@ -299,7 +299,7 @@ def main() -> None:
     ds = PairDataset(texts, seqs, trg_len)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    # ---- facelab training: the default path of facelab.train.cteg.worker_loop ---------
+    # ---- facelab training: the default path of facelab.families.cteg.loop.worker_loop ---------
     # (bucketed batches, bf16 autocast, fused Adam, frozen-encoder states cached per text)
     model.text_cache = TextStateCache()
     opt = make_optimizer(params, optim_cfg, device)
@@ -435,7 +435,7 @@ def main() -> None:
     model.eval()
     dec_rows = []
     gen = lambda: torch.Generator(device=device).manual_seed(7)  # noqa: E731
-    from facelab.models.cteg.decoding import generate as fl_generate
+    from facelab.families.cteg.decoding import generate as fl_generate
 
     if ref_model is not None:
         translator = mods.Translator(model=ref_model, max_seq_len=n_frames, device=device, tokenizer=ref_tok,

@@ -4,8 +4,8 @@ Issue 5's multi-GPU item: "a CTEG sweep trial with 2 workers on a 2-GPU machine 
 (DDP): the scaling efficiency against 1 worker, and loss curves that agree".
 
 Each run is ``facelab train JOB --num-workers N`` (``facelab.cli.main``, in this process): a
-one-trial sweep through ``facelab.sweep.run_sweep`` -> Ray Tune -> ``run_trial`` -> a
-``TorchTrainer`` over ``facelab.train.cteg.worker_loop`` (``ScalingConfig(num_workers=N,
+one-trial sweep through ``facelab.runtime.sweep.run_sweep`` -> Ray Tune -> ``run_trial`` -> a
+``TorchTrainer`` over ``facelab.families.cteg.loop.worker_loop`` (``ScalingConfig(num_workers=N,
 use_gpu=...)``), rank 0 logging the trial's MLflow run. Same job, data, seed and epochs for every
 worker count. Everything lives in a temporary project directory:
 
@@ -24,7 +24,7 @@ worker count. Everything lives in a temporary project directory:
 Two things differ from a user's ``facelab train``; both are patched at run time by this script (no
 facelab file changes):
 
-* there is no DVC here: ``facelab.data.lineage.verify_data`` (which asks DVC whether the data
+* there is no DVC here: ``facelab.core.lineage.verify_data`` (which asks DVC whether the data
   matches ``dvc.lock``) is replaced by a stand-in that tags the run with an md5 of the generated
   files;
 * the training phase of every epoch is timed inside the workers: the Tune trial function is
@@ -38,7 +38,7 @@ facelab file changes):
 NCCL's NVLink multicast (NVLS) is left off (``NCCL_NVLS_ENABLE=0`` unless set otherwise; the Ray
 workers inherit it), as the shared GPU hosts require.
 
-Batch convention (``facelab.train.cteg.worker_loop``): ``optim.batch_size`` is the *global* batch,
+Batch convention (``facelab.families.cteg.loop.worker_loop``): ``optim.batch_size`` is the *global* batch,
 sequences per optimizer step over all workers; each of N workers trains ``batch_size // N``. So the
 runs take the same optimizer steps over the same global batches (``BucketBatchSampler`` cuts
 identical global batches for any N; rank r takes the r-th slice), and throughput is global
@@ -67,7 +67,7 @@ REPO = HERE.parent
 
 CONVENTION = (
     "optim.batch_size is the global batch (sequences per optimizer step summed over workers); each of N "
-    "workers trains batch_size // N (facelab.train.cteg.worker_loop). BucketBatchSampler cuts the same "
+    "workers trains batch_size // N (facelab.families.cteg.loop.worker_loop). BucketBatchSampler cuts the same "
     "global batches for every N (same seed+epoch shuffle and length pools; rank r takes slice r), so every "
     "run takes the same optimizer steps over the same batches. The loss is a per-sequence mean and DDP "
     "averages the ranks' gradients, so a 2-worker step equals a 1-worker step on the whole batch in "
@@ -87,7 +87,7 @@ HISTORY_KEYS = ("train/loss", "train/mse", "train/kl", "train/lg", "val/loss", "
 
 
 def _install_epoch_timer(config: dict) -> None:
-    """Hooks on ``facelab.train.cteg`` in this Train worker: time each epoch's training phase."""
+    """Hooks on ``facelab.families.cteg.loop`` in this Train worker: time each epoch's training phase."""
     import json as _json
     import time as _time
     from pathlib import Path as _Path
@@ -95,7 +95,7 @@ def _install_epoch_timer(config: dict) -> None:
     import ray.train
     import torch
 
-    import facelab.train.cteg as loop_mod
+    import facelab.families.cteg.loop as loop_mod
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -160,11 +160,11 @@ def _timed_worker_loop(real_loop):
 
 def bench_trial(config: dict, ctx) -> None:
     """The Tune trial function: facelab's ``run_trial``, its Train workers running the timed loop."""
-    from facelab import sweep
+    from facelab.runtime import sweep
 
-    real_run_trial = sweep.run_trial  # this actor imported facelab.sweep afresh: the real one
+    real_run_trial = sweep.run_trial  # this actor imported facelab.runtime.sweep afresh: the real one
     if getattr(real_run_trial, "__name__", "") == "bench_trial":
-        raise RuntimeError("bench_trial: facelab.sweep.run_trial is patched in the trial process")
+        raise RuntimeError("bench_trial: facelab.runtime.sweep.run_trial is patched in the trial process")
     real_for = sweep.worker_loop_for
     sweep.worker_loop_for = lambda kind: _timed_worker_loop(real_for(kind))
     try:
@@ -222,8 +222,8 @@ def data_digest(data_dir: Path) -> tuple[str, int, int]:
 
 def patch_driver(root: Path) -> None:
     """No DVC on the benchmark machine: lineage from the generated files; trials run :func:`bench_trial`."""
-    import facelab.data.lineage as lineage
-    from facelab import sweep
+    import facelab.core.lineage as lineage
+    from facelab.runtime import sweep
 
     md5, size, nfiles = data_digest(root / "data" / "emoava")
 
@@ -374,7 +374,7 @@ def print_summary(results: dict) -> None:
           f"{cfg['n_train']:,} train / {cfg['n_dev']:,} dev synthetic EmoAva sequences (mean "
           f"{cfg['mean_len']:.1f} frames, MSL {cfg['max_frames']}), global batch {cfg['batch_size']}, "
           f"{cfg['epochs']} epochs, seed {cfg['seed']}; each run is `facelab train --num-workers N` "
-          f"(Tune -> TorchTrainer -> facelab.train.cteg.worker_loop).")
+          f"(Tune -> TorchTrainer -> facelab.families.cteg.loop.worker_loop).")
     print(f"Command: `{results['command']}`\n")
     print(f"Batch convention: {CONVENTION}\n")
     timed = all(f["timed_train_phase"] for f in figs)

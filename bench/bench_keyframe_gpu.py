@@ -3,7 +3,7 @@
 Model: a Qwen3-4B-architecture causal LM with random weights in bf16 (hidden 2560, 36 layers, 32 query /
 8 key-value heads of 128, MLP 9728, vocabulary 151,936, tied embeddings: 4.02B parameters), SDPA
 attention, the paper's LoRA (r 8, α 32, dropout 0.05, the seven linear layers of every block: 16.5M
-trainable parameters) through ``facelab.models.keyframe_lm.lora.apply_lora`` (plain peft).
+trainable parameters) through ``facelab.families.keyframe_lm.lora.apply_lora`` (plain peft).
 
 Data: synthetic KeyframeFace scripts (``facelab.data.synth_keyframe``), written as the release's requests
 and answers (semantic format, glossary, ARKit annotation) and tokenised by facelab's
@@ -50,7 +50,7 @@ QWEN2_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{
 def qwen_like_tokenizer(texts: list[str], vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
-    from facelab.models.keyframe_lm.tiny import CHAT_TEMPLATE, train_bpe_tokenizer
+    from facelab.families.keyframe_lm.tiny import CHAT_TEMPLATE, train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(texts, vocab_size, pattern=QWEN2_PRETOKENIZE)
     out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>")
@@ -63,7 +63,7 @@ def sync():
 
 
 def gen_timed(model, tok, chosen, cfg, mode: str, b: int, ans_len: int, device, label: str | None = None) -> dict:
-    from facelab.models.keyframe_lm.generate import generate_keyframes
+    from facelab.families.keyframe_lm.generate import generate_keyframes
 
     stats: dict = {}
     sync() if device.type == "cuda" else None
@@ -99,11 +99,11 @@ def main() -> None:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from facelab.data.synth_keyframe import generate_scripts
-    from facelab.models.keyframe_lm.data import collate
-    from facelab.models.keyframe_lm.generate import generate_keyframes
-    from facelab.models.keyframe_lm.lora import LoraSettings, apply_lora, count_trainable
-    from facelab.models.keyframe_lm.prompts import answer_text, build_messages
-    from facelab.train.keyframe import build_examples, make_optimizer, prompt_config, train_step
+    from facelab.families.keyframe_lm.data import collate
+    from facelab.families.keyframe_lm.generate import generate_keyframes
+    from facelab.families.keyframe_lm.lora import LoraSettings, apply_lora, count_trainable
+    from facelab.families.keyframe_lm.prompts import answer_text, build_messages
+    from facelab.families.keyframe_lm.loop import build_examples, make_optimizer, prompt_config, train_step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     res: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -201,7 +201,7 @@ def main() -> None:
 
     gen_rows = []
     if not args.skip_generate:
-        from facelab.models.keyframe_lm.lora import merge_for_inference
+        from facelab.families.keyframe_lm.lora import merge_for_inference
 
         model.eval()
         chosen_by_b = {}

@@ -44,10 +44,10 @@ TEXTS = "I am so happy to see you again, it has been far too long!"
 def make_champion(tmp: Path, vocab: str, small: bool, max_frames: int) -> tuple[str, str, dict]:
     """A paper-shaped CTEG checkpoint registered as ``cteg-bench@champion`` in a sqlite store under
     ``tmp`` → (tracking URI, model name, resolved job)."""
-    from facelab import tracking
-    from facelab.models.loading import build_cteg
-    from facelab.specs import load_job
-    from facelab.train import checkpoint as ckpt
+    from facelab.core import tracking
+    from facelab.families.cteg.servable import build_cteg
+    from facelab.spec.loading import load_job
+    from facelab.core import checkpoint as ckpt
 
     enc_dir, _ = build_encoder_dir(vocab, tmp / "encoder", small)
     sets = [f"model.text_encoder={enc_dir}", "model.stop_threshold=1.0e-9", f"data.max_frames={max(256, max_frames)}",

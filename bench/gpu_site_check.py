@@ -7,7 +7,7 @@ One line ``OK <item> (seconds)`` per step, in this order: ray and mlflow import;
 (no dashboard, facelab's runtime_env shape); a TorchTrainer with 2 CPU workers does an all-reduce
 and reports a checkpoint to a temporary ``storage_path``; a 2-trial Tuner (OptunaSearch +
 ASHAScheduler, the search and scheduler facelab's sweeps use) over a trivial function; one Tune
-trial that runs a TorchTrainer through ``TuneReportCallback`` (how ``facelab.sweep`` nests Train in
+trial that runs a TorchTrainer through ``TuneReportCallback`` (how ``facelab.runtime.sweep`` nests Train in
 Tune); an MLflow sqlite store in a temporary directory (a run with metrics and artifacts, a
 registered model version with alias ``champion``, downloaded back by its source and as
 ``models:/...@champion``); Ray Serve on a free port with a FastAPI ingress and ``@serve.batch``,
@@ -28,7 +28,7 @@ import time
 import traceback
 from pathlib import Path
 
-# As facelab.sweep.init_ray: Train V2 (the Train/Tune API facelab is written against).
+# As facelab.runtime.sweep.init_ray: Train V2 (the Train/Tune API facelab is written against).
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
@@ -96,7 +96,7 @@ def versions() -> None:
 def ray_init(num_cpus: int, num_gpus: int | None):
     import ray
 
-    # The same runtime_env shape as facelab.sweep.init_ray (goes through Ray's runtime-env agent).
+    # The same runtime_env shape as facelab.runtime.sweep.init_ray (goes through Ray's runtime-env agent).
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(x for x in (PLATFORM, os.environ.get("PYTHONPATH")) if x),
                         "RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false",
                         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
@@ -314,9 +314,9 @@ def serve_http():
 def facelab_imports(with_torch: bool):
     import importlib
 
-    mods = ["facelab.serve.app", "facelab.sweep", "facelab.tracking"]
+    mods = ["facelab.serve.app", "facelab.runtime.sweep", "facelab.core.tracking"]
     if with_torch:
-        mods.insert(2, "facelab.train.cteg")
+        mods.insert(2, "facelab.families.cteg.loop")
     for m in mods:
         importlib.import_module(m)
 
@@ -344,7 +344,7 @@ def main() -> int:
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs given to the local Ray (default 4)")
     ap.add_argument("--step-timeout", type=float, default=STEP_TIMEOUT)
     ap.add_argument("--no-torch", action="store_true", help="skip what needs torch (the Train steps and "
-                                                            "facelab.train.cteg): to check a bundle under a Python without torch")
+                                                            "facelab.families.cteg.loop): to check a bundle under a Python without torch")
     args = ap.parse_args()
     STEP_TIMEOUT = args.step_timeout
 
@@ -378,7 +378,7 @@ def main() -> int:
         import ray
 
         ray.shutdown()
-        names = "facelab.serve.app, facelab.sweep, " + ("" if args.no_torch else "facelab.train.cteg, ") + "facelab.tracking"
+        names = "facelab.serve.app, facelab.runtime.sweep, " + ("" if args.no_torch else "facelab.families.cteg.loop, ") + "facelab.core.tracking"
         step(f"{names} import", facelab_imports, not args.no_torch)
         import importlib.util
 

@@ -53,7 +53,7 @@ def make_project(dst: Path, params: dict | None = None) -> Path:
         shutil.copy(REPO / name, dst / name)
     for d in ("jobs", "sweeps"):
         shutil.copytree(REPO / d, dst / d)
-    for pkg in ("data", "models/keyframe_lm"):  # the sources the DVC stages depend on
+    for pkg in ("data", "families/keyframe_lm"):  # the sources the DVC stages depend on
         src = dst / "platform" / "facelab" / pkg
         src.mkdir(parents=True)
         for f in (REPO / "platform" / "facelab" / pkg).glob("*.py"):

@@ -64,7 +64,7 @@ def test_quickstart_sweep_records_parent_and_children(quickstart):
     for r in children:
         assert r.info.status == "FINISHED"
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert r.data.tags["facelab.sweep"] == "quickstart" and r.data.tags["facelab.seed"] == "0"
+        assert r.data.tags["facelab.runtime.sweep"] == "quickstart" and r.data.tags["facelab.seed"] == "0"
         assert r.data.tags["facelab.data.md5"] == lock_md5
         assert len(r.data.tags["facelab.git_sha"]) == 40
         # resolved config as params, per-epoch metrics

@@ -257,7 +257,7 @@ def facelab_bg(procs: Procs, project: Path, name: str, *args: str, **env: str) -
 def _tiny_checkpoint(d: Path) -> tuple[Path, "object"]:
     import torch
 
-    from facelab.train import checkpoint as ckpt
+    from facelab.core import checkpoint as ckpt
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
@@ -277,7 +277,7 @@ def _truncate(f: Path, keep: float = 0.5) -> None:
 def test_truncated_or_deleted_checkpoint_files_are_refused_naming_the_file(tmp_path):
     import torch
 
-    from facelab.train import checkpoint as ckpt
+    from facelab.core import checkpoint as ckpt
 
     d, model = _tiny_checkpoint(tmp_path / "ck")
     ckpt.load_into(model, d)  # intact: loads

@@ -89,12 +89,12 @@ def env_map(container: dict) -> dict[str, dict]:
 
 
 def facelab_driver_env_keys() -> set[str]:
-    """Env vars facelab's ray.init() puts in its runtime_env (facelab.sweep.init_ray)."""
-    src = (ROOT / "platform" / "facelab" / "sweep.py").read_text()
+    """Env vars facelab's ray.init() puts in its runtime_env (facelab.runtime.sweep.init_ray)."""
+    src = (ROOT / "platform" / "facelab" / "runtime" / "sweep.py").read_text()
     body = src.split("def init_ray", 1)[1].split("\ndef ", 1)[0]
     block = body.split('"env_vars"', 1)[1].split("ray.init(", 1)[0]
     keys = set(re.findall(r'"([A-Z][A-Z0-9_]+)"\s*:', block))
-    assert keys, "could not read the env_vars of facelab.sweep.init_ray"
+    assert keys, "could not read the env_vars of facelab.runtime.sweep.init_ray"
     return keys
 
 

@@ -87,7 +87,7 @@ def project(tmp_path_factory) -> Path:
 
 
 def test_fresh_clone_pulls_the_locked_data_from_the_remote(project, tmp_path, monkeypatch):
-    from facelab.data.lineage import DataLineageError, lock_entry, verify_data
+    from facelab.core.lineage import DataLineageError, lock_entry, verify_data
 
     assert git(project, "status", "--porcelain").strip() == "", "the project must be fully committed"
     clone = tmp_path / "clone"

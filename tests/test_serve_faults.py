@@ -312,7 +312,7 @@ def _register_variant(project: Path, name: str, version: str, alter) -> str:
 
     import mlflow.artifacts
 
-    from facelab import tracking
+    from facelab.core import tracking
 
     c = tracking.client(tracking.default_tracking_uri(project))
     champ = c.get_model_version(name, version)
@@ -354,7 +354,7 @@ def test_broken_promotion_is_refused_and_the_champion_keeps_serving(project, sec
     """Broken models made champion under load (missing file, wrong shapes, NaN outputs): each fails the
     replicas' health probe and is refused, the previous champion answers every request, then a good
     new version is swapped in on both replicas — zero failed requests throughout."""
-    from facelab import tracking
+    from facelab.core import tracking
 
     s, hdr = secured, _h(api_key)
     first = httpx.get(s.base + "/healthz").json()

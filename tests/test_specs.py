@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from facelab.specs import CTEGJob, SpecError, load_job, load_sweep, parse_set, plan_trials
+from facelab.spec.loading import SpecError, load_job, load_sweep, parse_set, plan_trials
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,10 +33,10 @@ def sweep(proj: Path, **kw) -> Path:
 
 @pytest.mark.parametrize("path", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_job_loads(path):
-    from facelab.specs import JOB_TYPES
+    from facelab.families import registry
 
     job, d = load_job(path)
-    assert isinstance(job, JOB_TYPES[d["kind"]])
+    assert isinstance(job, registry.get(d["kind"]).job)
     # every key is written out in the shipped YAML (the jobs double as documentation)
     raw = yaml.safe_load(path.read_text())
     for section, fields in d.items():
@@ -45,7 +45,8 @@ def test_every_shipped_job_loads(path):
 
 
 def test_keyframe_jobs_and_metric_check(proj):
-    from facelab.specs import KeyframeJob, SpecError
+    from facelab.families.keyframe_lm.job import KeyframeJob
+    from facelab.spec.loading import SpecError
 
     job, d = load_job(REPO / "jobs" / "keyframe.yaml", ["prompt.format=non_semantic", "data.annotation=image"])
     assert isinstance(job, KeyframeJob) and d["prompt"]["format"] == "non_semantic"
@@ -205,11 +206,11 @@ def test_variant_with_its_own_job_file(proj):
 
 def test_error_summary_puts_the_innermost_cause_first():
     """A failed trial's ``facelab.error`` tag starts with what went wrong, not with Ray's wrapper."""
-    from facelab.sweep import error_summary
+    from facelab.runtime.sweep import error_summary
 
     remote = ("ray::_RayTrainWorker__execute.get_next() (pid=1, ip=127.0.0.1)\n"
               "  File \"x.py\", line 3, in worker_loop\n    ckpt.load_resume(resume)\n"
-              "facelab.train.checkpoint.CheckpointError: /ckpt/model.safetensors: truncated or not safetensors")
+              "facelab.core.checkpoint.CheckpointError: /ckpt/model.safetensors: truncated or not safetensors")
 
     class WorkerGroupError(RuntimeError):
         pass
@@ -222,7 +223,7 @@ def test_error_summary_puts_the_innermost_cause_first():
     except WorkerGroupError as err:
         text = error_summary(err)
     head, _, rest = text.partition("\n\n")
-    assert head == "facelab.train.checkpoint.CheckpointError: /ckpt/model.safetensors: truncated or not safetensors"
+    assert head == "facelab.core.checkpoint.CheckpointError: /ckpt/model.safetensors: truncated or not safetensors"
     assert rest.startswith("WorkerGroupError: Training failed") and "[Rank 0]" in rest
     assert error_summary(ValueError("plain")) == "ValueError: plain"
     assert len(error_summary(ValueError("x" * 9000))) == 5000

@@ -20,13 +20,14 @@ def _root() -> Path:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from facelab.data.arkit import ArkitError
     from facelab.data.emoava import DataError
-    from facelab.data.lineage import DataLineageError
-    from facelab.specs import SpecError
-    from facelab.sweep import SweepError
-    from facelab.tracking import TrackingError
-    from facelab.train.checkpoint import CheckpointError
+    from facelab.core.lineage import DataLineageError
+    from facelab.spec.loading import SpecError
+    from facelab.runtime.sweep import SweepError
+    from facelab.core.tracking import TrackingError
+    from facelab.core.checkpoint import CheckpointError
+    from facelab.families.base import FamilyError
 
-    return (SpecError, DataLineageError, TrackingError, SweepError, DataError, CheckpointError, FileNotFoundError,
+    return (FamilyError, SpecError, DataLineageError, TrackingError, SweepError, DataError, CheckpointError, FileNotFoundError,
             ArkitError)
 
 
@@ -34,7 +35,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def cmd_sweep(args) -> int:
-    from facelab.specs import load_sweep
+    from facelab.spec.loading import load_sweep
 
     root = _root()
     loaded = load_sweep(args.sweep, args.set, root=root)
@@ -51,7 +52,7 @@ def cmd_sweep(args) -> int:
 
 
 def _run_and_summarize(loaded, root: Path, resume: bool, address: str | None) -> int:
-    from facelab.sweep import run_sweep
+    from facelab.runtime.sweep import run_sweep
 
     print(f"MLflow tracking store: {_tracking_uri(root)}")
     out = run_sweep(loaded, root, resume=resume, address=address)
@@ -75,7 +76,7 @@ def _run_and_summarize(loaded, root: Path, resume: bool, address: str | None) ->
 
 def cmd_train(args) -> int:
     """One run through the sweep code path: a one-trial sweep named after the job."""
-    from facelab.specs import LoadedSweep, SweepSpec, load_job, plan_trials
+    from facelab.spec.loading import LoadedSweep, SweepSpec, load_job, plan_trials
 
     root = _root()
     job, job_dict = load_job(args.job, args.set)
@@ -90,13 +91,13 @@ def cmd_train(args) -> int:
 
 
 def _tracking_uri(root: Path) -> str:
-    from facelab import tracking
+    from facelab.core import tracking
 
     return tracking.tracking_uri(root)
 
 
 def _sweep_runs(name: str):
-    from facelab import tracking
+    from facelab.core import tracking
 
     root = _root()
     c = tracking.check_reachable(_tracking_uri(root))
@@ -110,7 +111,7 @@ def _sweep_runs(name: str):
 
 
 def cmd_promote(args) -> int:
-    from facelab import tracking
+    from facelab.core import tracking
 
     c, exp, parent, trials = _sweep_runs(args.sweep)
     metric = parent.data.params.get("sweep.metric.name", "val/loss")
@@ -147,9 +148,9 @@ def cmd_report(args) -> int:
 def cmd_serve(args) -> int:
     from ray import serve
 
-    from facelab import tracking
+    from facelab.core import tracking
     from facelab.serve.app import batch_size_for, build_app
-    from facelab.sweep import init_ray
+    from facelab.runtime.sweep import init_ray
 
     try:  # checked before Ray starts
         args.max_batch_size = batch_size_for(args.max_batch_size, args.max_ongoing_requests)
@@ -203,7 +204,7 @@ def cmd_serve(args) -> int:
 
 
 def _default_model(c) -> str:
-    from facelab.tracking import TrackingError
+    from facelab.core.tracking import TrackingError
 
     models = c.search_registered_models(max_results=100)
     names = [m.name for m in models if "champion" in (m.aliases or {})]
@@ -261,6 +262,22 @@ def cmd_request(args) -> int:
     return 0
 
 
+def cmd_families(args) -> int:
+    """List the installed model families: built-in ones and ``facelab.families`` entry points."""
+    from facelab.families import registry
+    from facelab.tasks import ROUTES
+
+    fams = registry.families()
+    width = max(len(k) for k in fams)
+    for kind, fam in fams.items():
+        route = ROUTES.get(fam.task, "-") if fam.task else "(not served)"
+        print(f"{kind:<{width}}  {route:<16}  {fam.description}")
+        if args.verbose:
+            print(f"{'':<{width}}  from {registry.source_of(kind)}; job schema {fam.job.__module__}.{fam.job.__name__}")
+            print(f"{'':<{width}}  metrics: {', '.join(sorted(fam.metrics))}")
+    return 0
+
+
 def cmd_data(args) -> int:
     import yaml
 
@@ -277,10 +294,8 @@ def cmd_data(args) -> int:
         from facelab.data.synth_keyframe import generate_keyframeface
 
         summary = generate_keyframeface(Path(args.out), **params("keyframeface"))
-    elif args.data_cmd == "build-tiny-lm":
-        from facelab.models.keyframe_lm.tiny import build_tiny_lm
-
-        summary = build_tiny_lm(Path(args.out), tiny_lm_corpus(Path(args.data)), **params("tiny_lm"))
+    elif getattr(args, "data_fn", None) is not None:  # a family's own data command (Family.add_cli)
+        summary = args.data_fn(args, params)
     elif args.data_cmd == "import-emoava":
         summary = emoava.import_release(Path(args.release_dir), Path(args.out))
     elif args.data_cmd == "import-keyframeface":
@@ -296,22 +311,6 @@ def cmd_data(args) -> int:
         summary = emoava.summarize(Path(args.path))
     print(json.dumps(summary, indent=2, default=str))
     return 0
-
-
-def tiny_lm_corpus(data_dir: Path):
-    """Texts the tiny model's tokenizer is trained on: every training request and answer, in both
-    prompt formats and all annotation types (so numbers, channel names and JSON tokenise compactly)."""
-    from facelab.data.keyframeface import ANNOTATIONS, load_split
-    from facelab.models.keyframe_lm.prompts import PromptConfig, answer_text, build_messages
-
-    for s in load_split(data_dir, "train"):
-        for kf in s.keyframes:
-            for fmt in ("semantic", "non_semantic"):
-                for ann in ANNOTATIONS:
-                    cfg = PromptConfig(format=fmt, annotation=ann, glossary=True, target_frame_instruction=True)
-                    for m in build_messages(s, kf.index, cfg):
-                        yield m["content"]
-                yield answer_text(kf.values, kf.index, cfg)
 
 
 def cmd_export(args) -> int:
@@ -453,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     rq.add_argument("--wait", type=float, default=120, help="seconds to wait for /healthz")
     rq.set_defaults(fn=cmd_request)
 
+    fm = sub.add_parser("families", help="list the installed model families (built-in and plug-ins)")
+    fm.add_argument("-v", "--verbose", action="store_true", help="also where each comes from and its metrics")
+    fm.set_defaults(fn=cmd_families)
+
     d = sub.add_parser("data", help="build, import and check datasets")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     b = dsub.add_parser("build-emoava", help="write the synthetic EmoAva-format corpus (the DVC stage)")
@@ -461,10 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
     bk = dsub.add_parser("build-keyframeface", help="write the synthetic KeyframeFace-format corpus (the DVC stage)")
     bk.add_argument("--params", default="params.yaml")
     bk.add_argument("--out", default="data/keyframeface")
-    bt = dsub.add_parser("build-tiny-lm", help="build the tiny random-init Qwen3-architecture model + offline tokenizer")
-    bt.add_argument("--params", default="params.yaml")
-    bt.add_argument("--data", default="data/keyframeface", help="corpus the tokenizer is trained on")
-    bt.add_argument("--out", default="models/tiny-qwen3")
+    from facelab.families import registry
+
+    for fam in registry.families().values():  # families add data commands of their own
+        hook = fam.hook("add_cli")
+        if hook is not None:
+            hook(dsub)
     ik = dsub.add_parser("import-keyframeface", help="import release chat JSONL (requests + answers)")
     ik.add_argument("requests", help="example.jsonl-style requests")
     ik.add_argument("results", help="example_result.jsonl-style answers")

@@ -29,7 +29,7 @@ LABELS = {"cppl": "Cppl", "dot": "DoT", "fgd": "FgD", "diversity": "Diversity", 
 
 def directions() -> dict[str, str]:
     try:
-        from facelab.metrics.cteg_eval import DIRECTIONS
+        from facelab.tasks.expressions.evaluate import DIRECTIONS
 
         return dict(DIRECTIONS)
     except ImportError:  # pragma: no cover - the metrics module ships with the package
@@ -197,7 +197,23 @@ KF_ARROWS = {"mse": "↓", "mae": "↓", "rmse": "↓", "fid": "↓", "w_dist": 
 KF_ERRORS = ["mse", "mae", "rmse"]
 KF_DISTRIBUTION = ["fid", "w_dist", "r_precision_1", "r_precision_2", "r_precision_3", "mmd", "diversity", "validity",
                    "keyframes_per_s"]
-KEYFRAME_KINDS = ("keyframe", "keyframe_mdm")  # job kinds whose trials fill the KeyframeFace tables
+def keyframe_kinds() -> set[str]:
+    """Job kinds whose trials fill the KeyframeFace tables: every family of the keyframes task."""
+    from facelab.families import registry
+
+    return {k for k, f in registry.families().items() if f.task == "keyframes"}
+
+
+def _family_label(t, annotation: str) -> str | None:
+    """A family's own Table 3 row label (``Family.report_label``), if it declares one."""
+    from facelab.families import registry
+    from facelab.families.base import FamilyError
+
+    try:
+        hook = registry.get(t.tags.get("facelab.job_kind")).hook("report_label")
+    except FamilyError:
+        return None
+    return hook(t, annotation) if hook else None
 ANNOTATION_LABELS = {"original": "Original", "arkit": "ARKit-based", "image": "Image-based"}
 FORMAT_LABELS = {"semantic": "Semantic", "non_semantic": "Non-semantic"}
 
@@ -294,7 +310,9 @@ def keyframe_tables(trials, fmt: str = "md") -> str:
     (↓ lowest, ↑ highest, → closest to GT). Learned baselines of other families (``keyframe_mdm``:
     Express4D-MDM) are rows of Table 3 only, with their generation speed (keyframes/s) beside the
     LoRA model's; Tables 2 and 4 are about the LoRA-tuned LMs."""
-    lm_trials = [t for t in trials if t.tags.get("facelab.job_kind", "keyframe") == "keyframe"]
+    # Tables 2 and 4 compare prompt formats and base models: their rows are the trials whose job
+    # has a prompt (the LoRA-tuned LMs); other families of the task are rows of Table 3 only.
+    lm_trials = [t for t in trials if "prompt.format" in t.params]
     def base_label(t):
         b = t.params.get("model.base_model", "")
         return b + (" (tiny, random init)" if t.tags.get("facelab.base_model_label") else "")
@@ -311,9 +329,9 @@ def keyframe_tables(trials, fmt: str = "md") -> str:
     def method(t, st):
         if st == "GT":
             return "GT"
-        if t.tags.get("facelab.job_kind") == "keyframe_mdm":
-            return f"{t.variant} (Express4D-MDM, {ANNOTATION_LABELS.get(t.params.get('data.annotation'), '')}, " \
-                   f"{t.params.get('eval.sampling_steps', '?')} steps)"
+        own = _family_label(t, ANNOTATION_LABELS.get(t.params.get("data.annotation"), ""))
+        if own is not None:
+            return own
         return f"{t.variant} ({ANNOTATION_LABELS.get(t.params.get('data.annotation'), '')}, " \
                f"{FORMAT_LABELS.get(t.params.get('prompt.format'), '')}, {base_label(t)})"
 
@@ -334,7 +352,7 @@ def sweep_table(c, parent, trials, fmt: str = "md", log: bool = True) -> str:
     import os
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if any(t.tags.get("facelab.job_kind") in KEYFRAME_KINDS for t in trials):
+    if any(t.tags.get("facelab.job_kind") in keyframe_kinds() for t in trials):
         text = keyframe_tables(trials, fmt)
         if log:
             c.log_text(parent.info.run_id, keyframe_tables(trials, "md"), "report/tables.md")

@@ -10,7 +10,7 @@ import pytest
 
 from facelab.data.emoava import EXPR_DIM, SPLITS, load_split, load_stats, read_meta, summarize
 from facelab.data.synth import EMOTIONS, INTENSITIES, RELEASE_MEAN, RELEASE_STD, generate_emoava, parse_text
-from facelab.metrics.expression import dot, fgd, variation
+from facelab.tasks.expressions.metrics import dot, fgd, variation
 
 SHARED_EMOAVA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "emoava"
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from facelab.metrics.expression import (
+from facelab.tasks.expressions.metrics import (
     bootstrap_se,
     cppl,
     cppl_per_item,

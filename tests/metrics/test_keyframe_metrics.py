@@ -1,4 +1,4 @@
-"""KeyframeFace §5.3 metrics (facelab.metrics.keyframe) on small cases computed by hand."""
+"""KeyframeFace §5.3 metrics (facelab.tasks.keyframes.metrics) on small cases computed by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from facelab.metrics.keyframe import (
+from facelab.tasks.keyframes.metrics import (
     KeyframeMetricError,
     diversity,
     evaluate_keyframes,

@@ -18,13 +18,13 @@ import torch
 
 from facelab.data.arkit import CHANNELS, HIGH, LOW
 from facelab.data.keyframeface import Keyframe, Script
-from facelab.models.keyframe_lm.data import IGNORE_INDEX, collate, encode_example, end_of_turn_id, prompt_ids
-from facelab.models.keyframe_lm.lora import LoraSettings, apply_lora, count_trainable, lora_param_count
-from facelab.models.keyframe_lm.parsing import extract_json, parse_answer
-from facelab.models.keyframe_lm.prompts import (GLOSSARY, GLOSSARY_ENTRIES, SYSTEM_PROMPT, PromptConfig, PromptError,
+from facelab.families.keyframe_lm.data import IGNORE_INDEX, collate, encode_example, end_of_turn_id, prompt_ids
+from facelab.families.keyframe_lm.lora import LoraSettings, apply_lora, count_trainable, lora_param_count
+from facelab.families.keyframe_lm.parsing import extract_json, parse_answer
+from facelab.families.keyframe_lm.prompts import (GLOSSARY, GLOSSARY_ENTRIES, SYSTEM_PROMPT, PromptConfig, PromptError,
                                                 answer_skeleton, answer_text, build_messages, examples_for_script,
                                                 format_value, requests_for_script)
-from facelab.models.keyframe_lm.tiny import LABEL, build_tiny_lm
+from facelab.families.keyframe_lm.tiny import LABEL, build_tiny_lm
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_KF = REPO.parent / "shared" / "data" / "keyframeface"
@@ -337,7 +337,7 @@ def test_merged_adapter_gives_the_adapted_models_logits(tiny_dir):
     with a non-zero adapter, and no LoRA module left."""
     from transformers import AutoModelForCausalLM
 
-    from facelab.models.keyframe_lm.lora import merge_for_inference
+    from facelab.families.keyframe_lm.lora import merge_for_inference
 
     torch.manual_seed(0)
     model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraSettings()).eval()
@@ -363,7 +363,7 @@ def test_unpadded_train_step_equals_the_padded_batch_loss(tiny_dir, tokenizer):
     the same loss and gradients as ``model(padded batch, labels=...)``."""
     from transformers import AutoModelForCausalLM
 
-    from facelab.train.keyframe import train_step
+    from facelab.families.keyframe_lm.loop import train_step
 
     examples = [encode_example(tokenizer, m, a) for s in (_script(3), _script(2, 1)) for m, a in examples_for_script(s, SEM)]
     assert len({len(ids) for ids, _ in examples}) > 1  # the padded batch really has padding
@@ -404,7 +404,7 @@ def test_tiny_lm_is_byte_stable_and_loads(tmp_path, tiny_dir, tokenizer):
     texts = ["The inner brows lift slightly.", "Emotion: Joy", '{"Keyframe_one":{"JawOpen":0.5}}'] * 3
     kw = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1, seed=3)
     a = build_tiny_lm(tmp_path / "a", texts, **kw)
-    code = ("import sys, json; from facelab.models.keyframe_lm.tiny import build_tiny_lm; "
+    code = ("import sys, json; from facelab.families.keyframe_lm.tiny import build_tiny_lm; "
             f"print(json.dumps(build_tiny_lm(sys.argv[1], {texts!r}, **{kw!r})['files']))")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b")], capture_output=True, text=True,
                           env={"PYTHONPATH": str(REPO / "platform"), "PYTHONHASHSEED": "123", "HF_HUB_OFFLINE": "1"},

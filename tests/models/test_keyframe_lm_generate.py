@@ -12,12 +12,12 @@ import torch
 
 from facelab.data.arkit import HIGH, LOW
 from facelab.data.keyframeface import Keyframe, Script
-from facelab.models.keyframe_lm.data import end_of_turn_id, prompt_ids
-from facelab.models.keyframe_lm.generate import GenerationError, generate_keyframes, number_strings
-from facelab.models.keyframe_lm.parsing import parse_answer
-from facelab.models.keyframe_lm.prompts import (PromptConfig, answer_skeleton, answer_text, build_messages,
+from facelab.families.keyframe_lm.data import end_of_turn_id, prompt_ids
+from facelab.families.keyframe_lm.generate import GenerationError, generate_keyframes, number_strings
+from facelab.families.keyframe_lm.parsing import parse_answer
+from facelab.families.keyframe_lm.prompts import (PromptConfig, answer_skeleton, answer_text, build_messages,
                                                 examples_for_script, format_value)
-from facelab.models.keyframe_lm.tiny import build_tiny_lm
+from facelab.families.keyframe_lm.tiny import build_tiny_lm
 
 SEM = PromptConfig(format="semantic", annotation="original", glossary=False)
 NON = PromptConfig(format="non_semantic", annotation="original")
@@ -210,7 +210,7 @@ def test_constrained_output_always_parses_on_a_random_model_and_batching_does_no
 
 
 def test_a_lora_wrapped_model_generates_the_same(tiny):
-    from facelab.models.keyframe_lm.lora import apply_lora
+    from facelab.families.keyframe_lm.lora import apply_lora
 
     model, tok = tiny
     base = generate_keyframes(model, tok, SCRIPTS[:1], SEM)
@@ -228,7 +228,7 @@ def test_constrained_decoding_with_a_digit_splitting_tokenizer(tiny):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-    from facelab.models.keyframe_lm.tiny import CHAT_TEMPLATE
+    from facelab.families.keyframe_lm.tiny import CHAT_TEMPLATE
 
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),

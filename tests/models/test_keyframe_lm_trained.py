@@ -10,10 +10,10 @@ import torch
 
 from facelab.data.arkit import HIGH, LOW
 from facelab.data.keyframeface import Keyframe, Script
-from facelab.models.keyframe_lm.data import collate, encode_example
-from facelab.models.keyframe_lm.generate import generate_keyframes
-from facelab.models.keyframe_lm.prompts import PromptConfig, examples_for_script
-from facelab.models.keyframe_lm.tiny import build_tiny_lm
+from facelab.families.keyframe_lm.data import collate, encode_example
+from facelab.families.keyframe_lm.generate import generate_keyframes
+from facelab.families.keyframe_lm.prompts import PromptConfig, examples_for_script
+from facelab.families.keyframe_lm.tiny import build_tiny_lm
 
 SEM = PromptConfig(format="semantic", annotation="original", glossary=False)
 NON = PromptConfig(format="non_semantic", annotation="original")

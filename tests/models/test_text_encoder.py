@@ -1,4 +1,4 @@
-"""Offline text-encoder resolution and loading (facelab.models.text_encoder)."""
+"""Offline text-encoder resolution and loading (facelab.core.text_encoder)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from facelab.models import text_encoder as te
+from facelab.core import text_encoder as te
 
 
 def test_minilm_resolves_to_bundled_directory():

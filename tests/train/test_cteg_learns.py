@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader
 
 from facelab.data import emoava
 from facelab.data.synth import EMOTIONS, generate_emoava, parse_text
-from facelab.models.loading import build_cteg
-from facelab.train.cteg import PairDataset, collate
+from facelab.families.cteg.servable import build_cteg
+from facelab.tasks.expressions.data import PairDataset, collate
 
 pytestmark = pytest.mark.slow
 

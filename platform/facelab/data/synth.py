@@ -11,7 +11,7 @@ release on every number we can check:
 * ~15 % of instances share their text with other instances (paper: 2,270 one-to-many instances,
   N from 2 to 76 sequences per text);
 * the test split reproduces the paper's ground-truth row (Table 2: DoT 9.24, FgD 1.26,
-  Variation 0.28, as defined in :mod:`facelab.metrics.expression`).
+  Variation 0.28, as defined in :mod:`facelab.tasks.expressions.metrics`).
 
 **The text really determines the expression.** Every sentence contains one emotion word from
 :data:`EMOTIONS` and optionally an intensity adverb from :data:`INTENSITIES`. The emotion fixes a

@@ -44,6 +44,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
+from facelab.tasks import ROUTES as TASK_ROUTES
+from facelab.tasks import ModelUnhealthy  # noqa: F401 - re-exported: the probe's error
 from facelab.serve.schemas import (ExpressionRequest, ExpressionResponse, KeyframeOut, KeyframeRequest,
                                    KeyframeResponse, ModelInfo)
 
@@ -128,14 +130,22 @@ async def _validation_error(request: Request, exc: RequestValidationError):
     return JSONResponse(status_code=422, content={"detail": detail})
 
 
-# Which route answers each job kind: expression sequences (CTEG and its LM-Listener baseline) or
-# keyframes (the KeyframeFace LoRA LM and its Express4D-MDM baseline).
-ROUTES = {"cteg": "/v1/expressions", "lm_listener": "/v1/expressions",
-          "keyframe": "/v1/keyframes", "keyframe_mdm": "/v1/keyframes"}
+def route_of(kind: str) -> str | None:
+    """The route that answers a model of ``kind`` (its family's task), or None."""
+    from facelab.families import registry
+    from facelab.families.base import FamilyError
+
+    try:
+        return TASK_ROUTES.get(registry.get(kind).task)
+    except FamilyError:
+        return None
 
 
-class ModelUnhealthy(RuntimeError):
-    """A loaded model failed the health probe (the message says how)."""
+def kinds_for(route: str) -> list[str]:
+    """Every installed family kind whose task answers ``route``."""
+    from facelab.families import registry
+
+    return [k for k, f in registry.families().items() if TASK_ROUTES.get(f.task) == route]
 
 
 # One model call at a time per replica process: the decoding batches, keyframe requests and the health
@@ -146,29 +156,20 @@ _MODEL_LOCK = threading.Lock()
 
 def health_probe(model, kind: str) -> None:
     """One small real request through a freshly loaded model, before it may answer users: the right
-    shapes and finite values, or :class:`ModelUnhealthy` naming what is wrong (NaN weights, a broken
-    decoder, a model of the wrong family)."""
-    import math
+    shapes and finite values (its task's probe), or :class:`ModelUnhealthy` naming what is wrong (NaN
+    weights, a broken decoder, a model of the wrong family)."""
+    from facelab.families import registry
+    from facelab.families.base import FamilyError
+    from facelab.tasks import probe
 
-    import numpy as np
-    import torch
-
-    route = ROUTES.get(kind)
-    if route is None:
+    if route_of(kind) is None:
         raise ModelUnhealthy(f"unknown job kind {kind!r}: no route serves it")
-    with _MODEL_LOCK, torch.no_grad():
-        if route == "/v1/expressions":
-            seqs = model.generate(["health check"], max_frames=8, generator=torch.Generator().manual_seed(0))
-            if len(seqs) != 1 or seqs[0].ndim != 2 or seqs[0].shape[-1] != 53 or seqs[0].shape[0] < 1:
-                raise ModelUnhealthy(f"probe answer has the wrong shape: {[tuple(x.shape) for x in seqs]}")
-            values = seqs[0].float().cpu().numpy()
-        else:
-            results = model.keyframes("health check", "neutral", ["a neutral face"])
-            values = np.stack([r.values for r in results])
-            if values.shape != (1, 61):
-                raise ModelUnhealthy(f"probe answer has the wrong shape: {values.shape}, expected (1, 61)")
-    if not all(math.isfinite(v) for v in values.ravel().tolist()):
-        raise ModelUnhealthy("probe answer holds non-finite values (NaN/inf weights?)")
+    try:
+        task = registry.get(kind).task
+    except FamilyError as exc:
+        raise ModelUnhealthy(str(exc)) from None
+    with _MODEL_LOCK:
+        probe(task, model)
 
 
 @dataclass(frozen=True)
@@ -256,14 +257,11 @@ class Batcher:
 
 def _decode_jobs(jobs: list[_Decode]) -> list[list[list[list[float]]] | None]:
     """Frames (as lists) per job, or None for a job whose frames are not all finite. Jobs are grouped
-    by the model version they were accepted under (a swap may fall between two of them); CTEG decodes
-    a group as one batch, other models (LM-Listener) one request after the other."""
+    by the model version they were accepted under (a swap may fall between two of them); a model with
+    ``generate_groups`` (CTEG) decodes a group as one batch, others (LM-Listener) one request after the other."""
     import math
 
     import torch
-
-    from facelab.models.cteg.decoding import generate_groups
-    from facelab.models.cteg.model import CTEG
 
     out: list = [None] * len(jobs)
     by_model: dict[int, list[int]] = {}
@@ -274,8 +272,8 @@ def _decode_jobs(jobs: list[_Decode]) -> list[list[list[list[float]]] | None]:
             model = jobs[idx[0]].served.model
             reqs = [([jobs[i].text] * jobs[i].num_samples, jobs[i].max_frames, torch.Generator().manual_seed(jobs[i].seed))
                     for i in idx]
-            if isinstance(model, CTEG):
-                answers = generate_groups(model, reqs)
+            if hasattr(model, "generate_groups"):
+                answers = model.generate_groups(reqs)
             else:
                 answers = [model.generate(t, max_frames=n, generator=g) for t, n, g in reqs]
             for i, seqs in zip(idx, answers):
@@ -289,18 +287,18 @@ def load_checked(tracking_uri: str, model_name: str, ref: str, by: str, root: st
                  device: str = "cpu") -> Served:
     """Download ``models:/name@alias`` (or ``name/version``), rebuild it on ``device`` and pass the
     health probe."""
-    from facelab import tracking
-    from facelab.models.loading import load_servable
+    from facelab.core import tracking
+    from facelab.families import registry
 
     with tempfile.TemporaryDirectory(prefix="facelab-serve-") as tmp:  # weights are in memory after loading
         local, info = tracking.download_model(tracking.client(tracking_uri), model_name, ref, Path(tmp), by=by)
-        model, config = load_servable(local, device=device, root=Path(root) if root else None)
+        model, config = registry.load_servable(local, device=device, root=Path(root) if root else None)
     kind = config.get("kind")
     health_probe(model, kind)
-    if kind == "keyframe":
-        info["base_model"] = config["model"]["base_model"]
-        info["note"] = model.label
-    route = ROUTES[kind]
+    extra = registry.get(kind).hook("servable_info")
+    if extra is not None:
+        info.update(extra(model, config))
+    route = route_of(kind)
     return Served(model=model, config=config, kind=kind, route=route,
                   info=ModelInfo(**{k: (str(v) if v is not None else None) for k, v in info.items()}),
                   max_frames=int(config["data"]["max_frames"]) if route == "/v1/expressions" else 0)
@@ -346,7 +344,7 @@ class FacelabServer:
             self._watcher.start()
 
     def _watch(self, every: float) -> None:
-        from facelab import tracking
+        from facelab.core import tracking
 
         log = logging.getLogger("ray.serve")
         while not self._stop.wait(every):
@@ -383,7 +381,7 @@ class FacelabServer:
 
     def _require(self, s: Served, route: str) -> None:
         if s.route != route:
-            needs = " or ".join(repr(k) for k, r in ROUTES.items() if r == route)
+            needs = " or ".join(repr(k) for k in kinds_for(route))
             raise HTTPException(status_code=409, detail=[{
                 "field": "model", "msg": f"the served model is a {s.kind!r} model; {route} needs a {needs} "
                 f"model (this one answers {s.route})", "type": "wrong_model_kind"}])

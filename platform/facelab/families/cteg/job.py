@@ -1,0 +1,69 @@
+"""The CTEG job schema: the one declaration of CTEG's hyperparameters (Xu et al., EMNLP 2025, §5.1)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from facelab.core.config import Strict, Train
+from facelab.tasks.expressions.config import ExpressionData, ExpressionEval
+
+class CTEGModel(Strict):
+    text_encoder: str = Field("minilm", description="Pretrained text encoder: 'minilm' (offline default) or a local path / HF id (paper: bert-base-cased).")
+    finetune_encoder: bool = Field(False, description="Train the text encoder too (Table 6 'w. BERT fine-tuning').")
+    max_text_tokens: int = Field(128, ge=4, description="Text is truncated to this many tokens.")
+    d_model: int = Field(768, ge=8, description="Transformer width (§5.1).")
+    n_heads: int = Field(12, ge=1, description="Attention heads (§5.1).")
+    ff_dim: int = Field(2048, ge=8, description="Feed-forward width (§5.1).")
+    cvad_layers: int = Field(1, ge=1, le=8, description="Stacked CVAD layers N_c (Figure 9).")
+    latent_dim: int = Field(768, ge=1, description="Size of the per-step latent z_t (§3.4).")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout rate.")
+    ewa: bool = Field(True, description="Expression-wise Attention input block (§3.3); false = linear projection.")
+    ewa_dim: int = Field(64, ge=1, description="Latent size of the EwA cross-attention (§3.3).")
+    ewa_heads: int = Field(4, ge=1, description="Heads of the EwA cross-attention (§3.3).")
+    lta: Literal["attention", "pooling", "none"] = Field("attention", description="Latent Temporal Attention variant (§3.4, Table 6).")
+    target_guided: bool = Field(True, description="Target-guided loss L_g (§3.5, Eq. 8).")
+    share_projection: bool = Field(False, description="Share projections (Table 6 'w. sharing').")
+    stop_threshold: float = Field(1.0, gt=0.0, description="Decoding stops when a frame is this close (L2) to the zero face (§3.6).")
+    output_sigma: float = Field(1.0, ge=0.0, description="σ of the output Gaussian N(μ_g, σ²) (Eq. 5: σ = 1); 0 = use μ_g.")
+    kl_reduction: Literal["sum", "mean"] = Field("sum", description="KL over latent dims: exact 'sum', or the reference code's 'mean'.")
+    scale_embedding: bool = Field(True, description="Scale projected expressions by √d_model before the PE (reference -scale_emb).")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "CTEGModel":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.ewa_dim % self.ewa_heads:
+            raise ValueError(f"ewa_dim ({self.ewa_dim}) must be divisible by ewa_heads ({self.ewa_heads})")
+        return self
+
+
+class Optim(Strict):
+    batch_size: int = Field(32, ge=1, description="Sequences per optimizer step, summed over all workers.")
+    lr_mul: float = Field(1.0, gt=0.0, description="Multiplier on the Noam learning rate (Eq. 10).")
+    warmup: int = Field(4000, ge=1, description="Noam warmup steps (Eq. 10).")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="Adam betas.")
+    eps: float = Field(1e-9, gt=0.0, description="Adam epsilon.")
+    grad_clip: float | None = Field(None, gt=0.0, description="Clip the gradient norm to this value; null = off.")
+
+
+class CTEGTrain(Train):
+    bucket_batches: int = Field(32, ge=1, description="Length bucketing: sequences are sorted by length within pools of this many global batches (1 = batches of similar length only within one batch's worth).")
+
+
+class CTEGJob(Strict):
+    kind: Literal["cteg"] = "cteg"
+    name: str = Field("cteg", description="Registered-model name used by `facelab promote` unless overridden.")
+    description: str = ""
+    data: ExpressionData = ExpressionData()
+    model: CTEGModel = CTEGModel()
+    optim: Optim = Optim()
+    train: CTEGTrain = CTEGTrain()
+    eval: ExpressionEval = ExpressionEval()
+
+
+
+# Metrics the worker loop reports each epoch (a sweep's ``metric.name`` must be one of them).
+METRICS = frozenset({"val/loss", "val/mse", "val/kl", "val/lg", "val/cppl", "train/loss", "train/mse", "train/kl", "train/lg",
+                     *(f"test/{m}" for m in ("cppl", "dot", "fgd", "diversity", "mmodality", "variation"))})

@@ -1,0 +1,151 @@
+"""The worker runtime: the fault-tolerant epoch protocol every family's Ray Train loop uses.
+
+A family's worker loop stays plain PyTorch and reads top to bottom (setup → train → checkpoint); the
+parts that must be the same everywhere live here, once:
+
+* **context** — rank, world size, device, the MLflow client of rank 0 (:meth:`EpochRuntime.start`);
+* **resume** — the last checkpoint Ray Train hands a restarted worker group: weights, train state
+  and ``meta.json`` (epoch, step, metrics history) (:attr:`EpochRuntime.resumed`);
+* **history replay** — a resumed run re-logs to MLflow every finished epoch the crash kept off the
+  record (the history travels inside the checkpoint), exactly once per (metric, step);
+* **finite check** — an epoch whose metrics hold NaN/inf fails the trial, naming them;
+* **checkpoint → report → MLflow** — rank 0 writes the checkpoint (safetensors + JSON, atomic) and
+  reports it with the metrics, *then* logs to MLflow; other ranks report metrics only
+  (:meth:`EpochRuntime.end_epoch`).
+
+Hooks (public, for benchmarks and tooling — never a monkeypatch): :func:`add_hook` registers a
+callable for ``"phase"`` events, fired by :meth:`EpochRuntime.phase` with ``(name, seconds,
+epoch)`` as each timed phase of a loop (``train``, ``validate``, ``test``, ``checkpoint``) ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from facelab.core import checkpoint as ckpt
+from facelab.core import tracking
+
+_HOOKS: dict[str, list[Callable[..., None]]] = {"phase": []}
+
+
+def add_hook(event: str, fn: Callable[..., None]) -> Callable[[], None]:
+    """Call ``fn`` on ``event`` (``"phase"``: ``fn(name, seconds, epoch)``) in this process;
+    returns a function that removes it again."""
+    if event not in _HOOKS:
+        raise ValueError(f"unknown event {event!r}; known: {sorted(_HOOKS)}")
+    _HOOKS[event].append(fn)
+    return lambda: _HOOKS[event].remove(fn)
+
+
+class NonFiniteMetrics(FloatingPointError):
+    """An epoch produced NaN/inf metrics (the message names them)."""
+
+
+def check_finite(metrics: dict[str, float], epoch: int) -> None:
+    bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        raise NonFiniteMetrics(f"non-finite metrics at epoch {epoch}: {bad} (all: {metrics})")
+
+
+@dataclass
+class Resumed:
+    """What a restarted worker resumes from."""
+
+    path: Path
+    weights: dict
+    state: dict | None
+    meta: dict
+
+
+@dataclass
+class EpochRuntime:
+    """The per-worker side of one trial: see the module docstring."""
+
+    config: dict
+    rank: int = 0
+    world: int = 1
+    device: Any = "cpu"
+    client: Any = None
+    run_id: str | None = None
+    resumed: Resumed | None = None
+    start_epoch: int = 0
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, config: dict) -> EpochRuntime:
+        """Inside a Ray Train worker: read the context and the checkpoint to resume from (if any),
+        and replay the finished epochs the MLflow record lacks."""
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        rt = cls(config=config, rank=ctx.get_world_rank(), world=ctx.get_world_size(),
+                 device=ray.train.torch.get_device())
+        tr = config.get("tracking") or None
+        if rt.rank == 0 and tr:
+            rt.client, rt.run_id = tracking.client(tr["uri"]), tr["run_id"]
+        resume = ray.train.get_checkpoint()
+        if resume is not None:
+            weights, state, meta = ckpt.load_resume(resume)
+            rt.resumed = Resumed(Path(resume.path), weights, state, meta)
+            rt.start_epoch, rt.step, rt.history = meta["epoch"] + 1, meta["step"], meta.get("history", [])
+        if rt.client and rt.history:  # resumed: every finished epoch is on record exactly once
+            tracking.log_missing_history(rt.client, rt.run_id, rt.history)
+        return rt
+
+    @property
+    def job(self) -> dict:
+        return self.config["job"]
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.config["data_dir"])
+
+    @contextlib.contextmanager
+    def phase(self, name: str, epoch: int) -> Iterator[None]:
+        """Time a phase of the loop and tell the ``phase`` hooks (a benchmark's per-phase timings)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            for fn in list(_HOOKS["phase"]):
+                fn(name, dt, epoch)
+
+    def end_epoch(self, epoch: int, metrics: dict[str, float], save: Callable[[Path, dict], None] | None,
+                  *, step_log: list[tuple[int, dict]] | None = None, meta: dict | None = None) -> None:
+        """Finish an epoch: finite check, history, then on rank 0 ``save(dir, meta)`` writes the
+        checkpoint (the runtime adds epoch, step, history and the MLflow run id to ``meta``), it is
+        reported with the metrics, and MLflow gets the metrics (and ``step_log``) afterwards; other
+        ranks report the metrics only. With ``save=None`` no checkpoint is written this epoch."""
+        import ray.train
+
+        metrics = {**metrics, "epoch": epoch, "step": self.step}
+        self.history.append(dict(metrics))
+        check_finite(metrics, epoch)
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        # The checkpoint (with the history) lands first: if the process dies before the MLflow
+        # write, the resumed run re-logs the missing epochs from that history.
+        with self.phase("checkpoint", epoch):
+            if save is None:
+                ray.train.report(metrics)
+            else:
+                with tempfile.TemporaryDirectory() as d:
+                    full = {**(meta or {}), "epoch": epoch, "step": self.step, "history": self.history,
+                            "mlflow_run_id": self.run_id}
+                    save(Path(d), full)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        if self.client:
+            tracking.log_metrics(self.client, self.run_id, metrics, step=epoch)
+            if step_log:
+                tracking.log_metric_steps(self.client, self.run_id, step_log)

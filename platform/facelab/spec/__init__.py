@@ -1,0 +1,1 @@
+"""Sweep and job specifications: loading, ``--set`` overrides and whole-sweep validation."""
