@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: quickstart keyframe-quickstart test test-all install data clean-runs
+.PHONY: quickstart keyframe-quickstart test test-all lint format install data clean-runs
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -54,9 +54,19 @@ keyframe-quickstart: data
 	  --keyframe "The gaze rises and both mouth corners form a small restrained smile." \
 	  || { cat .serve.log; exit 1; }
 
-# The test suite CI runs (`.ci/run`): everything but GPU-only tests.
+# The test suite CI runs (`.ci/run`): everything but GPU-only tests; the 15 slowest are listed at the end.
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not gpu" -q
+
+# Lint, format check and the import layers (`.ci/run` runs it before the tests).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean-runs:
 	rm -rf mlruns.db mlartifacts ray_results .serve.log

@@ -64,12 +64,20 @@ def main() -> None:
     per_closed, per_num = t_closed / n_frames, t_num / n_num
     cppl_closed = float(perplexity(h_closed[:k]))
     cppl_num = float(perplexity(h_num))
-    print(f"python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, {platform.processor() or platform.machine()}")
-    print(f"closed form : {n_frames} frames ({args.seqs} sequences) in {t_closed:.3f} s = {per_closed * 1e6:.2f} µs/frame")
+    print(
+        f"python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, {platform.processor() or platform.machine()}"
+    )
+    print(
+        f"closed form : {n_frames} frames ({args.seqs} sequences) in {t_closed:.3f} s = {per_closed * 1e6:.2f} µs/frame"
+    )
     print(f"numerical   : {n_num} frames ({k} sequences) in {t_num:.2f} s = {per_num * 1e6:.0f} µs/frame")
-    print(f"speed-up per frame: {per_num / per_closed:,.0f}x; the full split numerically would take ~{per_num * n_frames / 60:.1f} min")
-    print(f"Cppl on the shared {k} sequences: closed {cppl_closed:.6f}, numerical {cppl_num:.6f}, "
-          f"relative difference {abs(cppl_closed - cppl_num) / cppl_num:.3e}")
+    print(
+        f"speed-up per frame: {per_num / per_closed:,.0f}x; the full split numerically would take ~{per_num * n_frames / 60:.1f} min"
+    )
+    print(
+        f"Cppl on the shared {k} sequences: closed {cppl_closed:.6f}, numerical {cppl_num:.6f}, "
+        f"relative difference {abs(cppl_closed - cppl_num) / cppl_num:.3e}"
+    )
 
 
 if __name__ == "__main__":

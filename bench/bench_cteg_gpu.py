@@ -63,8 +63,11 @@ def synth_lengths(texts: list[str], seed: int) -> np.ndarray:
 
     rng = np.random.default_rng(seed)
     words = np.array([max(1, len(t.split())) for t in texts], dtype=np.float64)
-    log_len = (np.log(synth._LEN_MEDIAN) + synth._LEN_WORD_EXP * np.log(words / np.mean(np.sqrt(words)) ** 2)
-               + synth._LEN_SIGMA * rng.standard_normal(len(texts)))
+    log_len = (
+        np.log(synth._LEN_MEDIAN)
+        + synth._LEN_WORD_EXP * np.log(words / np.mean(np.sqrt(words)) ** 2)
+        + synth._LEN_SIGMA * rng.standard_normal(len(texts))
+    )
     return np.clip(np.rint(np.exp(log_len)), synth._LEN_MIN, synth._LEN_MAX).astype(np.int64)
 
 
@@ -96,17 +99,26 @@ def decoder_fwd_flops(T: np.ndarray, L: np.ndarray, cfg) -> np.ndarray:
     d, f, lat, e = cfg.d_model, cfg.ff_dim, cfg.latent_dim, cfg.ewa_dim
     S = T + 2
     n_face, n_jaw = cfg.expr_dim - cfg.jaw_dim, cfg.jaw_dim
-    ewa = (2 * cfg.expr_dim * e + 2 * n_face * e * 2 * e + 2 * n_jaw * e * e * 2 + 4 * n_jaw * n_face * e
-           + 2 * n_jaw * e) if cfg.ewa else 0
+    ewa = (
+        (2 * cfg.expr_dim * e + 2 * n_face * e * 2 * e + 2 * n_jaw * e * e * 2 + 4 * n_jaw * n_face * e + 2 * n_jaw * e)
+        if cfg.ewa
+        else 0
+    )
     per_pos = ewa + 2 * cfg.expr_dim * d
     causal_attn = 8 * S * d * d + 2 * S * S * d  # q,k,v,o + half of QK^T and AV
     cross_attn = 4 * S * d * d + 4 * L * d * d + 4 * S * L * d
-    total = S * per_pos + cfg.cvad_layers * (
-        causal_attn * (2 if cfg.lta == "attention" else 1) + 2 * cross_attn
-        + 2 * 2 * (S - 1) * d * 2 * lat  # prior + recognition heads
-        + 2 * S * 2 * d * f  # generation FFN
-        + (2 * (S - 1) * 2 * d * f if cfg.target_guided else 0)
-    ) + 2 * (S - 1) * d * cfg.expr_dim * (2 if cfg.target_guided else 1)
+    total = (
+        S * per_pos
+        + cfg.cvad_layers
+        * (
+            causal_attn * (2 if cfg.lta == "attention" else 1)
+            + 2 * cross_attn
+            + 2 * 2 * (S - 1) * d * 2 * lat  # prior + recognition heads
+            + 2 * S * 2 * d * f  # generation FFN
+            + (2 * (S - 1) * 2 * d * f if cfg.target_guided else 0)
+        )
+        + 2 * (S - 1) * d * cfg.expr_dim * (2 if cfg.target_guided else 1)
+    )
     return total
 
 
@@ -152,11 +164,18 @@ def build_encoder_dir(vocab: str, out: Path, small: bool) -> tuple[Path, object]
 
     tok = BertTokenizerFast(vocab_file=vocab, do_lower_case=False)
     if small:
-        cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=128)
+        cfg = BertConfig(
+            vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+        )
     else:  # bert-base(-cased) shapes
-        cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                         intermediate_size=3072, max_position_embeddings=512)
+        cfg = BertConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            max_position_embeddings=512,
+        )
     torch.manual_seed(0)
     BertModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
@@ -180,13 +199,19 @@ def import_reference(ref: Path):
         sys.modules["dill"] = pickle  # its train.py imports dill only to pickle checkpoints
         adapted.append("dill aliased to pickle")
     import em_dataloader
-    import train as ref_train
     from transformer.Models import Transformer
     from transformer.Optim import ScheduledOptim
     from transformer.Translator import TranslatorContinue
 
-    mods = types.SimpleNamespace(train=ref_train, data=em_dataloader, Transformer=Transformer,
-                                 ScheduledOptim=ScheduledOptim, Translator=TranslatorContinue)
+    import train as ref_train
+
+    mods = types.SimpleNamespace(
+        train=ref_train,
+        data=em_dataloader,
+        Transformer=Transformer,
+        ScheduledOptim=ScheduledOptim,
+        Translator=TranslatorContinue,
+    )
     return mods, adapted
 
 
@@ -215,12 +240,31 @@ def build_reference(mods, encoder, d: dict, trg_len: int, src_len: int, device):
     encoder = _RefEncoder(copy.deepcopy(encoder))
     torch.manual_seed(0)
     model = mods.Transformer(
-        encoder.config.vocab_size, 53, src_pad_idx=0, trg_pad_idx=0, trg_emb_prj_weight_sharing=False,
-        d_k=d["d_model"] // d["n_heads"], d_v=d["d_model"] // d["n_heads"], d_model=d["d_model"],
-        d_word_vec=d["d_model"], d_inner=d["ff_dim"], n_layers=1, n_head=d["n_heads"], dropout=0.1,
-        scale_emb=True, cvae=True, flat_method="casual_attention", feature_attention=True,
-        encoder_pretrained=encoder, one_step_loss=True, exp_only_dim=50, src_len=src_len, trg_len=trg_len,
-        fix_encoder=True, second_sample="one").to(device)
+        encoder.config.vocab_size,
+        53,
+        src_pad_idx=0,
+        trg_pad_idx=0,
+        trg_emb_prj_weight_sharing=False,
+        d_k=d["d_model"] // d["n_heads"],
+        d_v=d["d_model"] // d["n_heads"],
+        d_model=d["d_model"],
+        d_word_vec=d["d_model"],
+        d_inner=d["ff_dim"],
+        n_layers=1,
+        n_head=d["n_heads"],
+        dropout=0.1,
+        scale_emb=True,
+        cvae=True,
+        flat_method="casual_attention",
+        feature_attention=True,
+        encoder_pretrained=encoder,
+        one_step_loss=True,
+        exp_only_dim=50,
+        src_len=src_len,
+        trg_len=trg_len,
+        fix_encoder=True,
+        second_sample="one",
+    ).to(device)
     return model
 
 
@@ -244,23 +288,31 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200 SXM: 989)")
     ap.add_argument("--small", action="store_true", help="tiny shapes, for a CPU smoke run")
     ap.add_argument("--skip-reference", action="store_true")
-    ap.add_argument("--profile", action="store_true", help="print a profile of 4 training steps and a decoding breakdown")
+    ap.add_argument(
+        "--profile", action="store_true", help="print a profile of 4 training steps and a decoding breakdown"
+    )
     ap.add_argument("--json")
     args = ap.parse_args()
 
     import transformers
 
-    from facelab.families.cteg.model import CTEG, CTEGConfig, TextStateCache, noam_lambda
     from facelab.families.cteg.loop import BucketBatchSampler, PairDataset, collate, make_optimizer, train_step
+    from facelab.families.cteg.model import CTEG, CTEGConfig, TextStateCache, noam_lambda
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ref_dir = Path(args.reference)
-    results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                     "torch": torch.__version__, "transformers": transformers.__version__,
-                     "argv": sys.argv[1:]}
+    results: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "argv": sys.argv[1:],
+    }
     results["matmul_bf16_tflops"] = matmul_tflops(device)
-    print(f"device {results['device']}, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"bf16 8192^3 matmul {results['matmul_bf16_tflops'] or 0:.0f} TFLOP/s", flush=True)
+    print(
+        f"device {results['device']}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"bf16 8192^3 matmul {results['matmul_bf16_tflops'] or 0:.0f} TFLOP/s",
+        flush=True,
+    )
 
     dims = dict(d_model=64, n_heads=4, ff_dim=128) if args.small else dict(d_model=768, n_heads=12, ff_dim=2048)
     trg_len, src_len = (64, 32) if args.small else (256, 128)
@@ -271,16 +323,32 @@ def main() -> None:
     lengths = np.minimum(synth_lengths(texts, seed=0), trg_len)
     rng = np.random.default_rng(1)
     seqs = [(mean + 0.5 * rng.standard_normal((int(t), 53))).astype(np.float32) for t in lengths]
-    results["data"] = {"n": len(seqs), "mean_len": float(lengths.mean()), "max_len": int(lengths.max()),
-                       "frac_at_cap": float((lengths >= trg_len).mean())}
-    print(f"data: {len(seqs)} sequences, mean {lengths.mean():.1f} frames (cut to {trg_len}), "
-          f"{100 * (lengths >= trg_len).mean():.1f}% at the cap", flush=True)
+    results["data"] = {
+        "n": len(seqs),
+        "mean_len": float(lengths.mean()),
+        "max_len": int(lengths.max()),
+        "frac_at_cap": float((lengths >= trg_len).mean()),
+    }
+    print(
+        f"data: {len(seqs)} sequences, mean {lengths.mean():.1f} frames (cut to {trg_len}), "
+        f"{100 * (lengths >= trg_len).mean():.1f}% at the cap",
+        flush=True,
+    )
 
     tmp = Path(tempfile.mkdtemp(prefix="cteg_bench_"))
     enc_dir, enc_cfg = build_encoder_dir(args.vocab, tmp / "encoder", args.small)
 
-    cfg = CTEGConfig(text_encoder=str(enc_dir), max_text_tokens=src_len, max_frames=trg_len, cvad_layers=1,
-                     latent_dim=dims["d_model"], lta="attention", ewa=True, target_guided=True, **dims)
+    cfg = CTEGConfig(
+        text_encoder=str(enc_dir),
+        max_text_tokens=src_len,
+        max_frames=trg_len,
+        cvad_layers=1,
+        latent_dim=dims["d_model"],
+        lta="attention",
+        ewa=True,
+        target_guided=True,
+        **dims,
+    )
     torch.manual_seed(0)
     model = CTEG(cfg, torch.from_numpy(mean)).to(device)
     tok = model.tokenizer
@@ -288,8 +356,10 @@ def main() -> None:
     flops_epoch = train_flops(lengths, L, cfg, enc_cfg)
     results["data"]["mean_text_tokens"] = float(L.mean())
     results["flops_per_seq_G"] = flops_epoch / len(seqs) / 1e9
-    print(f"text tokens: mean {L.mean():.1f}; useful training FLOPs {flops_epoch / len(seqs) / 1e9:.2f} G/sequence",
-          flush=True)
+    print(
+        f"text tokens: mean {L.mean():.1f}; useful training FLOPs {flops_epoch / len(seqs) / 1e9:.2f} G/sequence",
+        flush=True,
+    )
 
     def mfu(seq_per_s: float) -> float:
         return seq_per_s * flops_epoch / len(seqs) / (args.peak_tflops * 1e12)
@@ -305,8 +375,9 @@ def main() -> None:
     opt = make_optimizer(params, optim_cfg, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, noam_lambda(cfg.d_model, 4000))
     sampler = BucketBatchSampler([len(s) for s in ds.sequences], args.batch_size, seed=0)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
-                                         pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        ds, batch_sampler=sampler, collate_fn=collate, pin_memory=device.type == "cuda"
+    )
     model.train()
     epoch_times, padded = [], []
     for epoch in range(2):  # epoch 0 warms up (kernel selection per shape); epoch 1 is reported
@@ -326,14 +397,23 @@ def main() -> None:
     steps = len(sampler)
     n_seq = steps * args.batch_size
     fl_sps = n_seq / epoch_times[1]
-    results["facelab_train"] = {"epoch_s": epoch_times, "steps": steps, "seq": n_seq, "seq_per_s": fl_sps,
-                                "mfu": mfu(fl_sps), "padded_frames": padded[1],
-                                "real_frames": n_frames_real, "loss_sum_last_epoch": loss,
-                                "peak_mem_GiB": torch.cuda.max_memory_allocated(device) / 2**30
-                                if device.type == "cuda" else None}
-    print(f"facelab train: epoch {epoch_times[1]:.2f} s ({steps} steps x {args.batch_size}) -> {fl_sps:,.0f} seq/s, "
-          f"MFU {100 * mfu(fl_sps):.1f}%  (first epoch, text cache cold: {epoch_times[0]:.2f} s; padded/real frames "
-          f"{padded[1] / n_frames_real:.2f})", flush=True)
+    results["facelab_train"] = {
+        "epoch_s": epoch_times,
+        "steps": steps,
+        "seq": n_seq,
+        "seq_per_s": fl_sps,
+        "mfu": mfu(fl_sps),
+        "padded_frames": padded[1],
+        "real_frames": n_frames_real,
+        "loss_sum_last_epoch": loss,
+        "peak_mem_GiB": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+    print(
+        f"facelab train: epoch {epoch_times[1]:.2f} s ({steps} steps x {args.batch_size}) -> {fl_sps:,.0f} seq/s, "
+        f"MFU {100 * mfu(fl_sps):.1f}%  (first epoch, text cache cold: {epoch_times[0]:.2f} s; padded/real frames "
+        f"{padded[1] / n_frames_real:.2f})",
+        flush=True,
+    )
     rows.append(("facelab default (2nd epoch)", fl_sps, mfu(fl_sps), n_seq / fl_sps))
     sps0 = n_seq / epoch_times[0]
     rows.append(("facelab default (1st epoch: text cache cold, warm-up)", sps0, mfu(sps0), epoch_times[0]))
@@ -355,8 +435,11 @@ def main() -> None:
         ev = prof.key_averages()
         gpu_us = sum(e.self_device_time_total for e in ev)
         n_kernels = sum(e.count for e in ev if e.device_type == torch.autograd.DeviceType.CUDA)
-        print(f"profile: 4 training steps, wall {wall * 1e3:.0f} ms, GPU busy {gpu_us / 1e3:.0f} ms, "
-              f"{n_kernels / 4:.0f} kernels/step", flush=True)
+        print(
+            f"profile: 4 training steps, wall {wall * 1e3:.0f} ms, GPU busy {gpu_us / 1e3:.0f} ms, "
+            f"{n_kernels / 4:.0f} kernels/step",
+            flush=True,
+        )
         print(ev.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60), flush=True)
         print(ev.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60), flush=True)
 
@@ -367,17 +450,23 @@ def main() -> None:
             idx_batches = list(BucketBatchSampler([len(s) for s in ds.sequences], args.batch_size, seed=5))
         else:  # random batches padded to their longest (facelab's loop before bucketing)
             perm = np.random.default_rng(5).permutation(len(ds))
-            idx_batches = [perm[i:i + args.batch_size].tolist() for i in range(0, len(perm) - args.batch_size + 1,
-                                                                                args.batch_size)]
-        batches = [collate([ds[i] for i in b]) for b in idx_batches[:args.ablation_steps + 2]]
+            idx_batches = [
+                perm[i : i + args.batch_size].tolist()
+                for i in range(0, len(perm) - args.batch_size + 1, args.batch_size)
+            ]
+        batches = [collate([ds[i] for i in b]) for b in idx_batches[: args.ablation_steps + 2]]
         for b in batches[:2]:
             train_step(model, b, opt_a, None, params, 0.0, device, amp=amp)
-        t = timed(lambda: [train_step(model, b, opt_a, None, params, 0.0, device, amp=amp) for b in batches[2:]],
-                  device)[0]
+        t = timed(
+            lambda: [train_step(model, b, opt_a, None, params, 0.0, device, amp=amp) for b in batches[2:]], device
+        )[0]
         per_seq = t / (len(batches[2:]) * args.batch_size)
         sps = 1 / per_seq
-        print(f"  ablation {name}: {sps:,.0f} seq/s ({len(batches) - 2} steps, mean padded length "
-              f"{np.mean([b[1].shape[1] for b in batches[2:]]):.0f})", flush=True)
+        print(
+            f"  ablation {name}: {sps:,.0f} seq/s ({len(batches) - 2} steps, mean padded length "
+            f"{np.mean([b[1].shape[1] for b in batches[2:]]):.0f})",
+            flush=True,
+        )
         rows.append((f"facelab ablation: {name}", sps, mfu(sps), args.n_train / sps))
         results.setdefault("ablations", {})[name] = {"seq_per_s": sps, "mfu": mfu(sps)}
 
@@ -397,8 +486,14 @@ def main() -> None:
         from transformers import BertTokenizer
 
         ref_tok = BertTokenizer(vocab_file=args.vocab, do_lower_case=False)
-        conf = {"tokenizer": ref_tok, "batch_size": args.batch_size, "src_len": src_len, "trg_len": trg_len,
-                "trg_exp_dim": 53, "shuffle": False}
+        conf = {
+            "tokenizer": ref_tok,
+            "batch_size": args.batch_size,
+            "src_len": src_len,
+            "trg_len": trg_len,
+            "trg_exp_dim": 53,
+            "shuffle": False,
+        }
         n_ref = (args.ref_steps + 1) * args.batch_size
         ref_exps = [np.concatenate([mean[None], s], axis=0) for s in seqs[:n_ref]]  # as load_dataset_split_batch
         ref_tgt_texts = [" ".join(["[UNK]"] * len(x)) for x in ref_exps]
@@ -407,8 +502,9 @@ def main() -> None:
         ref_batches = list(ref_loader)
         data_s = (time.perf_counter() - t0) / len(ref_batches)
         ref_opt = types.SimpleNamespace(cvae=True, one_step_loss=True)
-        optimizer = mods.ScheduledOptim(torch.optim.Adam(ref_model.parameters(), betas=(0.9, 0.98), eps=1e-9),
-                                        2.0, dims["d_model"], 4000)
+        optimizer = mods.ScheduledOptim(
+            torch.optim.Adam(ref_model.parameters(), betas=(0.9, 0.98), eps=1e-9), 2.0, dims["d_model"], 4000
+        )
         ref_times = {}
         for anomaly in (True, False):
             torch.autograd.set_detect_anomaly(anomaly)
@@ -419,12 +515,18 @@ def main() -> None:
         for anomaly, label in ((True, "as shipped, anomaly detection on"), (False, "anomaly detection off")):
             sps = args.batch_size / ref_times[anomaly]
             rows.append((f"reference train_epoch ({label})", sps, mfu(sps), args.n_train / sps))
-        results["reference_train"] = {"s_per_step_anomaly_on": ref_times[True], "s_per_step_anomaly_off": ref_times[False],
-                                      "data_pipeline_s_per_batch": data_s,
-                                      "seq_per_s_on": args.batch_size / ref_times[True],
-                                      "seq_per_s_off": args.batch_size / ref_times[False]}
-        print(f"reference train: {ref_times[True]:.3f} s/step (anomaly on), {ref_times[False]:.3f} s/step (off); "
-              f"its data pipeline (not timed above) {data_s:.2f} s/batch", flush=True)
+        results["reference_train"] = {
+            "s_per_step_anomaly_on": ref_times[True],
+            "s_per_step_anomaly_off": ref_times[False],
+            "data_pipeline_s_per_batch": data_s,
+            "seq_per_s_on": args.batch_size / ref_times[True],
+            "seq_per_s_off": args.batch_size / ref_times[False],
+        }
+        print(
+            f"reference train: {ref_times[True]:.3f} s/step (anomaly on), {ref_times[False]:.3f} s/step (off); "
+            f"its data pipeline (not timed above) {data_s:.2f} s/batch",
+            flush=True,
+        )
         del optimizer, ref_batches
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -438,18 +540,30 @@ def main() -> None:
     from facelab.families.cteg.decoding import generate as fl_generate
 
     if ref_model is not None:
-        translator = mods.Translator(model=ref_model, max_seq_len=n_frames, device=device, tokenizer=ref_tok,
-                                     threshold=1.0, cvae=True, data_source=str(mean_path.parent)).to(device)
+        translator = mods.Translator(
+            model=ref_model,
+            max_seq_len=n_frames,
+            device=device,
+            tokenizer=ref_tok,
+            threshold=1.0,
+            cvae=True,
+            data_source=str(mean_path.parent),
+        ).to(device)
     if args.profile and device.type == "cuda":
         for b in (1, 64):
             fl_generate(model, texts[:b], max_frames=8, generator=gen())
             enc_t = statistics.median(timed(lambda: model.encode_text(texts[:b]), device, 5))
-            ts = {n: statistics.median(timed(lambda: model.generate(texts[:b], max_frames=n, generator=gen()), device, 5))
-                  for n in (2, 64, 256)}
+            ts = {
+                n: statistics.median(timed(lambda: model.generate(texts[:b], max_frames=n, generator=gen()), device, 5))
+                for n in (2, 64, 256)
+            }
             per_step = (ts[256] - ts[64]) / 192
-            print(f"decode breakdown b={b}: encode_text {enc_t * 1e3:.1f} ms; generate 2/64/256 frames "
-                  f"{ts[2] * 1e3:.1f}/{ts[64] * 1e3:.1f}/{ts[256] * 1e3:.1f} ms -> {per_step * 1e6:.0f} us per replayed step, "
-                  f"fixed {(ts[256] - 256 * per_step) * 1e3:.1f} ms", flush=True)
+            print(
+                f"decode breakdown b={b}: encode_text {enc_t * 1e3:.1f} ms; generate 2/64/256 frames "
+                f"{ts[2] * 1e3:.1f}/{ts[64] * 1e3:.1f}/{ts[256] * 1e3:.1f} ms -> {per_step * 1e6:.0f} us per replayed step, "
+                f"fixed {(ts[256] - 256 * per_step) * 1e3:.1f} ms",
+                flush=True,
+            )
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 model.generate(texts[:b], max_frames=64, generator=gen())
                 sync(device)
@@ -463,8 +577,9 @@ def main() -> None:
         out = model.generate(btexts, max_frames=n_frames, generator=gen())
         entry["facelab_s"] = statistics.median(t)
         entry["facelab_frames"] = sum(len(o) for o in out)
-        t_eager = timed(lambda: fl_generate(model, btexts, max_frames=n_frames, generator=gen(), static=False),
-                        device, 2)
+        t_eager = timed(
+            lambda: fl_generate(model, btexts, max_frames=n_frames, generator=gen(), static=False), device, 2
+        )
         entry["facelab_eager_cache_s"] = statistics.median(t_eager)
         t_full = timed(lambda: model.generate(btexts, max_frames=n_frames, generator=gen(), use_cache=False), device, 1)
         full = model.generate(btexts, max_frames=n_frames, generator=gen(), use_cache=False)
@@ -477,8 +592,15 @@ def main() -> None:
         if ref_model is not None:
             enc = ref_tok(btexts, max_length=src_len, padding="max_length", truncation=True, return_tensors="pt")
             src, src_mask = enc["input_ids"].to(device), enc["attention_mask"].bool().unsqueeze(-2).to(device)
-            small = mods.Translator(model=ref_model, max_seq_len=8, device=device, tokenizer=ref_tok, threshold=1.0,
-                                    cvae=True, data_source=str(mean_path.parent))
+            small = mods.Translator(
+                model=ref_model,
+                max_seq_len=8,
+                device=device,
+                tokenizer=ref_tok,
+                threshold=1.0,
+                cvae=True,
+                data_source=str(mean_path.parent),
+            )
             small.serial_inference(src, src_mask)  # warm-up
             reps = 2 if b <= 8 else 1
             t_ref = timed(lambda: translator.serial_inference(src, src_mask), device, reps)
@@ -487,13 +609,17 @@ def main() -> None:
             entry["reference_frames"] = int(ref_out.shape[0] * ref_out.shape[1])
         results.setdefault("decode", {})[b] = entry
         fps_fl = entry["facelab_frames"] / entry["facelab_s"]
-        line = (f"decode b={b}: facelab {entry['facelab_s'] * 1e3:.1f} ms ({fps_fl:,.0f} frames/s; eager cache "
-                f"{entry['facelab_eager_cache_s'] * 1e3:.0f} ms, full recompute {entry['facelab_full_recompute_s'] * 1e3:.0f} ms; "
-                f"max |diff| vs recompute {diff:.2e}, rel {rel:.1e}, lengths equal {entry['equal_lengths']})")
+        line = (
+            f"decode b={b}: facelab {entry['facelab_s'] * 1e3:.1f} ms ({fps_fl:,.0f} frames/s; eager cache "
+            f"{entry['facelab_eager_cache_s'] * 1e3:.0f} ms, full recompute {entry['facelab_full_recompute_s'] * 1e3:.0f} ms; "
+            f"max |diff| vs recompute {diff:.2e}, rel {rel:.1e}, lengths equal {entry['equal_lengths']})"
+        )
         if "reference_s" in entry:
             fps_ref = entry["reference_frames"] / entry["reference_s"]
             entry["speedup_frames_per_s"] = fps_fl / fps_ref
-            line += f"; reference {entry['reference_s'] * 1e3:.0f} ms ({fps_ref:,.0f} frames/s) -> {fps_fl / fps_ref:.1f}x"
+            line += (
+                f"; reference {entry['reference_s'] * 1e3:.0f} ms ({fps_ref:,.0f} frames/s) -> {fps_fl / fps_ref:.1f}x"
+            )
         print(line, flush=True)
         dec_rows.append((b, entry))
 
@@ -507,12 +633,17 @@ def main() -> None:
     stop_ok = [len(x) for x in a] == [len(y) for y in c]
     stop_diff = max(float((x - y).abs().max()) for x, y in zip(a, c))
     results["stop_check"] = {"lengths": [len(x) for x in a], "equal_lengths": stop_ok, "max_abs_diff": stop_diff}
-    print(f"stopping check (16 texts, threshold {model.cfg.stop_threshold:.2f}): lengths {[len(x) for x in a]}, "
-          f"equal to recomputation {stop_ok}, max |diff| {stop_diff:.1e}", flush=True)
+    print(
+        f"stopping check (16 texts, threshold {model.cfg.stop_threshold:.2f}): lengths {[len(x) for x in a]}, "
+        f"equal to recomputation {stop_ok}, max |diff| {stop_diff:.1e}",
+        flush=True,
+    )
 
     # ---- table --------------------------------------------------------------------------------
-    print("\n## training (sequences/s, useful-FLOP MFU vs %.0f TFLOP/s, epoch of %d sequences)" % (args.peak_tflops,
-                                                                                                   args.n_train))
+    print(
+        "\n## training (sequences/s, useful-FLOP MFU vs %.0f TFLOP/s, epoch of %d sequences)"
+        % (args.peak_tflops, args.n_train)
+    )
     print(f"| {'path':58} | {'seq/s':>9} | {'MFU':>6} | {'epoch s':>8} |")
     for name, sps, m, ep in rows:
         print(f"| {name:58} | {sps:9,.0f} | {100 * m:5.1f}% | {ep:8.1f} |")
@@ -520,15 +651,21 @@ def main() -> None:
         r = results["reference_train"]
         results["train_speedup_vs_ref_on"] = fl_sps / r["seq_per_s_on"]
         results["train_speedup_vs_ref_off"] = fl_sps / r["seq_per_s_off"]
-        print(f"facelab / reference: {fl_sps / r['seq_per_s_on']:.1f}x (anomaly on), "
-              f"{fl_sps / r['seq_per_s_off']:.1f}x (off)")
+        print(
+            f"facelab / reference: {fl_sps / r['seq_per_s_on']:.1f}x (anomaly on), "
+            f"{fl_sps / r['seq_per_s_off']:.1f}x (off)"
+        )
     print(f"\n## decoding {n_frames} frames")
-    print(f"| {'batch':>5} | {'facelab ms':>10} | {'eager-cache ms':>14} | {'recompute ms':>12} | {'reference ms':>12} "
-          f"| {'speed-up':>8} | {'max|diff|':>9} |")
+    print(
+        f"| {'batch':>5} | {'facelab ms':>10} | {'eager-cache ms':>14} | {'recompute ms':>12} | {'reference ms':>12} "
+        f"| {'speed-up':>8} | {'max|diff|':>9} |"
+    )
     for b, e in dec_rows:
-        print(f"| {b:5d} | {e['facelab_s'] * 1e3:10.1f} | {e['facelab_eager_cache_s'] * 1e3:14.1f} | "
-              f"{e['facelab_full_recompute_s'] * 1e3:12.1f} | {e.get('reference_s', float('nan')) * 1e3:12.1f} | "
-              f"{e.get('speedup_frames_per_s', float('nan')):7.1f}x | {e['max_abs_diff_vs_recompute']:9.1e} |")
+        print(
+            f"| {b:5d} | {e['facelab_s'] * 1e3:10.1f} | {e['facelab_eager_cache_s'] * 1e3:14.1f} | "
+            f"{e['facelab_full_recompute_s'] * 1e3:12.1f} | {e.get('reference_s', float('nan')) * 1e3:12.1f} | "
+            f"{e.get('speedup_frames_per_s', float('nan')):7.1f}x | {e['max_abs_diff_vs_recompute']:9.1e} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
 

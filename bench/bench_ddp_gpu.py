@@ -102,8 +102,13 @@ def _install_epoch_timer(config: dict) -> None:
     cuda = torch.cuda.is_available()
     out = _Path(config["root"]) / "bench_timing" / str((config.get("tracking") or {}).get("run_id", "run"))
     out.mkdir(parents=True, exist_ok=True)
-    record = {"rank": rank, "world": world, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-              "torch_threads": torch.get_num_threads(), "epochs": []}
+    record = {
+        "rank": rank,
+        "world": world,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "epochs": [],
+    }
     state: dict = {"cur": None}
 
     def now() -> float:
@@ -192,8 +197,9 @@ def build_project(root: Path, args) -> dict:
     from bench_cteg_gpu import build_encoder_dir
 
     t0 = time.perf_counter()
-    summary = generate_emoava(root / "data" / "emoava", n_train=args.n_train, n_dev=args.n_dev, n_test=16,
-                              seed=args.data_seed)
+    summary = generate_emoava(
+        root / "data" / "emoava", n_train=args.n_train, n_dev=args.n_dev, n_test=16, seed=args.data_seed
+    )
     data_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     _enc_dir, enc_cfg = build_encoder_dir(args.vocab, root / "encoder", args.small)
@@ -202,12 +208,18 @@ def build_project(root: Path, args) -> dict:
     job_name = "cteg_tiny.yaml" if args.small else "cteg.yaml"
     shutil.copy(REPO / "jobs" / job_name, root / "jobs" / job_name)
     tr, dev = summary["splits"]["train"], summary["splits"]["dev"]
-    print(f"data: {tr['sequences']} train / {dev['sequences']} dev sequences (facelab.data.synth), train mean "
-          f"{tr['mean_length']:.1f} frames, {tr['over_256']} over 256, built in {data_s:.1f} s; encoder: random-init "
-          f"BERT {enc_cfg.num_hidden_layers}x{enc_cfg.hidden_size} saved in {enc_s:.1f} s", flush=True)
-    return {"job": f"jobs/{job_name}", "train": tr, "dev": dev,
-            "encoder": {"layers": enc_cfg.num_hidden_layers, "hidden": enc_cfg.hidden_size,
-                        "vocab": enc_cfg.vocab_size}}
+    print(
+        f"data: {tr['sequences']} train / {dev['sequences']} dev sequences (facelab.data.synth), train mean "
+        f"{tr['mean_length']:.1f} frames, {tr['over_256']} over 256, built in {data_s:.1f} s; encoder: random-init "
+        f"BERT {enc_cfg.num_hidden_layers}x{enc_cfg.hidden_size} saved in {enc_s:.1f} s",
+        flush=True,
+    )
+    return {
+        "job": f"jobs/{job_name}",
+        "train": tr,
+        "dev": dev,
+        "encoder": {"layers": enc_cfg.num_hidden_layers, "hidden": enc_cfg.hidden_size, "vocab": enc_cfg.vocab_size},
+    }
 
 
 def data_digest(data_dir: Path) -> tuple[str, int, int]:
@@ -228,18 +240,27 @@ def patch_driver(root: Path) -> None:
     md5, size, nfiles = data_digest(root / "data" / "emoava")
 
     def verify_data(_root, data_path):
-        return lineage.LockedOutput(stage="bench_ddp_gpu (synthetic, no DVC)", path=str(data_path), md5=md5,
-                                    size=size, nfiles=nfiles)
+        return lineage.LockedOutput(
+            stage="bench_ddp_gpu (synthetic, no DVC)", path=str(data_path), md5=md5, size=size, nfiles=nfiles
+        )
 
     lineage.verify_data = verify_data
     sweep.run_trial = bench_trial
 
 
 def job_overrides(args, encoder_dir: Path) -> list[str]:
-    sets = {"model.text_encoder": str(encoder_dir), "train.epochs": args.epochs, "train.seed": args.seed,
-            "optim.batch_size": args.batch_size, "data.train_subset": "null", "data.dev_subset": "null",
-            "train.max_steps_per_epoch": "null", "train.max_val_batches": "null", "eval.enabled": "false",
-            "train.max_failures": 0}
+    sets = {
+        "model.text_encoder": str(encoder_dir),
+        "train.epochs": args.epochs,
+        "train.seed": args.seed,
+        "optim.batch_size": args.batch_size,
+        "data.train_subset": "null",
+        "data.dev_subset": "null",
+        "train.max_steps_per_epoch": "null",
+        "train.max_val_batches": "null",
+        "eval.enabled": "false",
+        "train.max_failures": 0,
+    }
     return [f"{k}={v}" for k, v in sets.items()]
 
 
@@ -252,8 +273,18 @@ def run_one(root: Path, job: str, n_workers: int, args, sets: list[str]) -> dict
     from facelab import cli, tracking
 
     name = f"bench-ddp-{n_workers}w"
-    argv = ["train", job, "--name", name, "--num-workers", str(n_workers),
-            "--gpus-per-worker", "1" if args.gpu else "0", "--cpus-per-worker", f"{args.cpus_per_worker:g}"]
+    argv = [
+        "train",
+        job,
+        "--name",
+        name,
+        "--num-workers",
+        str(n_workers),
+        "--gpus-per-worker",
+        "1" if args.gpu else "0",
+        "--cpus-per-worker",
+        f"{args.cpus_per_worker:g}",
+    ]
     for s in sets:
         argv += ["--set", s]
     print(f"\n=== {n_workers} worker(s): facelab {' '.join(shlex.quote(a) for a in argv)}", flush=True)
@@ -282,9 +313,16 @@ def run_one(root: Path, job: str, n_workers: int, args, sets: list[str]) -> dict
     for f in sorted((root / "bench_timing" / run.info.run_id).glob("rank*.json")):
         ranks.append(json.loads(f.read_text()))
     ranks.sort(key=lambda r: r["rank"])
-    return {"workers": n_workers, "experiment": name, "run_id": run.info.run_id, "status": run.info.status,
-            "worker_nodes": run.data.tags.get("facelab.worker_nodes"), "wall_s": wall, "history": hist,
-            "ranks": ranks}
+    return {
+        "workers": n_workers,
+        "experiment": name,
+        "run_id": run.info.run_id,
+        "status": run.info.status,
+        "worker_nodes": run.data.tags.get("facelab.worker_nodes"),
+        "wall_s": wall,
+        "history": hist,
+        "ranks": ranks,
+    }
 
 
 def has_timing(r: dict) -> bool:
@@ -300,16 +338,27 @@ def epoch_figures(r: dict, batch_size: int, hooks: bool) -> dict:
     steps = [b - a for a, b in zip([0] + steps_cum[:-1], steps_cum)]
     per_worker = max(1, batch_size // n)
     timed = hooks and has_timing(r)
-    out = {"steps": steps, "per_worker_batch": per_worker, "global_batch": per_worker * n,
-           "loop_epoch_s": hist["epoch_time_s"], "timed_train_phase": timed}
+    out = {
+        "steps": steps,
+        "per_worker_batch": per_worker,
+        "global_batch": per_worker * n,
+        "loop_epoch_s": hist["epoch_time_s"],
+        "timed_train_phase": timed,
+    }
     if timed:
         train_s = [max(x["epochs"][e]["train_s"] for x in r["ranks"]) for e in range(n_epochs)]
         seqs = [sum(x["epochs"][e]["seqs"] for x in r["ranks"]) for e in range(n_epochs)]
         frames = [[x["epochs"][e]["frames"] for x in r["ranks"]] for e in range(n_epochs)]
         padded = [[x["epochs"][e]["padded_frames"] for x in r["ranks"]] for e in range(n_epochs)]
-        out.update(train_s=train_s, seqs=seqs, frames_per_rank=frames, padded_per_rank=padded,
-                   padded_per_real=[sum(p) / max(1, sum(f)) for p, f in zip(padded, frames)],
-                   device=r["ranks"][0]["device"], torch_threads=r["ranks"][0]["torch_threads"])
+        out.update(
+            train_s=train_s,
+            seqs=seqs,
+            frames_per_rank=frames,
+            padded_per_rank=padded,
+            padded_per_real=[sum(p) / max(1, sum(f)) for p, f in zip(padded, frames)],
+            device=r["ranks"][0]["device"],
+            torch_threads=r["ranks"][0]["torch_threads"],
+        )
     else:  # the loop's epoch clock: training + validation
         out.update(train_s=list(hist["epoch_time_s"]), seqs=[s * per_worker * n for s in steps])
     t, s = out["train_s"], out["seqs"]
@@ -334,8 +383,13 @@ def versions() -> dict:
     import torch
     import transformers
 
-    return {"python": _platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-            "mlflow": mlflow.__version__, "transformers": transformers.__version__}
+    return {
+        "python": _platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "mlflow": mlflow.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def device_label(gpu: bool, runs: list[dict]) -> str:
@@ -356,7 +410,8 @@ def command_line(args) -> str:
         elif a.startswith("--vocab="):
             argv[i] = "--vocab=<bert vocab.txt>"
     return "PYTHONPATH=platform python bench/bench_ddp_gpu.py " + " ".join(
-        a if a.startswith("<") else shlex.quote(a) for a in argv)
+        a if a.startswith("<") else shlex.quote(a) for a in argv
+    )
 
 
 def print_summary(results: dict) -> None:
@@ -365,43 +420,60 @@ def print_summary(results: dict) -> None:
     base = figs[0]
     v = results["versions"]
     cfg = results["config"]
-    print("\n## CTEG trial on Ray Train DDP: " + " vs ".join(f"{n} worker{'s' if n > 1 else ''}" for n in ns)
-          + " (`bench/bench_ddp_gpu.py`)\n")
-    print(f"Device: {results['device']}; Python {v['python']}, torch {v['torch']}, ray {v['ray']}, "
-          f"mlflow {v['mlflow']}, transformers {v['transformers']}; each worker {'1 GPU (NCCL)' if cfg['gpu'] else 'on the CPU (gloo)'} "
-          f"+ {cfg['cpus_per_worker']:g} CPU reserved.")
-    print(f"Job: `{cfg['job']}` ({cfg['model']}), random-init BERT encoder {cfg['encoder']} (frozen, states cached), "
-          f"{cfg['n_train']:,} train / {cfg['n_dev']:,} dev synthetic EmoAva sequences (mean "
-          f"{cfg['mean_len']:.1f} frames, MSL {cfg['max_frames']}), global batch {cfg['batch_size']}, "
-          f"{cfg['epochs']} epochs, seed {cfg['seed']}; each run is `facelab train --num-workers N` "
-          f"(Tune -> TorchTrainer -> facelab.families.cteg.loop.worker_loop).")
+    print(
+        "\n## CTEG trial on Ray Train DDP: "
+        + " vs ".join(f"{n} worker{'s' if n > 1 else ''}" for n in ns)
+        + " (`bench/bench_ddp_gpu.py`)\n"
+    )
+    print(
+        f"Device: {results['device']}; Python {v['python']}, torch {v['torch']}, ray {v['ray']}, "
+        f"mlflow {v['mlflow']}, transformers {v['transformers']}; each worker {'1 GPU (NCCL)' if cfg['gpu'] else 'on the CPU (gloo)'} "
+        f"+ {cfg['cpus_per_worker']:g} CPU reserved."
+    )
+    print(
+        f"Job: `{cfg['job']}` ({cfg['model']}), random-init BERT encoder {cfg['encoder']} (frozen, states cached), "
+        f"{cfg['n_train']:,} train / {cfg['n_dev']:,} dev synthetic EmoAva sequences (mean "
+        f"{cfg['mean_len']:.1f} frames, MSL {cfg['max_frames']}), global batch {cfg['batch_size']}, "
+        f"{cfg['epochs']} epochs, seed {cfg['seed']}; each run is `facelab train --num-workers N` "
+        f"(Tune -> TorchTrainer -> facelab.families.cteg.loop.worker_loop)."
+    )
     print(f"Command: `{results['command']}`\n")
     print(f"Batch convention: {CONVENTION}\n")
     timed = all(f["timed_train_phase"] for f in figs)
     clock = "training phase (hooks)" if timed else "loop epoch_time_s (train + val)"
-    print("| workers | batch per worker | steps/epoch | epoch 0 s (warm-up) | steady s/epoch | steady seq/s "
-          "| loop epoch s (train+val) | speed-up | scaling efficiency |")
+    print(
+        "| workers | batch per worker | steps/epoch | epoch 0 s (warm-up) | steady s/epoch | steady seq/s "
+        "| loop epoch s (train+val) | speed-up | scaling efficiency |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r, f in zip(runs, figs):
         n = r["workers"]
         speed = f["steady_seq_per_s"] / base["steady_seq_per_s"]
         eff = speed * runs[0]["workers"] / n
-        print(f"| {n} | {f['per_worker_batch']} | {f['steps'][0]} | {f['warmup_train_s']:.2f} | "
-              f"{f['steady_train_s']:.2f} | {f['steady_seq_per_s']:,.0f} | {f['steady_loop_epoch_s']:.2f} | "
-              f"{speed:.2f}x | **{100 * eff:.0f} %** |")
+        print(
+            f"| {n} | {f['per_worker_batch']} | {f['steps'][0]} | {f['warmup_train_s']:.2f} | "
+            f"{f['steady_train_s']:.2f} | {f['steady_seq_per_s']:,.0f} | {f['steady_loop_epoch_s']:.2f} | "
+            f"{speed:.2f}x | **{100 * eff:.0f} %** |"
+        )
     steady = figs[0]["steady_epochs"]
-    print(f"\nTimes: {clock}; steady state = epoch{'s' if len(steady) > 1 else ''} "
-          f"{', '.join(map(str, steady))}; seq/s = global training sequences per second; scaling efficiency = "
-          f"throughput(N) / (N x throughput({runs[0]['workers']})).")
+    print(
+        f"\nTimes: {clock}; steady state = epoch{'s' if len(steady) > 1 else ''} "
+        f"{', '.join(map(str, steady))}; seq/s = global training sequences per second; scaling efficiency = "
+        f"throughput(N) / (N x throughput({runs[0]['workers']}))."
+    )
     if "padded_per_rank" in base:  # a rank's batch is padded to its own longest sequence
         total = sum(base["padded_per_rank"][-1])  # the baseline's padded frames in its last epoch
         for r, f in zip(runs, figs):
             pr = f["padded_per_rank"][-1]
             share = ", ".join(f"{x * r['workers'] / total:.3f}" for x in pr)
-            print(f"{r['workers']} worker(s), last epoch: padded frames per rank {pr} = [{share}] x "
-                  f"(baseline's padded frames / {r['workers']}); padded/real frames {f['padded_per_real'][-1]:.3f}")
-    print("`facelab train` wall time (Ray Tune + Train start-up, encoder-cache warm-up, validation, checkpoints "
-          "and MLflow included): " + ", ".join(f"{r['workers']} worker(s) {r['wall_s']:.0f} s" for r in runs))
+            print(
+                f"{r['workers']} worker(s), last epoch: padded frames per rank {pr} = [{share}] x "
+                f"(baseline's padded frames / {r['workers']}); padded/real frames {f['padded_per_real'][-1]:.3f}"
+            )
+    print(
+        "`facelab train` wall time (Ray Tune + Train start-up, encoder-cache warm-up, validation, checkpoints "
+        "and MLflow included): " + ", ".join(f"{r['workers']} worker(s) {r['wall_s']:.0f} s" for r in runs)
+    )
     print("\n### Loss curves (per epoch, from each trial's MLflow run)\n")
     head = "| epoch |"
     for key in CURVE_KEYS:
@@ -419,21 +491,31 @@ def print_summary(results: dict) -> None:
         print(row)
     for key, d in results["agreement"].items():
         change = d["baseline_change"]
-        print(f"{key}: max relative difference {100 * d['max_rel_diff']:.2f} % (baseline moved "
-              f"{100 * change:.1f} % from epoch 0 to {n_epochs - 1})")
+        print(
+            f"{key}: max relative difference {100 * d['max_rel_diff']:.2f} % (baseline moved "
+            f"{100 * change:.1f} % from epoch 0 to {n_epochs - 1})"
+        )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocab", required=True, help="a BERT vocab.txt for the random-init encoder's tokenizer")
-    ap.add_argument("--small", action="store_true", help="tiny shapes (jobs/cteg_tiny.yaml, 2x64 encoder), for a CPU smoke run")
+    ap.add_argument(
+        "--small", action="store_true", help="tiny shapes (jobs/cteg_tiny.yaml, 2x64 encoder), for a CPU smoke run"
+    )
     ap.add_argument("--epochs", type=int, default=4, help="epochs per run; epoch 0 is the warm-up (default 4)")
     ap.add_argument("--n-train", type=int, default=12000, help="training sequences (default 12,000, the release's)")
     ap.add_argument("--n-dev", type=int, default=None, help="dev sequences (default n_train / 8, the release's ratio)")
-    ap.add_argument("--batch-size", type=int, default=None,
-                    help="global batch, sequences per step over all workers (default: the job's, 256; --small 32)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="global batch, sequences per step over all workers (default: the job's, 256; --small 32)",
+    )
     ap.add_argument("--workers", default="1,2", help="worker counts to run; the first is the baseline (default 1,2)")
-    ap.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs reserved per worker (default 4 on GPU, 0.5 on CPU)")
+    ap.add_argument(
+        "--cpus-per-worker", type=float, default=None, help="CPUs reserved per worker (default 4 on GPU, 0.5 on CPU)"
+    )
     ap.add_argument("--cpu", action="store_true", help="CPU workers (gloo) even if CUDA is available")
     ap.add_argument("--seed", type=int, default=0, help="train.seed (weights, batches, noise)")
     ap.add_argument("--data-seed", type=int, default=0)
@@ -466,8 +548,10 @@ def main() -> None:
         args.n_dev = max(32, args.n_train // 8)
     bad = [n for n in workers if args.batch_size % n]
     if bad:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by {bad} workers: the global batch would "
-                         "shrink (the loop trains batch_size // N per worker) and the runs would not compare")
+        raise SystemExit(
+            f"--batch-size {args.batch_size} is not divisible by {bad} workers: the global batch would "
+            "shrink (the loop trains batch_size // N per worker) and the runs would not compare"
+        )
     if args.n_train < args.batch_size:
         raise SystemExit("--n-train must hold at least one global batch")
     for k in ("MLFLOW_TRACKING_URI", "FACELAB_STORAGE", "RAY_ADDRESS"):  # the project's own store, a local Ray
@@ -492,30 +576,54 @@ def main() -> None:
             curves = [r["history"][key] for r in runs]
             n_ep = min(len(c) for c in curves)
             agreement[key] = {
-                "max_rel_diff": max((rel_diff(curves[0][e], c[e]) for c in curves[1:] for e in range(n_ep)), default=0.0),
+                "max_rel_diff": max(
+                    (rel_diff(curves[0][e], c[e]) for c in curves[1:] for e in range(n_ep)), default=0.0
+                ),
                 "baseline_change": rel_diff(curves[0][0], curves[0][n_ep - 1]),
             }
         m = job_yaml["model"]
-        model = (f"d_model {m['d_model']}, {m['n_heads']} heads, FFN {m['ff_dim']}, {m['cvad_layers']} CVAD layer(s), "
-                 f"latent {m['latent_dim']}, EwA {m['ewa']}, LTA {m['lta']}, L_g {m['target_guided']}")
+        model = (
+            f"d_model {m['d_model']}, {m['n_heads']} heads, FFN {m['ff_dim']}, {m['cvad_layers']} CVAD layer(s), "
+            f"latent {m['latent_dim']}, EwA {m['ewa']}, LTA {m['lta']}, L_g {m['target_guided']}"
+        )
         enc = setup["encoder"]
         results = {
-            "device": device_label(args.gpu, runs), "versions": versions(), "command": command_line(args),
-            "argv": sys.argv[1:], "convention": CONVENTION,
-            "config": {"job": setup["job"], "model": model, "encoder": f"{enc['layers']}x{enc['hidden']}",
-                       "n_train": setup["train"]["sequences"], "n_dev": setup["dev"]["sequences"],
-                       "mean_len": setup["train"]["mean_length"], "max_frames": job_yaml["data"]["max_frames"],
-                       "batch_size": args.batch_size, "epochs": args.epochs, "seed": args.seed, "gpu": args.gpu,
-                       "cpus_per_worker": args.cpus_per_worker, "workers": workers},
-            "runs": runs, "figures": figs, "agreement": agreement,
+            "device": device_label(args.gpu, runs),
+            "versions": versions(),
+            "command": command_line(args),
+            "argv": sys.argv[1:],
+            "convention": CONVENTION,
+            "config": {
+                "job": setup["job"],
+                "model": model,
+                "encoder": f"{enc['layers']}x{enc['hidden']}",
+                "n_train": setup["train"]["sequences"],
+                "n_dev": setup["dev"]["sequences"],
+                "mean_len": setup["train"]["mean_length"],
+                "max_frames": job_yaml["data"]["max_frames"],
+                "batch_size": args.batch_size,
+                "epochs": args.epochs,
+                "seed": args.seed,
+                "gpu": args.gpu,
+                "cpus_per_worker": args.cpus_per_worker,
+                "workers": workers,
+            },
+            "runs": runs,
+            "figures": figs,
+            "agreement": agreement,
         }
         base = figs[0]
         results["scaling"] = {
-            str(r["workers"]): {"speedup": f["steady_seq_per_s"] / base["steady_seq_per_s"],
-                                "efficiency": f["steady_seq_per_s"] / base["steady_seq_per_s"] * runs[0]["workers"] / r["workers"],
-                                "efficiency_loop_epoch": f["steady_loop_seq_per_s"] / base["steady_loop_seq_per_s"]
-                                * runs[0]["workers"] / r["workers"]}
-            for r, f in zip(runs, figs)}
+            str(r["workers"]): {
+                "speedup": f["steady_seq_per_s"] / base["steady_seq_per_s"],
+                "efficiency": f["steady_seq_per_s"] / base["steady_seq_per_s"] * runs[0]["workers"] / r["workers"],
+                "efficiency_loop_epoch": f["steady_loop_seq_per_s"]
+                / base["steady_loop_seq_per_s"]
+                * runs[0]["workers"]
+                / r["workers"],
+            }
+            for r, f in zip(runs, figs)
+        }
         print_summary(results)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1, default=str))

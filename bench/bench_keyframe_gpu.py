@@ -43,8 +43,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-QWEN2_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                     r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PRETOKENIZE = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def qwen_like_tokenizer(texts: list[str], vocab_size: int):
@@ -73,10 +75,18 @@ def gen_timed(model, tok, chosen, cfg, mode: str, b: int, ans_len: int, device, 
     t = time.perf_counter() - t0
     flat = [r for per in out for r in per]
     valid = sum(bool(r.valid) for r in flat)
-    print(f"generate b={b} {label or mode}: {len(flat)} keyframes in {t:.2f} s -> {len(flat) / t:.3f} keyframes/s, "
-          f"parsed {valid}/{len(flat)}, {stats['forward_calls']} forward calls", flush=True)
-    return {"s": t, "keyframes_per_s": len(flat) / t, "parse_rate": valid / len(flat),
-            "forward_calls": stats["forward_calls"], "fed_tokens": stats["fed_tokens"]}
+    print(
+        f"generate b={b} {label or mode}: {len(flat)} keyframes in {t:.2f} s -> {len(flat) / t:.3f} keyframes/s, "
+        f"parsed {valid}/{len(flat)}, {stats['forward_calls']} forward calls",
+        flush=True,
+    )
+    return {
+        "s": t,
+        "keyframes_per_s": len(flat) / t,
+        "parse_rate": valid / len(flat),
+        "forward_calls": stats["forward_calls"],
+        "fed_tokens": stats["fed_tokens"],
+    }
 
 
 def main() -> None:
@@ -101,19 +111,28 @@ def main() -> None:
     from facelab.data.synth_keyframe import generate_scripts
     from facelab.families.keyframe_lm.data import collate
     from facelab.families.keyframe_lm.generate import generate_keyframes
+    from facelab.families.keyframe_lm.loop import build_examples, make_optimizer, prompt_config, train_step
     from facelab.families.keyframe_lm.lora import LoraSettings, apply_lora, count_trainable
     from facelab.families.keyframe_lm.prompts import answer_text, build_messages
-    from facelab.families.keyframe_lm.loop import build_examples, make_optimizer, prompt_config, train_step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    res: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                 "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                 "argv": sys.argv[1:]}
-    print(f"device {res['device']}, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"peft {peft.__version__}", flush=True)
+    res: dict = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "argv": sys.argv[1:],
+    }
+    print(
+        f"device {res['device']}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"peft {peft.__version__}",
+        flush=True,
+    )
 
-    job = {"prompt": {"format": "semantic", "glossary": True, "target_frame_instruction": True, "max_tokens": 8192},
-           "data": {"annotation": "arkit"}}
+    job = {
+        "prompt": {"format": "semantic", "glossary": True, "target_frame_instruction": True, "max_tokens": 8192},
+        "data": {"annotation": "arkit"},
+    }
     cfg = prompt_config(job)
     scripts = generate_scripts(args.scripts, seed=0)
     corpus = [m["content"] for s in scripts for kf in s.keyframes for m in build_messages(s, kf.index, cfg)]
@@ -122,18 +141,44 @@ def main() -> None:
     ds = build_examples(tok, scripts, job, "train")
     lens = np.array([len(ids) for ids, _ in ds.examples])
     ans = np.array([sum(x != -100 for x in lab) for _, lab in ds.examples])
-    res["data"] = {"examples": len(lens), "len_min": int(lens.min()), "len_mean": float(lens.mean()),
-                   "len_max": int(lens.max()), "answer_mean": float(ans.mean()), "tokenizer_size": len(tok)}
-    print(f"data: {len(lens)} examples, {lens.min()}-{lens.max()} tokens (mean {lens.mean():.0f}), "
-          f"answers {ans.mean():.0f} tokens; tokenizer {len(tok)} tokens", flush=True)
+    res["data"] = {
+        "examples": len(lens),
+        "len_min": int(lens.min()),
+        "len_mean": float(lens.mean()),
+        "len_max": int(lens.max()),
+        "answer_mean": float(ans.mean()),
+        "tokenizer_size": len(tok),
+    }
+    print(
+        f"data: {len(lens)} examples, {lens.min()}-{lens.max()} tokens (mean {lens.mean():.0f}), "
+        f"answers {ans.mean():.0f} tokens; tokenizer {len(tok)} tokens",
+        flush=True,
+    )
 
     if args.small:
-        qcfg = Qwen3Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+        qcfg = Qwen3Config(
+            vocab_size=151936,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            tie_word_embeddings=True,
+        )
     else:
-        qcfg = Qwen3Config(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                           num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                           max_position_embeddings=40960, rope_theta=1_000_000.0)
+        qcfg = Qwen3Config(
+            vocab_size=151936,
+            hidden_size=2560,
+            intermediate_size=9728,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            tie_word_embeddings=True,
+            max_position_embeddings=40960,
+            rope_theta=1_000_000.0,
+        )
     qcfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -149,7 +194,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     order = rng.permutation(len(ds))
     B = args.batch_size
-    batches = [[ds.examples[i] for i in order[j:j + B]] for j in range(0, (args.steps + 1) * B, B)]
+    batches = [[ds.examples[i] for i in order[j : j + B]] for j in range(0, (args.steps + 1) * B, B)]
     real_tokens = sum(len(ids) for b in batches[1:] for ids, _ in b)
     padded_tokens = sum(len(b) * max(len(ids) for ids, _ in b) for b in batches[1:])
     rows = []
@@ -169,13 +214,21 @@ def main() -> None:
         tps = real_tokens / t
         mfu = tps * flops_per_token / (args.peak_tflops * 1e12)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        res.setdefault("train", {})[name] = {"s_per_step": t / len(batches[1:]), "tokens_per_s": tps, "mfu_4N": mfu,
-                                             "peak_mem_GiB": peak}
+        res.setdefault("train", {})[name] = {
+            "s_per_step": t / len(batches[1:]),
+            "tokens_per_s": tps,
+            "mfu_4N": mfu,
+            "peak_mem_GiB": peak,
+        }
         rows.append((name, t / len(batches[1:]), tps, mfu, peak))
-        print(f"{name}: {t / len(batches[1:]):.2f} s/step, {tps:,.0f} tokens/s, MFU(4N) {100 * mfu:.1f}%, "
-              f"peak {peak:.1f} GiB", flush=True)
+        print(
+            f"{name}: {t / len(batches[1:]):.2f} s/step, {tps:,.0f} tokens/s, MFU(4N) {100 * mfu:.1f}%, "
+            f"peak {peak:.1f} GiB",
+            flush=True,
+        )
 
     if not args.skip_train:
+
         def baseline_step(examples, opt):
             batch = {k: v.to(device) for k, v in collate(examples, tok.pad_token_id).items()}
             loss = model(**batch).loss
@@ -213,8 +266,14 @@ def main() -> None:
                     break
                 chosen.append(s)
                 n += len(s.keyframes)
-            ans_len = max(len(tok(answer_text(kf.values, kf.index, cfg), add_special_tokens=False)["input_ids"])
-                          for s in chosen for kf in s.keyframes) + 1
+            ans_len = (
+                max(
+                    len(tok(answer_text(kf.values, kf.index, cfg), add_special_tokens=False)["input_ids"])
+                    for s in chosen
+                    for kf in s.keyframes
+                )
+                + 1
+            )
             entry = {"requests": n, "max_new_tokens_plain": ans_len}
             chosen_by_b[b] = (chosen, ans_len, entry)
             generate_keyframes(model, tok, scripts[:1], cfg, mode="constrained", batch_size=b)  # warm-up
@@ -229,8 +288,10 @@ def main() -> None:
             entry["speedup"] = entry["served"]["keyframes_per_s"] / entry["plain"]["keyframes_per_s"]
             entry["speedup_unmerged"] = entry["constrained"]["keyframes_per_s"] / entry["plain"]["keyframes_per_s"]
 
-    print("\n## LoRA training (real tokens/s; MFU = tokens/s x 4N / %.0f TFLOP/s, N = %.2fB)" % (args.peak_tflops,
-                                                                                            n_params / 1e9))
+    print(
+        "\n## LoRA training (real tokens/s; MFU = tokens/s x 4N / %.0f TFLOP/s, N = %.2fB)"
+        % (args.peak_tflops, n_params / 1e9)
+    )
     print(f"| {'path':42} | {'s/step':>7} | {'tokens/s':>9} | {'MFU':>6} | {'peak GiB':>8} |")
     for name, sps, tps, mfu, peak in rows:
         print(f"| {name:42} | {sps:7.2f} | {tps:9,.0f} | {100 * mfu:5.1f}% | {peak:8.1f} |")
@@ -238,13 +299,17 @@ def main() -> None:
         print(f"facelab / baseline: {res['train_speedup']:.2f}x")
     if gen_rows:
         print("\n## keyframe generation")
-        print(f"| {'batch':>5} | {'requests':>8} | {'served kf/s':>11} | {'constrained kf/s':>16} | {'plain kf/s':>10} "
-              f"| {'speed-up':>8} | {'unmerged':>8} | {'parsed (s / c / p)':>18} |")
+        print(
+            f"| {'batch':>5} | {'requests':>8} | {'served kf/s':>11} | {'constrained kf/s':>16} | {'plain kf/s':>10} "
+            f"| {'speed-up':>8} | {'unmerged':>8} | {'parsed (s / c / p)':>18} |"
+        )
         for b, e in gen_rows:
             sv, c, p = e["served"], e["constrained"], e["plain"]
-            print(f"| {b:5d} | {e['requests']:8d} | {sv['keyframes_per_s']:11.3f} | {c['keyframes_per_s']:16.3f} | "
-                  f"{p['keyframes_per_s']:10.3f} | {e['speedup']:7.2f}x | {e['speedup_unmerged']:7.2f}x | "
-                  f"{sv['parse_rate']:4.0%} / {c['parse_rate']:4.0%} / {p['parse_rate']:4.0%} |")
+            print(
+                f"| {b:5d} | {e['requests']:8d} | {sv['keyframes_per_s']:11.3f} | {c['keyframes_per_s']:16.3f} | "
+                f"{p['keyframes_per_s']:10.3f} | {e['speedup']:7.2f}x | {e['speedup_unmerged']:7.2f}x | "
+                f"{sv['parse_rate']:4.0%} / {c['parse_rate']:4.0%} / {p['parse_rate']:4.0%} |"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
 

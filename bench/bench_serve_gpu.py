@@ -44,14 +44,18 @@ TEXTS = "I am so happy to see you again, it has been far too long!"
 def make_champion(tmp: Path, vocab: str, small: bool, max_frames: int) -> tuple[str, str, dict]:
     """A paper-shaped CTEG checkpoint registered as ``cteg-bench@champion`` in a sqlite store under
     ``tmp`` → (tracking URI, model name, resolved job)."""
+    from facelab.core import checkpoint as ckpt
     from facelab.core import tracking
     from facelab.families.cteg.servable import build_cteg
     from facelab.spec.loading import load_job
-    from facelab.core import checkpoint as ckpt
 
     enc_dir, _ = build_encoder_dir(vocab, tmp / "encoder", small)
-    sets = [f"model.text_encoder={enc_dir}", "model.stop_threshold=1.0e-9", f"data.max_frames={max(256, max_frames)}",
-            "name=cteg-bench"]
+    sets = [
+        f"model.text_encoder={enc_dir}",
+        "model.stop_threshold=1.0e-9",
+        f"data.max_frames={max(256, max_frames)}",
+        "name=cteg-bench",
+    ]
     if small:
         sets += ["model.d_model=64", "model.n_heads=4", "model.ff_dim=128", "model.latent_dim=16", "model.ewa_dim=16"]
     _, job = load_job(HERE.parent / "jobs" / "cteg.yaml", sets)
@@ -66,8 +70,9 @@ def make_champion(tmp: Path, vocab: str, small: bool, max_frames: int) -> tuple[
     c.log_artifacts(run.info.run_id, str(tmp / "checkpoint"), "checkpoint")
     c.log_metric(run.info.run_id, "val/loss", 0.0)
     c.set_terminated(run.info.run_id)
-    trial = tracking.TrialRun(run.info.run_id, "CTEG", 0, "FINISHED", {"val/loss": 0.0}, {},
-                              {tracking.TAG_JOB_KIND: "cteg"}, "bench-serve")
+    trial = tracking.TrialRun(
+        run.info.run_id, "CTEG", 0, "FINISHED", {"val/loss": 0.0}, {}, {tracking.TAG_JOB_KIND: "cteg"}, "bench-serve"
+    )
     tracking.promote(c, trial, job["name"], "val/loss", "minimize")
     return uri, job["name"], job
 
@@ -94,8 +99,15 @@ def main() -> None:
 
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if cuda else pyplatform.processor() or "CPU"
-    out: dict = {"device": device, "torch": torch.__version__, "ray": ray.__version__, "python": pyplatform.python_version(),
-                 "max_frames": args.max_frames, "duration_s": args.duration, "results": []}
+    out: dict = {
+        "device": device,
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "python": pyplatform.python_version(),
+        "max_frames": args.max_frames,
+        "duration_s": args.duration,
+        "results": [],
+    }
     body = {"text": TEXTS, "num_samples": 1, "max_frames": args.max_frames}
     url = f"http://127.0.0.1:{args.port}"
     with tempfile.TemporaryDirectory(prefix="facelab-bench-serve-") as d:
@@ -105,9 +117,19 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port, "request_timeout_s": 300})
         for bs in batch_sizes:
             t0 = time.perf_counter()
-            serve.run(build_app(name, uri, max_ongoing_requests=max(clients + [bs]), max_queued_requests=256,
-                                max_batch_size=bs, gpus_per_replica=1 if cuda else 0),
-                      name="facelab", route_prefix="/", blocking=False)
+            serve.run(
+                build_app(
+                    name,
+                    uri,
+                    max_ongoing_requests=max(clients + [bs]),
+                    max_queued_requests=256,
+                    max_batch_size=bs,
+                    gpus_per_replica=1 if cuda else 0,
+                ),
+                name="facelab",
+                route_prefix="/",
+                blocking=False,
+            )
             wait_healthy(url, None, timeout=600)
             print(f"max_batch_size {bs}: replica ready in {time.perf_counter() - t0:.1f}s", flush=True)
             for n in clients:
@@ -119,15 +141,19 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
 
-    print(f"\ndevice: {device}; torch {torch.__version__}, ray {out['ray']}, Python {out['python']}; "
-          f"{args.max_frames} frames per request, {args.duration:g} s per cell\n")
+    print(
+        f"\ndevice: {device}; torch {torch.__version__}, ray {out['ray']}, Python {out['python']}; "
+        f"{args.max_frames} frames per request, {args.duration:g} s per cell\n"
+    )
     print("| max_batch_size | clients | requests | req/s | frames/s | p50 | p99 | failed |")
     print("|---|---|---|---|---|---|---|---|")
     base = {row["clients"]: row for row in out["results"] if row["max_batch_size"] == 1}
     for row in out["results"]:
-        print(f"| {row['max_batch_size']} | {row['clients']} | {row['ok']} | {row['ok_rps']:.1f} | "
-              f"{row['ok_rps'] * args.max_frames:,.0f} | {row['p50_ms']:.1f} ms | {row['p99_ms']:.1f} ms | "
-              f"{row['failed']} |")
+        print(
+            f"| {row['max_batch_size']} | {row['clients']} | {row['ok']} | {row['ok_rps']:.1f} | "
+            f"{row['ok_rps'] * args.max_frames:,.0f} | {row['p50_ms']:.1f} ms | {row['p99_ms']:.1f} ms | "
+            f"{row['failed']} |"
+        )
     if base:
         print("\nthroughput gain of request batching (req/s against max_batch_size 1, same clients):")
         for row in out["results"]:

@@ -80,9 +80,28 @@ def versions() -> None:
     import ray
     from mlflow.tracking import MlflowClient  # noqa: F401
 
-    names = ["ray", "mlflow-skinny", "mlflow", "pyarrow", "fastapi", "starlette", "uvicorn", "pydantic", "httpx",
-             "optuna", "sqlalchemy", "alembic", "grpcio", "protobuf", "typing_extensions", "packaging", "matplotlib",
-             "torch", "numpy", "pandas"]
+    names = [
+        "ray",
+        "mlflow-skinny",
+        "mlflow",
+        "pyarrow",
+        "fastapi",
+        "starlette",
+        "uvicorn",
+        "pydantic",
+        "httpx",
+        "optuna",
+        "sqlalchemy",
+        "alembic",
+        "grpcio",
+        "protobuf",
+        "typing_extensions",
+        "packaging",
+        "matplotlib",
+        "torch",
+        "numpy",
+        "pandas",
+    ]
     got = []
     for n in names:
         try:
@@ -97,12 +116,26 @@ def ray_init(num_cpus: int, num_gpus: int | None):
     import ray
 
     # The same runtime_env shape as facelab.runtime.sweep.init_ray (goes through Ray's runtime-env agent).
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(x for x in (PLATFORM, os.environ.get("PYTHONPATH")) if x),
-                        "RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false",
-                        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
+    env = {
+        "env_vars": {
+            "PYTHONPATH": os.pathsep.join(x for x in (PLATFORM, os.environ.get("PYTHONPATH")) if x),
+            "RAY_TRAIN_V2_ENABLED": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+        }
+    }
     kw = {} if num_gpus is None else {"num_gpus": num_gpus}
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
-             log_to_driver=True, configure_logging=True, logging_level="WARNING", **kw)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        runtime_env=env,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level="WARNING",
+        **kw,
+    )
     res = ray.cluster_resources()
     assert res.get("CPU", 0) >= num_cpus, res
 
@@ -118,11 +151,10 @@ def ray_init(num_cpus: int, num_gpus: int | None):
 def _allreduce_loop(config):
     import tempfile as tf
 
-    import torch
-    import torch.distributed as dist
-
     import ray.train
     import ray.train.torch
+    import torch
+    import torch.distributed as dist
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -147,14 +179,14 @@ def _allreduce_loop(config):
 
 def torch_trainer(storage: Path, num_workers: int, use_gpu: bool, name: str):
     import torch
-
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         _allreduce_loop,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}
+        ),
         run_config=RunConfig(name=name, storage_path=str(storage), checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     result = trainer.fit()
@@ -183,9 +215,14 @@ def tuner(storage: Path):
     t = tune.Tuner(
         tune.with_resources(_trivial, {"CPU": 0.5}),
         param_space={"x": tune.uniform(0.0, 1.0)},
-        tune_config=tune.TuneConfig(metric="score", mode="min", num_samples=2, max_concurrent_trials=2,
-                                    search_alg=OptunaSearch(seed=0),
-                                    scheduler=ASHAScheduler(time_attr="training_iteration", max_t=3, grace_period=1)),
+        tune_config=tune.TuneConfig(
+            metric="score",
+            mode="min",
+            num_samples=2,
+            max_concurrent_trials=2,
+            search_alg=OptunaSearch(seed=0),
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=3, grace_period=1),
+        ),
         run_config=tune.RunConfig(name="tune_smoke", storage_path=str(storage)),
     )
     grid = t.fit()
@@ -203,8 +240,11 @@ def _tune_train_trial(config):
     trainer = TorchTrainer(
         _allreduce_loop,
         scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name=f"train_{tune.get_context().get_trial_id()}", storage_path=config["storage"],
-                             callbacks=[TuneReportCallback()]),
+        run_config=RunConfig(
+            name=f"train_{tune.get_context().get_trial_id()}",
+            storage_path=config["storage"],
+            callbacks=[TuneReportCallback()],
+        ),
     )
     result = trainer.fit()
     assert result.checkpoint is not None
@@ -246,10 +286,17 @@ def mlflow_registry(tmp: Path):
     c.set_terminated(rid, "FINISHED")
     got = c.get_run(rid)
     assert got.data.metrics["val/loss"] == 1.0 / 3, got.data.metrics
-    assert {a.path for a in c.list_artifacts(rid, "checkpoint")} == {"checkpoint/config.json", "checkpoint/model.safetensors"}
+    assert {a.path for a in c.list_artifacts(rid, "checkpoint")} == {
+        "checkpoint/config.json",
+        "checkpoint/model.safetensors",
+    }
     c.create_registered_model("smoke_model")
-    mv = c.create_model_version("smoke_model", source=f"{got.info.artifact_uri.rstrip('/')}/checkpoint", run_id=rid,
-                                tags={"facelab.metric": "val/loss"})
+    mv = c.create_model_version(
+        "smoke_model",
+        source=f"{got.info.artifact_uri.rstrip('/')}/checkpoint",
+        run_id=rid,
+        tags={"facelab.metric": "val/loss"},
+    )
     c.set_registered_model_alias("smoke_model", "champion", mv.version)
     champ = c.get_model_version_by_alias("smoke_model", "champion")
     assert champ.version == mv.version and champ.run_id == rid
@@ -258,8 +305,11 @@ def mlflow_registry(tmp: Path):
     assert (local / "config.json").read_text() == '{"d_model": 8}\n', sorted(os.listdir(local))
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    local2 = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/smoke_model@champion",
-                                                      dst_path=str(tmp / "download2"), tracking_uri=uri))
+    local2 = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri="models:/smoke_model@champion", dst_path=str(tmp / "download2"), tracking_uri=uri
+        )
+    )
     assert (local2 / "model.safetensors").stat().st_size == 64, sorted(os.listdir(local2))
     runs = c.search_runs([exp], filter_string="tags.`facelab.role` = 'trial'")
     assert [r.info.run_id for r in runs] == [rid]
@@ -339,12 +389,19 @@ def matplotlib_png():
 def main() -> int:
     global STEP_TIMEOUT
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--gpu", action="store_true", help="also run a TorchTrainer with use_gpu=True (NCCL), "
-                                                        "one worker per visible GPU, at most 2")
+    ap.add_argument(
+        "--gpu",
+        action="store_true",
+        help="also run a TorchTrainer with use_gpu=True (NCCL), one worker per visible GPU, at most 2",
+    )
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs given to the local Ray (default 4)")
     ap.add_argument("--step-timeout", type=float, default=STEP_TIMEOUT)
-    ap.add_argument("--no-torch", action="store_true", help="skip what needs torch (the Train steps and "
-                                                            "facelab.families.cteg.loop): to check a bundle under a Python without torch")
+    ap.add_argument(
+        "--no-torch",
+        action="store_true",
+        help="skip what needs torch (the Train steps and "
+        "facelab.families.cteg.loop): to check a bundle under a Python without torch",
+    )
     args = ap.parse_args()
     STEP_TIMEOUT = args.step_timeout
 
@@ -360,14 +417,30 @@ def main() -> int:
             return 1
     with tempfile.TemporaryDirectory(prefix="gpu_site_check-") as d:
         tmp = Path(d)
-        step(f"ray.init (num_cpus={args.num_cpus}, no dashboard)", ray_init, args.num_cpus,
-             num_gpus if num_gpus is not None else 0)
+        step(
+            f"ray.init (num_cpus={args.num_cpus}, no dashboard)",
+            ray_init,
+            args.num_cpus,
+            num_gpus if num_gpus is not None else 0,
+        )
         if not args.no_torch:
-            step("Ray Train: TorchTrainer 2 CPU workers, all-reduce + checkpoint", torch_trainer,
-                 tmp / "train", 2, False, "cpu_smoke")
+            step(
+                "Ray Train: TorchTrainer 2 CPU workers, all-reduce + checkpoint",
+                torch_trainer,
+                tmp / "train",
+                2,
+                False,
+                "cpu_smoke",
+            )
         if num_gpus:
-            step(f"Ray Train: TorchTrainer {num_gpus} GPU worker(s), NCCL all-reduce + checkpoint", torch_trainer,
-                 tmp / "train_gpu", num_gpus, True, "gpu_smoke")
+            step(
+                f"Ray Train: TorchTrainer {num_gpus} GPU worker(s), NCCL all-reduce + checkpoint",
+                torch_trainer,
+                tmp / "train_gpu",
+                num_gpus,
+                True,
+                "gpu_smoke",
+            )
         step("Ray Tune: 2 trials, OptunaSearch + ASHAScheduler", tuner, tmp / "tune")
         if not args.no_torch:
             step("Ray Tune + Train: TorchTrainer inside a trial, TuneReportCallback", tune_over_train, tmp / "nested")
@@ -378,12 +451,19 @@ def main() -> int:
         import ray
 
         ray.shutdown()
-        names = "facelab.serve.app, facelab.runtime.sweep, " + ("" if args.no_torch else "facelab.families.cteg.loop, ") + "facelab.core.tracking"
+        names = (
+            "facelab.serve.app, facelab.runtime.sweep, "
+            + ("" if args.no_torch else "facelab.families.cteg.loop, ")
+            + "facelab.core.tracking"
+        )
         step(f"{names} import", facelab_imports, not args.no_torch)
         import importlib.util
 
         if importlib.util.find_spec("matplotlib") is None:
-            print("-- matplotlib is not installed here: facelab's plots (sweep trials, facelab report) are off", flush=True)
+            print(
+                "-- matplotlib is not installed here: facelab's plots (sweep trials, facelab report) are off",
+                flush=True,
+            )
         else:
             step("matplotlib: a PNG through Agg (facelab.plots)", matplotlib_png)
     print(f"ALL OK ({time.monotonic() - t0:.0f} s)", flush=True)

@@ -72,17 +72,32 @@ def run_load(url: str, clients: int, duration: float, body: dict, headers: dict,
     shed = codes.get("503", 0)
     client_errors = sum(v for k, v in codes.items() if k.isdigit() and 400 <= int(k) < 500)
     failed = total - codes.get("200", 0) - shed - client_errors
-    return {"clients": clients, "duration_s": round(wall, 2), "requests": total, "ok": codes.get("200", 0),
-            "shed_503": shed, "client_4xx": client_errors, "failed": failed, "codes": codes,
-            "rps": round(total / wall, 2), "ok_rps": round(codes.get("200", 0) / wall, 2),
-            "p50_ms": round(percentile(lat, 0.50) * 1e3, 1), "p95_ms": round(percentile(lat, 0.95) * 1e3, 1),
-            "p99_ms": round(percentile(lat, 0.99) * 1e3, 1), "max_ms": round(max(lat, default=float("nan")) * 1e3, 1)}
+    return {
+        "clients": clients,
+        "duration_s": round(wall, 2),
+        "requests": total,
+        "ok": codes.get("200", 0),
+        "shed_503": shed,
+        "client_4xx": client_errors,
+        "failed": failed,
+        "codes": codes,
+        "rps": round(total / wall, 2),
+        "ok_rps": round(codes.get("200", 0) / wall, 2),
+        "p50_ms": round(percentile(lat, 0.50) * 1e3, 1),
+        "p95_ms": round(percentile(lat, 0.95) * 1e3, 1),
+        "p99_ms": round(percentile(lat, 0.99) * 1e3, 1),
+        "max_ms": round(max(lat, default=float("nan")) * 1e3, 1),
+    }
 
 
 def start_server(port: int, extra: list[str], log: Path) -> subprocess.Popen:
     exe = shutil.which("facelab") or str(Path(sys.executable).parent / "facelab")
-    return subprocess.Popen([exe, "serve", "--port", str(port), *extra], stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [exe, "serve", "--port", str(port), *extra],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float = 300) -> None:
@@ -121,7 +136,9 @@ def versions() -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("url", nargs="?", help="base URL of a running server (or use --start)")
-    ap.add_argument("--start", action="store_true", help="start `facelab serve` in the current project and stop it after")
+    ap.add_argument(
+        "--start", action="store_true", help="start `facelab serve` in the current project and stop it after"
+    )
     ap.add_argument("--serve-arg", action="append", default=[], help="extra argument for `facelab serve` (repeatable)")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of load")
@@ -155,10 +172,29 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if proc is not None:
             stop_server(proc)
-    res.update({"url": url, "request": body, "model": model, "versions": versions(),
-                "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])})
+    res.update(
+        {
+            "url": url,
+            "request": body,
+            "model": model,
+            "versions": versions(),
+            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        }
+    )
     Path(a.json).write_text(json.dumps(res, indent=2))
-    cols = ["clients", "duration_s", "requests", "rps", "p50_ms", "p95_ms", "p99_ms", "max_ms", "ok", "shed_503", "failed"]
+    cols = [
+        "clients",
+        "duration_s",
+        "requests",
+        "rps",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "max_ms",
+        "ok",
+        "shed_503",
+        "failed",
+    ]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     print("| " + " | ".join(str(res[c]) for c in cols) + " |")
     print(f"status codes: {res['codes']}; results in {a.json}")

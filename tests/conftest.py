@@ -17,32 +17,54 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 BIN = Path(sys.executable).parent
 
 # Small but real: the DVC stage builds this corpus in a second.
-TINY_PARAMS = {"emoava": {"n_train": 240, "n_dev": 48, "n_test": 48, "seed": 0},
-               "keyframeface": {"n_scripts": 400, "split": [0.8, 0.1, 0.1], "seed": 0},
-               "tiny_lm": {"vocab_size": 1024, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-                           "head_dim": 16, "intermediate_size": 128, "seed": 0}}
+TINY_PARAMS = {
+    "emoava": {"n_train": 240, "n_dev": 48, "n_test": 48, "seed": 0},
+    "keyframeface": {"n_scripts": 400, "split": [0.8, 0.1, 0.1], "seed": 0},
+    "tiny_lm": {
+        "vocab_size": 1024,
+        "hidden_size": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "head_dim": 16,
+        "intermediate_size": 128,
+        "seed": 0,
+    },
+}
 
 
 def env_for(project: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
-    env.update({
-        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-        "FACELAB_STORAGE": str(project / "ray_results"),
-        "RAY_DEDUP_LOGS": "0",
-    })
+    env.update(
+        {
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "FACELAB_STORAGE": str(project / "ray_results"),
+            "RAY_DEDUP_LOGS": "0",
+        }
+    )
     env.update(extra)
     return env
 
 
 def facelab(project: Path, *args: str, check: bool = True, timeout: float = 900, **env) -> subprocess.CompletedProcess:
     """Run the real CLI in ``project`` as a user would."""
-    proc = subprocess.run([str(BIN / "facelab"), *args], cwd=project, env=env_for(project, **env),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [str(BIN / "facelab"), *args],
+        cwd=project,
+        env=env_for(project, **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"facelab {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"facelab {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -70,8 +92,15 @@ def make_project(dst: Path, params: dict | None = None) -> Path:
 
 
 def dvc_repro(project: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "dvc"), "repro"], cwd=project, env=env_for(project),
-                          check=True, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [str(BIN / "dvc"), "repro"],
+        cwd=project,
+        env=env_for(project),
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def free_port() -> int:

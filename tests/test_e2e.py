@@ -18,8 +18,14 @@ from conftest import BIN, env_for, facelab, free_port
 
 pytestmark = pytest.mark.slow
 
-FAST = ["train.epochs=2", "train.max_steps_per_epoch=6", "train.max_val_batches=2", "data.train_subset=160",
-        "data.dev_subset=32", "data.max_frames=48"]
+FAST = [
+    "train.epochs=2",
+    "train.max_steps_per_epoch=6",
+    "train.max_val_batches=2",
+    "data.train_subset=160",
+    "data.dev_subset=32",
+    "data.max_frames=48",
+]
 
 
 def store(project: Path):
@@ -58,8 +64,11 @@ def test_quickstart_sweep_records_parent_and_children(quickstart):
     children = [r for r in runs if r.data.tags.get("facelab.role") == "trial"]
     assert len(parents) == 1 and len(children) == 2
     parent = parents[0]
-    lock_md5 = [line.split("md5: ")[1] for line in (project / "dvc.lock").read_text().splitlines()
-                if "md5: " in line and ".dir" in line][0]
+    lock_md5 = [
+        line.split("md5: ")[1]
+        for line in (project / "dvc.lock").read_text().splitlines()
+        if "md5: " in line and ".dir" in line
+    ][0]
     assert {r.data.tags["facelab.variant"] for r in children} == {"CTEG", "w.o. EwA"}
     for r in children:
         assert r.info.status == "FINISHED"
@@ -75,8 +84,10 @@ def test_quickstart_sweep_records_parent_and_children(quickstart):
         assert {"config.yaml", "checkpoint", "plots"} <= arts
         ck = {a.path for a in c.list_artifacts(r.info.run_id, "checkpoint")}
         assert ck == {"checkpoint/model.safetensors", "checkpoint/config.json"}
-        assert {a.path for a in c.list_artifacts(r.info.run_id, "plots")} == {"plots/loss_curve.png",
-                                                                              "plots/trajectories.png"}
+        assert {a.path for a in c.list_artifacts(r.info.run_id, "plots")} == {
+            "plots/loss_curve.png",
+            "plots/trajectories.png",
+        }
         for m in ("cppl", "dot", "fgd", "diversity", "mmodality", "variation"):
             assert r.data.metrics[f"test/{m}"] >= 0 and r.data.metrics[f"test/{m}_se"] >= 0
         assert len(c.get_metric_history(r.info.run_id, "step/kl")) >= 2  # per-step KL (Figure 5)
@@ -109,8 +120,12 @@ def test_report_prints_table(quickstart):
     c = store(project)
     parent = [r for r in runs_of(c, "quickstart") if r.data.tags.get("facelab.role") == "sweep"][-1]
     assert {a.path for a in c.list_artifacts(parent.info.run_id, "report")} >= {
-        "report/table.md", "report/table.csv", "report/kl_curve.png",
-        "report/trajectories_CTEG_seed0.png", "report/trajectories_w.o._EwA_seed0.png"}
+        "report/table.md",
+        "report/table.csv",
+        "report/kl_curve.png",
+        "report/trajectories_CTEG_seed0.png",
+        "report/trajectories_w.o._EwA_seed0.png",
+    }
 
 
 def test_promote_then_serve_over_http(quickstart):
@@ -128,8 +143,13 @@ def test_promote_then_serve_over_http(quickstart):
 
     port = free_port()
     log = open(project / "serve.log", "w")
-    proc = subprocess.Popen([str(BIN / "facelab"), "serve", "--port", str(port)], cwd=project,
-                            env=env_for(project), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(BIN / "facelab"), "serve", "--port", str(port)],
+        cwd=project,
+        env=env_for(project),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(base, proc, project)
@@ -137,21 +157,34 @@ def test_promote_then_serve_over_http(quickstart):
         assert info["name"] == "cteg-tiny" and info["version"] == str(champion.version)
         assert info["alias"] == "champion" and info["job_kind"] == "cteg"
 
-        status, body = _post(base + "/v1/expressions", {"text": "I am so happy today!", "num_samples": 2,
-                                                         "max_frames": 20, "seed": 7})
+        status, body = _post(
+            base + "/v1/expressions", {"text": "I am so happy today!", "num_samples": 2, "max_frames": 20, "seed": 7}
+        )
         assert status == 200, body
         assert body["fps"] == 25 and len(body["sequences"]) == 2
         for s in body["sequences"]:
             assert 1 <= len(s["frames"]) <= 20 and all(len(f) == 53 for f in s["frames"])
         # same seed → same frames
-        assert _post(base + "/v1/expressions", {"text": "I am so happy today!", "num_samples": 2,
-                                                "max_frames": 20, "seed": 7})[1] == body
+        assert (
+            _post(
+                base + "/v1/expressions",
+                {"text": "I am so happy today!", "num_samples": 2, "max_frames": 20, "seed": 7},
+            )[1]
+            == body
+        )
         _check_request_batching(base)
 
-        bad = [({"text": ""}, "text"), ({"text": "   "}, "text"), ({"text": "x" * 5000}, "text"),
-               ({"text": "hi", "max_frames": 0}, "max_frames"), ({"text": "hi", "max_frames": 10**6}, "max_frames"),
-               ({"text": "hi", "num_samples": "two"}, "num_samples"), ({"text": 3}, "text"),
-               ({}, "text"), ({"text": "hi", "extra": 1}, "extra")]
+        bad = [
+            ({"text": ""}, "text"),
+            ({"text": "   "}, "text"),
+            ({"text": "x" * 5000}, "text"),
+            ({"text": "hi", "max_frames": 0}, "max_frames"),
+            ({"text": "hi", "max_frames": 10**6}, "max_frames"),
+            ({"text": "hi", "num_samples": "two"}, "num_samples"),
+            ({"text": 3}, "text"),
+            ({}, "text"),
+            ({"text": "hi", "extra": 1}, "extra"),
+        ]
         for payload, field in bad:
             status, body = _post(base + "/v1/expressions", payload)
             assert 400 <= status < 500, (payload, status, body)
@@ -178,9 +211,19 @@ def _check_request_batching(base: str) -> None:
     it gets alone: same number of sequences and frames, values equal to float rounding."""
     import threading
 
-    reqs = [{"text": t, "num_samples": k, "max_frames": n, "seed": 100 + i} for i, (t, k, n) in enumerate([
-        ("I am so happy today!", 1, 20), ("Why would you do that?", 3, 12), ("Well, this is awkward.", 2, 20),
-        ("No way!", 1, 7), ("I missed you so much.", 2, 18), ("Leave me alone.", 1, 20)])]
+    reqs = [
+        {"text": t, "num_samples": k, "max_frames": n, "seed": 100 + i}
+        for i, (t, k, n) in enumerate(
+            [
+                ("I am so happy today!", 1, 20),
+                ("Why would you do that?", 3, 12),
+                ("Well, this is awkward.", 2, 20),
+                ("No way!", 1, 7),
+                ("I missed you so much.", 2, 18),
+                ("Leave me alone.", 1, 20),
+            ]
+        )
+    ]
     alone = []
     for r in reqs:
         status, body, headers = _post(base + "/v1/expressions", r, with_headers=True)
@@ -244,8 +287,20 @@ def _post(url: str, payload, raw: bool = False, with_headers: bool = False):
 
 def test_ddp_two_workers_one_run(built_project):
     p = built_project
-    facelab(p, "train", "jobs/cteg_tiny.yaml", "--name", "ddp", "--num-workers", "2", "--cpus-per-worker", "0.5",
-            *[x for s in FAST for x in ("--set", s)], "--set", "optim.batch_size=8")
+    facelab(
+        p,
+        "train",
+        "jobs/cteg_tiny.yaml",
+        "--name",
+        "ddp",
+        "--num-workers",
+        "2",
+        "--cpus-per-worker",
+        "0.5",
+        *[x for s in FAST for x in ("--set", s)],
+        "--set",
+        "optim.batch_size=8",
+    )
     runs = runs_of(store(p), "ddp")
     children = [r for r in runs if r.data.tags.get("facelab.role") == "trial"]
     assert len(children) == 1, "rank 0 only: one MLflow run per DDP trial"
@@ -275,7 +330,8 @@ def test_bad_spec_fails_before_ray_or_mlflow(tmp_path):
 
     p = make_project(tmp_path / "p")
     (p / "sweeps" / "bad.yaml").write_text(
-        "name: bad\njob: jobs/cteg_tiny.yaml\nmetric: {name: val/loss}\nvariants: {x: {model.nope: 1}}\nseeds: []\n")
+        "name: bad\njob: jobs/cteg_tiny.yaml\nmetric: {name: val/loss}\nvariants: {x: {model.nope: 1}}\nseeds: []\n"
+    )
     proc = facelab(p, "sweep", "sweeps/bad.yaml", check=False)
     assert proc.returncode == 2
     assert "variants.x.model.nope" in proc.stderr and "seeds" in proc.stderr
@@ -291,13 +347,22 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(built_proje
     p = built_project
     sets = [x for s in FAST + ["max_concurrent_trials=1", "name=interrupt"] for x in ("--set", s)]
     c = store(p)
-    proc = subprocess.Popen([str(BIN / "facelab"), "sweep", "sweeps/quickstart.yaml", *sets], cwd=p,
-                            env=env_for(p), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [str(BIN / "facelab"), "sweep", "sweeps/quickstart.yaml", *sets],
+        cwd=p,
+        env=env_for(p),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 400
     first = None
     while time.time() < deadline and first is None:
-        done = [r for r in runs_of(c, "interrupt")
-                if r.data.tags.get("facelab.role") == "trial" and r.info.status == "FINISHED"]
+        done = [
+            r
+            for r in runs_of(c, "interrupt")
+            if r.data.tags.get("facelab.role") == "trial" and r.info.status == "FINISHED"
+        ]
         first = done[0] if done else None
         time.sleep(1)
     assert first is not None, "first trial never finished"
@@ -326,7 +391,8 @@ def test_optuna_search_with_asha_records_every_trial(built_project):
         "name: search\njob: jobs/cteg_tiny.yaml\nmetric: {name: val/loss, goal: minimize}\nmethod: optuna\n"
         "variants: {CTEG: {}}\nparameters: {optim.lr_mul: {distribution: log_uniform, min: 0.001, max: 1000}}\n"
         "num_samples: 3\nearly_terminate: {type: asha, grace_period: 1, reduction_factor: 2}\n"
-        "resources: {num_workers: 1, cpus_per_worker: 0.5}\nmax_concurrent_trials: 1\n")
+        "resources: {num_workers: 1, cpus_per_worker: 0.5}\nmax_concurrent_trials: 1\n"
+    )
     facelab(p, "sweep", "sweeps/search.yaml", *[x for s in FAST + ["train.epochs=3"] for x in ("--set", s)])
     c = store(p)
     children = [r for r in runs_of(c, "search") if r.data.tags.get("facelab.role") == "trial"]
@@ -339,7 +405,9 @@ def test_optuna_search_with_asha_records_every_trial(built_project):
         stopped = r.data.tags.get("facelab.stopped_early") == "true"
         assert (n_epochs < 3) == stopped, (n_epochs, r.data.tags)
         assert {a.path for a in c.list_artifacts(r.info.run_id, "checkpoint")} == {
-            "checkpoint/model.safetensors", "checkpoint/config.json"}
+            "checkpoint/model.safetensors",
+            "checkpoint/config.json",
+        }
 
 
 def test_lm_listener_baseline_learns_reports_and_serves(built_project):
@@ -356,8 +424,11 @@ def test_lm_listener_baseline_learns_reports_and_serves(built_project):
     sets = FAST + ["train.vq_epochs=2"]
     facelab(p, "sweep", "sweeps/baselines_test.yaml", *[x for s in sets for x in ("--set", s)])
     c = store(p)
-    trials = {r.data.tags["facelab.variant"]: r for r in runs_of(c, "cteg-baselines-quickstart")
-              if r.data.tags.get("facelab.role") == "trial"}
+    trials = {
+        r.data.tags["facelab.variant"]: r
+        for r in runs_of(c, "cteg-baselines-quickstart")
+        if r.data.tags.get("facelab.role") == "trial"
+    }
     assert set(trials) == {"GT", "LM-Listener"} and all(r.info.status == "FINISHED" for r in trials.values())
     lml = trials["LM-Listener"]
     assert lml.data.tags["facelab.job_kind"] == "lm_listener" and lml.data.params["train.vq_epochs"] == "2"
@@ -366,7 +437,7 @@ def test_lm_listener_baseline_learns_reports_and_serves(built_project):
     s1 = [by_epoch[e] for e in sorted(by_epoch) if stage[e] == 1]
     s2 = [by_epoch[e] for e in sorted(by_epoch) if stage[e] == 2]
     assert len(s1) == 2 and len(s2) == 2
-    assert s1[-1] < s1[0] and s2[-1] < s2[0], (s1, s2)           # the VQ-VAE and the code LM both learn
+    assert s1[-1] < s1[0] and s2[-1] < s2[0], (s1, s2)  # the VQ-VAE and the code LM both learn
     for m in ("cppl", "dot", "fgd", "diversity", "mmodality", "variation"):
         assert f"test/{m}" in lml.data.metrics, m
 
@@ -379,8 +450,13 @@ def test_lm_listener_baseline_learns_reports_and_serves(built_project):
     assert c.get_model_version_by_alias("lm-listener-tiny", "champion").run_id == lml.info.run_id
     port = free_port()
     log = open(p / "serve-lml.log", "w")
-    proc = subprocess.Popen([str(BIN / "facelab"), "serve", "--model", "lm-listener-tiny", "--port", str(port)],
-                            cwd=p, env=env_for(p), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(BIN / "facelab"), "serve", "--model", "lm-listener-tiny", "--port", str(port)],
+        cwd=p,
+        env=env_for(p),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(base, proc, p, log_name="serve-lml.log")
@@ -390,7 +466,7 @@ def test_lm_listener_baseline_learns_reports_and_serves(built_project):
         assert status == 200, body
         for s in body["sequences"]:
             assert 1 <= len(s["frames"]) <= 20 and all(len(f) == 53 for f in s["frames"])
-        assert _post(base + "/v1/expressions", req)[1] == body   # seeded: the same answer
+        assert _post(base + "/v1/expressions", req)[1] == body  # seeded: the same answer
         status, body = _post(base + "/v1/keyframes", {"background": "b", "emotion": "joy", "keyframes": ["a smile"]})
         assert status == 409 and "lm_listener" in json.dumps(body)
     finally:

@@ -27,9 +27,16 @@ STEPS = 240
 # a 2-core CPU (length-bucketed batches are fast): long enough for Ray Train's controller (it polls
 # its workers every 2 s) to register a reported checkpoint and still land a kill inside the next
 # epoch. The rest is kept small.
-FAST = [f"train.epochs={EPOCHS}", f"train.max_steps_per_epoch={STEPS}", "optim.batch_size=4",
-        "train.max_val_batches=1", "data.train_subset=1200", "data.dev_subset=16", "data.max_frames=32",
-        "eval.enabled=false"]
+FAST = [
+    f"train.epochs={EPOCHS}",
+    f"train.max_steps_per_epoch={STEPS}",
+    "optim.batch_size=4",
+    "train.max_val_batches=1",
+    "data.train_subset=1200",
+    "data.dev_subset=16",
+    "data.max_frames=32",
+    "eval.enabled=false",
+]
 SWEEP = "sweeps/faults.yaml"
 TWO = "sweeps/faults_two.yaml"
 WAIT = 420  # seconds a CLI run may take on a busy 2-core machine
@@ -227,12 +234,22 @@ def checkpoints(project: Path, sweep: str, trial_key: str) -> list[tuple[int, Pa
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A project of its own (git + DVC + the EmoAva stage built by `dvc repro`), one- and two-variant sweeps."""
-    p = make_project(tmp_path_factory.mktemp("faults"),
-                     {**TINY_PARAMS, "emoava": {**TINY_PARAMS["emoava"], "n_train": 1200}})
-    subprocess.run([str(BIN / "dvc"), "repro", "emoava"], cwd=p, env=env_for(p), check=True,
-                   capture_output=True, text=True, timeout=600)
-    common = ("job: jobs/cteg_tiny.yaml\nmetric: {name: val/loss, goal: minimize}\nmethod: grid\nseeds: [0]\n"
-              "resources: {num_workers: 1, gpus_per_worker: 0, cpus_per_worker: 0.5}\nmax_concurrent_trials: 1\n")
+    p = make_project(
+        tmp_path_factory.mktemp("faults"), {**TINY_PARAMS, "emoava": {**TINY_PARAMS["emoava"], "n_train": 1200}}
+    )
+    subprocess.run(
+        [str(BIN / "dvc"), "repro", "emoava"],
+        cwd=p,
+        env=env_for(p),
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    common = (
+        "job: jobs/cteg_tiny.yaml\nmetric: {name: val/loss, goal: minimize}\nmethod: grid\nseeds: [0]\n"
+        "resources: {num_workers: 1, gpus_per_worker: 0, cpus_per_worker: 0.5}\nmax_concurrent_trials: 1\n"
+    )
     (p / SWEEP).write_text("name: faults\nvariants: {CTEG: {}}\n" + common)
     (p / TWO).write_text("name: faults-two\nvariants: {CTEG: {}, w.o. EwA: {model.ewa: false}}\n" + common)
     return p
@@ -264,8 +281,14 @@ def _tiny_checkpoint(d: Path) -> tuple[Path, "object"]:
     opt = torch.optim.Adam(model.parameters())
     model(torch.randn(2, 8)).sum().backward()
     opt.step()
-    ckpt.save(d, model, {"kind": "cteg"}, keep_encoder=True, train_state={"optimizer": opt.state_dict()},
-              meta={"epoch": 1, "step": 10, "history": [{"epoch": 0}, {"epoch": 1}]})
+    ckpt.save(
+        d,
+        model,
+        {"kind": "cteg"},
+        keep_encoder=True,
+        train_state={"optimizer": opt.state_dict()},
+        meta={"epoch": 1, "step": 10, "history": [{"epoch": 0}, {"epoch": 1}]},
+    )
     return d, model
 
 
@@ -332,8 +355,12 @@ def _when_checkpoint_registered(c, project: Path, experiment: str, after_epoch: 
 def _kill_train_worker(procs: Procs, c, p: subprocess.Popen, project: Path, experiment: str, after_epoch: int) -> dict:
     """Wait until ``after_epoch`` is on record and its checkpoint registered, then SIGKILL this CLI's
     RayTrainWorker process (mid-way through the next epoch)."""
-    run = poll(lambda: _when_checkpoint_registered(c, project, experiment, after_epoch),
-               f"epoch {after_epoch} of {experiment} logged and checkpointed", procs, p)
+    run = poll(
+        lambda: _when_checkpoint_registered(c, project, experiment, after_epoch),
+        f"epoch {after_epoch} of {experiment} logged and checkpointed",
+        procs,
+        p,
+    )
     workers = poll(lambda: procs.train_workers(p), "the RayTrainWorker process", procs, p, timeout=60, every=0.05)
     assert len(workers) == 1, [w.cmdline() for w in workers]
     w = workers[0]
@@ -376,9 +403,11 @@ def test_train_worker_sigkill_resumes_from_checkpoint_and_matches_an_undisturbed
     hist_b = {m.step: m.value for m in c.get_metric_history(ref.info.run_id, "val/loss")}
     assert hist_r == pytest.approx(hist_b, rel=1e-5)
     assert "checkpoint/model.safetensors" in {a.path for a in c.list_artifacts(r.info.run_id, "checkpoint")}
-    print(f"\n[worker kill] killed pid {kill['worker_pid']} with epochs {kill['epochs_at_kill']} on record "
-          f"(registered checkpoint: epoch {kill['registered']}); "
-          f"final val/loss {hist_r[EPOCHS - 1]:.6f} vs undisturbed {hist_b[EPOCHS - 1]:.6f}")
+    print(
+        f"\n[worker kill] killed pid {kill['worker_pid']} with epochs {kill['epochs_at_kill']} on record "
+        f"(registered checkpoint: epoch {kill['registered']}); "
+        f"final val/loss {hist_r[EPOCHS - 1]:.6f} vs undisturbed {hist_b[EPOCHS - 1]:.6f}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -434,8 +463,9 @@ def test_truncated_newest_checkpoint_never_silently_restarts_from_scratch(projec
     _truncate(newest)
     before = epochs(c, r.info.run_id)
 
-    p = facelab_bg(procs, project, "w-fail-resume", "sweep", SWEEP, "--resume",
-                   *sets("name=w-fail", "train.max_failures=0"))
+    p = facelab_bg(
+        procs, project, "w-fail-resume", "sweep", SWEEP, "--resume", *sets("name=w-fail", "train.max_failures=0")
+    )
     rc = wait_exit(procs, p)
     children = runs(c, "w-fail", "trial")
     assert len(children) == 1, "resume reopens the trial's run, never a second one"
@@ -465,11 +495,27 @@ def test_sweep_driver_sigkill_then_resume_continues_without_rerunning_or_duplica
     c = client(sqlite_uri(project))
     name = "d-kill"
     p = facelab_bg(procs, project, name, "sweep", TWO, *sets(f"name={name}"))
-    first = poll(lambda: next((r for r in runs(c, name, "trial") if r.info.status == "FINISHED"), None),
-                 "the first trial to finish", procs, p)
-    second = poll(lambda: next((x for r in runs(c, name, "trial") if r.info.run_id != first.info.run_id
-                                for x in [_when_checkpoint_registered(c, project, name, 0, run=r)] if x), None),
-                  "the second trial's epoch 0, logged and checkpointed", procs, p)
+    first = poll(
+        lambda: next((r for r in runs(c, name, "trial") if r.info.status == "FINISHED"), None),
+        "the first trial to finish",
+        procs,
+        p,
+    )
+    second = poll(
+        lambda: next(
+            (
+                x
+                for r in runs(c, name, "trial")
+                if r.info.run_id != first.info.run_id
+                for x in [_when_checkpoint_registered(c, project, name, 0, run=r)]
+                if x
+            ),
+            None,
+        ),
+        "the second trial's epoch 0, logged and checkpointed",
+        procs,
+        p,
+    )
     procs.tree(p)
     os.kill(p.pid, signal.SIGKILL)  # the driver only: its local Ray is left to notice on its own
     p.wait(timeout=30)
@@ -498,8 +544,10 @@ def test_sweep_driver_sigkill_then_resume_continues_without_rerunning_or_duplica
     parents = runs(c, name, "sweep")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert not [r for r in runs(c, name) if r.info.status == "RUNNING"]
-    print(f"\n[driver kill] second trial had epochs {second_epochs} at the kill; runs left {left}; "
-          f"{leftovers} Ray process(es) outlived the driver by 30 s")
+    print(
+        f"\n[driver kill] second trial had epochs {second_epochs} at the kill; runs left {left}; "
+        f"{leftovers} Ray process(es) outlived the driver by 30 s"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -508,9 +556,25 @@ def test_sweep_driver_sigkill_then_resume_continues_without_rerunning_or_duplica
 
 
 def _start_server(procs: Procs, d: Path, port: int, log: str) -> subprocess.Popen:
-    s = procs.start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                     "--backend-store-uri", f"sqlite:///{d / 'server.db'}", "--artifacts-destination",
-                     str(d / "artifacts")], d, dict(os.environ), d / log)
+    s = procs.start(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{d / 'server.db'}",
+            "--artifacts-destination",
+            str(d / "artifacts"),
+        ],
+        d,
+        dict(os.environ),
+        d / log,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def healthy():
@@ -528,8 +592,9 @@ def test_tracking_server_killed_mid_run_then_back_loses_no_epoch(project, procs,
     server = _start_server(procs, tmp_path, port, "server1.log")
     c = client(url)
     name = "m-kill"
-    p = facelab_bg(procs, project, name, "sweep", SWEEP, *sets(f"name={name}", "train.max_failures=1"),
-                   MLFLOW_TRACKING_URI=url)
+    p = facelab_bg(
+        procs, project, name, "sweep", SWEEP, *sets(f"name={name}", "train.max_failures=1"), MLFLOW_TRACKING_URI=url
+    )
     run = poll(lambda: trial_with_epoch(c, name, 0), "epoch 0 on the server", procs, p)
     procs.tree(server)
     os.killpg(server.pid, signal.SIGKILL)  # the server and its workers, at once

@@ -29,7 +29,7 @@ README = INFRA / "README.md"
 
 MANIFESTS = [KUBERAY / "raycluster.yaml", KUBERAY / "rayjob.yaml", KUBERAY / "rayservice.yaml", LAUNCHER, COMPOSE]
 GPU = "nvidia.com/gpu"
-MIN_RAY_FOR_TOKEN_AUTH = (2, 52, 0)   # KubeRay refuses authOptions.mode=token below this rayVersion
+MIN_RAY_FOR_TOKEN_AUTH = (2, 52, 0)  # KubeRay refuses authOptions.mode=token below this rayVersion
 GPU_INSTANCE = re.compile(r"^(g4dn|g5|g6|g6e|p3|p4d|p4de|p5)\.")
 
 
@@ -68,7 +68,7 @@ def cluster_specs() -> list[tuple[str, dict]]:
     ]
 
 
-SWEEP_CLUSTERS = ("RayCluster", "RayJob")   # these run sweeps: GPU workers + the shared volume
+SWEEP_CLUSTERS = ("RayCluster", "RayJob")  # these run sweeps: GPU workers + the shared volume
 
 
 def ray_container(template: dict) -> dict:
@@ -138,8 +138,12 @@ def test_head_is_cpu_only(label, spec):
     assert head["rayStartParams"].get("num-cpus") == "0", f"{label}: the head schedules no trials or replicas"
     for c in head["template"]["spec"]["containers"]:
         requests, limits = resources_of(c)
-        assert not any("gpu" in k for k in {**requests, **limits}), f"{label}: head container {c['name']} asks for a GPU"
-        assert requests.get("cpu") and limits.get("memory"), f"{label}: head container {c['name']} has no CPU/memory size"
+        assert not any("gpu" in k for k in {**requests, **limits}), (
+            f"{label}: head container {c['name']} asks for a GPU"
+        )
+        assert requests.get("cpu") and limits.get("memory"), (
+            f"{label}: head container {c['name']} has no CPU/memory size"
+        )
     assert not any("gpu" in str(t.get("key", "")) for t in head["template"]["spec"].get("tolerations", []))
 
 
@@ -164,8 +168,9 @@ def test_sweep_clusters_have_a_gpu_worker_group(label):
     for g in spec["workerGroupSpecs"]:
         requests, limits = resources_of(ray_container(g["template"]))
         if GPU in requests or GPU in limits:
-            assert int(requests.get(GPU, 0)) >= 1 and requests.get(GPU) == limits.get(GPU), \
+            assert int(requests.get(GPU, 0)) >= 1 and requests.get(GPU) == limits.get(GPU), (
                 f"{label}/{g['groupName']}: request and limit the same whole number of GPUs"
+            )
             tolerations = g["template"]["spec"].get("tolerations", [])
             assert any(t.get("key") == GPU for t in tolerations), f"{label}/{g['groupName']}: tolerate GPU node taints"
             gpu_groups.append(g["groupName"])
@@ -225,10 +230,15 @@ def test_sweep_clusters_mount_the_shared_volume_under_facelab_storage(label):
     for group, g in all_groups(spec):
         pod = g["template"]["spec"]
         vols = {v["name"]: v for v in pod.get("volumes", [])}
-        mounts = [m for m in ray_container(g["template"]).get("volumeMounts", [])
-                  if vols.get(m["name"], {}).get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"]]
+        mounts = [
+            m
+            for m in ray_container(g["template"]).get("volumeMounts", [])
+            if vols.get(m["name"], {}).get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"]
+        ]
         assert len(mounts) == 1, f"{label}/{group}: mount claim {pvc['metadata']['name']} once"
-        assert storage.startswith(mounts[0]["mountPath"].rstrip("/") + "/"), f"{label}/{group}: FACELAB_STORAGE off the volume"
+        assert storage.startswith(mounts[0]["mountPath"].rstrip("/") + "/"), (
+            f"{label}/{group}: FACELAB_STORAGE off the volume"
+        )
 
 
 def test_one_project_image_everywhere_with_the_pinned_ray():
@@ -317,8 +327,9 @@ def test_rayservice_builder_takes_exactly_one_argument():
         if attr not in defs:
             pytest.skip(f"{module}:{attr} is not defined yet: rayservice.yaml needs it")
         a = defs[attr].args
-        assert len(a.posonlyargs) + len(a.args) == 1 and not a.kwonlyargs and not a.vararg, \
+        assert len(a.posonlyargs) + len(a.args) == 1 and not a.kwonlyargs and not a.vararg, (
             f"{module}:{attr} must take exactly one parameter (the args mapping)"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -350,7 +361,7 @@ def test_cluster_launcher_installs_facelab_and_starts_ray_with_token_auth():
     cfg = yaml.safe_load(LAUNCHER.read_text())
     setup = " ".join(cfg["setup_commands"])
     assert re.search(r"pip install .*facelab", setup), "setup_commands install facelab"
-    assert re.search(r'ray\[[^\]]*\]==' + re.escape(ray_pin()), setup), "setup_commands pin pyproject's Ray"
+    assert re.search(r"ray\[[^\]]*\]==" + re.escape(ray_pin()), setup), "setup_commands pin pyproject's Ray"
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         starts = [c for c in cfg[key] if "ray start" in c]
         assert starts, key
@@ -367,7 +378,7 @@ def test_cluster_launcher_installs_facelab_and_starts_ray_with_token_auth():
 # ------------------------------------------------------------------------------------------------
 
 SECRET_KEY = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|(?:^|_)TOKEN(?:$|_)")
-REQUIRED_REF = re.compile(r"\$\{([A-Z_][A-Z0-9_]*):\?[^}]*\}")        # ${VAR:?message}: set and non-empty
+REQUIRED_REF = re.compile(r"\$\{([A-Z_][A-Z0-9_]*):\?[^}]*\}")  # ${VAR:?message}: set and non-empty
 ANY_REF = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(:?[-?+])?[^}]*\}")
 
 
@@ -404,7 +415,9 @@ def test_compose_runs_postgres_minio_and_mlflow_with_auth():
     assert (COMPOSE.parent / mlflow["build"]["context"] / "Dockerfile").is_file()
     for name, s in services.items():
         if "image" in s and "build" not in s:
-            assert re.search(r":[\w.-]+$", s["image"]) and not s["image"].endswith(":latest"), f"{name}: pin {s['image']}"
+            assert re.search(r":[\w.-]+$", s["image"]) and not s["image"].endswith(":latest"), (
+                f"{name}: pin {s['image']}"
+            )
 
 
 def test_compose_has_no_literal_secrets_and_no_secret_defaults():
@@ -459,8 +472,12 @@ INFRA_TEXT_FILES = sorted(p for p in INFRA.rglob("*") if p.is_file())
 def test_one_ray_version_everywhere():
     pin = ray_pin()
     seen: list[tuple[str, str]] = []
-    patterns = [r"rayVersion:\s*\"?(\d+\.\d+\.\d+)", r"rayproject/ray(?:-ml)?:(\d+\.\d+\.\d+)",
-                r"\bray(?:\[[^\]]*\])?==(\d+\.\d+\.\d+)", r"-ray(\d+\.\d+\.\d+)\b"]
+    patterns = [
+        r"rayVersion:\s*\"?(\d+\.\d+\.\d+)",
+        r"rayproject/ray(?:-ml)?:(\d+\.\d+\.\d+)",
+        r"\bray(?:\[[^\]]*\])?==(\d+\.\d+\.\d+)",
+        r"-ray(\d+\.\d+\.\d+)\b",
+    ]
     for p in INFRA_TEXT_FILES:
         text = p.read_text()
         for pat in patterns:
@@ -479,7 +496,9 @@ def test_no_secrets_committed(path):
     # KEY = value / KEY: value where KEY names a password, secret or token; values may be empty, a
     # reference ($VAR, ${VAR}, $(cmd)), a path, a <placeholder>, change-me, or another variable's NAME.
     allowed = re.compile(r"^(|[$~/<].*|\.\.\.|.*change-me.*|[A-Z_][A-Z0-9_]*|token|disabled)$")
-    pattern = re.compile(r"(?i)(?<![{\w$])([a-z0-9_.-]*(?:password|passwd|secret|token)(?![a-z])[a-z0-9_]*)[\"']?[ \t]*[:=][ \t]*([^\s,}]*)")
+    pattern = re.compile(
+        r"(?i)(?<![{\w$])([a-z0-9_.-]*(?:password|passwd|secret|token)(?![a-z])[a-z0-9_]*)[\"']?[ \t]*[:=][ \t]*([^\s,}]*)"
+    )
     for m in pattern.finditer(text):
         key, value = m.group(1), m.group(2).strip("\"'")
         if key.lower() in ("token", "tokens") or key.lower().endswith("name"):  # prose, `mode: token`, secretName
@@ -498,11 +517,24 @@ def test_readme_names_every_file_secret_and_setting():
             c = ray_container(g["template"])
             secrets |= {s["secretRef"]["name"] for s in c.get("envFrom", []) if "secretRef" in s}
     config_keys = set(one(KUBERAY / "raycluster.yaml", "ConfigMap")["data"]) - {
-        "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM"}
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "TOKENIZERS_PARALLELISM",
+    }
     compose_vars = compose_required_vars()
     for name in sorted(secrets | config_keys | compose_vars):
         assert name in readme, f"infra/README.md does not name {name}"
     assert "change-me" in readme and "| setting | where | set it to |" in readme
-    for command in ("ray start --head", "ray start --address", "RAY_ADDRESS=", "ray job submit", "--working-dir .",
-                    "dvc remote add -d", "dvc push", "dvc pull", "ray up", "kubectl apply -f infra/kuberay/"):
+    for command in (
+        "ray start --head",
+        "ray start --address",
+        "RAY_ADDRESS=",
+        "ray job submit",
+        "--working-dir .",
+        "dvc remote add -d",
+        "dvc push",
+        "dvc pull",
+        "ray up",
+        "kubectl apply -f infra/kuberay/",
+    ):
         assert command in readme, f"infra/README.md lacks `{command}`"

@@ -20,8 +20,14 @@ from conftest import BIN, SHARED_DATA, dvc_repro, env_for, facelab, free_port, m
 pytestmark = pytest.mark.slow
 
 EVAL_FAST = ["train.epochs=6", "data.train_subset=200", "optim.batch_size=32"]
-KF_FAST = ["train.max_steps_per_epoch=25", "data.train_subset=160", "data.test_subset=12", "data.val_subset=12",
-           "train.max_val_batches=2", "eval.diversity_pairs=20"]
+KF_FAST = [
+    "train.max_steps_per_epoch=25",
+    "data.train_subset=160",
+    "data.test_subset=12",
+    "data.val_subset=12",
+    "train.max_val_batches=2",
+    "eval.diversity_pairs=20",
+]
 
 
 def sets(xs):
@@ -47,8 +53,12 @@ def kf(tmp_path_factory):
     dvc_repro(project)
     facelab(project, "sweep", "sweeps/keyframe_evaluator.yaml", *sets(EVAL_FAST))
     facelab(project, "promote", "keyframe-evaluator")
-    proc = facelab(project, "sweep", "sweeps/keyframe_quickstart.yaml",
-                   *sets(KF_FAST + ["eval.evaluator=keyframe-evaluator@champion"]))
+    proc = facelab(
+        project,
+        "sweep",
+        "sweeps/keyframe_quickstart.yaml",
+        *sets(KF_FAST + ["eval.evaluator=keyframe-evaluator@champion"]),
+    )
     return project, proc
 
 
@@ -68,8 +78,11 @@ def test_evaluator_trained_registered_and_pinned(kf):
     # R-Precision@1 of ground truth on the test split, batches of 32: far above chance (1/32).
     assert ev.data.metrics["test/r_precision_1"] > 0.25
     mv = c.get_model_version_by_alias("keyframe-evaluator", "champion")
-    parent = [r for r in c.search_runs([c.get_experiment_by_name("keyframe-quickstart").experiment_id])
-              if r.data.tags.get("facelab.role") == "sweep"][0]
+    parent = [
+        r
+        for r in c.search_runs([c.get_experiment_by_name("keyframe-quickstart").experiment_id])
+        if r.data.tags.get("facelab.role") == "sweep"
+    ][0]
     assert parent.data.tags["facelab.evaluator"] == f"keyframe-evaluator/{mv.version}"
 
 
@@ -103,9 +116,9 @@ def test_report_renders_tables_2_3_4(kf):
         assert title in out
     assert "| ARKit-based | Semantic |" in out
     assert "| GT |" in out and "R-Prec@1 ↑" in out and "MSE ↓" in out
-    table3 = out[out.index("Table 3"):out.index("Table 4")]
+    table3 = out[out.index("Table 3") : out.index("Table 4")]
     assert "| Express4D-MDM (Express4D-MDM, ARKit-based, 20 steps) |" in table3 and "Keyframes/s ↑" in table3
-    assert "Express4D-MDM" not in out[out.index("Table 4"):]  # Tables 2 and 4 are about the LoRA LMs
+    assert "Express4D-MDM" not in out[out.index("Table 4") :]  # Tables 2 and 4 are about the LoRA LMs
     csv_out = facelab(project, "report", "keyframe-quickstart", "--format", "csv").stdout
     assert "Tuned MSE" in csv_out
 
@@ -123,8 +136,14 @@ def _post(url: str, body: bytes, timeout: float = 120):
 def serving(project: Path, model: str):
     """`facelab serve --model MODEL` on a free port until the block ends; yields the base URL."""
     port = free_port()
-    server = subprocess.Popen([str(BIN / "facelab"), "serve", "--model", model, "--port", str(port)],
-                              cwd=project, env=env_for(project), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [str(BIN / "facelab"), "serve", "--model", model, "--port", str(port)],
+        cwd=project,
+        env=env_for(project),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 240
@@ -146,8 +165,11 @@ def serving(project: Path, model: str):
             server.kill()
 
 
-SCRIPT = {"background": "A student waits outside an interview room.", "emotion": "joy",
-          "keyframes": ["The mouth corners lift into a wide smile.", "The eyes close briefly."]}
+SCRIPT = {
+    "background": "A student waits outside an interview room.",
+    "emotion": "joy",
+    "keyframes": ["The mouth corners lift into a wide smile.", "The eyes close briefly."],
+}
 
 
 def test_adapter_round_trips_through_registry_and_endpoint(kf):
@@ -181,9 +203,13 @@ def test_adapter_round_trips_through_registry_and_endpoint(kf):
         assert row == pytest.approx([out["keyframes"][0]["blendshapes"][n] for n in CHANNELS], abs=1e-6)
 
         # Bad requests name the field; the server keeps serving.
-        for bad, field in ((dict(script, keyframes=[]), "keyframes"), (dict(script, keyframes=["x"] * 6), "keyframes"),
-                           (dict(script, emotion=3), "emotion"), ({"background": "b", "keyframes": ["a"]}, "emotion"),
-                           (dict(script, background="x" * 5000), "background")):
+        for bad, field in (
+            (dict(script, keyframes=[]), "keyframes"),
+            (dict(script, keyframes=["x"] * 6), "keyframes"),
+            (dict(script, emotion=3), "emotion"),
+            ({"background": "b", "keyframes": ["a"]}, "emotion"),
+            (dict(script, background="x" * 5000), "background"),
+        ):
             status, _, body = _post(f"{base}/v1/keyframes", json.dumps(bad).encode())
             assert status == 422, body
             assert field in {d["field"] for d in json.loads(body)["detail"]}
@@ -228,12 +254,17 @@ def test_mdm_baseline_learns_reports_and_serves(kf):
 
 def test_export_interpolates_to_60hz(kf, tmp_path):
     project, _ = kf
-    from facelab.data.arkit import CHANNELS, mapping_from_vector
     import numpy as np
+
+    from facelab.data.arkit import CHANNELS, mapping_from_vector
 
     rows = np.zeros((3, len(CHANNELS)), dtype=np.float32)
     rows[1, CHANNELS.index("JawOpen")] = 0.6
-    doc = {"keyframes": [{"index": i + 1, "valid": True, "blendshapes": mapping_from_vector(r)} for i, r in enumerate(rows)]}
+    doc = {
+        "keyframes": [
+            {"index": i + 1, "valid": True, "blendshapes": mapping_from_vector(r)} for i, r in enumerate(rows)
+        ]
+    }
     src = tmp_path / "kf.json"
     src.write_text(json.dumps(doc))
     out = tmp_path / "anim.csv"

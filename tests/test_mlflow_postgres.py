@@ -24,8 +24,14 @@ from conftest import BIN, env_for, facelab, free_port
 
 pytestmark = pytest.mark.slow
 
-FAST = ["train.epochs=1", "train.max_steps_per_epoch=4", "train.max_val_batches=1", "data.train_subset=64",
-        "data.dev_subset=16", "data.max_frames=32"]
+FAST = [
+    "train.epochs=1",
+    "train.max_steps_per_epoch=4",
+    "train.max_val_batches=1",
+    "data.train_subset=64",
+    "data.dev_subset=16",
+    "data.max_frames=32",
+]
 
 
 def _pg_bin(name: str) -> str | None:
@@ -60,11 +66,33 @@ def postgres():
     if as_user:
         shutil.chown(d, "postgres", "postgres")
     data, port = d / "data", free_port()
-    subprocess.run(as_user + [initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-                   check=True, capture_output=True, text=True, timeout=120)
-    subprocess.run(as_user + [pg_ctl, "-D", str(data), "-l", str(d / "pg.log"), "-w", "-t", "60", "start",
-                              "-o", f"-p {port} -k {d} -c listen_addresses=127.0.0.1"],
-                   check=True, capture_output=True, text=True, timeout=120)
+    subprocess.run(
+        as_user + [initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    subprocess.run(
+        as_user
+        + [
+            pg_ctl,
+            "-D",
+            str(data),
+            "-l",
+            str(d / "pg.log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+            "-o",
+            f"-p {port} -k {d} -c listen_addresses=127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     try:
         import psycopg2
 
@@ -84,9 +112,26 @@ def server(postgres, tmp_path_factory):
     port = free_port()
     log = d / "server.log"
     proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", postgres, "--serve-artifacts", "--artifacts-destination", str(d / "artifacts")],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=d, start_new_session=True)
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            postgres,
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(d / "artifacts"),
+        ],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        cwd=d,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_http(url + "/health", proc, log)
@@ -100,9 +145,19 @@ def test_sweep_promote_serve_against_postgres_backed_server(built_project, serve
     from mlflow.tracking import MlflowClient
 
     url, d = server
-    facelab(built_project, "sweep", "sweeps/quickstart.yaml", "--set", "variants={CTEG: {}}",
-            "--set", "resources.cpus_per_worker=0.5", *[x for s in FAST for x in ("--set", s)],
-            "--set", "name=pg-quickstart", MLFLOW_TRACKING_URI=url)
+    facelab(
+        built_project,
+        "sweep",
+        "sweeps/quickstart.yaml",
+        "--set",
+        "variants={CTEG: {}}",
+        "--set",
+        "resources.cpus_per_worker=0.5",
+        *[x for s in FAST for x in ("--set", s)],
+        "--set",
+        "name=pg-quickstart",
+        MLFLOW_TRACKING_URI=url,
+    )
     c = MlflowClient(tracking_uri=url, registry_uri=url)
     exp = c.get_experiment_by_name("pg-quickstart")
     assert exp.artifact_location.startswith("mlflow-artifacts:")  # the server owns the artifact store
@@ -118,14 +173,21 @@ def test_sweep_promote_serve_against_postgres_backed_server(built_project, serve
 
     port = free_port()
     log = d / "serve.log"
-    srv = subprocess.Popen([str(BIN / "facelab"), "serve", "--model", "pg-model", "--port", str(port)],
-                           cwd=built_project, env=env_for(built_project, MLFLOW_TRACKING_URI=url),
-                           stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    srv = subprocess.Popen(
+        [str(BIN / "facelab"), "serve", "--model", "pg-model", "--port", str(port)],
+        cwd=built_project,
+        env=env_for(built_project, MLFLOW_TRACKING_URI=url),
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         _wait_http(f"http://127.0.0.1:{port}/healthz", srv, log, timeout=240)
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/expressions",
-                                     data=json.dumps({"text": "hello there", "max_frames": 16, "seed": 0}).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/expressions",
+            data=json.dumps({"text": "hello there", "max_frames": 16, "seed": 0}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=120) as r:
             out = json.loads(r.read())
         assert out["model"]["name"] == "pg-model" and len(out["sequences"][0]["frames"][0]) == 53

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from conftest import BIN, REPO, env_for, facelab, free_port
 from test_e2e import _get, _post, _wait_healthy, runs_of, store
 
@@ -22,8 +23,13 @@ EXAMPLE = REPO / "examples" / "facelab-nearest"
 def installed():
     """pip-install the example (no dependencies: facelab is already here), uninstall afterwards."""
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run(pip + ["install", "--no-deps", "--no-build-isolation", str(EXAMPLE)], check=True,
-                   capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        pip + ["install", "--no-deps", "--no-build-isolation", str(EXAMPLE)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     try:
         yield
     finally:
@@ -42,8 +48,11 @@ def test_plugin_family_runs_sweep_report_promote_serve(installed, built_project)
 
     facelab(p, "sweep", "examples/facelab-nearest/sweep.yaml")
     c = store(p)
-    trials = {r.data.tags["facelab.variant"]: r for r in runs_of(c, "nearest-quickstart")
-              if r.data.tags.get("facelab.role") == "trial"}
+    trials = {
+        r.data.tags["facelab.variant"]: r
+        for r in runs_of(c, "nearest-quickstart")
+        if r.data.tags.get("facelab.role") == "trial"
+    }
     assert set(trials) == {"nearest", "nearest (top-3)"}
     for r in trials.values():
         assert r.info.status == "FINISHED" and r.data.tags["facelab.job_kind"] == "nearest"
@@ -61,8 +70,13 @@ def test_plugin_family_runs_sweep_report_promote_serve(installed, built_project)
     train = emoava.load_split(p / "data" / "emoava", "train")
     port = free_port()
     log = open(p / "serve-nearest.log", "w")
-    proc = subprocess.Popen([str(BIN / "facelab"), "serve", "--model", "nearest", "--port", str(port)],
-                            cwd=p, env=env_for(p), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(BIN / "facelab"), "serve", "--model", "nearest", "--port", str(port)],
+        cwd=p,
+        env=env_for(p),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(base, proc, p, log_name="serve-nearest.log")
@@ -70,8 +84,9 @@ def test_plugin_family_runs_sweep_report_promote_serve(installed, built_project)
         assert info["job_kind"] == "nearest" and info["version"] == str(champion.version)
         # A training text retrieves itself: the answer is its own training sequence.
         i = next(k for k, t in enumerate(train.texts) if train.texts.count(t) == 1 and len(train.sequences[k]) >= 2)
-        status, body = _post(base + "/v1/expressions", {"text": train.texts[i], "num_samples": 1,
-                                                         "max_frames": 256, "seed": 0})
+        status, body = _post(
+            base + "/v1/expressions", {"text": train.texts[i], "num_samples": 1, "max_frames": 256, "seed": 0}
+        )
         assert status == 200, body
         got = np.array(body["sequences"][0]["frames"])
         want = np.asarray(train.sequences[i][:256], dtype=np.float32)

@@ -39,8 +39,14 @@ pytestmark = pytest.mark.slow
 # different nodes.
 NODE_CPUS = 1
 WORKER_CPUS = 0.99
-DDP = FAST + ["variants={CTEG: {}}", "resources.num_workers=2", f"resources.cpus_per_worker={WORKER_CPUS}",
-              "resources.gpus_per_worker=0", "max_concurrent_trials=1", "optim.batch_size=8"]
+DDP = FAST + [
+    "variants={CTEG: {}}",
+    "resources.num_workers=2",
+    f"resources.cpus_per_worker={WORKER_CPUS}",
+    "resources.gpus_per_worker=0",
+    "max_concurrent_trials=1",
+    "optim.batch_size=8",
+]
 
 
 def sets(items: list[str]) -> list[str]:
@@ -52,13 +58,20 @@ def tail(text: str, n: int = 4000) -> str:
 
 
 def git(project: Path, *args: str) -> str:
-    return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=project,
-                          env=env_for(project), check=True, capture_output=True, text=True).stdout
+    return subprocess.run(
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", *args],
+        cwd=project,
+        env=env_for(project),
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
 
 
 def dvc(project: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=project, env=env_for(project),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [str(BIN / "dvc"), *args], cwd=project, env=env_for(project), capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{tail(proc.stdout)}\n{tail(proc.stderr)}"
     return proc
 
@@ -91,8 +104,13 @@ def test_fresh_clone_pulls_the_locked_data_from_the_remote(project, tmp_path, mo
 
     assert git(project, "status", "--porcelain").strip() == "", "the project must be fully committed"
     clone = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True, capture_output=True, text=True,
-                   env=env_for(project))
+    subprocess.run(
+        ["git", "clone", "-q", str(project), str(clone)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env_for(project),
+    )
     assert not (clone / "data").exists(), "data must come from the DVC remote, not from git"
     dvc(clone, "pull")
 
@@ -157,10 +175,10 @@ def free_port_range(size: int, taken: set[int]) -> tuple[int, int]:
 
 @dataclass
 class Cluster:
-    address: str                        # GCS address, for --address / RAY_ADDRESS
-    dashboard: str                      # Jobs API, for `ray job submit --address`
+    address: str  # GCS address, for --address / RAY_ADDRESS
+    dashboard: str  # Jobs API, for `ray job submit --address`
     temp_dir: Path
-    env: dict[str, str]                 # what a client needs: token auth + the cluster's settings
+    env: dict[str, str]  # what a client needs: token auth + the cluster's settings
     node_ids: list[str] = field(default_factory=list)
     pgids: list[int] = field(default_factory=list)
 
@@ -178,8 +196,14 @@ class Cluster:
 def _ray_start(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> int:
     """`ray start ...` in a new session: its daemons keep that process group, which teardown kills."""
     with open(log, "ab") as out:
-        proc = subprocess.Popen([str(BIN / "ray"), "start", *args], cwd=cwd, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", *args],
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         rc = proc.wait(timeout=180)
     except subprocess.TimeoutExpired:
@@ -190,9 +214,11 @@ def _ray_start(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> in
 
 
 def _alive_nodes(address: str, env: dict[str, str]) -> list[dict]:
-    code = ("import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
-            "print(json.dumps([{'id': n['NodeID'], 'resources': n['Resources']} for n in ray.nodes() if n['Alive']]))"
-            % address)
+    code = (
+        "import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
+        "print(json.dumps([{'id': n['NodeID'], 'resources': n['Resources']} for n in ray.nodes() if n['Alive']]))"
+        % address
+    )
     proc = subprocess.run([str(BIN / "python"), "-c", code], env=env, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise RuntimeError(f"cannot list the cluster's nodes:\n{tail(proc.stderr)}")
@@ -239,8 +265,11 @@ def cluster(project):
     # Token auth on, with a token of this cluster only (never the user's ~/.ray/auth_token).
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     # Set before `ray start`: job drivers and trial workers inherit the node's environment.
-    settings = {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlruns.db'}",
-                "FACELAB_STORAGE": str(project / "ray_results"), "RAY_USAGE_STATS_ENABLED": "0"}
+    settings = {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlruns.db'}",
+        "FACELAB_STORAGE": str(project / "ray_results"),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     env = env_for(project, **auth, **settings)
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     taken: set[int] = set()
@@ -249,24 +278,46 @@ def cluster(project):
     c = Cluster(address=f"127.0.0.1:{gcs}", dashboard=f"http://127.0.0.1:{dash}", temp_dir=temp_dir, env=env)
 
     def node_args(i: int) -> list[str]:
-        nm, om, agent, agent_grpc, metrics, rt_env, _ = node_ports[7 * i: 7 * i + 7]
+        nm, om, agent, agent_grpc, metrics, rt_env, _ = node_ports[7 * i : 7 * i + 7]
         lo, hi = free_port_range(40, taken)
-        return ["--node-ip-address=127.0.0.1", f"--num-cpus={NODE_CPUS}", "--num-gpus=0",
-                f"--resources={json.dumps({f'facelab_node_{i}': 1})}",
-                # One temp dir per node: nodes sharing one would share runtime_resources/, and the
-                # second node re-extracting a job's working_dir there pulls it from under the driver.
-                f"--temp-dir={temp_dir / f'n{i}'}",
-                f"--node-manager-port={nm}", f"--object-manager-port={om}",
-                f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-                f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}",
-                f"--min-worker-port={lo}", f"--max-worker-port={hi}",
-                f"--object-store-memory={200 * 1024 * 1024}", "--disable-usage-stats"]
+        return [
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={NODE_CPUS}",
+            "--num-gpus=0",
+            f"--resources={json.dumps({f'facelab_node_{i}': 1})}",
+            # One temp dir per node: nodes sharing one would share runtime_resources/, and the
+            # second node re-extracting a job's working_dir there pulls it from under the driver.
+            f"--temp-dir={temp_dir / f'n{i}'}",
+            f"--node-manager-port={nm}",
+            f"--object-manager-port={om}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={rt_env}",
+            f"--min-worker-port={lo}",
+            f"--max-worker-port={hi}",
+            f"--object-store-memory={200 * 1024 * 1024}",
+            "--disable-usage-stats",
+        ]
 
     log = temp_dir / "ray-start.log"
     try:
-        c.pgids.append(_ray_start(["--head", f"--port={gcs}", f"--ray-client-server-port={client}",
-                                   "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                                   f"--dashboard-port={dash}", *node_args(0)], env, project, log))
+        c.pgids.append(
+            _ray_start(
+                [
+                    "--head",
+                    f"--port={gcs}",
+                    f"--ray-client-server-port={client}",
+                    "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}",
+                    *node_args(0),
+                ],
+                env,
+                project,
+                log,
+            )
+        )
         c.pgids.append(_ray_start([f"--address={c.address}", *node_args(1)], env, project, log))
         deadline = time.time() + 120
         nodes: list[dict] = []
@@ -295,9 +346,17 @@ def test_wrong_token_is_refused(cluster):
 
 
 def test_ddp_trial_spans_both_nodes(project, cluster):
-    proc = facelab(project, "sweep", "sweeps/quickstart.yaml", "--address", cluster.address,
-                   *sets(DDP + ["name=scaleout-ddp"]), check=False, timeout=600,
-                   **{k: cluster.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI")})
+    proc = facelab(
+        project,
+        "sweep",
+        "sweeps/quickstart.yaml",
+        "--address",
+        cluster.address,
+        *sets(DDP + ["name=scaleout-ddp"]),
+        check=False,
+        timeout=600,
+        **{k: cluster.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI")},
+    )
     assert proc.returncode == 0, f"sweep failed:\n{tail(proc.stdout)}\n{tail(proc.stderr)}\n{cluster.logs()}"
     run = _trial(project, "scaleout-ddp")
     assert run.info.status == "FINISHED"
@@ -315,12 +374,30 @@ def test_ray_job_submit_ships_the_working_directory(project, cluster):
     sweep = ["facelab", "sweep", "sweeps/quickstart.yaml", *sets(DDP + ["name=scaleout-job"])]
     entry = f"dvc pull --allow-missing && {shlex.join(sweep)}"
     env = {**cluster.env, "RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES": ".venv,venv,__pycache__"}
-    proc = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
-                           "--", "bash", "-c", entry], cwd=project, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            cluster.dashboard,
+            "--working-dir",
+            ".",
+            "--",
+            "bash",
+            "-c",
+            entry,
+        ],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "succeeded" in out, \
+    assert proc.returncode == 0 and "succeeded" in out, (
         f"ray job submit failed ({proc.returncode}):\n{tail(out, 8000)}\n{cluster.logs()}"
+    )
     run = _trial(project, "scaleout-job")
     assert run.info.status == "FINISHED"
     assert run.data.tags["facelab.data.md5"] == locked_md5(project)

@@ -24,8 +24,14 @@ from conftest import BIN, dvc_repro, env_for, facelab, free_port, make_project
 
 pytestmark = pytest.mark.slow
 
-FAST = ["train.epochs=2", "train.max_steps_per_epoch=6", "train.max_val_batches=2", "data.train_subset=160",
-        "data.dev_subset=32", "data.max_frames=48"]
+FAST = [
+    "train.epochs=2",
+    "train.max_steps_per_epoch=6",
+    "train.max_val_batches=2",
+    "data.train_subset=160",
+    "data.dev_subset=32",
+    "data.max_frames=48",
+]
 SLOW_TEXT = " ".join(["wonderful surprising terrible"] * 60)[:1990]  # the longest text the schema allows
 SLOW = {"text": SLOW_TEXT, "num_samples": 16, "max_frames": 1024}  # the most work one request may ask for
 OK = {"text": "I am so happy to see you!", "num_samples": 1, "max_frames": 16, "seed": 3}
@@ -55,9 +61,14 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = project / f"serve-{name}.log"
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([str(BIN / "facelab"), "serve", "--port", str(self.port), *args], cwd=project,
-                                     env=env_for(project, **env), stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(BIN / "facelab"), "serve", "--port", str(self.port), *args],
+            cwd=project,
+            env=env_for(project, **env),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.started = time.time()
 
     def log(self) -> str:
@@ -136,8 +147,9 @@ def secured(project, api_key):
 @pytest.fixture(scope="module")
 def tight(project):
     """Server B: one replica running one request at a time with two waiting, 2 s per request."""
-    s = Server(project, "tight", "--max-ongoing-requests", "1", "--max-queued-requests", "2",
-               "--request-timeout-s", "2")
+    s = Server(
+        project, "tight", "--max-ongoing-requests", "1", "--max-queued-requests", "2", "--request-timeout-s", "2"
+    )
     try:
         s.wait_healthy()
         yield s
@@ -152,10 +164,19 @@ def _h(key: str) -> dict[str, str]:
 def test_api_key_required_except_healthz(secured, api_key):
     b = secured.base
     assert httpx.get(b + "/healthz").status_code == 200  # liveness probes need no key
-    for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": f"Bearer {api_key}x"}, {"Authorization": api_key},
-                    {"X-API-Key": ""}):
-        for method, path in (("GET", "/v1/models"), ("POST", "/v1/expressions"), ("GET", "/docs"),
-                             ("GET", "/openapi.json")):
+    for headers in (
+        {},
+        {"X-API-Key": "wrong"},
+        {"Authorization": f"Bearer {api_key}x"},
+        {"Authorization": api_key},
+        {"X-API-Key": ""},
+    ):
+        for method, path in (
+            ("GET", "/v1/models"),
+            ("POST", "/v1/expressions"),
+            ("GET", "/docs"),
+            ("GET", "/openapi.json"),
+        ):
             r = httpx.request(method, b + path, headers=headers, json=OK if method == "POST" else None)
             assert r.status_code == 401, (headers, path, r.status_code, r.text)
             assert "X-API-Key" in json.dumps(r.json()["detail"]), r.text
@@ -175,7 +196,7 @@ def test_api_key_required_except_healthz(secured, api_key):
 
 def _chunked(data: bytes, size: int = 8192):
     for i in range(0, len(data), size):
-        yield data[i:i + size]
+        yield data[i : i + size]
 
 
 def test_bad_input_is_4xx_with_detail_and_server_keeps_serving(secured, api_key):
@@ -219,10 +240,12 @@ def test_bad_input_is_4xx_with_detail_and_server_keeps_serving(secured, api_key)
         if field:
             assert field in json.dumps(detail), (name, detail)
     # keyframes: too many / none / wrong type — validated before the model kind is even looked at
-    for name, body, field in (("6 keyframes", {"background": "a", "emotion": "b", "keyframes": list("abcdef")}, "keyframes"),
-                              ("0 keyframes", {"background": "a", "emotion": "b", "keyframes": []}, "keyframes"),
-                              ("keyframes str", {"background": "a", "emotion": "b", "keyframes": "abc"}, "keyframes"),
-                              ("long keyframe", {"background": "a", "emotion": "b", "keyframes": ["x" * 1001]}, "keyframes")):
+    for name, body, field in (
+        ("6 keyframes", {"background": "a", "emotion": "b", "keyframes": list("abcdef")}, "keyframes"),
+        ("0 keyframes", {"background": "a", "emotion": "b", "keyframes": []}, "keyframes"),
+        ("keyframes str", {"background": "a", "emotion": "b", "keyframes": "abc"}, "keyframes"),
+        ("long keyframe", {"background": "a", "emotion": "b", "keyframes": ["x" * 1001]}, "keyframes"),
+    ):
         r = httpx.post(b + "/v1/keyframes", json=body, headers=h, timeout=60)
         outcomes.append((name, r.status_code))
         assert r.status_code == 422 and field in json.dumps(r.json()["detail"]), (name, r.status_code, r.text)
@@ -230,10 +253,14 @@ def test_bad_input_is_4xx_with_detail_and_server_keeps_serving(secured, api_key)
     assert r.status_code == 409 and "model" in json.dumps(r.json()["detail"])  # a CTEG model serves no keyframes
     # huge bodies: declared Content-Length, chunked (no length), and a chunked megabyte
     big = json.dumps({"text": "x" * 200_000}).encode()
-    for name, content in (("huge, content-length", big), ("huge, chunked", _chunked(big)),
-                          ("1 MiB, chunked", _chunked(b'{"text": "' + b"y" * (1 << 20) + b'"}'))):
-        r = httpx.post(b + "/v1/expressions", content=content, headers={"content-type": "application/json", **h},
-                       timeout=60)
+    for name, content in (
+        ("huge, content-length", big),
+        ("huge, chunked", _chunked(big)),
+        ("1 MiB, chunked", _chunked(b'{"text": "' + b"y" * (1 << 20) + b'"}')),
+    ):
+        r = httpx.post(
+            b + "/v1/expressions", content=content, headers={"content-type": "application/json", **h}, timeout=60
+        )
         outcomes.append((name, r.status_code))
         assert r.status_code == 413 and r.json()["detail"][0]["field"] == "body", (name, r.status_code, r.text[:200])
     # odd but valid text is answered (NUL, emoji, RTL)
@@ -292,10 +319,12 @@ def test_replica_killed_under_load_is_replaced(secured, api_key):
     errors = [r for r in kill_window if r[2] != 200]
     before_kill = [r for r in results if r[1] < t_kill]
     after = [r for r in results if r[0] >= t_recovered]
-    print(f"\nreplica {victim} killed; replacement {sorted(new)} seen after {t_new - t_kill:.1f}s; "
-          f"{len(before_kill)} requests before the kill (all 200: {all(r[2] == 200 for r in before_kill)}), "
-          f"{len(kill_window)} in the kill window with {len(errors)} errors "
-          f"({sorted({str(r[2]) for r in errors})}), {len(after)} after recovery")
+    print(
+        f"\nreplica {victim} killed; replacement {sorted(new)} seen after {t_new - t_kill:.1f}s; "
+        f"{len(before_kill)} requests before the kill (all 200: {all(r[2] == 200 for r in before_kill)}), "
+        f"{len(kill_window)} in the kill window with {len(errors)} errors "
+        f"({sorted({str(r[2]) for r in errors})}), {len(after)} after recovery"
+    )
     assert all(r[2] == 200 for r in before_kill)
     assert after and all(r[2] == 200 for r in after), [r for r in after if r[2] != 200][:5]
     assert not [r for r in results if r[2] != 200 and r[1] < t_kill]  # errors only in the kill window
@@ -317,13 +346,19 @@ def _register_variant(project: Path, name: str, version: str, alter) -> str:
     c = tracking.client(tracking.default_tracking_uri(project))
     champ = c.get_model_version(name, version)
     with tempfile.TemporaryDirectory() as d:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=champ.source, dst_path=d, tracking_uri=c.tracking_uri))
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=champ.source, dst_path=d, tracking_uri=c.tracking_uri)
+        )
         alter(local)
         run = c.create_run(c.get_run(champ.run_id).info.experiment_id, run_name=f"hand-made {alter.__name__}")
         c.log_artifacts(run.info.run_id, str(local), "checkpoint")
         c.set_terminated(run.info.run_id)
-    mv = c.create_model_version(name, source=f"{run.info.artifact_uri.rstrip('/')}/checkpoint", run_id=run.info.run_id,
-                                tags={tracking.TAG_JOB_KIND: champ.tags.get(tracking.TAG_JOB_KIND, "")})
+    mv = c.create_model_version(
+        name,
+        source=f"{run.info.artifact_uri.rstrip('/')}/checkpoint",
+        run_id=run.info.run_id,
+        tags={tracking.TAG_JOB_KIND: champ.tags.get(tracking.TAG_JOB_KIND, "")},
+    )
     c.set_registered_model_alias(name, "champion", mv.version)
     return str(mv.version)
 
@@ -342,8 +377,10 @@ def nan_weights(d: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     w = load_file(d / "model.safetensors")
-    save_file({k: (v * float("nan") if v.is_floating_point() and "weight" in k else v) for k, v in w.items()},
-              d / "model.safetensors")
+    save_file(
+        {k: (v * float("nan") if v.is_floating_point() and "weight" in k else v) for k, v in w.items()},
+        d / "model.safetensors",
+    )
 
 
 def unchanged(d: Path) -> None:
@@ -403,19 +440,21 @@ def test_broken_promotion_is_refused_and_the_champion_keeps_serving(project, sec
         stop.set()
 
     print("\nrefused:", json.dumps(refused, indent=1))
-    print(f"good version {good} in service {t_swapped - t_good:.1f}s after it became champion; "
-          f"{len(results)} requests during the swaps")
+    print(
+        f"good version {good} in service {t_swapped - t_good:.1f}s after it became champion; "
+        f"{len(results)} requests during the swaps"
+    )
     assert "model.safetensors" in refused["missing_file"]
     assert "CheckpointError" in refused["wrong_shapes"]
     assert "non-finite" in refused["nan_weights"]
     failed = [r for r in results if r[1] != 200]
     assert not failed, failed[:5]
     versions = [r[2] for r in results]
-    assert set(versions) <= {first["version"], good}            # no broken version ever answered
+    assert set(versions) <= {first["version"], good}  # no broken version ever answered
     assert versions[0] == first["version"] and versions[-1] == good
     c = tracking.client(tracking.default_tracking_uri(project))
     tags = [c.get_model_version(name, v).tags.get("facelab.serve_refused") for v in broken]
-    assert len(tags) == 3 and all(tags), tags                    # the reason is on record in the registry
+    assert len(tags) == 3 and all(tags), tags  # the reason is on record in the registry
 
 
 def test_overload_is_shed_quickly_with_503(tight):
@@ -457,9 +496,9 @@ def test_request_timeout_answers_408(tight):
         yield b'"}'
 
     t0 = time.perf_counter()
-    r = httpx.post(tight.base + "/v1/expressions", content=trickle(), headers={"content-type": "application/json"},
-                   timeout=60)
+    r = httpx.post(
+        tight.base + "/v1/expressions", content=trickle(), headers={"content-type": "application/json"}, timeout=60
+    )
     print(f"\ntrickled body: {r.status_code} after {time.perf_counter() - t0:.1f}s: {r.text[:100]}")
     assert r.status_code == 408, r.text
     assert httpx.post(tight.base + "/v1/expressions", json=OK, timeout=60).status_code == 200
-

@@ -41,7 +41,9 @@ def test_every_shipped_job_loads(path):
     raw = yaml.safe_load(path.read_text())
     for section, fields in d.items():
         if isinstance(fields, dict):
-            assert set(fields) <= set(raw.get(section) or {}), f"{path.name}: {section} lacks {set(fields) - set(raw[section])}"
+            assert set(fields) <= set(raw.get(section) or {}), (
+                f"{path.name}: {section} lacks {set(fields) - set(raw[section])}"
+            )
 
 
 def test_keyframe_jobs_and_metric_check(proj):
@@ -71,25 +73,41 @@ def test_quickstart_plans_two_trials():
 
 
 def test_grid_crosses_variants_parameters_and_seeds(proj):
-    p = sweep(proj, variants={"a": {}, "b": {"model.ewa": False}}, seeds=[0, 1],
-              parameters={"optim.lr_mul": {"values": [1.0, 2.0, 4.0]}})
+    p = sweep(
+        proj,
+        variants={"a": {}, "b": {"model.ewa": False}},
+        seeds=[0, 1],
+        parameters={"optim.lr_mul": {"values": [1.0, 2.0, 4.0]}},
+    )
     trials = load_sweep(p, root=proj).trials
     assert len(trials) == 2 * 2 * 3
     assert {(t.variant, t.seed, t.params["optim.lr_mul"]) for t in trials} == {
-        (v, s, lr) for v in "ab" for s in (0, 1) for lr in (1.0, 2.0, 4.0)}
+        (v, s, lr) for v in "ab" for s in (0, 1) for lr in (1.0, 2.0, 4.0)
+    }
 
 
 def test_all_problems_reported_at_once_with_key_paths(proj):
-    p = sweep(proj, method="grid", bogus=1, seeds=[],
-              variants={"bad": {"model.nope": 1, "model.d_model": "wide"}},
-              parameters={"optim.lr_mul": {"values": []}, "model.lta": {"distribution": "uniform", "min": 0, "max": 1}},
-              resources={"num_workers": 0})
+    p = sweep(
+        proj,
+        method="grid",
+        bogus=1,
+        seeds=[],
+        variants={"bad": {"model.nope": 1, "model.d_model": "wide"}},
+        parameters={"optim.lr_mul": {"values": []}, "model.lta": {"distribution": "uniform", "min": 0, "max": 1}},
+        resources={"num_workers": 0},
+    )
     with pytest.raises(SpecError) as ei:
         load_sweep(p, root=proj)
     msg = str(ei.value)
-    for needle in ["bogus: unknown key", "seeds: empty", "variants.bad.model.nope: not a key",
-                   "variants.bad.model.d_model", "optim.lr_mul: 'values' is empty",
-                   "resources.num_workers", "parameters.model.lta: method 'grid' needs"]:
+    for needle in [
+        "bogus: unknown key",
+        "seeds: empty",
+        "variants.bad.model.nope: not a key",
+        "variants.bad.model.d_model",
+        "optim.lr_mul: 'values' is empty",
+        "resources.num_workers",
+        "parameters.model.lta: method 'grid' needs",
+    ]:
         assert needle in msg, f"missing {needle!r} in:\n{msg}"
     assert len(ei.value.problems) >= 7
 
@@ -114,8 +132,9 @@ def test_unknown_metric_and_wrong_types(proj):
 
 
 def test_set_overrides_sweep_and_job_keys(proj):
-    loaded = load_sweep(sweep(proj), ["seeds=[3, 4]", "train.epochs=7", "resources.num_workers=2",
-                                      "job.name=renamed"], root=proj)
+    loaded = load_sweep(
+        sweep(proj), ["seeds=[3, 4]", "train.epochs=7", "resources.num_workers=2", "job.name=renamed"], root=proj
+    )
     assert loaded.spec.seeds == [3, 4]
     assert loaded.spec.resources.num_workers == 2
     assert loaded.job.train.epochs == 7 and loaded.job.name == "renamed"
@@ -141,8 +160,12 @@ def test_cross_field_rule_in_a_variant(proj):
 
 def test_random_and_optuna_accept_distributions(proj):
     for method in ("random", "optuna"):
-        p = sweep(proj, method=method, num_samples=3,
-                  parameters={"optim.lr_mul": {"distribution": "log_uniform", "min": 0.1, "max": 10}})
+        p = sweep(
+            proj,
+            method=method,
+            num_samples=3,
+            parameters={"optim.lr_mul": {"distribution": "log_uniform", "min": 0.1, "max": 10}},
+        )
         loaded = load_sweep(p, root=proj)
         assert len(loaded.trials) == 3
         assert loaded.trials[0].params["optim.lr_mul"].startswith("<log_uniform")
@@ -180,8 +203,11 @@ def test_variant_with_its_own_job_file(proj):
     """A variant may name another family's job file (a learned baseline as one row of a table):
     its overrides, the sweep's parameters and the metric are checked against that job's schema."""
     write(proj, "jobs/lml.yaml", {"kind": "lm_listener", "name": "lml", "train": {"epochs": 3, "vq_epochs": 2}})
-    p = sweep(proj, metric={"name": "val/cppl", "goal": "minimize"},
-              variants={"CTEG": {}, "LM-Listener": {"job": "jobs/lml.yaml", "model.top_p": 0.9}})
+    p = sweep(
+        proj,
+        metric={"name": "val/cppl", "goal": "minimize"},
+        variants={"CTEG": {}, "LM-Listener": {"job": "jobs/lml.yaml", "model.top_p": 0.9}},
+    )
     loaded = load_sweep(p, ["train.epochs=1", "train.vq_epochs=1"], root=proj)
     assert loaded.spec.variants == {"CTEG": {}, "LM-Listener": {"model.top_p": 0.9}}  # "job" is not an override
     assert loaded.job_for("CTEG")["kind"] == "cteg" and loaded.job_for("CTEG")["train"]["epochs"] == 1
@@ -189,10 +215,17 @@ def test_variant_with_its_own_job_file(proj):
     assert lml["kind"] == "lm_listener" and lml["train"] == {**lml["train"], "epochs": 1, "vq_epochs": 1}
     assert [t.variant for t in loaded.trials] == ["CTEG", "LM-Listener"]
 
-    bad = sweep(proj, metric={"name": "val/kl", "goal": "minimize"},
-                variants={"CTEG": {}, "A": {"job": "jobs/lml.yaml", "model.ewa": False},
-                          "B": {"job": "jobs/missing.yaml"}, "C": {"job": 3},
-                          "D": {"job": "jobs/lml.yaml", "model.top_p": 2.0}})
+    bad = sweep(
+        proj,
+        metric={"name": "val/kl", "goal": "minimize"},
+        variants={
+            "CTEG": {},
+            "A": {"job": "jobs/lml.yaml", "model.ewa": False},
+            "B": {"job": "jobs/missing.yaml"},
+            "C": {"job": 3},
+            "D": {"job": "jobs/lml.yaml", "model.top_p": 2.0},
+        },
+    )
     with pytest.raises(SpecError) as ei:
         load_sweep(bad, ["model.nope=1"], root=proj)
     msg = str(ei.value)
@@ -208,9 +241,11 @@ def test_error_summary_puts_the_innermost_cause_first():
     """A failed trial's ``facelab.error`` tag starts with what went wrong, not with Ray's wrapper."""
     from facelab.runtime.sweep import error_summary
 
-    remote = ("ray::_RayTrainWorker__execute.get_next() (pid=1, ip=127.0.0.1)\n"
-              "  File \"x.py\", line 3, in worker_loop\n    ckpt.load_resume(resume)\n"
-              "facelab.core.checkpoint.CheckpointError: /ckpt/model.safetensors: truncated or not safetensors")
+    remote = (
+        "ray::_RayTrainWorker__execute.get_next() (pid=1, ip=127.0.0.1)\n"
+        '  File "x.py", line 3, in worker_loop\n    ckpt.load_resume(resume)\n'
+        "facelab.core.checkpoint.CheckpointError: /ckpt/model.safetensors: truncated or not safetensors"
+    )
 
     class WorkerGroupError(RuntimeError):
         pass

@@ -18,17 +18,26 @@ def _root() -> Path:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from facelab.core.checkpoint import CheckpointError
+    from facelab.core.lineage import DataLineageError
+    from facelab.core.tracking import TrackingError
     from facelab.data.arkit import ArkitError
     from facelab.data.emoava import DataError
-    from facelab.core.lineage import DataLineageError
-    from facelab.spec.loading import SpecError
-    from facelab.runtime.sweep import SweepError
-    from facelab.core.tracking import TrackingError
-    from facelab.core.checkpoint import CheckpointError
     from facelab.families.base import FamilyError
+    from facelab.runtime.sweep import SweepError
+    from facelab.spec.loading import SpecError
 
-    return (FamilyError, SpecError, DataLineageError, TrackingError, SweepError, DataError, CheckpointError, FileNotFoundError,
-            ArkitError)
+    return (
+        FamilyError,
+        SpecError,
+        DataLineageError,
+        TrackingError,
+        SweepError,
+        DataError,
+        CheckpointError,
+        FileNotFoundError,
+        ArkitError,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,8 +50,10 @@ def cmd_sweep(args) -> int:
     loaded = load_sweep(args.sweep, args.set, root=root)
     if args.dry_run:
         s = loaded.spec
-        print(f"sweep '{s.name}': job {s.job}, method {s.method}, metric {s.metric.name} ({s.metric.goal}), "
-              f"{len(loaded.trials)} trial(s), {s.resources.num_workers} worker(s) each")
+        print(
+            f"sweep '{s.name}': job {s.job}, method {s.method}, metric {s.metric.name} ({s.metric.goal}), "
+            f"{len(loaded.trials)} trial(s), {s.resources.num_workers} worker(s) each"
+        )
         for i, t in enumerate(loaded.trials):
             ov = t.overrides(s.variants)
             print(f"  [{i}] {t.name}")
@@ -60,8 +71,10 @@ def _run_and_summarize(loaded, root: Path, resume: bool, address: str | None) ->
     print(f"sweep '{out.sweep}': {len(out.trials)} trial(s)")
     for t in out.trials:
         val = t.get(loaded.spec.metric.name)
-        print(f"  {t['status']:9s} {t['variant']} seed={t['seed']}  {loaded.spec.metric.name}="
-              f"{'%.5g' % val if isinstance(val, (int, float)) else '-'}  run {t['run_id']}")
+        print(
+            f"  {t['status']:9s} {t['variant']} seed={t['seed']}  {loaded.spec.metric.name}="
+            f"{'%.5g' % val if isinstance(val, (int, float)) else '-'}  run {t['run_id']}"
+        )
     if out.best:
         print(f"best: {out.best['name']} ({loaded.spec.metric.name}={out.best[loaded.spec.metric.name]:.5g})")
     print(f"MLflow: experiment '{out.sweep}' (id {out.experiment_id}), parent run {out.parent_run_id}")
@@ -80,13 +93,20 @@ def cmd_train(args) -> int:
 
     root = _root()
     job, job_dict = load_job(args.job, args.set)
-    spec = SweepSpec(name=args.name or job_dict["name"], job=str(args.job),
-                     metric={"name": "val/loss", "goal": "minimize"},
-                     seeds=[job_dict["train"]["seed"]],
-                     resources={"num_workers": args.num_workers, "gpus_per_worker": args.gpus_per_worker,
-                                "cpus_per_worker": args.cpus_per_worker})
-    loaded = LoadedSweep(spec=spec, job=job, job_dict=job_dict, source=Path(args.job), job_path=Path(args.job),
-                         trials=plan_trials(spec))
+    spec = SweepSpec(
+        name=args.name or job_dict["name"],
+        job=str(args.job),
+        metric={"name": "val/loss", "goal": "minimize"},
+        seeds=[job_dict["train"]["seed"]],
+        resources={
+            "num_workers": args.num_workers,
+            "gpus_per_worker": args.gpus_per_worker,
+            "cpus_per_worker": args.cpus_per_worker,
+        },
+    )
+    loaded = LoadedSweep(
+        spec=spec, job=job, job_dict=job_dict, source=Path(args.job), job_path=Path(args.job), trials=plan_trials(spec)
+    )
     return _run_and_summarize(loaded, root, resume=False, address=args.address)
 
 
@@ -120,8 +140,9 @@ def cmd_promote(args) -> int:
         pool = [t for t in trials if t.variant == args.variant]
         if not pool:
             known = sorted({t.variant for t in trials})
-            raise tracking.TrackingError(f"--variant {args.variant!r}: no trial of that variant in sweep '{args.sweep}'; "
-                                         f"variants: {known}")
+            raise tracking.TrackingError(
+                f"--variant {args.variant!r}: no trial of that variant in sweep '{args.sweep}'; variants: {known}"
+            )
     else:  # the sweep's own model family; a baseline of another family is promoted by naming its variant
         kind = parent.data.tags.get(tracking.TAG_JOB_KIND)
         pool = [t for t in trials if not kind or t.tags.get(tracking.TAG_JOB_KIND, kind) == kind]
@@ -131,9 +152,13 @@ def cmd_promote(args) -> int:
         raise tracking.TrackingError(f"{where}sweep '{args.sweep}' has no finished trial with metric {metric}")
     model_name = args.model_name or best.params.get("name") or args.sweep
     p = tracking.promote(c, best, model_name, metric, goal, force=args.force)
-    prev = f"; previous champion version {p.previous_version} is now '{tracking.PREVIOUS}'" if p.previous_version else ""
-    print(f"promoted {best.name} (run {p.run_id}, {metric}={p.value:.5g}) → models:/{p.model_name} "
-          f"version {p.version} @{tracking.CHAMPION}{prev}")
+    prev = (
+        f"; previous champion version {p.previous_version} is now '{tracking.PREVIOUS}'" if p.previous_version else ""
+    )
+    print(
+        f"promoted {best.name} (run {p.run_id}, {metric}={p.value:.5g}) → models:/{p.model_name} "
+        f"version {p.version} @{tracking.CHAMPION}{prev}"
+    )
     return 0
 
 
@@ -149,8 +174,8 @@ def cmd_serve(args) -> int:
     from ray import serve
 
     from facelab.core import tracking
-    from facelab.serve.app import batch_size_for, build_app
     from facelab.runtime.sweep import init_ray
+    from facelab.serve.app import batch_size_for, build_app
 
     try:  # checked before Ray starts
         args.max_batch_size = batch_size_for(args.max_batch_size, args.max_ongoing_requests)
@@ -169,21 +194,45 @@ def cmd_serve(args) -> int:
     # request_timeout_s bounds every request (Serve answers 408 past it); generation is bounded by
     # the request schema's max_frames / num_samples.
     serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
-    serve.run(build_app(model_name, uri, root=str(root), api_key=api_key, replicas=args.replicas,
-                        max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
-                        watch_s=args.watch_champion, max_batch_size=args.max_batch_size,
-                        batch_wait_s=args.batch_wait_ms / 1000.0, gpus_per_replica=args.gpus_per_replica),
-              name="facelab", route_prefix="/", blocking=False)
-    print(f"API key: {'required (X-API-Key header; from $' + args.api_key_env + ')' if api_key else 'none ($' + args.api_key_env + ' is unset)'}; "
-          f"{args.replicas} replica(s) on {'CUDA' if args.gpus_per_replica > 0 else 'CPU'} x "
-          f"{args.max_ongoing_requests} concurrent + {args.max_queued_requests} queued, "
-          f"timeout {args.request_timeout_s:g}s; "
-          + (f"expression requests batched up to {args.max_batch_size} (wait {args.batch_wait_ms:g} ms); "
-             if args.max_batch_size > 1 else "no request batching; ")
-          + (f"a new champion is health-probed and swapped in (checked every {args.watch_champion:g}s)"
-             if args.watch_champion > 0 else "the champion is loaded once (--watch-champion 0)"), flush=True)
-    print(f"serving models:/{model_name}@champion on http://{args.host}:{args.port}  (docs: /docs; Ctrl-C stops)",
-          flush=True)
+    serve.run(
+        build_app(
+            model_name,
+            uri,
+            root=str(root),
+            api_key=api_key,
+            replicas=args.replicas,
+            max_ongoing_requests=args.max_ongoing_requests,
+            max_queued_requests=args.max_queued_requests,
+            watch_s=args.watch_champion,
+            max_batch_size=args.max_batch_size,
+            batch_wait_s=args.batch_wait_ms / 1000.0,
+            gpus_per_replica=args.gpus_per_replica,
+        ),
+        name="facelab",
+        route_prefix="/",
+        blocking=False,
+    )
+    print(
+        f"API key: {'required (X-API-Key header; from $' + args.api_key_env + ')' if api_key else 'none ($' + args.api_key_env + ' is unset)'}; "
+        f"{args.replicas} replica(s) on {'CUDA' if args.gpus_per_replica > 0 else 'CPU'} x "
+        f"{args.max_ongoing_requests} concurrent + {args.max_queued_requests} queued, "
+        f"timeout {args.request_timeout_s:g}s; "
+        + (
+            f"expression requests batched up to {args.max_batch_size} (wait {args.batch_wait_ms:g} ms); "
+            if args.max_batch_size > 1
+            else "no request batching; "
+        )
+        + (
+            f"a new champion is health-probed and swapped in (checked every {args.watch_champion:g}s)"
+            if args.watch_champion > 0
+            else "the champion is loaded once (--watch-champion 0)"
+        ),
+        flush=True,
+    )
+    print(
+        f"serving models:/{model_name}@champion on http://{args.host}:{args.port}  (docs: /docs; Ctrl-C stops)",
+        flush=True,
+    )
     import signal
     import time
 
@@ -211,8 +260,12 @@ def _default_model(c) -> str:
     if len(names) == 1:
         return names[0]
     if not names:
-        raise TrackingError(f"no registered model with a 'champion' alias in {c.tracking_uri}; run `facelab promote SWEEP` first")
-    raise TrackingError(f"several registered models have a champion ({', '.join(sorted(names))}); pick one with --model")
+        raise TrackingError(
+            f"no registered model with a 'champion' alias in {c.tracking_uri}; run `facelab promote SWEEP` first"
+        )
+    raise TrackingError(
+        f"several registered models have a champion ({', '.join(sorted(names))}); pick one with --model"
+    )
 
 
 def _request_headers() -> dict[str, str]:
@@ -248,8 +301,9 @@ def cmd_request(args) -> int:
 
     if not _wait_healthy(args.url, args.wait):
         return 1
-    body = json.dumps({"text": args.text, "num_samples": args.num_samples, "max_frames": args.max_frames,
-                       "seed": args.seed}).encode()
+    body = json.dumps(
+        {"text": args.text, "num_samples": args.num_samples, "max_frames": args.max_frames, "seed": args.seed}
+    ).encode()
     req = urllib.request.Request(f"{args.url}/v1/expressions", data=body, headers=_request_headers())
     with urllib.request.urlopen(req, timeout=120) as r:
         out = json.loads(r.read())
@@ -257,8 +311,10 @@ def cmd_request(args) -> int:
     print(f"POST /v1/expressions {{'text': {args.text!r}}} → models:/{m['name']} v{m['version']} (run {m['run_id']})")
     for i, s in enumerate(out["sequences"]):
         f = s["frames"]
-        print(f"  sample {i}: {len(f)} frames x {len(f[0]) if f else 0} dims at {out['fps']} fps; "
-              f"first frame[:4] = {[round(v, 3) for v in f[0][:4]] if f else []}")
+        print(
+            f"  sample {i}: {len(f)} frames x {len(f[0]) if f else 0} dims at {out['fps']} fps; "
+            f"first frame[:4] = {[round(v, 3) for v in f[0][:4]] if f else []}"
+        )
     return 0
 
 
@@ -324,7 +380,9 @@ def cmd_export(args) -> int:
         try:
             doc = json.loads(src.read_text(encoding="utf-8"))
             frames = doc["keyframes"]
-            rows = np.stack([vector_from_mapping(k["blendshapes"], where=f"{src}: keyframes[{i}]") for i, k in enumerate(frames)])
+            rows = np.stack(
+                [vector_from_mapping(k["blendshapes"], where=f"{src}: keyframes[{i}]") for i, k in enumerate(frames)]
+            )
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise ArkitError(f"{src}: not a /v1/keyframes answer ({type(exc).__name__}: {exc})") from None
     else:
@@ -365,7 +423,9 @@ def cmd_request_keyframes(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="facelab", description="Sweeps, tracking and serving for text-to-facial-expression models.")
+    p = argparse.ArgumentParser(
+        prog="facelab", description="Sweeps, tracking and serving for text-to-facial-expression models."
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -397,8 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("sweep")
     pr.add_argument("--model-name", default=None, help="registered model name (default: the job's name)")
     pr.add_argument("--force", action="store_true", help="promote even if not better than the champion")
-    pr.add_argument("--variant", help="promote the best trial of this variant (e.g. a learned baseline of another "
-                    "model family); default: the best trial of the sweep's own job kind")
+    pr.add_argument(
+        "--variant",
+        help="promote the best trial of this variant (e.g. a learned baseline of another "
+        "model family); default: the best trial of the sweep's own job kind",
+    )
     pr.set_defaults(fn=cmd_promote)
 
     sv = sub.add_parser("serve", help="serve models:/NAME@champion over HTTP (Ray Serve)")
@@ -412,35 +475,71 @@ def build_parser() -> argparse.ArgumentParser:
             if not v >= lo:
                 raise argparse.ArgumentTypeError(f"must be >= {lo:g} (got {text})")
             return v
+
         return parse
 
     sv.add_argument("--model", default=None, help="registered model name (default: the only one with a champion)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--address", default=None)
-    sv.add_argument("--api-key-env", default="FACELAB_API_KEY", metavar="NAME",
-                    help="environment variable holding the API key; when set and non-empty, every route but /healthz "
-                         "needs 'X-API-Key: <key>' or 'Authorization: Bearer <key>' (default: FACELAB_API_KEY)")
-    sv.add_argument("--replicas", type=_at_least(1), default=1,
-                    help="Serve replicas (each loads the model and reserves one CPU); 2+ keep answering while a dead "
-                         "replica is replaced (default 1)")
-    sv.add_argument("--max-ongoing-requests", type=_at_least(1), default=8, help="requests one replica runs at once (default 8)")
-    sv.add_argument("--max-queued-requests", type=_at_least(0), default=64,
-                    help="requests waiting beyond those; more get an immediate 503 (default 64)")
-    sv.add_argument("--request-timeout-s", type=_at_least(0.1, float), default=120.0,
-                    help="per-request limit; slower requests are answered 408 (default 120)")
-    sv.add_argument("--watch-champion", type=_at_least(0.0, float), default=30.0, metavar="SECONDS",
-                    help="look for a newly promoted champion this often; it is health-probed and swapped in "
-                         "without dropping requests, or refused while the current one keeps serving (default 30; 0 = never)")
-    sv.add_argument("--max-batch-size", type=_at_least(1), default=None,
-                    help="expression requests waiting in a replica are decoded as one batch of up to this many "
-                         "(each keeps its own seed; at most --max-ongoing-requests; 1 = no batching; default 8, "
-                         "or --max-ongoing-requests if smaller)")
-    sv.add_argument("--gpus-per-replica", type=_at_least(0.0, float), default=0.0,
-                    help="GPUs each replica reserves from Ray; > 0 runs the model on CUDA (default 0: CPU)")
-    sv.add_argument("--batch-wait-ms", type=_at_least(0.0, float), default=0.0,
-                    help="hold a lone request this long for others to batch with (default 0: batch what is "
-                         "already waiting, add no latency)")
+    sv.add_argument(
+        "--api-key-env",
+        default="FACELAB_API_KEY",
+        metavar="NAME",
+        help="environment variable holding the API key; when set and non-empty, every route but /healthz "
+        "needs 'X-API-Key: <key>' or 'Authorization: Bearer <key>' (default: FACELAB_API_KEY)",
+    )
+    sv.add_argument(
+        "--replicas",
+        type=_at_least(1),
+        default=1,
+        help="Serve replicas (each loads the model and reserves one CPU); 2+ keep answering while a dead "
+        "replica is replaced (default 1)",
+    )
+    sv.add_argument(
+        "--max-ongoing-requests", type=_at_least(1), default=8, help="requests one replica runs at once (default 8)"
+    )
+    sv.add_argument(
+        "--max-queued-requests",
+        type=_at_least(0),
+        default=64,
+        help="requests waiting beyond those; more get an immediate 503 (default 64)",
+    )
+    sv.add_argument(
+        "--request-timeout-s",
+        type=_at_least(0.1, float),
+        default=120.0,
+        help="per-request limit; slower requests are answered 408 (default 120)",
+    )
+    sv.add_argument(
+        "--watch-champion",
+        type=_at_least(0.0, float),
+        default=30.0,
+        metavar="SECONDS",
+        help="look for a newly promoted champion this often; it is health-probed and swapped in "
+        "without dropping requests, or refused while the current one keeps serving (default 30; 0 = never)",
+    )
+    sv.add_argument(
+        "--max-batch-size",
+        type=_at_least(1),
+        default=None,
+        help="expression requests waiting in a replica are decoded as one batch of up to this many "
+        "(each keeps its own seed; at most --max-ongoing-requests; 1 = no batching; default 8, "
+        "or --max-ongoing-requests if smaller)",
+    )
+    sv.add_argument(
+        "--gpus-per-replica",
+        type=_at_least(0.0, float),
+        default=0.0,
+        help="GPUs each replica reserves from Ray; > 0 runs the model on CUDA (default 0: CPU)",
+    )
+    sv.add_argument(
+        "--batch-wait-ms",
+        type=_at_least(0.0, float),
+        default=0.0,
+        help="hold a lone request this long for others to batch with (default 0: batch what is "
+        "already waiting, add no latency)",
+    )
     sv.set_defaults(fn=cmd_serve)
 
     rq = sub.add_parser("request", help="send one expression request to a running server")

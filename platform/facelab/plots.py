@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def loss_curves(c, run_id: str, out: Path, keys=("train/loss", "val/loss", "train/mse", "val/mse", "train/kl", "val/kl")) -> Path | None:
+def loss_curves(
+    c, run_id: str, out: Path, keys=("train/loss", "val/loss", "train/mse", "val/mse", "train/kl", "val/kl")
+) -> Path | None:
     """Per-epoch loss curves of one run, read back from the MLflow store (the record of truth)."""
     import matplotlib
 
@@ -35,8 +37,9 @@ def loss_curves(c, run_id: str, out: Path, keys=("train/loss", "val/loss", "trai
     return out
 
 
-def trajectories(texts: list[str], generated: list, truth: list, out: Path,
-                 dims: tuple[int, ...] = (0, 1, 2, 50), fps: int = 25) -> Path:
+def trajectories(
+    texts: list[str], generated: list, truth: list, out: Path, dims: tuple[int, ...] = (0, 1, 2, 50), fps: int = 25
+) -> Path:
     """A few generated expression trajectories next to the ground truth of the same text.
 
     One row per text, one column per plotted coefficient (default: the first three FLAME
@@ -103,7 +106,9 @@ def per_channel_errors_plot(per_channel: dict, out: Path, metric: str = "mae") -
     ax.set_xticklabels(CHANNELS, rotation=90, fontsize=6)
     ax.set_ylabel(metric.upper())
     ax.set_title(f"per-channel {metric.upper()} on the test keyframes")
-    ax.legend(handles=[Patch(color=c, label=r) for r, c in legend.items()], fontsize=7, ncol=len(legend), loc="upper right")
+    ax.legend(
+        handles=[Patch(color=c, label=r) for r, c in legend.items()], fontsize=7, ncol=len(legend), loc="upper right"
+    )
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -143,7 +148,12 @@ def draw_face(ax, v, title: str = "") -> None:
         xs = [cx - 0.2 * sx, cx + 0.2 * sx]
         ax.plot(*P(xs, [cy + 0.2 + inner, cy + 0.2 + outer]), lw=2, color="#774422")
     smile = 0.5 * (g("MouthSmileLeft") + g("MouthSmileRight")) - 0.5 * (g("MouthFrownLeft") + g("MouthFrownRight"))
-    width = 0.5 + 0.25 * 0.5 * (g("MouthStretchLeft") + g("MouthStretchRight")) - 0.25 * g("MouthPucker") - 0.15 * g("MouthFunnel")
+    width = (
+        0.5
+        + 0.25 * 0.5 * (g("MouthStretchLeft") + g("MouthStretchRight"))
+        - 0.25 * g("MouthPucker")
+        - 0.15 * g("MouthFunnel")
+    )
     openness = 0.5 * g("JawOpen") + 0.1 * g("MouthFunnel")
     xs = np.linspace(-width / 2, width / 2, 21)
     upper = -0.55 + 0.18 * smile * (xs / (width / 2)) ** 2

@@ -23,8 +23,14 @@ from pathlib import Path
 
 # Paper order and direction (Table 2 of "When Words Smile"; → = closer to ground truth is better).
 TEST_METRICS = ["cppl", "dot", "fgd", "diversity", "mmodality", "variation"]
-LABELS = {"cppl": "Cppl", "dot": "DoT", "fgd": "FgD", "diversity": "Diversity", "mmodality": "MModality",
-          "variation": "Variation"}
+LABELS = {
+    "cppl": "Cppl",
+    "dot": "DoT",
+    "fgd": "FgD",
+    "diversity": "Diversity",
+    "mmodality": "MModality",
+    "variation": "Variation",
+}
 
 
 def directions() -> dict[str, str]:
@@ -145,8 +151,12 @@ def kl_curves(c, trials, out: Path) -> Path | None:
         if not hist:
             continue
         with_lg = t.params.get("model.target_guided", "True") == "True"
-        ax.plot([m.step for m in hist], [m.value for m in hist], "-" if with_lg else "--",
-                label=f"{t.variant} (seed {t.seed}){'' if with_lg else ', w.o. L_g'}")
+        ax.plot(
+            [m.step for m in hist],
+            [m.value for m in hist],
+            "-" if with_lg else "--",
+            label=f"{t.variant} (seed {t.seed}){'' if with_lg else ', w.o. L_g'}",
+        )
         drawn += 1
     if not drawn:
         plt.close(fig)
@@ -174,8 +184,12 @@ def copy_trajectories(c, trials, parent_run_id: str, tmp: Path) -> int:
             continue
         if "plots/trajectories.png" not in {a.path for a in c.list_artifacts(t.run_id, "plots")}:
             continue
-        local = mlflow.artifacts.download_artifacts(run_id=t.run_id, artifact_path="plots/trajectories.png",
-                                                    dst_path=str(tmp / t.run_id), tracking_uri=c.tracking_uri)
+        local = mlflow.artifacts.download_artifacts(
+            run_id=t.run_id,
+            artifact_path="plots/trajectories.png",
+            dst_path=str(tmp / t.run_id),
+            tracking_uri=c.tracking_uri,
+        )
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{t.variant}_seed{t.seed}").strip("_")
         dst = tmp / f"trajectories_{slug}.png"
         Path(local).rename(dst)
@@ -188,15 +202,48 @@ def copy_trajectories(c, trials, parent_run_id: str, tmp: Path) -> int:
 # KeyframeFace: Tables 2, 3 and 4
 # ------------------------------------------------------------------------------------------------
 
-KF_LABELS = {"mse": "MSE", "mae": "MAE", "rmse": "RMSE", "fid": "FID", "w_dist": "W-Dist", "r_precision_1": "R-Prec@1",
-             "r_precision_2": "R-Prec@2", "r_precision_3": "R-Prec@3", "mmd": "MMD", "diversity": "Diversity",
-             "validity": "Valid", "keyframes_per_s": "Keyframes/s"}
-KF_ARROWS = {"mse": "↓", "mae": "↓", "rmse": "↓", "fid": "↓", "w_dist": "↓", "r_precision_1": "↑", "r_precision_2": "↑",
-             "r_precision_3": "↑", "mmd": "↓", "diversity": "→", "validity": "↑",
-             "keyframes_per_s": "↑"}
+KF_LABELS = {
+    "mse": "MSE",
+    "mae": "MAE",
+    "rmse": "RMSE",
+    "fid": "FID",
+    "w_dist": "W-Dist",
+    "r_precision_1": "R-Prec@1",
+    "r_precision_2": "R-Prec@2",
+    "r_precision_3": "R-Prec@3",
+    "mmd": "MMD",
+    "diversity": "Diversity",
+    "validity": "Valid",
+    "keyframes_per_s": "Keyframes/s",
+}
+KF_ARROWS = {
+    "mse": "↓",
+    "mae": "↓",
+    "rmse": "↓",
+    "fid": "↓",
+    "w_dist": "↓",
+    "r_precision_1": "↑",
+    "r_precision_2": "↑",
+    "r_precision_3": "↑",
+    "mmd": "↓",
+    "diversity": "→",
+    "validity": "↑",
+    "keyframes_per_s": "↑",
+}
 KF_ERRORS = ["mse", "mae", "rmse"]
-KF_DISTRIBUTION = ["fid", "w_dist", "r_precision_1", "r_precision_2", "r_precision_3", "mmd", "diversity", "validity",
-                   "keyframes_per_s"]
+KF_DISTRIBUTION = [
+    "fid",
+    "w_dist",
+    "r_precision_1",
+    "r_precision_2",
+    "r_precision_3",
+    "mmd",
+    "diversity",
+    "validity",
+    "keyframes_per_s",
+]
+
+
 def keyframe_kinds() -> set[str]:
     """Job kinds whose trials fill the KeyframeFace tables: every family of the keyframes task."""
     from facelab.families import registry
@@ -214,6 +261,8 @@ def _family_label(t, annotation: str) -> str | None:
     except FamilyError:
         return None
     return hook(t, annotation) if hook else None
+
+
 ANNOTATION_LABELS = {"original": "Original", "arkit": "ARKit-based", "image": "Image-based"}
 FORMAT_LABELS = {"semantic": "Semantic", "non_semantic": "Non-semantic"}
 
@@ -226,7 +275,11 @@ def _stage(t) -> str:
 
 def _mean_se(xs: list[float]) -> tuple[float, float]:
     mean = sum(xs) / len(xs)
-    se = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
+    se = (
+        math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) / math.sqrt(len(xs))
+        if len(xs) > 1
+        else float("nan")
+    )
     return mean, se
 
 
@@ -275,27 +328,49 @@ def _best(table: dict, cols: list[tuple[str, str]], gt: dict | None) -> dict:
     return best
 
 
-def _render_pivot(title: str, row_head: list[str], table: dict, cols: list[tuple[str, str]], fmt: str,
-                  row_cells, gt_first: bool = True) -> str:
+def _render_pivot(
+    title: str,
+    row_head: list[str],
+    table: dict,
+    cols: list[tuple[str, str]],
+    fmt: str,
+    row_cells,
+    gt_first: bool = True,
+) -> str:
     gt = table.get("GT")
     rows = sorted(table, key=lambda r: (r != "GT", str(r))) if gt_first else list(table)
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(row_head + [f"{st} {KF_LABELS[m]}" for st, m in cols] + [f"{st} {KF_LABELS[m]} se" for st, m in cols])
+        w.writerow(
+            row_head + [f"{st} {KF_LABELS[m]}" for st, m in cols] + [f"{st} {KF_LABELS[m]} se" for st, m in cols]
+        )
         for r in rows:
             vals = [table[r].get(c) for c in cols]
-            w.writerow(row_cells(r) + [f"{v[0]:.6g}" if v else "" for v in vals]
-                       + [f"{v[1]:.3g}" if v and not math.isnan(v[1]) else "" for v in vals])
+            w.writerow(
+                row_cells(r)
+                + [f"{v[0]:.6g}" if v else "" for v in vals]
+                + [f"{v[1]:.3g}" if v and not math.isnan(v[1]) else "" for v in vals]
+            )
         return f"# {title}\n" + buf.getvalue()
     best = _best(table, cols, gt)
     multi = len({st for st, _ in cols}) > 1
-    head = "| " + " | ".join(row_head) + " | " + " | ".join(
-        (f"{st} " if multi else "") + f"{KF_LABELS[m]} {KF_ARROWS[m]}" for st, m in cols) + " |"
+    head = (
+        "| "
+        + " | ".join(row_head)
+        + " | "
+        + " | ".join((f"{st} " if multi else "") + f"{KF_LABELS[m]} {KF_ARROWS[m]}" for st, m in cols)
+        + " |"
+    )
     lines = [f"**{title}**", "", head, "|" + "---|" * len(row_head) + "---:|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(row_cells(r)) + " | "
-                     + " | ".join(_cell(table[r].get(c), best.get(c) == r) for c in cols) + " |")
+        lines.append(
+            "| "
+            + " | ".join(row_cells(r))
+            + " | "
+            + " | ".join(_cell(table[r].get(c), best.get(c) == r) for c in cols)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -313,18 +388,36 @@ def keyframe_tables(trials, fmt: str = "md") -> str:
     # Tables 2 and 4 compare prompt formats and base models: their rows are the trials whose job
     # has a prompt (the LoRA-tuned LMs); other families of the task are rows of Table 3 only.
     lm_trials = [t for t in trials if "prompt.format" in t.params]
+
     def base_label(t):
         b = t.params.get("model.base_model", "")
         return b + (" (tiny, random init)" if t.tags.get("facelab.base_model_label") else "")
 
     stages = ["Base", "Tuned"]
-    t2 = _pivot(lm_trials, lambda t, st: (t.params.get("data.annotation", ""), t.params.get("prompt.format", "")),
-                stages, KF_ERRORS)
-    t2 = dict(sorted(t2.items(), key=lambda kv: (list(ANNOTATION_LABELS).index(kv[0][0]) if kv[0][0] in ANNOTATION_LABELS else 9,
-                                                   kv[0][1])))
+    t2 = _pivot(
+        lm_trials,
+        lambda t, st: (t.params.get("data.annotation", ""), t.params.get("prompt.format", "")),
+        stages,
+        KF_ERRORS,
+    )
+    t2 = dict(
+        sorted(
+            t2.items(),
+            key=lambda kv: (list(ANNOTATION_LABELS).index(kv[0][0]) if kv[0][0] in ANNOTATION_LABELS else 9, kv[0][1]),
+        )
+    )
     cols2 = [(st, m) for st in stages for m in KF_ERRORS if any((st, m) in v for v in t2.values())]
-    out = [_render_pivot("Table 2 — annotation type and prompt format (test keyframes)", ["Annotation", "Format"], t2, cols2,
-                         fmt, lambda r: [ANNOTATION_LABELS.get(r[0], r[0]), FORMAT_LABELS.get(r[1], r[1])], gt_first=False)]
+    out = [
+        _render_pivot(
+            "Table 2 — annotation type and prompt format (test keyframes)",
+            ["Annotation", "Format"],
+            t2,
+            cols2,
+            fmt,
+            lambda r: [ANNOTATION_LABELS.get(r[0], r[0]), FORMAT_LABELS.get(r[1], r[1])],
+            gt_first=False,
+        )
+    ]
 
     def method(t, st):
         if st == "GT":
@@ -332,18 +425,26 @@ def keyframe_tables(trials, fmt: str = "md") -> str:
         own = _family_label(t, ANNOTATION_LABELS.get(t.params.get("data.annotation"), ""))
         if own is not None:
             return own
-        return f"{t.variant} ({ANNOTATION_LABELS.get(t.params.get('data.annotation'), '')}, " \
-               f"{FORMAT_LABELS.get(t.params.get('prompt.format'), '')}, {base_label(t)})"
+        return (
+            f"{t.variant} ({ANNOTATION_LABELS.get(t.params.get('data.annotation'), '')}, "
+            f"{FORMAT_LABELS.get(t.params.get('prompt.format'), '')}, {base_label(t)})"
+        )
 
     t3 = _pivot(trials, method, ["GT", "Base", "Tuned"], KF_DISTRIBUTION)
     t3 = {r: {("", m): v for (st, m), v in cols.items()} for r, cols in t3.items()}
     cols3 = [("", m) for m in KF_DISTRIBUTION if any(("", m) in v for v in t3.values())]
-    out.append(_render_pivot("Table 3 — distribution and text alignment (pinned evaluator)", ["Method"], t3, cols3, fmt,
-                             lambda r: [r]))
+    out.append(
+        _render_pivot(
+            "Table 3 — distribution and text alignment (pinned evaluator)", ["Method"], t3, cols3, fmt, lambda r: [r]
+        )
+    )
     t4 = _pivot(lm_trials, lambda t, st: base_label(t), stages, KF_ERRORS + ["r_precision_1"])
     cols4 = [(st, m) for st in stages for m in KF_ERRORS + ["r_precision_1"] if any((st, m) in v for v in t4.values())]
-    out.append(_render_pivot("Table 4 — base models, Base vs Tuned", ["Base model"], t4, cols4, fmt, lambda r: [r],
-                             gt_first=False))
+    out.append(
+        _render_pivot(
+            "Table 4 — base models, Base vs Tuned", ["Base model"], t4, cols4, fmt, lambda r: [r], gt_first=False
+        )
+    )
     return "\n".join(out)
 
 

@@ -55,8 +55,17 @@ def test_channel_table_layout():
     assert N_CHANNELS == len(CHANNELS) == 61 and N_BLENDSHAPES == 52
     assert len(set(CHANNELS)) == 61
     assert CHANNELS[0] == "EyeBlinkLeft" and CHANNELS[51] == "TongueOut"
-    assert CHANNELS[52:] == ("HeadYaw", "HeadPitch", "HeadRoll", "LeftEyeYaw", "LeftEyePitch", "LeftEyeRoll",
-                             "RightEyeYaw", "RightEyePitch", "RightEyeRoll")
+    assert CHANNELS[52:] == (
+        "HeadYaw",
+        "HeadPitch",
+        "HeadRoll",
+        "LeftEyeYaw",
+        "LeftEyePitch",
+        "LeftEyeRoll",
+        "RightEyeYaw",
+        "RightEyePitch",
+        "RightEyeRoll",
+    )
     assert all(INDEX[name] == i for i, name in enumerate(CHANNELS))
     assert LOW.dtype == HIGH.dtype == np.float32 and LOW.shape == HIGH.shape == (61,)
     assert (LOW[:52] == 0).all() and (LOW[52:] == -1).all() and (HIGH == 1).all()
@@ -99,17 +108,20 @@ def test_vector_from_mapping_round_trip_in_release_order():
     assert vector_from_mapping(_full_mapping(JawOpen=1))[INDEX["JawOpen"]] == 1.0
 
 
-@pytest.mark.parametrize("mutate, needle", [
-    (lambda d: d.update(Smile=0.1), "unknown channel 'Smile'"),
-    (lambda d: d.pop("JawOpen"), "missing channel 'JawOpen'"),
-    (lambda d: d.update(JawOpen="0.5"), "channel 'JawOpen': expected a number"),
-    (lambda d: d.update(JawOpen=True), "channel 'JawOpen': expected a number"),
-    (lambda d: d.update(JawOpen=None), "channel 'JawOpen': expected a number"),
-    (lambda d: d.update(JawOpen=float("nan")), "channel 'JawOpen': non-finite"),
-    (lambda d: d.update(JawOpen=1.01), "channel 'JawOpen' = 1.01 is out of range [0.0, 1.0]"),
-    (lambda d: d.update(JawOpen=-0.2), "channel 'JawOpen' = -0.2 is out of range"),
-    (lambda d: d.update(HeadYaw=-1.5), "channel 'HeadYaw' = -1.5 is out of range [-1.0, 1.0]"),
-])
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda d: d.update(Smile=0.1), "unknown channel 'Smile'"),
+        (lambda d: d.pop("JawOpen"), "missing channel 'JawOpen'"),
+        (lambda d: d.update(JawOpen="0.5"), "channel 'JawOpen': expected a number"),
+        (lambda d: d.update(JawOpen=True), "channel 'JawOpen': expected a number"),
+        (lambda d: d.update(JawOpen=None), "channel 'JawOpen': expected a number"),
+        (lambda d: d.update(JawOpen=float("nan")), "channel 'JawOpen': non-finite"),
+        (lambda d: d.update(JawOpen=1.01), "channel 'JawOpen' = 1.01 is out of range [0.0, 1.0]"),
+        (lambda d: d.update(JawOpen=-0.2), "channel 'JawOpen' = -0.2 is out of range"),
+        (lambda d: d.update(HeadYaw=-1.5), "channel 'HeadYaw' = -1.5 is out of range [-1.0, 1.0]"),
+    ],
+)
 def test_vector_from_mapping_strict_errors_name_where_and_channel(mutate, needle):
     d = _full_mapping()
     mutate(d)
@@ -132,10 +144,10 @@ def test_pose_accepts_negative_values_blendshapes_do_not():
 def test_parse_mapping_counts_missing_unknown_clipped():
     d = _full_mapping(JawOpen=1.7, HeadYaw=-3.0, MouthSmileLeft=0.4)
     del d["TongueOut"]
-    d["EyeBlinkRight"] = "high"            # not a number -> missing
-    d["CheekSquintLeft"] = float("inf")    # non-finite -> missing
-    d["Keyframe"] = 3                      # unknown, ignored
-    d["Smile"] = 0.2                       # unknown, ignored
+    d["EyeBlinkRight"] = "high"  # not a number -> missing
+    d["CheekSquintLeft"] = float("inf")  # non-finite -> missing
+    d["Keyframe"] = 3  # unknown, ignored
+    d["Smile"] = 0.2  # unknown, ignored
     vec, n_missing, n_unknown, n_clipped = parse_mapping(d)
     assert (n_missing, n_unknown, n_clipped) == (3, 2, 2)
     assert vec[INDEX["JawOpen"]] == 1.0 and vec[INDEX["HeadYaw"]] == -1.0
@@ -195,15 +207,18 @@ def test_default_timecodes_one_keyframe_per_second_roll_over_after_a_minute():
     assert codes[59] == "00:00:59:00.000" and codes[60] == "00:01:00:00.000" and codes[61] == "00:01:01:00.000"
 
 
-@pytest.mark.parametrize("i, fps, expected", [
-    (0, 60, "00:00:00:00.000"),
-    (59, 60, "00:00:00:59.000"),
-    (61, 60, "00:00:01:01.000"),
-    (3600 * 30, 30, "01:00:00:00.000"),
-    (3600 * 30 + 61 * 30 + 7, 30, "01:01:01:07.000"),
-    (15, 29.97, "00:00:00:15.000"),
-    (30, 29.97, "00:00:01:00.030"),  # t = 1.001 s: frame 0 of second 1 plus 0.03 frame
-])
+@pytest.mark.parametrize(
+    "i, fps, expected",
+    [
+        (0, 60, "00:00:00:00.000"),
+        (59, 60, "00:00:00:59.000"),
+        (61, 60, "00:00:01:01.000"),
+        (3600 * 30, 30, "01:00:00:00.000"),
+        (3600 * 30 + 61 * 30 + 7, 30, "01:01:01:07.000"),
+        (15, 29.97, "00:00:00:15.000"),
+        (30, 29.97, "00:00:01:00.030"),  # t = 1.001 s: frame 0 of second 1 plus 0.03 frame
+    ],
+)
 def test_llf_timecode(i, fps, expected):
     assert llf_timecode(i, fps) == expected
 
@@ -239,7 +254,9 @@ def _csv_with(tmp_path, header=None, row=None) -> Path:
 def test_read_llf_csv_validation_names_file_line_column(tmp_path):
     header = list(LLF_HEADER)
     header[5] = "EyeLookOutLeftX"
-    with pytest.raises(ArkitError, match=r"take\.csv:1: header column 6 is 'EyeLookOutLeftX', expected 'EyeLookOutLeft'"):
+    with pytest.raises(
+        ArkitError, match=r"take\.csv:1: header column 6 is 'EyeLookOutLeftX', expected 'EyeLookOutLeft'"
+    ):
         read_llf_csv(_csv_with(tmp_path, header=header))
     with pytest.raises(ArkitError, match=r"take\.csv:1: header has 60 channels"):
         read_llf_csv(_csv_with(tmp_path, header=list(LLF_HEADER)[:-1]))
@@ -296,7 +313,7 @@ def test_interpolate_two_keyframes_is_linear_on_a_60hz_grid():
 
 def test_interpolate_passes_through_keys_without_overshoot():
     rows = np.zeros((4, 61), dtype=np.float32)
-    rows[:, INDEX["MouthSmileLeft"]] = [0.0, 1.0, 0.1, 0.9]   # peaks at the range limit
+    rows[:, INDEX["MouthSmileLeft"]] = [0.0, 1.0, 0.1, 0.9]  # peaks at the range limit
     rows[:, INDEX["HeadPitch"]] = [-1.0, 1.0, -1.0, 0.0]
     times, frames = interpolate_keyframes(rows, [0.0, 0.5, 1.5, 2.0], fps=60.0)
     assert len(times) == 121
@@ -306,7 +323,7 @@ def test_interpolate_passes_through_keys_without_overshoot():
     smile = frames[:, INDEX["MouthSmileLeft"]]
     # monotone between consecutive keyframes: each segment stays between its two key values
     for (a, b), (va, vb) in zip([(0, 30), (30, 90), (90, 120)], [(0.0, 1.0), (1.0, 0.1), (0.1, 0.9)]):
-        seg = smile[a:b + 1]
+        seg = smile[a : b + 1]
         assert seg.min() >= min(va, vb) - 1e-6 and seg.max() <= max(va, vb) + 1e-6
         assert (np.diff(seg) * np.sign(vb - va) >= -1e-6).all()
 

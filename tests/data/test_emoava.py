@@ -119,8 +119,10 @@ def _write_release(root: Path, sizes=(5, 3, 4)) -> Path:
         if n > 1:
             texts[1] = texts[0]  # one-to-many: same text, different sequences
         # mixed dtypes and pickle protocols, as different exporters would write them
-        exps = [rng.normal(size=(int(rng.integers(1, 40)), EXPR_DIM)).astype(np.float64 if j % 2 else np.float32)
-                for j in range(n)]
+        exps = [
+            rng.normal(size=(int(rng.integers(1, 40)), EXPR_DIM)).astype(np.float64 if j % 2 else np.float32)
+            for j in range(n)
+        ]
         (root / f"{split}_stage1_text.pkl").write_bytes(pickle.dumps(texts, protocol=2 + i))
         (root / f"{split}_stage1_exps.pkl").write_bytes(pickle.dumps(exps, protocol=2 + i))
     np.save(root / "stage1_mean.npy", rng.normal(size=EXPR_DIM).astype(np.float32))
@@ -183,11 +185,20 @@ def test_import_release_length_mismatch_names_the_file(tmp_path):
 @pytest.mark.parametrize(
     "mutate, expected",
     [
-        (lambda s: s.sequences.__setitem__(2, np.zeros((4, 52), np.float32)), r"SRC: sequence\[2\] has shape \(4, 52\)"),
-        (lambda s: s.sequences[1].__setitem__((0, 5), np.nan), r"SRC: sequence\[1\] has a non-finite value at frame 0, dim 5"),
+        (
+            lambda s: s.sequences.__setitem__(2, np.zeros((4, 52), np.float32)),
+            r"SRC: sequence\[2\] has shape \(4, 52\)",
+        ),
+        (
+            lambda s: s.sequences[1].__setitem__((0, 5), np.nan),
+            r"SRC: sequence\[1\] has a non-finite value at frame 0, dim 5",
+        ),
         (lambda s: s.sequences[3].__setitem__((1, 0), np.inf), r"SRC: sequence\[3\] has a non-finite"),
         (lambda s: s.sequences.__setitem__(0, np.zeros((0, EXPR_DIM), np.float32)), r"SRC: sequence\[0\] is empty"),
-        (lambda s: s.sequences.__setitem__(1, np.zeros((2, EXPR_DIM), np.int64)), r"SRC: sequence\[1\] has dtype int64"),
+        (
+            lambda s: s.sequences.__setitem__(1, np.zeros((2, EXPR_DIM), np.int64)),
+            r"SRC: sequence\[1\] has dtype int64",
+        ),
         (lambda s: s.texts.__setitem__(2, 7), r"SRC: text\[2\] is int, expected str"),
         (lambda s: s.texts.pop(), r"SRC: length mismatch: 3 texts but 4 sequences"),
     ],

@@ -49,8 +49,11 @@ def _vec(**values: float) -> np.ndarray:
 
 def _script(sid: str = "s1", k: int = 2, **kw) -> Script:
     kfs = tuple(
-        Keyframe(index=i, descriptions={"original": f"keyframe {i} of {sid}", "arkit": f"JawOpen {i / 10}"},
-                 values=_vec(JawOpen=i / 10, HeadYaw=-i / 10))
+        Keyframe(
+            index=i,
+            descriptions={"original": f"keyframe {i} of {sid}", "arkit": f"JawOpen {i / 10}"},
+            values=_vec(JawOpen=i / 10, HeadYaw=-i / 10),
+        )
         for i in range(1, k + 1)
     )
     fields = dict(script_id=sid, actor="actor01", background="A waiter waits.", emotion="Quiet sadness.")
@@ -108,7 +111,9 @@ def test_keyframe_and_script_validate_on_construction():
 def test_equality_compares_values():
     assert _script() == _script()
     other = _script()
-    changed = Keyframe(index=2, descriptions=dict(other.keyframes[1].descriptions), values=_vec(JawOpen=0.21, HeadYaw=-0.2))
+    changed = Keyframe(
+        index=2, descriptions=dict(other.keyframes[1].descriptions), values=_vec(JawOpen=0.21, HeadYaw=-0.2)
+    )
     assert Script(other.script_id, other.actor, other.background, other.emotion, (other.keyframes[0], changed)) != other
     np.testing.assert_array_equal(_script(k=3).values[:, INDEX["JawOpen"]], np.float32([0.1, 0.2, 0.3]))
 
@@ -147,8 +152,11 @@ def test_write_load_round_trip_and_meta(tmp_path):
 
 
 def test_files_are_byte_stable_sorted_and_rounded(tmp_path):
-    kf = Keyframe(index=1, descriptions={"original": "Zoë lächelt 😀"},
-                  values=_vec(JawOpen=0.123456, HeadYaw=-0.00001, EyeBlinkLeft=0.2))
+    kf = Keyframe(
+        index=1,
+        descriptions={"original": "Zoë lächelt 😀"},
+        values=_vec(JawOpen=0.123456, HeadYaw=-0.00001, EyeBlinkLeft=0.2),
+    )
     s = Script("x", "a", "bg", "em", (kf,))
     write_dataset(tmp_path / "one", {"train": [s]}, {"source": "test"})
     write_dataset(tmp_path / "two", {"train": [s]}, {"source": "test"})
@@ -181,9 +189,16 @@ def test_write_is_atomic_and_replaces_an_existing_dataset(tmp_path):
 
 
 def _good_line() -> dict:
-    return {"script_id": "s9", "actor": "a", "background": "b", "emotion": "e",
-            "keyframes": [{"index": 1, "descriptions": {"original": "one"}, "values": [0.0] * 61},
-                          {"index": 2, "descriptions": {"original": "two"}, "values": [0.0] * 61}]}
+    return {
+        "script_id": "s9",
+        "actor": "a",
+        "background": "b",
+        "emotion": "e",
+        "keyframes": [
+            {"index": 1, "descriptions": {"original": "one"}, "values": [0.0] * 61},
+            {"index": 2, "descriptions": {"original": "two"}, "values": [0.0] * 61},
+        ],
+    }
 
 
 def _set(path, value):
@@ -192,22 +207,44 @@ def _set(path, value):
         for key in path[:-1]:
             target = target[key]
         target[path[-1]] = value
+
     return mutate
 
 
-@pytest.mark.parametrize("mutate, needle", [
-    (_set(["keyframes", 1, "values"], [0.0] * 60), r"train\.jsonl:2: keyframes\[1\]\.values: expected 61 channel values"),
-    (_set(["keyframes", 0, "values", 17], 1.5), r"train\.jsonl:2: keyframes\[0\]\.values\[17\] \(JawOpen\) = 1\.5 is out of range"),
-    (_set(["keyframes", 0, "values", 3], float("nan")), r"train\.jsonl:2: keyframes\[0\]\.values\[3\] \(EyeLookOutLeft\): non-finite"),
-    (_set(["keyframes", 0, "values", 3], "0.1"), r"train\.jsonl:2: keyframes\[0\]\.values\[3\] \(EyeLookOutLeft\): expected a number"),
-    (_set(["keyframes"], []), r"train\.jsonl:2: field 'keyframes': expected 1 to 5 keyframes, got 0"),
-    (_set(["keyframes", 0, "descriptions", "original"], 7), r"train\.jsonl:2: keyframes\[0\]\.descriptions\.original: expected a string"),
-    (_set(["keyframes", 1, "descriptions"], {"arkit": "x"}), r"train\.jsonl:2: keyframes\[1\]\.descriptions: missing the 'original'"),
-    (_set(["keyframes", 1, "index"], 3), r"train\.jsonl:2: keyframes\[1\]\.index is 3, expected 2"),
-    (_set(["emotion"], None), r"train\.jsonl:2: field 'emotion' must be a string"),
-    (lambda obj: obj.pop("actor"), r"train\.jsonl:2: missing field 'actor'"),
-    (_set(["extra"], 1), r"train\.jsonl:2: unknown field 'extra'"),
-])
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (
+            _set(["keyframes", 1, "values"], [0.0] * 60),
+            r"train\.jsonl:2: keyframes\[1\]\.values: expected 61 channel values",
+        ),
+        (
+            _set(["keyframes", 0, "values", 17], 1.5),
+            r"train\.jsonl:2: keyframes\[0\]\.values\[17\] \(JawOpen\) = 1\.5 is out of range",
+        ),
+        (
+            _set(["keyframes", 0, "values", 3], float("nan")),
+            r"train\.jsonl:2: keyframes\[0\]\.values\[3\] \(EyeLookOutLeft\): non-finite",
+        ),
+        (
+            _set(["keyframes", 0, "values", 3], "0.1"),
+            r"train\.jsonl:2: keyframes\[0\]\.values\[3\] \(EyeLookOutLeft\): expected a number",
+        ),
+        (_set(["keyframes"], []), r"train\.jsonl:2: field 'keyframes': expected 1 to 5 keyframes, got 0"),
+        (
+            _set(["keyframes", 0, "descriptions", "original"], 7),
+            r"train\.jsonl:2: keyframes\[0\]\.descriptions\.original: expected a string",
+        ),
+        (
+            _set(["keyframes", 1, "descriptions"], {"arkit": "x"}),
+            r"train\.jsonl:2: keyframes\[1\]\.descriptions: missing the 'original'",
+        ),
+        (_set(["keyframes", 1, "index"], 3), r"train\.jsonl:2: keyframes\[1\]\.index is 3, expected 2"),
+        (_set(["emotion"], None), r"train\.jsonl:2: field 'emotion' must be a string"),
+        (lambda obj: obj.pop("actor"), r"train\.jsonl:2: missing field 'actor'"),
+        (_set(["extra"], 1), r"train\.jsonl:2: unknown field 'extra'"),
+    ],
+)
 def test_validate_dir_errors_name_file_line_and_field(tmp_path, mutate, needle):
     out = tmp_path / "ds"
     write_dataset(out, {"train": [_script("s1"), _script("s2")]}, {})
@@ -263,26 +300,43 @@ def test_validate_dir_cross_file_checks(tmp_path):
 
 
 def test_parse_request_hand_built():
-    msgs = [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": _user(["Eyes down.", "A small smile."], "A room.", "Calm.", "Two")}]
-    assert parse_request(msgs) == {"system": SYSTEM, "descriptions": ["Eyes down.", "A small smile."],
-                                   "background": "A room.", "emotion": "Calm.", "target": 2}
+    msgs = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": _user(["Eyes down.", "A small smile."], "A room.", "Calm.", "Two")},
+    ]
+    assert parse_request(msgs) == {
+        "system": SYSTEM,
+        "descriptions": ["Eyes down.", "A small smile."],
+        "background": "A room.",
+        "emotion": "Calm.",
+        "target": 2,
+    }
     # digits, no system prompt, no task line (the Target Frame Instruction ablation)
-    user = _user(["x", "y", "z"], task=False).replace("Keyframe One", "Keyframe 1").replace("Keyframe Three", "Keyframe three")
+    user = (
+        _user(["x", "y", "z"], task=False)
+        .replace("Keyframe One", "Keyframe 1")
+        .replace("Keyframe Three", "Keyframe three")
+    )
     got = parse_request([{"role": "user", "content": user}])
     assert got["system"] is None and got["target"] is None and got["descriptions"] == ["x", "y", "z"]
 
 
-@pytest.mark.parametrize("content, needle", [
-    (_user(["a", "b"]).replace("Keyframe Two:", "Keyframe Three:"), "user message line 3: Keyframe Three out of order"),
-    (_user(["a"]).replace("Background: B.\n", ""), "missing 'Background:' line"),
-    (_user(["a"]).replace("Emotion: E.\n", ""), "missing 'Emotion:' line"),
-    (_user(["a"]).replace("Keyframe One", "Keyframe Six"), "unknown keyframe number 'Six'"),
-    (_user(["a", "b"], target="Four"), "targets keyframe 4, but the sequence has 2 keyframes"),
-    (_user(["a"]) + "\nPS: thanks", "unexpected text 'PS: thanks'"),
-    ("Describe a face", "user message line 1: expected 'Keyframe Description Sequence:'"),
-    (_user(["a"]).replace("- Keyframe One: a\n", ""), "no '- Keyframe One: ...' lines"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (
+            _user(["a", "b"]).replace("Keyframe Two:", "Keyframe Three:"),
+            "user message line 3: Keyframe Three out of order",
+        ),
+        (_user(["a"]).replace("Background: B.\n", ""), "missing 'Background:' line"),
+        (_user(["a"]).replace("Emotion: E.\n", ""), "missing 'Emotion:' line"),
+        (_user(["a"]).replace("Keyframe One", "Keyframe Six"), "unknown keyframe number 'Six'"),
+        (_user(["a", "b"], target="Four"), "targets keyframe 4, but the sequence has 2 keyframes"),
+        (_user(["a"]) + "\nPS: thanks", "unexpected text 'PS: thanks'"),
+        ("Describe a face", "user message line 1: expected 'Keyframe Description Sequence:'"),
+        (_user(["a"]).replace("- Keyframe One: a\n", ""), "no '- Keyframe One: ...' lines"),
+    ],
+)
 def test_parse_request_errors(content, needle):
     with pytest.raises(DataError, match=needle) as exc:
         parse_request([{"role": "user", "content": content}], where="req.jsonl:4")
@@ -305,7 +359,7 @@ def test_last_json_object():
     assert _last_json_object('```json\n{"Keyframe_one": {"x": 1}}\n```') == {"Keyframe_one": {"x": 1}}
     assert _last_json_object("no json here") is None
     assert _last_json_object('{"a": 1') is None
-    assert _last_json_object('[1, 2]') is None
+    assert _last_json_object("[1, 2]") is None
 
 
 def test_import_release_example_matches_csv(tmp_path):
@@ -334,8 +388,10 @@ def _write_jsonl(path: Path, records) -> Path:
 
 
 def _chat_files(tmp_path, answers, descs=("d1", "d2"), targets=("One", "Two")):
-    reqs = [{"messages": [{"role": "system", "content": SYSTEM},
-                          {"role": "user", "content": _user(list(descs), target=t)}]} for t in targets]
+    reqs = [
+        {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": _user(list(descs), target=t)}]}
+        for t in targets
+    ]
     return _write_jsonl(tmp_path / "req.jsonl", reqs), _write_jsonl(tmp_path / "res.jsonl", answers)
 
 
@@ -374,7 +430,9 @@ def test_import_errors_name_file_and_line(tmp_path):
 
     wrong = [{"response": _answer("One", _vec())}, {"response": _answer("Three", _vec())}]
     req, res = _chat_files(tmp_path, wrong)
-    with pytest.raises(DataError, match=r"res\.jsonl:2: field 'Keyframe_three' answers keyframe 3, but the request asks for keyframe 2"):
+    with pytest.raises(
+        DataError, match=r"res\.jsonl:2: field 'Keyframe_three' answers keyframe 3, but the request asks for keyframe 2"
+    ):
         import_chat_jsonl(req, res)
 
     req, res = _chat_files(tmp_path, good[:1], targets=("One",))
@@ -403,8 +461,14 @@ def test_import_errors_name_file_and_line(tmp_path):
 def test_import_llf_csv_hand_built(tmp_path):
     rows = np.stack([_vec(JawOpen=0.5), _vec(HeadRoll=-0.25)])
     write_llf_csv(rows, tmp_path / "t.csv")
-    s = import_llf_csv(tmp_path / "t.csv", descriptions=["open", {"original": "tilt", "image": "a tilted head"}],
-                       background="bg", emotion="em", script_id="take-1", actor="a3")
+    s = import_llf_csv(
+        tmp_path / "t.csv",
+        descriptions=["open", {"original": "tilt", "image": "a tilted head"}],
+        background="bg",
+        emotion="em",
+        script_id="take-1",
+        actor="a3",
+    )
     assert s.script_id == "take-1" and s.actor == "a3"
     np.testing.assert_array_equal(s.values, rows)
     assert s.keyframes[1].descriptions == {"original": "tilt", "image": "a tilted head"}

@@ -36,8 +36,18 @@ def test_same_seed_gives_identical_files_and_other_seed_differs(tmp_path):
     generate_emoava(tmp_path / "b", seed=3, **kwargs)
     generate_emoava(tmp_path / "c", seed=4, **kwargs)
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == sorted(["train.npz", "train.texts.json", "dev.npz", "dev.texts.json",
-                            "test.npz", "test.texts.json", "stats.json", "meta.json"])
+    assert names == sorted(
+        [
+            "train.npz",
+            "train.texts.json",
+            "dev.npz",
+            "dev.texts.json",
+            "test.npz",
+            "test.texts.json",
+            "stats.json",
+            "meta.json",
+        ]
+    )
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert (tmp_path / "a" / "test.npz").read_bytes() != (tmp_path / "c" / "test.npz").read_bytes()

@@ -55,7 +55,11 @@ def test_action_and_emotion_tables_are_consistent():
 def test_compose_hand_computed():
     v = compose([("smile", 0.4), ("gaze_down", 0.5)])
     assert v[INDEX["MouthSmileLeft"]] == v[INDEX["MouthSmileRight"]] == 0.4
-    assert v[INDEX["CheekSquintLeft"]] == 0.14 and v[INDEX["EyeSquintRight"]] == 0.06 and v[INDEX["MouthDimpleLeft"]] == 0.06
+    assert (
+        v[INDEX["CheekSquintLeft"]] == 0.14
+        and v[INDEX["EyeSquintRight"]] == 0.06
+        and v[INDEX["MouthDimpleLeft"]] == 0.06
+    )
     assert v[INDEX["EyeLookDownLeft"]] == 0.3 and v[INDEX["LeftEyePitch"]] == -0.3 and v[INDEX["RightEyePitch"]] == -0.3
     assert np.count_nonzero(v) == 12
     # asymmetry: Left * (1 + s), Right * (1 - s); pose channels untouched
@@ -80,12 +84,14 @@ def test_intensity_words_and_levels():
 def test_describe_three_annotation_types():
     emo = EMOTIONS[0]
     v = compose([("inner_brow_raise", 0.55), ("lip_press", 0.8), ("gaze_down", 0.15)], asymmetry=0.08)
-    d = describe(v, ["lip_press", "gaze_down", "inner_brow_raise"], emotion=emo, person="nurse",
-                 rng=np.random.default_rng(0))
+    d = describe(
+        v, ["lip_press", "gaze_down", "inner_brow_raise"], emotion=emo, person="nurse", rng=np.random.default_rng(0)
+    )
     assert set(d) == {"original", "arkit", "image"}
     # arkit: every action in face order with its fine intensity word, and the stronger side
-    assert d["arkit"] == ("Inner brows raised noticeably; gaze lowered slightly; "
-                          "lips pressed together strongly, stronger on the left.")
+    assert d["arkit"] == (
+        "Inner brows raised noticeably; gaze lowered slightly; lips pressed together strongly, stronger on the left."
+    )
     # image: the subtle gaze (0.15 < 0.25) is not visible; levels are coarse
     assert "worried, raised inner brows" in d["image"] and "lips pressed into a thin hard line" in d["image"]
     assert "eyes" not in d["image"]
@@ -192,7 +198,7 @@ def test_split_sizes_and_argument_checks(tmp_path):
 
 def _grams(text: str) -> set[str]:
     toks = re.findall(r"[a-z]+", text.lower())
-    return set(toks) | {" ".join(toks[i:i + n]) for n in (2, 3) for i in range(len(toks) - n + 1)}
+    return set(toks) | {" ".join(toks[i : i + n]) for n in (2, 3) for i in range(len(toks) - n + 1)}
 
 
 def _probe_mse(train, test, annotation: str) -> float:
@@ -223,6 +229,6 @@ def test_text_determines_target_arkit_most_informative():
     y_tr = np.stack([kf.values for s in train for kf in s.keyframes]).astype(np.float64)
     y_te = np.stack([kf.values for s in test for kf in s.keyframes]).astype(np.float64)
     baseline = float(np.mean((y_te - y_tr.mean(axis=0)) ** 2))
-    assert mse["arkit"] < 0.8 * mse["image"], mse            # fine intensities and subtle actions help
-    assert mse["image"] < 0.5 * mse["original"], mse         # naming every visible action with a level helps
+    assert mse["arkit"] < 0.8 * mse["image"], mse  # fine intensities and subtle actions help
+    assert mse["image"] < 0.5 * mse["original"], mse  # naming every visible action with a level helps
     assert mse["original"] < 0.5 * baseline, (mse, baseline)  # even the coarse text carries the target

@@ -13,6 +13,7 @@ from scipy.stats import norm
 
 from facelab.data.emoava import EmoAvaSplit, load_split
 from facelab.data.synth import generate_emoava
+from facelab.families.cteg.model import CTEG, CTEGConfig
 from facelab.tasks.expressions.evaluate import (
     DIRECTIONS,
     METRICS,
@@ -26,7 +27,7 @@ from facelab.tasks.expressions.evaluate import (
     model_cppl_inputs,
 )
 from facelab.tasks.expressions.metrics import diversity, expression_metrics, fgd, variation
-from facelab.families.cteg.model import CTEG, CTEGConfig
+
 from tolerances import FP32_SHAPES
 
 TINY = dict(d_model=32, n_heads=4, ff_dim=64, latent_dim=16, ewa_dim=8, ewa_heads=2, max_frames=16)

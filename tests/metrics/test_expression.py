@@ -182,9 +182,7 @@ def test_sequence_distance_hand_computed_and_shared_with_dot():
     x = a([[0, 0], [3, 4], [1, 1]])  # T = 3
     y = a([[0, 0], [0, 0]])  # T = 2: common length 2 -> (0 + 5) / 2
     z = a([[1, 0], [9, 9], [9, 9], [9, 9]])  # vs x: common 3 -> (1 + |(3,4)-(9,9)| + |(1,1)-(9,9)|) / 3
-    np.testing.assert_allclose(
-        sequence_distance([x, x], [y, z]), [2.5, (1 + np.sqrt(36 + 25) + np.sqrt(128)) / 3]
-    )
+    np.testing.assert_allclose(sequence_distance([x, x], [y, z]), [2.5, (1 + np.sqrt(36 + 25) + np.sqrt(128)) / 3])
     np.testing.assert_allclose(sequence_distance([y], [x]), [2.5])  # symmetric
     assert dot([x, y]) == pytest.approx(2.5)  # DoT of two sequences is this same distance
     with pytest.raises(ValueError, match="first sequences"):

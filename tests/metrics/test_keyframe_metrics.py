@@ -179,7 +179,7 @@ def test_r_precision_drops_the_last_partial_batch():
     assert r_precision(texts, motions, batch=32, top_k=(1,), seed=7) == out  # seeded shuffle
     # the dropped pairs are the ones the seed put last: scoring the 64 kept ones directly agrees
     kept = np.random.default_rng(7).permutation(70)[:64]
-    halves = [r_precision(texts[kept[i:i + 32]], motions[kept[i:i + 32]], batch=32, top_k=(1,))[1] for i in (0, 32)]
+    halves = [r_precision(texts[kept[i : i + 32]], motions[kept[i : i + 32]], batch=32, top_k=(1,))[1] for i in (0, 32)]
     assert out[1] == pytest.approx(np.mean(halves))
 
 
@@ -261,8 +261,19 @@ def test_evaluate_keyframes_without_evaluator():
 def test_evaluate_keyframes_with_evaluator_perfect_prediction():
     gt, texts, ev = _toy_set()
     out = evaluate_keyframes(gt.copy(), gt, texts, ev, n_valid=40, n_total=40, seed=0)
-    assert set(out) == {"mse", "mae", "rmse", "w_dist", "validity", "fid", "r_precision_1", "r_precision_2",
-                        "r_precision_3", "mmd", "diversity"}
+    assert set(out) == {
+        "mse",
+        "mae",
+        "rmse",
+        "w_dist",
+        "validity",
+        "fid",
+        "r_precision_1",
+        "r_precision_2",
+        "r_precision_3",
+        "mmd",
+        "diversity",
+    }
     assert out["mse"] == 0.0 and out["validity"] == 1.0
     assert out["fid"] == pytest.approx(0.0, abs=1e-6)
     assert out["r_precision_1"] == out["r_precision_2"] == out["r_precision_3"] == 1.0

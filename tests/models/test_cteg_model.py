@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from facelab.families.cteg.model import CTEG, CTEGConfig, noam_lambda
 from facelab.core.text_encoder import resolve_encoder
+from facelab.families.cteg.model import CTEG, CTEGConfig, noam_lambda
+
 from tolerances import FP32_DECODE
 
 TINY = dict(d_model=32, n_heads=4, ff_dim=64, latent_dim=16, ewa_dim=8, ewa_heads=2, max_frames=16)
@@ -22,7 +23,9 @@ def make(seed: int = 0, **overrides) -> CTEG:
 
 def batch(seed: int = 0, t: int = 8, lengths=(8, 6, 3, 1)):
     g = torch.Generator().manual_seed(seed)
-    frames = 0.5 * torch.randn(len(lengths), 1, 53, generator=g) + 0.1 * torch.randn(len(lengths), t, 53, generator=g).cumsum(1)
+    frames = 0.5 * torch.randn(len(lengths), 1, 53, generator=g) + 0.1 * torch.randn(
+        len(lengths), t, 53, generator=g
+    ).cumsum(1)
     lengths = torch.tensor(lengths)
     frames = frames * (torch.arange(t)[None, :, None] < lengths[:, None, None])  # zero padding
     return frames, lengths

@@ -16,7 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from facelab.tasks.keyframes.metrics import evaluate_keyframes, r_precision
 from facelab.families.keyframe_evaluator.model import (
     STD_FLOOR,
     EvaluatorConfig,
@@ -27,13 +26,24 @@ from facelab.families.keyframe_evaluator.model import (
     load_evaluator,
     train_evaluator,
 )
+from facelab.tasks.keyframes.metrics import evaluate_keyframes, r_precision
+
 from tolerances import FP32_SHAPES
 
 # action -> the ARKit channel indices it drives (release order; e.g. 23/24 = MouthSmileLeft/Right)
 ACTIONS = {
-    "smile": [23, 24], "frown": [25, 26], "raised brows": [41, 42, 43], "furrowed brows": [44, 45],
-    "open jaw": [17], "pressed lips": [35, 36], "squinting eyes": [12, 13], "closed eyes": [0, 7],
-    "puckered lips": [33], "puffed cheeks": [47], "sneer": [50, 51], "head turned left": [52],
+    "smile": [23, 24],
+    "frown": [25, 26],
+    "raised brows": [41, 42, 43],
+    "furrowed brows": [44, 45],
+    "open jaw": [17],
+    "pressed lips": [35, 36],
+    "squinting eyes": [12, 13],
+    "closed eyes": [0, 7],
+    "puckered lips": [33],
+    "puffed cheeks": [47],
+    "sneer": [50, 51],
+    "head turned left": [52],
 }
 INTENSITY = {"slight": 0.25, "moderate": 0.55, "strong": 0.95}
 SMALL = EvaluatorConfig(embed_dim=32, hidden=64)  # fast, same architecture
@@ -81,8 +91,13 @@ def test_config_round_trips_through_asdict_and_json():
     cfg = EvaluatorConfig(embed_dim=128, temperature=0.1)
     assert EvaluatorConfig(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
     assert dataclasses.asdict(EvaluatorConfig()) == {
-        "text_encoder": "minilm", "embed_dim": 256, "hidden": 512, "max_text_tokens": 64,
-        "temperature": 0.07, "dropout": 0.1}
+        "text_encoder": "minilm",
+        "embed_dim": 256,
+        "hidden": 512,
+        "max_text_tokens": 64,
+        "temperature": 0.07,
+        "dropout": 0.1,
+    }
 
 
 def test_config_reports_every_problem_at_once():
@@ -209,13 +224,31 @@ def test_early_stopping_without_improvement_restores_the_best_epoch():
     train, val = toy_pairs(64, 13), toy_pairs(40, 14)
     seen = []
     # lr = 0: the weights never change, so val R@1 never improves after the first epoch
-    result = train_evaluator(train, val, epochs=10, batch_size=32, lr=0.0, patience=2, seed=0, cfg=SMALL,
-                             on_epoch=lambda epoch, metrics, model: seen.append((epoch, metrics["val/r_precision_1"])))
+    result = train_evaluator(
+        train,
+        val,
+        epochs=10,
+        batch_size=32,
+        lr=0.0,
+        patience=2,
+        seed=0,
+        cfg=SMALL,
+        on_epoch=lambda epoch, metrics, model: seen.append((epoch, metrics["val/r_precision_1"])),
+    )
     assert [e for e, _ in seen] == [0, 1, 2]  # best at 0, then 2 epochs without improvement
     assert result.best_epoch == 0 and result.stopped_early
     assert len({r for _, r in seen}) == 1
-    assert set(result.history[0]) == {"epoch", "step", "lr", "train/loss", "val/loss", "val/r_precision_1",
-                                      "val/r_precision_2", "val/r_precision_3", "val/mmd"}
+    assert set(result.history[0]) == {
+        "epoch",
+        "step",
+        "lr",
+        "train/loss",
+        "val/loss",
+        "val/r_precision_1",
+        "val/r_precision_2",
+        "val/r_precision_3",
+        "val/mmd",
+    }
 
 
 def test_trained_evaluator_retrieves_held_out_texts_far_above_chance(trained):

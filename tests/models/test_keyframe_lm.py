@@ -21,9 +21,19 @@ from facelab.data.keyframeface import Keyframe, Script
 from facelab.families.keyframe_lm.data import IGNORE_INDEX, collate, encode_example, end_of_turn_id, prompt_ids
 from facelab.families.keyframe_lm.lora import LoraSettings, apply_lora, count_trainable, lora_param_count
 from facelab.families.keyframe_lm.parsing import extract_json, parse_answer
-from facelab.families.keyframe_lm.prompts import (GLOSSARY, GLOSSARY_ENTRIES, SYSTEM_PROMPT, PromptConfig, PromptError,
-                                                answer_skeleton, answer_text, build_messages, examples_for_script,
-                                                format_value, requests_for_script)
+from facelab.families.keyframe_lm.prompts import (
+    GLOSSARY,
+    GLOSSARY_ENTRIES,
+    SYSTEM_PROMPT,
+    PromptConfig,
+    PromptError,
+    answer_skeleton,
+    answer_text,
+    build_messages,
+    examples_for_script,
+    format_value,
+    requests_for_script,
+)
 from facelab.families.keyframe_lm.tiny import LABEL, build_tiny_lm
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,8 +63,13 @@ def _release_script(requests: list, values: np.ndarray) -> Script:
     descriptions = re.findall(r"^- Keyframe \w+: (.*)$", user, re.M)
     background = re.search(r"^Background: (.*)$", user, re.M).group(1)
     emotion = re.search(r"^Emotion: (.*)$", user, re.M).group(1)
-    return Script("release-example", "unknown", background, emotion,
-                  tuple(Keyframe(i + 1, {"original": d}, values[i]) for i, d in enumerate(descriptions)))
+    return Script(
+        "release-example",
+        "unknown",
+        background,
+        emotion,
+        tuple(Keyframe(i + 1, {"original": d}, values[i]) for i, d in enumerate(descriptions)),
+    )
 
 
 def _script(n: int = 3, seed: int = 0) -> Script:
@@ -62,8 +77,13 @@ def _script(n: int = 3, seed: int = 0) -> Script:
     kfs = []
     for i in range(n):
         v = np.round(rng.uniform(LOW, HIGH), 2) * (rng.random(61) < 0.4)
-        kfs.append(Keyframe(i + 1, {"original": f"plain words {i}", "arkit": f"JawOpen high {i}", "image": f"mouth open {i}"},
-                            v.astype(np.float32)))
+        kfs.append(
+            Keyframe(
+                i + 1,
+                {"original": f"plain words {i}", "arkit": f"JawOpen high {i}", "image": f"mouth open {i}"},
+                v.astype(np.float32),
+            )
+        )
     return Script(f"s{seed}", "actor", "A quiet room.", "Calm relief.", tuple(kfs))
 
 
@@ -96,9 +116,11 @@ def test_user_message_layout_and_target_frame_instruction_ablation():
     s = _script(3)
     cfg = PromptConfig(format="semantic", annotation="arkit", glossary=False)
     user = build_messages(s, 3, cfg)[1]["content"]
-    assert user == ("Keyframe Description Sequence:\n- Keyframe One: JawOpen high 0\n- Keyframe Two: JawOpen high 1\n"
-                    "- Keyframe Three: JawOpen high 2\n\nBackground: A quiet room.\nEmotion: Calm relief.\n\n"
-                    "Task Instruction: Generate the facial expression parameters for Keyframe Three.")
+    assert user == (
+        "Keyframe Description Sequence:\n- Keyframe One: JawOpen high 0\n- Keyframe Two: JawOpen high 1\n"
+        "- Keyframe Three: JawOpen high 2\n\nBackground: A quiet room.\nEmotion: Calm relief.\n\n"
+        "Task Instruction: Generate the facial expression parameters for Keyframe Three."
+    )
     off = PromptConfig(format="semantic", annotation="arkit", glossary=False, target_frame_instruction=False)
     requests = requests_for_script(s, off)
     assert requests[0] == requests[1] == requests[2]  # nothing tells the keyframes apart any more
@@ -128,8 +150,20 @@ def test_semantic_vs_non_semantic_and_glossary():
     assert sem == json.dumps(json.loads(sem), separators=(",", ":"))  # compact, release order
 
 
-@pytest.mark.parametrize("value, text", [(0.2, "0.2"), (np.float32(0.2), "0.2"), (0.25, "0.25"), (-0.0, "0.0"),
-                                         (-0.004, "0.0"), (1, "1.0"), (0.999, "1.0"), (-0.15, "-0.15"), (0.1 + 0.2, "0.3")])
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (0.2, "0.2"),
+        (np.float32(0.2), "0.2"),
+        (0.25, "0.25"),
+        (-0.0, "0.0"),
+        (-0.004, "0.0"),
+        (1, "1.0"),
+        (0.999, "1.0"),
+        (-0.15, "-0.15"),
+        (0.1 + 0.2, "0.3"),
+    ],
+)
 def test_format_value(value, text):
     assert format_value(value) == text
 
@@ -172,12 +206,43 @@ def _check(r, valid: bool | None = None):
         assert r.valid is valid
 
 
-GARBAGE = ["", "garbage", "{", "}", "[", "]", "{}", "[]", "null", "0.5", '"x"', "{{{{}}}}", "[[[]]]", "{]", "[}",
-           '{"Keyframe_one": {', '{"Keyframe_one": 5}', '{"Keyframe_one": [1, 2]}', '{"EyeBlinkLeft": "0.2"}',
-           '{"EyeBlinkLeft": true}', '{"EyeBlinkLeft": null}', '{"EyeBlinkLeft": NaN}', '{"EyeBlinkLeft": Infinity}',
-           '{"EyeBlinkLeft": -Infinity}', '{"EyeBlinkLeft": 1e400}', '{"EyeBlinkLeft": ' + "9" * 5000 + "}",
-           '{"EyeBlinkLeft": [0.1]}', '{"EyeBlinkLeft": {"a": 1}}', "[" + "1e999, " * 61 + "1]", "\x00\ud800\uffff",
-           '{"Keyframe_one": {"EyeBlinkLeft": 0.1}', '{"a": "}"}', "[" * 100_000, "{" * 100_000, "]" * 1000 + "[" * 1000]
+GARBAGE = [
+    "",
+    "garbage",
+    "{",
+    "}",
+    "[",
+    "]",
+    "{}",
+    "[]",
+    "null",
+    "0.5",
+    '"x"',
+    "{{{{}}}}",
+    "[[[]]]",
+    "{]",
+    "[}",
+    '{"Keyframe_one": {',
+    '{"Keyframe_one": 5}',
+    '{"Keyframe_one": [1, 2]}',
+    '{"EyeBlinkLeft": "0.2"}',
+    '{"EyeBlinkLeft": true}',
+    '{"EyeBlinkLeft": null}',
+    '{"EyeBlinkLeft": NaN}',
+    '{"EyeBlinkLeft": Infinity}',
+    '{"EyeBlinkLeft": -Infinity}',
+    '{"EyeBlinkLeft": 1e400}',
+    '{"EyeBlinkLeft": ' + "9" * 5000 + "}",
+    '{"EyeBlinkLeft": [0.1]}',
+    '{"EyeBlinkLeft": {"a": 1}}',
+    "[" + "1e999, " * 61 + "1]",
+    "\x00\ud800\uffff",
+    '{"Keyframe_one": {"EyeBlinkLeft": 0.1}',
+    '{"a": "}"}',
+    "[" * 100_000,
+    "{" * 100_000,
+    "]" * 1000 + "[" * 1000,
+]
 
 
 @pytest.mark.parametrize("fmt", ["semantic", "non_semantic"])
@@ -253,8 +318,13 @@ def test_extract_json():
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    texts = [m["content"] for s in (_script(3, 0), _script(2, 1)) for cfg in (SEM, NON)
-             for msgs, answer in examples_for_script(s, cfg) for m in msgs + [{"content": answer}]]
+    texts = [
+        m["content"]
+        for s in (_script(3, 0), _script(2, 1))
+        for cfg in (SEM, NON)
+        for msgs, answer in examples_for_script(s, cfg)
+        for m in msgs + [{"content": answer}]
+    ]
     out = tmp_path_factory.mktemp("tiny") / "tiny-qwen3"
     build_tiny_lm(out, texts, vocab_size=1024, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1)
     return out
@@ -271,8 +341,13 @@ def test_encode_example_labels_only_the_answer(tokenizer):
     s = _script(2)
     messages, answer = examples_for_script(s, SEM)[1]
     ids, labels = encode_example(tokenizer, messages, answer)
-    text = ("<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n<|im_start|>user\n" + messages[1]["content"]
-            + "<|im_end|>\n<|im_start|>assistant\n")
+    text = (
+        "<|im_start|>system\n"
+        + SYSTEM_PROMPT
+        + "<|im_end|>\n<|im_start|>user\n"
+        + messages[1]["content"]
+        + "<|im_end|>\n<|im_start|>assistant\n"
+    )
     prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert prompt_ids(tokenizer, messages) == prompt
     n = len(prompt)
@@ -299,8 +374,16 @@ def test_collate_pads_right():
 def test_lora_size_for_qwen3_4b_is_the_papers_16_5m():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    config = Qwen3Config(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+    config = Qwen3Config(
+        vocab_size=151936,
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    )
     with torch.device("meta"):
         model = apply_lora(Qwen3ForCausalLM(config), LoraSettings())
     # per layer r * (in + out): q 2560+4096, k 2560+1024, v 2560+1024, o 4096+2560, gate/up 2560+9728, down 9728+2560
@@ -323,7 +406,15 @@ def test_fresh_adapter_is_the_identity_and_scales_alpha_over_r(tiny_dir):
     assert torch.equal(out, ref)  # B is zero-initialised
     trainable = [n.split(".") for n, p in model.named_parameters() if p.requires_grad]
     assert {parts[-3] for parts in trainable} == {"lora_A", "lora_B"}
-    assert {parts[-4] for parts in trainable} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {parts[-4] for parts in trainable} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.scaling["default"] == 32 / 8 and layer.r["default"] == 8
     cfg = base.config
@@ -365,7 +456,9 @@ def test_unpadded_train_step_equals_the_padded_batch_loss(tiny_dir, tokenizer):
 
     from facelab.families.keyframe_lm.loop import train_step
 
-    examples = [encode_example(tokenizer, m, a) for s in (_script(3), _script(2, 1)) for m, a in examples_for_script(s, SEM)]
+    examples = [
+        encode_example(tokenizer, m, a) for s in (_script(3), _script(2, 1)) for m, a in examples_for_script(s, SEM)
+    ]
     assert len({len(ids) for ids, _ in examples}) > 1  # the padded batch really has padding
     grads, losses = [], []
     for mode in ("padded", "step"):
@@ -404,13 +497,24 @@ def test_tiny_lm_is_byte_stable_and_loads(tmp_path, tiny_dir, tokenizer):
     texts = ["The inner brows lift slightly.", "Emotion: Joy", '{"Keyframe_one":{"JawOpen":0.5}}'] * 3
     kw = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1, seed=3)
     a = build_tiny_lm(tmp_path / "a", texts, **kw)
-    code = ("import sys, json; from facelab.families.keyframe_lm.tiny import build_tiny_lm; "
-            f"print(json.dumps(build_tiny_lm(sys.argv[1], {texts!r}, **{kw!r})['files']))")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b")], capture_output=True, text=True,
-                          env={"PYTHONPATH": str(REPO / "platform"), "PYTHONHASHSEED": "123", "HF_HUB_OFFLINE": "1"},
-                          timeout=120)
+    code = (
+        "import sys, json; from facelab.families.keyframe_lm.tiny import build_tiny_lm; "
+        f"print(json.dumps(build_tiny_lm(sys.argv[1], {texts!r}, **{kw!r})['files']))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO / "platform"), "PYTHONHASHSEED": "123", "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == a["files"] == _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
+    assert (
+        json.loads(proc.stdout.strip().splitlines()[-1])
+        == a["files"]
+        == _hashes(tmp_path / "a")
+        == _hashes(tmp_path / "b")
+    )
     assert set(a["files"]) >= {"config.json", "model.safetensors", "tokenizer.json", "README.md"}
     c = build_tiny_lm(tmp_path / "c", texts, **{**kw, "seed": 4})
     assert c["files"]["model.safetensors"] != a["files"]["model.safetensors"]
@@ -421,7 +525,9 @@ def test_tiny_lm_is_byte_stable_and_loads(tmp_path, tiny_dir, tokenizer):
     assert model.config.facelab_label == LABEL and model.config.model_type == "qwen3"
     assert "not a pretrained LM" in (tmp_path / "a" / "README.md").read_text()
     assert model.config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -442,7 +548,7 @@ def test_tiny_tokenizer_numbers_and_piecewise_tokenisation(tokenizer):
             assert whole == parts
     head, word = '{"Keyframe_', "two"  # the opening also splits around the key word (no-TFI decoding)
     opening = answer_skeleton(2, SEM)[0]
-    assert enc(opening) == enc(head) + enc(word) + enc(opening[len(head) + len(word):])
+    assert enc(opening) == enc(head) + enc(word) + enc(opening[len(head) + len(word) :])
 
 
 def test_tiny_lm_rejects_bad_sizes(tmp_path):

@@ -15,8 +15,14 @@ from facelab.data.keyframeface import Keyframe, Script
 from facelab.families.keyframe_lm.data import end_of_turn_id, prompt_ids
 from facelab.families.keyframe_lm.generate import GenerationError, generate_keyframes, number_strings
 from facelab.families.keyframe_lm.parsing import parse_answer
-from facelab.families.keyframe_lm.prompts import (PromptConfig, answer_skeleton, answer_text, build_messages,
-                                                examples_for_script, format_value)
+from facelab.families.keyframe_lm.prompts import (
+    PromptConfig,
+    answer_skeleton,
+    answer_text,
+    build_messages,
+    examples_for_script,
+    format_value,
+)
 from facelab.families.keyframe_lm.tiny import build_tiny_lm
 
 SEM = PromptConfig(format="semantic", annotation="original", glossary=False)
@@ -42,8 +48,13 @@ SCRIPTS = [_script(2, 0), _script(1, 1, words=9), _script(3, 2, words=1)]  # dif
 def tiny(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    texts = [m["content"] for s in SCRIPTS for cfg in (SEM, NON) for msgs, a in examples_for_script(s, cfg)
-             for m in msgs + [{"content": a}]]
+    texts = [
+        m["content"]
+        for s in SCRIPTS
+        for cfg in (SEM, NON)
+        for msgs, a in examples_for_script(s, cfg)
+        for m in msgs + [{"content": a}]
+    ]
     out = tmp_path_factory.mktemp("tiny") / "lm"
     build_tiny_lm(out, texts, vocab_size=1024, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1)
     return AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
@@ -80,14 +91,15 @@ class OracleLM(torch.nn.Module):
     def next_logits(self, history: list[int]) -> torch.Tensor:
         logits = self.noise.roll(len(history) % self.vocab_size).clone()  # (V,)
         for t in self.targets:
-            if len(history) < len(t) and t[:len(history)] == history:
+            if len(history) < len(t) and t[: len(history)] == history:
                 logits[t[len(history)]] = 10.0
                 return logits
         self.off_target += 1
         return logits
 
-    def forward(self, input_ids, attention_mask, position_ids=None, past_key_values=None, use_cache=True,
-                logits_to_keep=0, **kw):
+    def forward(
+        self, input_ids, attention_mask, position_ids=None, past_key_values=None, use_cache=True, logits_to_keep=0, **kw
+    ):
         self.calls += 1
         past = past_key_values if past_key_values is not None else input_ids[:, :0]
         ids = torch.cat([past, input_ids], dim=1)  # (B, T)
@@ -98,8 +110,8 @@ class OracleLM(torch.nn.Module):
             for i in range(L):
                 if not attention_mask[b, start + i]:
                     continue
-                keep = attention_mask[b, :start + i + 1].bool()
-                history = ids[b, :start + i + 1][keep].tolist()
+                keep = attention_mask[b, : start + i + 1].bool()
+                history = ids[b, : start + i + 1][keep].tolist()
                 assert position_ids[b, i] == len(history) - 1, "position ids do not count the kept tokens"
                 logits[b, i] = self.next_logits(history)
         # The LM head only at the kept positions, as transformers' causal LMs do: an int keeps the last
@@ -218,8 +230,10 @@ def test_a_lora_wrapped_model_generates_the_same(tiny):
     assert [r.text for r in generate_keyframes(wrapped, tok, SCRIPTS[:1], SEM)[0]] == [r.text for r in base[0]]
 
 
-QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # Qwen2/Qwen3's pre-tokenizer: every digit on its own
+QWEN_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)  # Qwen2/Qwen3's pre-tokenizer: every digit on its own
 
 
 def test_constrained_decoding_with_a_digit_splitting_tokenizer(tiny):
@@ -231,21 +245,46 @@ def test_constrained_decoding_with_a_digit_splitting_tokenizer(tiny):
     from facelab.families.keyframe_lm.tiny import CHAT_TEMPLATE
 
     raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    raw.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     raw.decoder = decoders.ByteLevel()
-    texts = [m["content"] for s in SCRIPTS for cfg in (SEM, NON) for msgs, a in examples_for_script(s, cfg)
-             for m in msgs + [{"content": a}]] + ['":-0.5,"HeadYaw":-0.25']
-    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=700, show_progress=False,
-                                                       special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  chat_template=CHAT_TEMPLATE)
+    texts = [
+        m["content"]
+        for s in SCRIPTS
+        for cfg in (SEM, NON)
+        for msgs, a in examples_for_script(s, cfg)
+        for m in msgs + [{"content": a}]
+    ] + ['":-0.5,"HeadYaw":-0.25']
+    raw.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=700,
+            show_progress=False,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE
+    )
     assert tok.convert_ids_to_tokens(tok("0.25", add_special_tokens=False)["input_ids"]) == ["0", ".", "2", "5"]
     assert '":-' in tok.convert_ids_to_tokens(tok('"HeadYaw":-0.25', add_special_tokens=False)["input_ids"])
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16)).eval()
+    model = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+        )
+    ).eval()
     for cfg in (SEM, NON, SEM_NO_TFI):
         one = generate_keyframes(model, tok, SCRIPTS, cfg, batch_size=1)
         many = generate_keyframes(model, tok, SCRIPTS, cfg, batch_size=6)
@@ -257,7 +296,9 @@ def test_plain_mode_on_a_random_model_returns_results(tiny):
     model, tok = tiny
     model.train()
     stats = {}
-    results = generate_keyframes(model, tok, SCRIPTS[:2], SEM, mode="plain", max_new_tokens=12, batch_size=3, stats=stats)
+    results = generate_keyframes(
+        model, tok, SCRIPTS[:2], SEM, mode="plain", max_new_tokens=12, batch_size=3, stats=stats
+    )
     assert model.training  # the caller's mode is restored
     model.eval()
     assert [len(r) for r in results] == [2, 1]

@@ -47,8 +47,9 @@ def test_constrained_equals_plain_on_a_model_that_memorised_its_answers(tmp_path
     model.train()
     for _ in range(steps):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                                                 ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from facelab.core import checkpoint as ckpt
 from facelab.data.arkit import HIGH, INDEX, LOW, N_CHANNELS
 from facelab.data.keyframeface import DataError, Keyframe, Script
+from facelab.families.keyframe_mdm.job import KeyframeMDMJob
+from facelab.families.keyframe_mdm.loop import feature_stats_of
 from facelab.families.keyframe_mdm.model import (
     GaussianDiffusion,
     MDMConfig,
@@ -27,9 +30,7 @@ from facelab.families.keyframe_mdm.model import (
     mdm_config,
     space_timesteps,
 )
-from facelab.families.keyframe_mdm.job import KeyframeMDMJob
-from facelab.core import checkpoint as ckpt
-from facelab.families.keyframe_mdm.loop import feature_stats_of
+
 from tolerances import FP32_SHAPES
 
 SMILE = [INDEX["MouthSmileLeft"], INDEX["MouthSmileRight"]]
@@ -65,8 +66,10 @@ def toy_values(kind: str, rng: np.random.Generator) -> np.ndarray:
 
 def toy_script(i: int, kind: str, n_kf: int, rng: np.random.Generator) -> Script:
     emotion, background, desc = KINDS[kind]
-    kfs = tuple(Keyframe(index=k + 1, descriptions={"original": desc, "arkit": desc}, values=toy_values(kind, rng))
-                for k in range(n_kf))
+    kfs = tuple(
+        Keyframe(index=k + 1, descriptions={"original": desc, "arkit": desc}, values=toy_values(kind, rng))
+        for k in range(n_kf)
+    )
     return Script(script_id=f"{kind}-{i:03d}", actor="actor01", background=background, emotion=emotion, keyframes=kfs)
 
 
@@ -162,8 +165,9 @@ def test_q_sample_moves_from_the_data_to_noise():
     last = d.q_sample(x0, torch.full((64,), 999), noise)
     assert (last - noise).abs().max() < 0.05
     mid = d.q_sample(x0, torch.full((64,), 500), noise)
-    np.testing.assert_allclose(mid, math.sqrt(d.alphas_cumprod[500]) * x0 + math.sqrt(1 - d.alphas_cumprod[500]) * noise,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        mid, math.sqrt(d.alphas_cumprod[500]) * x0 + math.sqrt(1 - d.alphas_cumprod[500]) * noise, atol=1e-6
+    )
 
 
 def test_respacing_keeps_the_marginals_and_the_ends():
@@ -217,8 +221,9 @@ def test_guidance_scale_one_is_conditional_and_zero_unconditional(encoder, corpu
         assert (cond_out - uncond_out).abs().max() > 1e-3
         torch.testing.assert_close(model.guided_output(x_t, t, cond, 1.0), cond_out)
         torch.testing.assert_close(model.guided_output(x_t, t, cond, 0.0), uncond_out, **FP32_SHAPES)
-        torch.testing.assert_close(model.guided_output(x_t, t, cond, 2.5), uncond_out + 2.5 * (cond_out - uncond_out),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model.guided_output(x_t, t, cond, 2.5), uncond_out + 2.5 * (cond_out - uncond_out), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_padding_keyframes_change_neither_the_loss_nor_the_prediction(encoder, corpus):
@@ -242,8 +247,9 @@ def test_padding_keyframes_change_neither_the_loss_nor_the_prediction(encoder, c
         torch.testing.assert_close(batched[0], alone[0], **FP32_SHAPES)
         x_t_a = model.diffusion.q_sample(x0_a, t, noise_a)
         x_t_b = model.diffusion.q_sample(x0_b, t.repeat(2), noise_b)
-        torch.testing.assert_close(model.denoise(x_t_b, t.repeat(2), cond_b)[0, :2], model.denoise(x_t_a, t, cond_a)[0],
-                                   **FP32_SHAPES)
+        torch.testing.assert_close(
+            model.denoise(x_t_b, t.repeat(2), cond_b)[0, :2], model.denoise(x_t_a, t, cond_a)[0], **FP32_SHAPES
+        )
     assert torch.isfinite(batched).all()
 
 
@@ -264,7 +270,9 @@ def test_the_sampler_with_every_step_is_the_full_ddpm_chain(encoder, corpus):
         for t in reversed(range(STEPS)):
             x0 = model.guided_output(x, torch.full((3,), t), cond, scale).clamp(model.low_z, model.high_z)
             prev = abar[t - 1] if t > 0 else torch.tensor(1.0, dtype=torch.float64)
-            mu = (prev.sqrt() * betas[t] / (1 - abar[t])) * x0 + ((1 - betas[t]).sqrt() * (1 - prev) / (1 - abar[t])) * x
+            mu = (prev.sqrt() * betas[t] / (1 - abar[t])) * x0 + (
+                (1 - betas[t]).sqrt() * (1 - prev) / (1 - abar[t])
+            ) * x
             sigma = ((1 - prev) / (1 - abar[t]) * betas[t]).sqrt()
             x = (mu + sigma * torch.randn(shape, generator=gen) if t > 0 else mu).float()
     torch.testing.assert_close(got, x, atol=1e-4, rtol=1e-4)

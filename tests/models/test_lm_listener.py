@@ -14,16 +14,29 @@ import numpy as np
 import pytest
 import torch
 
-from facelab.families.lm_listener import model as lml
-from facelab.families.lm_listener.model import build_lm_listener, load_servable_lm_listener, nucleus_sample
-from facelab.core.text_encoder import load_text_encoder
-from facelab.families.lm_listener.job import LMListenerJob
 from facelab.core import checkpoint as ckpt
+from facelab.core.text_encoder import load_text_encoder
+from facelab.families.lm_listener import model as lml
+from facelab.families.lm_listener.job import LMListenerJob
+from facelab.families.lm_listener.model import build_lm_listener, load_servable_lm_listener, nucleus_sample
 from facelab.tasks.expressions.data import collate
+
 from tolerances import FP32_SHAPES
 
-TINY = dict(codebook_size=16, code_dim=16, vq_hidden=32, vq_layers=1, d_model=32, n_heads=4, n_layers=1,
-            ff_dim=64, dropout=0.0, downsample=2, cppl_top_k=4, max_text_tokens=16)
+TINY = dict(
+    codebook_size=16,
+    code_dim=16,
+    vq_hidden=32,
+    vq_layers=1,
+    d_model=32,
+    n_heads=4,
+    n_layers=1,
+    ff_dim=64,
+    dropout=0.0,
+    downsample=2,
+    cppl_top_k=4,
+    max_text_tokens=16,
+)
 MEAN = torch.linspace(-0.2, 0.2, 53)
 TEXTS = ["I am so happy today!", "That is terrible news.", "What did you say?", "We won the game."]
 
@@ -199,8 +212,11 @@ def test_padding_frames_do_not_affect_the_losses():
     for k in ("loss", "recon_mse", "commit"):
         torch.testing.assert_close(a[k], b[k], **FP32_SHAPES)
     model.set_stage(2)
-    torch.testing.assert_close(model.lm_losses(TEXTS[:2], short, lengths)["code_ce"],
-                               model.lm_losses(TEXTS[:2], long, lengths)["code_ce"], **FP32_SHAPES)
+    torch.testing.assert_close(
+        model.lm_losses(TEXTS[:2], short, lengths)["code_ce"],
+        model.lm_losses(TEXTS[:2], long, lengths)["code_ce"],
+        **FP32_SHAPES,
+    )
     codes_a, n_a = model.encode_codes(short, lengths)
     codes_b, n_b = model.encode_codes(long, lengths)
     assert n_a.tolist() == n_b.tolist() == [3, 2]
@@ -215,8 +231,8 @@ def test_decoder_crop_equals_full_decode():
         with torch.no_grad():
             full = model.vq.decode(codes)
             for w in range(codes.shape[1]):
-                crop = model.vq.decode(codes[:, max(0, w - n): w + 1])[:, -s:]
-                torch.testing.assert_close(crop, full[:, w * s:(w + 1) * s], **FP32_SHAPES)
+                crop = model.vq.decode(codes[:, max(0, w - n) : w + 1])[:, -s:]
+                torch.testing.assert_close(crop, full[:, w * s : (w + 1) * s], **FP32_SHAPES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,8 +366,8 @@ def brute_force_means(model, text: str, seq: torch.Tensor) -> torch.Tensor:
         q, cand = probs.topk(k)
         q = q / q.sum()
         for qj, j in zip(q, cand):
-            trial = torch.cat([codes[:, :w], j.view(1, 1), codes[:, w + 1:n]], dim=1)
-            expected[w * s:(w + 1) * s] += qj * model.decode_codes(trial)[0, w * s:(w + 1) * s]
+            trial = torch.cat([codes[:, :w], j.view(1, 1), codes[:, w + 1 : n]], dim=1)
+            expected[w * s : (w + 1) * s] += qj * model.decode_codes(trial)[0, w * s : (w + 1) * s]
     p_end = next_probs(codes[:, :n])[model.eos]
     means = expected[: L + 1].clone()
     means[L] *= 1 - p_end
@@ -374,7 +390,7 @@ def test_teacher_forced_means_equal_the_brute_force_expectation(downsample):
     for i, (text, seq) in enumerate(zip(texts, seqs)):
         L = len(seq)
         assert mask[i].tolist() == [p <= L for p in range(t + 1)]
-        assert torch.all(means[i, L + 1:] == 0)
+        assert torch.all(means[i, L + 1 :] == 0)
         torch.testing.assert_close(means[i, : L + 1], brute_force_means(model, text, seq), atol=2e-5, rtol=1e-4)
     # the terminator step shrinks the expected next frame towards the zero face by p(EOS)
     assert torch.all(means[torch.arange(len(seqs)), lengths].norm(dim=-1) > 0)
@@ -436,8 +452,9 @@ def test_checkpoint_round_trip_and_strict_loading(tmp_path):
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     for x, y in zip(model.generate(TEXTS, generator=g()), loaded.generate(TEXTS, generator=g())):
         assert torch.equal(x, y)
-    torch.testing.assert_close(model.teacher_forced_means(TEXTS, frames, lengths)[0],
-                               loaded.teacher_forced_means(TEXTS, frames, lengths)[0])
+    torch.testing.assert_close(
+        model.teacher_forced_means(TEXTS, frames, lengths)[0], loaded.teacher_forced_means(TEXTS, frames, lengths)[0]
+    )
 
     bad = dict(weights, **{"lm.head.weight": torch.zeros(3, 3)})
     with pytest.raises(ckpt.CheckpointError, match=where):
@@ -461,8 +478,8 @@ def test_checkpoint_round_trip_and_strict_loading(tmp_path):
 
 
 def test_reconstruction_plot_is_logged(tmp_path):
-    from facelab.tasks.expressions.data import PairDataset
     from facelab.families.lm_listener.loop import log_reconstructions
+    from facelab.tasks.expressions.data import PairDataset
 
     class Client:
         def __init__(self):

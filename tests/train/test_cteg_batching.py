@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from facelab.families.cteg.loop import BucketBatchSampler
+
 from tolerances import FP32_DECODE, FP32_SHAPES
 
 
@@ -21,7 +22,7 @@ def test_bucket_sampler_shards_pads_little_and_is_reproducible():
     assert len(flat) == len(set(flat)) == 31 * 32  # disjoint shards, incomplete global batch dropped
     assert all(len(x) == 16 for x in a + b)
     padded = sum(16 * max(lengths[i] for i in x) for x in a + b)
-    random_batches = np.random.default_rng(0).permutation(1000)[:31 * 32].reshape(-1, 16)
+    random_batches = np.random.default_rng(0).permutation(1000)[: 31 * 32].reshape(-1, 16)
     assert padded < 0.5 * sum(16 * lengths[x].max() for x in random_batches)  # far less padding than random batches
     for s in samplers:
         s.set_epoch(1)
@@ -39,9 +40,9 @@ def test_static_decoding_equals_the_eager_paths():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-    from test_cteg_model import GEN_TEXTS, make
-
     from facelab.families.cteg.decoding import generate
+
+    from test_cteg_model import GEN_TEXTS, make
 
     for overrides in (dict(), dict(lta="pooling", cvad_layers=2)):
         model = make(max_frames=24, stop_threshold=0.0, **overrides)
@@ -63,9 +64,9 @@ def test_text_state_cache_gives_the_encoder_states():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-    from test_cteg_model import TEXTS, batch, make
-
     from facelab.families.cteg.model import TextStateCache
+
+    from test_cteg_model import TEXTS, batch, make
 
     model = make().eval()
     mem, pad = model.encode_text(TEXTS)
@@ -89,9 +90,9 @@ def test_a_request_decoded_in_a_batch_gets_the_answer_it_gets_alone():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-    from test_cteg_model import GEN_TEXTS, make
-
     from facelab.families.cteg.decoding import generate, generate_groups
+
+    from test_cteg_model import GEN_TEXTS, make
 
     model = make(max_frames=40, stop_threshold=0.0)
     free = generate(model, GEN_TEXTS, generator=torch.Generator().manual_seed(3))
@@ -101,8 +102,10 @@ def test_a_request_decoded_in_a_batch_gets_the_answer_it_gets_alone():
     requests = [(GEN_TEXTS[:1] * 3, 40, 11), (GEN_TEXTS[1:3], 17, 12), (GEN_TEXTS[3:4], 33, 13), ([""], 5, 14)]
 
     def alone(static):
-        return [generate(model, t, max_frames=n, generator=torch.Generator().manual_seed(s), static=static)
-                for t, n, s in requests]
+        return [
+            generate(model, t, max_frames=n, generator=torch.Generator().manual_seed(s), static=static)
+            for t, n, s in requests
+        ]
 
     for static in (False, True):
         want = alone(static)
@@ -116,4 +119,3 @@ def test_a_request_decoded_in_a_batch_gets_the_answer_it_gets_alone():
                     torch.testing.assert_close(a, w, **FP32_DECODE)
     with pytest.raises(ValueError, match="one generator per text"):
         generate(model, GEN_TEXTS[:2], generator=[torch.Generator()])
-

@@ -17,12 +17,31 @@ pytestmark = pytest.mark.slow
 
 STEPS = 300
 
-JOB = {"kind": "cteg", "data": {"max_frames": 40},
-       "model": {"text_encoder": "minilm", "finetune_encoder": False, "max_text_tokens": 24, "d_model": 64,
-                 "n_heads": 4, "ff_dim": 128, "cvad_layers": 1, "latent_dim": 16, "dropout": 0.0, "ewa": True,
-                 "ewa_dim": 16, "ewa_heads": 4, "lta": "attention", "target_guided": True,
-                 "share_projection": False, "stop_threshold": 1.0, "output_sigma": 1.0, "kl_reduction": "sum",
-                 "scale_embedding": True}}
+JOB = {
+    "kind": "cteg",
+    "data": {"max_frames": 40},
+    "model": {
+        "text_encoder": "minilm",
+        "finetune_encoder": False,
+        "max_text_tokens": 24,
+        "d_model": 64,
+        "n_heads": 4,
+        "ff_dim": 128,
+        "cvad_layers": 1,
+        "latent_dim": 16,
+        "dropout": 0.0,
+        "ewa": True,
+        "ewa_dim": 16,
+        "ewa_heads": 4,
+        "lta": "attention",
+        "target_guided": True,
+        "share_projection": False,
+        "stop_threshold": 1.0,
+        "output_sigma": 1.0,
+        "kl_reduction": "sum",
+        "scale_embedding": True,
+    },
+}
 
 
 def _val_loss(model, loader) -> float:
@@ -44,8 +63,13 @@ def test_training_reduces_val_loss_and_follows_the_text(tmp_path):
     dev = emoava.load_split(tmp_path, "dev")
     mean, std = emoava.load_stats(tmp_path)
     model = build_cteg(JOB, mean)
-    loader = DataLoader(PairDataset(train.texts, train.sequences, 40), batch_size=16, shuffle=True,
-                        collate_fn=collate, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        PairDataset(train.texts, train.sequences, 40),
+        batch_size=16,
+        shuffle=True,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(0),
+    )
     dev_loader = DataLoader(PairDataset(dev.texts, dev.sequences, 40), batch_size=32, collate_fn=collate)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     before = _val_loss(model, dev_loader)

@@ -24,7 +24,7 @@ def build(job: dict, train_ds, mean) -> "NearestNeighbour":  # noqa: F821 - impo
         seqs[i, : len(s)] = s
     lengths = torch.tensor([len(s) for s in train_ds.sequences])
     model = NearestNeighbour(job, torch.zeros(n, 1), seqs, lengths, torch.as_tensor(mean, dtype=torch.float32))
-    keys = torch.cat([model.embed(train_ds.texts[i:i + 256]) for i in range(0, n, 256)])
+    keys = torch.cat([model.embed(train_ds.texts[i : i + 256]) for i in range(0, n, 256)])
     model.keys = keys
     return model
 

@@ -31,18 +31,19 @@ class NearestNeighbour(nn.Module):
         self.max_text_tokens = m["max_text_tokens"]
         self.text_encoder, self.tokenizer = load_text_encoder(m["text_encoder"])
         self.text_encoder.requires_grad_(False).eval()
-        self.register_buffer("keys", keys)                      # (N, D) unit vectors
-        self.register_buffer("sequences", sequences)            # (N, T, 53), zero-padded
-        self.register_buffer("lengths", lengths)                # (N,)
+        self.register_buffer("keys", keys)  # (N, D) unit vectors
+        self.register_buffer("sequences", sequences)  # (N, T, 53), zero-padded
+        self.register_buffer("lengths", lengths)  # (N,)
         self.register_buffer("mean_expression", mean_expression)  # (53,)
 
     @torch.no_grad()
     def embed(self, texts: list[str]) -> Tensor:
         """(B, D) L2-normalised mean-pooled encoder states."""
         dev = self.mean_expression.device
-        tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_text_tokens,
-                             return_tensors="pt").to(dev)
-        states = self.text_encoder(**tok).last_hidden_state          # (B, L, D)
+        tok = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
+        ).to(dev)
+        states = self.text_encoder(**tok).last_hidden_state  # (B, L, D)
         mask = tok["attention_mask"].unsqueeze(-1).to(states.dtype)  # (B, L, 1)
         pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
         return torch.nn.functional.normalize(pooled, dim=-1)
@@ -66,8 +67,9 @@ class NearestNeighbour(nn.Module):
         return [self.sequences[i, : min(int(self.lengths[i]), limit)].clone() for i in idx.tolist()]
 
     @torch.no_grad()
-    def teacher_forced_means(self, texts: list[str], frames: Tensor, lengths: Tensor, generator=None,
-                             latent: str = "mean") -> tuple[Tensor, Tensor]:
+    def teacher_forced_means(
+        self, texts: list[str], frames: Tensor, lengths: Tensor, generator=None, latent: str = "mean"
+    ) -> tuple[Tensor, Tensor]:
         """``(means (B, T+1, 53), mask (B, T+1))``: ``means[:, p]`` predicts frame p+1 (the terminator
         at step ``lengths[b]``): the retrieved sequence's frame p+1, the zero face past its end."""
         b, t, d = frames.shape

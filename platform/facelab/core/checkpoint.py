@@ -46,13 +46,26 @@ def model_state(model: torch.nn.Module, keep_encoder: bool) -> dict[str, torch.T
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
 
 
-def save(dirpath: Path, model: torch.nn.Module, config: dict, *, keep_encoder: bool,
-         train_state: dict[str, Any] | None = None, meta: dict | None = None) -> Path:
+def save(
+    dirpath: Path,
+    model: torch.nn.Module,
+    config: dict,
+    *,
+    keep_encoder: bool,
+    train_state: dict[str, Any] | None = None,
+    meta: dict | None = None,
+) -> Path:
     return save_tensors(dirpath, model_state(model, keep_encoder), config, train_state=train_state, meta=meta)
 
 
-def save_tensors(dirpath: Path, tensors: dict[str, torch.Tensor], config: dict, *,
-                 train_state: dict[str, Any] | None = None, meta: dict | None = None) -> Path:
+def save_tensors(
+    dirpath: Path,
+    tensors: dict[str, torch.Tensor],
+    config: dict,
+    *,
+    train_state: dict[str, Any] | None = None,
+    meta: dict | None = None,
+) -> Path:
     """Write a checkpoint from an explicit weight dict (e.g. only a LoRA adapter's tensors)."""
     dirpath = Path(dirpath)
     dirpath.mkdir(parents=True, exist_ok=True)
@@ -136,4 +149,5 @@ def load_checked(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str
     if missing or result.unexpected_keys:
         raise CheckpointError(
             f"{where}: does not fit the model "
-            f"(missing {missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected {result.unexpected_keys[:5]})")
+            f"(missing {missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected {result.unexpected_keys[:5]})"
+        )

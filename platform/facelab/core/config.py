@@ -25,15 +25,21 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-
 class Train(Strict):
     """The epoch-loop settings most families share (epochs, seed, caps, checkpoints, restarts, logging)."""
 
     epochs: int = Field(50, ge=1, description="Training epochs.")
     seed: int = Field(0, description="Seed for weights, data order and sampling (a sweep sets it per trial).")
-    max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on optimizer steps per epoch (quick runs); null = full epoch.")
-    max_val_batches: int | None = Field(None, ge=1, description="Cap on validation batches; null = the whole dev split.")
+    max_steps_per_epoch: int | None = Field(
+        None, ge=1, description="Cap on optimizer steps per epoch (quick runs); null = full epoch."
+    )
+    max_val_batches: int | None = Field(
+        None, ge=1, description="Cap on validation batches; null = the whole dev split."
+    )
     checkpoints_to_keep: int = Field(2, ge=1, description="Ray Train keeps this many newest checkpoints per trial.")
-    max_failures: int = Field(1, ge=0, description="Worker-group restarts allowed per trial (resumes from the last checkpoint).")
-    log_every_steps: int = Field(10, ge=1, description="Per-step loss terms (KL curve, Figure 5) are logged every N optimizer steps.")
-
+    max_failures: int = Field(
+        1, ge=0, description="Worker-group restarts allowed per trial (resumes from the last checkpoint)."
+    )
+    log_every_steps: int = Field(
+        10, ge=1, description="Per-step loss terms (KL curve, Figure 5) are logged every N optimizer steps."
+    )

@@ -21,8 +21,8 @@ class DataLineageError(RuntimeError):
 @dataclass(frozen=True)
 class LockedOutput:
     stage: str
-    path: str          # as written in dvc.lock, relative to the project root
-    md5: str           # DVC content hash ('<hash>.dir' for directories)
+    path: str  # as written in dvc.lock, relative to the project root
+    md5: str  # DVC content hash ('<hash>.dir' for directories)
     size: int | None
     nfiles: int | None
 
@@ -63,11 +63,11 @@ def lock_entry(root: Path, data_path: str | Path) -> LockedOutput:
         for out in body.get("outs") or []:
             opath = str(out.get("path", "")).rstrip("/")
             if rel == opath or rel.startswith(opath + "/"):
-                return LockedOutput(stage=stage, path=opath, md5=str(out.get("md5")),
-                                    size=out.get("size"), nfiles=out.get("nfiles"))
+                return LockedOutput(
+                    stage=stage, path=opath, md5=str(out.get("md5")), size=out.get("size"), nfiles=out.get("nfiles")
+                )
     raise DataLineageError(
-        f"{rel}: not an output of any stage in dvc.lock; add a stage for it to dvc.yaml "
-        "and run `dvc repro`"
+        f"{rel}: not an output of any stage in dvc.lock; add a stage for it to dvc.yaml and run `dvc repro`"
     )
 
 

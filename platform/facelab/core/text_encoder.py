@@ -39,8 +39,7 @@ def resolve_encoder(name: str) -> str:
     model_dir = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(
-            f"the installed {_MINILM_PIP_NAME!r} package has no model files under {model_dir}; "
-            "reinstall it"
+            f"the installed {_MINILM_PIP_NAME!r} package has no model files under {model_dir}; reinstall it"
         )
     return str(model_dir)
 

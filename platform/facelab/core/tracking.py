@@ -19,8 +19,8 @@ from typing import Any, Iterable
 
 # Tag keys (one place, so queries and writers agree).
 TAG_SWEEP = "facelab.runtime.sweep"
-TAG_ROLE = "facelab.role"               # "sweep" | "trial" | "train"
-TAG_TRIAL_KEY = "facelab.trial_key"     # stable id of a trial within its sweep
+TAG_ROLE = "facelab.role"  # "sweep" | "trial" | "train"
+TAG_TRIAL_KEY = "facelab.trial_key"  # stable id of a trial within its sweep
 TAG_VARIANT = "facelab.variant"
 TAG_SEED = "facelab.seed"
 TAG_JOB_KIND = "facelab.job_kind"
@@ -113,7 +113,7 @@ def log_params(c, run_id: str, params: dict[str, Any]) -> None:
     existing = c.get_run(run_id).data.params
     items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
     for i in range(0, len(items), 100):
-        c.log_batch(run_id, params=items[i:i + 100])
+        c.log_batch(run_id, params=items[i : i + 100])
 
 
 def log_metric_steps(c, run_id: str, rows: list[tuple[int, dict[str, float]]], retries: int = 5) -> None:
@@ -129,10 +129,14 @@ def log_metric_steps(c, run_id: str, rows: list[tuple[int, dict[str, float]]], r
     ts = int(time.time() * 1000)
     keys = {k for _step, row in rows for k in row}
     logged = _retry(lambda: {k: {m.step for m in c.get_metric_history(run_id, k)} for k in keys}, retries)
-    batch = [Metric(k, float(v), ts, step) for step, row in rows for k, v in row.items()
-             if isinstance(v, (int, float)) and math.isfinite(float(v)) and step not in logged[k]]
+    batch = [
+        Metric(k, float(v), ts, step)
+        for step, row in rows
+        for k, v in row.items()
+        if isinstance(v, (int, float)) and math.isfinite(float(v)) and step not in logged[k]
+    ]
     for i in range(0, len(batch), 1000):
-        _retry(lambda: c.log_batch(run_id, metrics=batch[i:i + 1000]), retries)
+        _retry(lambda: c.log_batch(run_id, metrics=batch[i : i + 1000]), retries)
 
 
 def _retry(fn, retries: int):
@@ -143,7 +147,7 @@ def _retry(fn, retries: int):
         except Exception:
             if attempt == retries - 1:
                 raise
-            time.sleep(0.5 * 2 ** attempt)
+            time.sleep(0.5 * 2**attempt)
 
 
 def log_metrics(c, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -164,8 +168,9 @@ def log_missing_history(c, run_id: str, history: list[dict], key: str = "val/los
 
 
 def find_runs(c, experiment_id: str, filter_string: str, max_results: int = 1000) -> list:
-    return c.search_runs([experiment_id], filter_string=filter_string, max_results=max_results,
-                         order_by=["attributes.start_time ASC"])
+    return c.search_runs(
+        [experiment_id], filter_string=filter_string, max_results=max_results, order_by=["attributes.start_time ASC"]
+    )
 
 
 def get_or_create_run(c, experiment_id: str, run_name: str, tags: dict[str, str], key_filter: str):
@@ -200,9 +205,19 @@ def sweep_parent(c, experiment_id: str, sweep: str):
 
 def trial_runs(c, experiment_id: str, parent_id: str) -> list[TrialRun]:
     runs = find_runs(c, experiment_id, f"tags.`{PARENT_TAG}` = '{parent_id}'")
-    return [TrialRun(r.info.run_id, r.data.tags.get(TAG_VARIANT, ""), int(r.data.tags.get(TAG_SEED, 0)),
-                     r.info.status, r.data.metrics, r.data.params, r.data.tags, r.info.run_name or "")
-            for r in runs]
+    return [
+        TrialRun(
+            r.info.run_id,
+            r.data.tags.get(TAG_VARIANT, ""),
+            int(r.data.tags.get(TAG_SEED, 0)),
+            r.info.status,
+            r.data.metrics,
+            r.data.params,
+            r.data.tags,
+            r.info.run_name or "",
+        )
+        for r in runs
+    ]
 
 
 # ------------------------------------------------------------------------------------------
@@ -265,14 +280,24 @@ def promote(c, trial: TrialRun, model_name: str, metric: str, goal: str, force: 
                 raise TrackingError(
                     f"candidate {metric}={value:.6g} (run {trial.run_id}) is not better than the current "
                     f"champion of {model_name} (version {prev.version}, {metric}={prev_value:.6g}, goal "
-                    f"{goal}); pass --force to promote it anyway")
+                    f"{goal}); pass --force to promote it anyway"
+                )
     source = f"{c.get_run(trial.run_id).info.artifact_uri.rstrip('/')}/checkpoint"
     mv = c.create_model_version(
-        model_name, source=source, run_id=trial.run_id,
-        tags={"facelab.metric": metric, "facelab.metric_value": repr(value), "facelab.goal": goal,
-              TAG_SWEEP: trial.tags.get(TAG_SWEEP, ""), TAG_VARIANT: trial.variant,
-              TAG_SEED: str(trial.seed), TAG_JOB_KIND: trial.tags.get(TAG_JOB_KIND, "")},
-        description=f"{trial.name}: {metric}={value:.6g}")
+        model_name,
+        source=source,
+        run_id=trial.run_id,
+        tags={
+            "facelab.metric": metric,
+            "facelab.metric_value": repr(value),
+            "facelab.goal": goal,
+            TAG_SWEEP: trial.tags.get(TAG_SWEEP, ""),
+            TAG_VARIANT: trial.variant,
+            TAG_SEED: str(trial.seed),
+            TAG_JOB_KIND: trial.tags.get(TAG_JOB_KIND, ""),
+        },
+        description=f"{trial.name}: {metric}={value:.6g}",
+    )
     if prev is not None:
         c.set_registered_model_alias(model_name, PREVIOUS, prev.version)
     c.set_registered_model_alias(model_name, CHAMPION, mv.version)
@@ -305,14 +330,25 @@ def download_model(c, model_name: str, alias: str, dst: Path, by: str = "alias")
     from mlflow.exceptions import MlflowException
 
     try:
-        mv = c.get_model_version(model_name, alias) if by == "version" else c.get_model_version_by_alias(model_name, alias)
+        mv = (
+            c.get_model_version(model_name, alias)
+            if by == "version"
+            else c.get_model_version_by_alias(model_name, alias)
+        )
     except MlflowException as exc:
         sep = "/" if by == "version" else "@"
-        raise TrackingError(f"no model version models:/{model_name}{sep}{alias} in {c.tracking_uri}: {exc.message}") from None
+        raise TrackingError(
+            f"no model version models:/{model_name}{sep}{alias} in {c.tracking_uri}: {exc.message}"
+        ) from None
     dst.mkdir(parents=True, exist_ok=True)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst),
-                                                tracking_uri=c.tracking_uri)
-    info = {"name": model_name, "version": mv.version, "alias": alias, "run_id": mv.run_id,
-            "job_kind": mv.tags.get(TAG_JOB_KIND, ""), "metric": mv.tags.get("facelab.metric"),
-            "metric_value": mv.tags.get("facelab.metric_value")}
+    local = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst), tracking_uri=c.tracking_uri)
+    info = {
+        "name": model_name,
+        "version": mv.version,
+        "alias": alias,
+        "run_id": mv.run_id,
+        "job_kind": mv.tags.get(TAG_JOB_KIND, ""),
+        "metric": mv.tags.get("facelab.metric"),
+        "metric_value": mv.tags.get("facelab.metric_value"),
+    }
     return Path(local), info

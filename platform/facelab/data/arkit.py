@@ -35,20 +35,68 @@ from facelab.data.emoava import DataError
 
 CHANNELS: tuple[str, ...] = (
     # 52 blendshapes, [0, 1]
-    "EyeBlinkLeft", "EyeLookDownLeft", "EyeLookInLeft", "EyeLookOutLeft", "EyeLookUpLeft",
-    "EyeSquintLeft", "EyeWideLeft", "EyeBlinkRight", "EyeLookDownRight", "EyeLookInRight",
-    "EyeLookOutRight", "EyeLookUpRight", "EyeSquintRight", "EyeWideRight", "JawForward",
-    "JawRight", "JawLeft", "JawOpen", "MouthClose", "MouthFunnel", "MouthPucker",
-    "MouthRight", "MouthLeft", "MouthSmileLeft", "MouthSmileRight", "MouthFrownLeft",
-    "MouthFrownRight", "MouthDimpleLeft", "MouthDimpleRight", "MouthStretchLeft",
-    "MouthStretchRight", "MouthRollLower", "MouthRollUpper", "MouthShrugLower",
-    "MouthShrugUpper", "MouthPressLeft", "MouthPressRight", "MouthLowerDownLeft",
-    "MouthLowerDownRight", "MouthUpperUpLeft", "MouthUpperUpRight", "BrowDownLeft",
-    "BrowDownRight", "BrowInnerUp", "BrowOuterUpLeft", "BrowOuterUpRight", "CheekPuff",
-    "CheekSquintLeft", "CheekSquintRight", "NoseSneerLeft", "NoseSneerRight", "TongueOut",
+    "EyeBlinkLeft",
+    "EyeLookDownLeft",
+    "EyeLookInLeft",
+    "EyeLookOutLeft",
+    "EyeLookUpLeft",
+    "EyeSquintLeft",
+    "EyeWideLeft",
+    "EyeBlinkRight",
+    "EyeLookDownRight",
+    "EyeLookInRight",
+    "EyeLookOutRight",
+    "EyeLookUpRight",
+    "EyeSquintRight",
+    "EyeWideRight",
+    "JawForward",
+    "JawRight",
+    "JawLeft",
+    "JawOpen",
+    "MouthClose",
+    "MouthFunnel",
+    "MouthPucker",
+    "MouthRight",
+    "MouthLeft",
+    "MouthSmileLeft",
+    "MouthSmileRight",
+    "MouthFrownLeft",
+    "MouthFrownRight",
+    "MouthDimpleLeft",
+    "MouthDimpleRight",
+    "MouthStretchLeft",
+    "MouthStretchRight",
+    "MouthRollLower",
+    "MouthRollUpper",
+    "MouthShrugLower",
+    "MouthShrugUpper",
+    "MouthPressLeft",
+    "MouthPressRight",
+    "MouthLowerDownLeft",
+    "MouthLowerDownRight",
+    "MouthUpperUpLeft",
+    "MouthUpperUpRight",
+    "BrowDownLeft",
+    "BrowDownRight",
+    "BrowInnerUp",
+    "BrowOuterUpLeft",
+    "BrowOuterUpRight",
+    "CheekPuff",
+    "CheekSquintLeft",
+    "CheekSquintRight",
+    "NoseSneerLeft",
+    "NoseSneerRight",
+    "TongueOut",
     # 9 pose values, [-1, 1]
-    "HeadYaw", "HeadPitch", "HeadRoll", "LeftEyeYaw", "LeftEyePitch", "LeftEyeRoll",
-    "RightEyeYaw", "RightEyePitch", "RightEyeRoll",
+    "HeadYaw",
+    "HeadPitch",
+    "HeadRoll",
+    "LeftEyeYaw",
+    "LeftEyePitch",
+    "LeftEyeRoll",
+    "RightEyeYaw",
+    "RightEyePitch",
+    "RightEyeRoll",
 )
 """The 61 channel names in the release order (52 blendshapes, then head and eye pose)."""
 
@@ -74,7 +122,7 @@ REGIONS: dict[str, list[str]] = {
     "eyes": list(CHANNELS[:14]),  # blink, look, squint, wide (L, R)
     "brows": ["BrowDownLeft", "BrowDownRight", "BrowInnerUp", "BrowOuterUpLeft", "BrowOuterUpRight"],
     "jaw": ["JawForward", "JawRight", "JawLeft", "JawOpen"],
-    "mouth": list(CHANNELS[INDEX["MouthClose"]:INDEX["MouthUpperUpRight"] + 1]),
+    "mouth": list(CHANNELS[INDEX["MouthClose"] : INDEX["MouthUpperUpRight"] + 1]),
     "cheeks_nose": ["CheekPuff", "CheekSquintLeft", "CheekSquintRight", "NoseSneerLeft", "NoseSneerRight"],
     "tongue": ["TongueOut"],
     "head": ["HeadYaw", "HeadPitch", "HeadRoll"],
@@ -121,10 +169,14 @@ def vector_from_mapping(d: Mapping[str, Any], *, where: str = "", strict: bool =
         raise ArkitError(f"{pre}expected an object of {N_CHANNELS} channel values, got {type(d).__name__}")
     unknown = [k for k in d if k not in INDEX]
     if unknown:
-        raise ArkitError(f"{pre}unknown channel {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+        raise ArkitError(
+            f"{pre}unknown channel {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+        )
     missing = [c for c in CHANNELS if c not in d]
     if missing:
-        raise ArkitError(f"{pre}missing channel {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise ArkitError(
+            f"{pre}missing channel {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     vec = np.empty(N_CHANNELS, dtype=np.float64)
     for i, name in enumerate(CHANNELS):
         value = d[name]
@@ -187,7 +239,9 @@ def mapping_from_vector(v: Any) -> dict[str, float]:
     JSON as float32 gives back the numbers that were written (``0.2``, not ``0.20000000298023224``).
     """
     arr = np.asarray(v)
-    if arr.shape != (N_CHANNELS,) or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+    if arr.shape != (N_CHANNELS,) or not (
+        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+    ):
         raise ArkitError(f"expected a numeric vector of shape ({N_CHANNELS},), got {arr.dtype} {arr.shape}")
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float64)
@@ -246,8 +300,10 @@ def _check_rows(rows: Any, where: str) -> np.ndarray:
     out = (arr < LOW) | (arr > HIGH)
     if out.any():
         k, c = (int(x) for x in np.argwhere(out)[0])
-        raise ArkitError(f"{where}: row {k}, channel {CHANNELS[c]!r} = {float(arr[k, c])!r} is out of range "
-                         f"[{float(LOW[c])}, {float(HIGH[c])}]")
+        raise ArkitError(
+            f"{where}: row {k}, channel {CHANNELS[c]!r} = {float(arr[k, c])!r} is out of range "
+            f"[{float(LOW[c])}, {float(HIGH[c])}]"
+        )
     return arr
 
 
@@ -262,8 +318,10 @@ def format_llf_csv(rows: Any, *, timecodes: Sequence[str] | None = None, fps: fl
         if len(timecodes) != n:
             raise ArkitError(f"write_llf_csv: {len(timecodes)} timecodes for {n} rows")
         for i, tc in enumerate(timecodes):
-            if not isinstance(tc, str) or any(ch in tc for ch in ",\r\n\""):
-                raise ArkitError(f"write_llf_csv: timecode {i} must be a string without commas, quotes or newlines, got {tc!r}")
+            if not isinstance(tc, str) or any(ch in tc for ch in ',\r\n"'):
+                raise ArkitError(
+                    f"write_llf_csv: timecode {i} must be a string without commas, quotes or newlines, got {tc!r}"
+                )
     elif fps is not None:
         timecodes = [llf_timecode(i, fps) for i in range(n)]
     else:
@@ -274,8 +332,13 @@ def format_llf_csv(rows: Any, *, timecodes: Sequence[str] | None = None, fps: fl
     return "\n".join(lines) + "\n"
 
 
-def write_llf_csv(rows: Any, stream_or_path: TextIO | str | os.PathLike, *,
-                  timecodes: Sequence[str] | None = None, fps: float | None = None) -> None:
+def write_llf_csv(
+    rows: Any,
+    stream_or_path: TextIO | str | os.PathLike,
+    *,
+    timecodes: Sequence[str] | None = None,
+    fps: float | None = None,
+) -> None:
     """Write keyframes ``rows`` (K, 61) as a Live Link Face CSV, byte-identical to the release's.
 
     Header :data:`LLF_HEADER`; one line per row: timecode, ``61``, the 61 values as Python
@@ -344,7 +407,9 @@ def read_llf_csv(path: str | os.PathLike | TextIO) -> tuple[list[str], np.ndarra
             if not math.isfinite(value):
                 raise ArkitError(f"{name}:{lineno}: {col}: non-finite value {field!r}")
             if not LOW[c] <= value <= HIGH[c]:
-                raise ArkitError(f"{name}:{lineno}: {col} = {value!r} is out of range [{float(LOW[c])}, {float(HIGH[c])}]")
+                raise ArkitError(
+                    f"{name}:{lineno}: {col} = {value!r} is out of range [{float(LOW[c])}, {float(HIGH[c])}]"
+                )
             row.append(value)
         timecodes.append(fields[0].strip())
         rows.append(row)
@@ -378,7 +443,9 @@ def interpolate_keyframes(rows: Any, key_times_s: Sequence[float], fps: float = 
     if arr.shape[0] == 0:
         raise ArkitError("interpolate_keyframes: need at least one keyframe")
     if not np.isfinite(times_k).all() or (np.diff(times_k) <= 0).any():
-        raise ArkitError(f"interpolate_keyframes: key times must be finite and strictly increasing, got {times_k.tolist()}")
+        raise ArkitError(
+            f"interpolate_keyframes: key times must be finite and strictly increasing, got {times_k.tolist()}"
+        )
     if not (math.isfinite(fps) and fps > 0):
         raise ArkitError(f"interpolate_keyframes: fps must be > 0, got {fps!r}")
     if arr.shape[0] == 1:
@@ -393,7 +460,21 @@ def interpolate_keyframes(rows: Any, key_times_s: Sequence[float], fps: float = 
 
 
 __all__ = [
-    "CHANNELS", "N_CHANNELS", "N_BLENDSHAPES", "LOW", "HIGH", "INDEX", "REGIONS", "LLF_HEADER",
-    "ArkitError", "vector_from_mapping", "parse_mapping", "mapping_from_vector", "llf_timecode",
-    "format_llf_csv", "write_llf_csv", "read_llf_csv", "interpolate_keyframes",
+    "CHANNELS",
+    "N_CHANNELS",
+    "N_BLENDSHAPES",
+    "LOW",
+    "HIGH",
+    "INDEX",
+    "REGIONS",
+    "LLF_HEADER",
+    "ArkitError",
+    "vector_from_mapping",
+    "parse_mapping",
+    "mapping_from_vector",
+    "llf_timecode",
+    "format_llf_csv",
+    "write_llf_csv",
+    "read_llf_csv",
+    "interpolate_keyframes",
 ]

@@ -257,7 +257,7 @@ def load_split(data_dir: Path, name: str) -> EmoAvaSplit:
         if not isinstance(text, str):
             raise DataError(f"{texts_path}: text[{i}] is {type(text).__name__}, expected str")
 
-    sequences = [frames[offsets[i]:offsets[i + 1]] for i in range(offsets.size - 1)]
+    sequences = [frames[offsets[i] : offsets[i + 1]] for i in range(offsets.size - 1)]
     split = EmoAvaSplit(texts=texts, sequences=sequences)
     validate_split(split, str(npz_path))
     return split
@@ -360,9 +360,11 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Callable[[], Any]] = {
     # protocols 0-2 carry the raw array bytes as latin-1 text re-encoded with codecs.encode
     ("_codecs", "encode"): lambda: __import__("codecs").encode,
     # plain containers / scalars (protocols <= 2 written by Python 3 name the module __builtin__)
-    **{(mod, name): (lambda obj=obj: obj)
-       for mod in ("builtins", "__builtin__")
-       for name, obj in (("list", list), ("str", str), ("float", float), ("bytes", bytes))},
+    **{
+        (mod, name): (lambda obj=obj: obj)
+        for mod in ("builtins", "__builtin__")
+        for name, obj in (("list", list), ("str", str), ("float", float), ("bytes", bytes))
+    },
 }
 
 
@@ -464,7 +466,9 @@ def import_release(release_dir: Path, out_dir: Path, splits: Sequence[str] = SPL
         texts = read_release_texts(text_path)
         seqs = read_release_exps(exps_path)
         if len(texts) != len(seqs):
-            raise DataError(f"{exps_path}: length mismatch: {len(seqs)} sequences but {len(texts)} texts in {text_path.name}")
+            raise DataError(
+                f"{exps_path}: length mismatch: {len(seqs)} sequences but {len(texts)} texts in {text_path.name}"
+            )
         split_obj = EmoAvaSplit(texts=texts, sequences=seqs)
         validate_split(split_obj, str(exps_path))
         loaded[split] = split_obj
@@ -484,14 +488,17 @@ def import_release(release_dir: Path, out_dir: Path, splits: Sequence[str] = SPL
         save_split(split_obj, out_dir, split)
     save_stats(out_dir, stats[0], stats[1])
     files = {p.name: _sha256(p) for p in wanted}
-    write_meta(out_dir, {
-        "source": "release",
-        "format_version": 1,
-        "expr_dim": EXPR_DIM,
-        "fps": 25,
-        "counts": {s: len(loaded[s]) for s in splits},
-        "release_files_sha256": files,
-    })
+    write_meta(
+        out_dir,
+        {
+            "source": "release",
+            "format_version": 1,
+            "expr_dim": EXPR_DIM,
+            "fps": 25,
+            "counts": {s: len(loaded[s]) for s in splits},
+            "release_files_sha256": files,
+        },
+    )
     summary = summarize(out_dir)
     summary["release_files_sha256"] = files
     return summary

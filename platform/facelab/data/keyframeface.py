@@ -109,8 +109,9 @@ def _check_values(values: Any, where: str) -> np.ndarray:
     out = (arr64 < LOW) | (arr64 > HIGH)
     if out.any():
         i = int(np.argmax(out))
-        raise DataError(f"{where}[{i}] ({CHANNELS[i]}) = {float(arr64[i])!r} is out of range "
-                        f"[{float(LOW[i])}, {float(HIGH[i])}]")
+        raise DataError(
+            f"{where}[{i}] ({CHANNELS[i]}) = {float(arr64[i])!r} is out of range [{float(LOW[i])}, {float(HIGH[i])}]"
+        )
     vec = arr.astype(np.float32, copy=True)
     vec.setflags(write=False)
     return vec
@@ -155,8 +156,11 @@ class Keyframe:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Keyframe):
             return NotImplemented
-        return (self.index == other.index and self.descriptions == other.descriptions
-                and bool(np.array_equal(self.values, other.values)))
+        return (
+            self.index == other.index
+            and self.descriptions == other.descriptions
+            and bool(np.array_equal(self.values, other.values))
+        )
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -188,7 +192,9 @@ class Script:
             if not isinstance(kf, Keyframe):
                 raise DataError(f"{where}: keyframes[{pos - 1}] is {type(kf).__name__}, expected Keyframe")
             if kf.index != pos:
-                raise DataError(f"{where}: keyframes[{pos - 1}].index is {kf.index}, expected {pos} (indices must be 1..K in order)")
+                raise DataError(
+                    f"{where}: keyframes[{pos - 1}].index is {kf.index}, expected {pos} (indices must be 1..K in order)"
+                )
         object.__setattr__(self, "keyframes", kfs)
 
     @property
@@ -281,8 +287,13 @@ def script_from_json(obj: Any, where: str) -> Script:
         desc = _check_descriptions(kf["descriptions"], f"{at}.descriptions")
         values = _check_values(kf["values"], f"{at}.values")
         keyframes.append(Keyframe(index=index, descriptions=desc, values=values))
-    return Script(script_id=obj["script_id"], actor=obj["actor"], background=obj["background"],
-                  emotion=obj["emotion"], keyframes=tuple(keyframes))
+    return Script(
+        script_id=obj["script_id"],
+        actor=obj["actor"],
+        background=obj["background"],
+        emotion=obj["emotion"],
+        keyframes=tuple(keyframes),
+    )
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
@@ -373,8 +384,9 @@ def _check_splits(splits: Any, where: str) -> dict[str, list[Script]]:
     return out
 
 
-def write_dataset(out_dir: str | os.PathLike, splits: Mapping[str, Sequence[Script]],
-                  extra_meta: Mapping[str, Any] | None = None) -> dict:
+def write_dataset(
+    out_dir: str | os.PathLike, splits: Mapping[str, Sequence[Script]], extra_meta: Mapping[str, Any] | None = None
+) -> dict:
     """Write ``splits`` ({"train": [...], "val": [...], "test": [...]}, any non-empty subset) and
     ``meta.json`` to ``out_dir``, atomically; return :func:`summarize` of what was written.
 
@@ -476,7 +488,9 @@ def load_split(data_dir: str | os.PathLike, split: str) -> list[Script]:
     for lineno, obj in _read_jsonl(path):
         script = script_from_json(obj, f"{path}:{lineno}")
         if script.script_id in seen:
-            raise DataError(f"{path}:{lineno}: field 'script_id': duplicate {script.script_id!r} (first on line {seen[script.script_id]})")
+            raise DataError(
+                f"{path}:{lineno}: field 'script_id': duplicate {script.script_id!r} (first on line {seen[script.script_id]})"
+            )
         seen[script.script_id] = lineno
         scripts.append(script)
     return scripts
@@ -498,7 +512,9 @@ def _load_all(data_dir: Path) -> tuple[dict, dict[str, list[Script]]]:
         path = data_dir / f"{name}.jsonl"
         scripts = load_split(data_dir, name)
         if len(scripts) != meta["splits"][name]:
-            raise DataError(f"{path}: {len(scripts)} scripts, but {META_FILE} field 'splits.{name}' says {meta['splits'][name]}")
+            raise DataError(
+                f"{path}: {len(scripts)} scripts, but {META_FILE} field 'splits.{name}' says {meta['splits'][name]}"
+            )
         for i, s in enumerate(scripts):
             if s.script_id in first:
                 raise DataError(f"{path}: script {i + 1} ({s.script_id!r}) also appears in {first[s.script_id]}")
@@ -506,8 +522,10 @@ def _load_all(data_dir: Path) -> tuple[dict, dict[str, list[Script]]]:
             for kf in s.keyframes:
                 extra = set(kf.descriptions) - allowed
                 if extra:
-                    raise DataError(f"{path}: script {s.script_id!r} keyframe {kf.index} has annotation "
-                                    f"{sorted(extra)[0]!r} not listed in {META_FILE} field 'annotations'")
+                    raise DataError(
+                        f"{path}: script {s.script_id!r} keyframe {kf.index} has annotation "
+                        f"{sorted(extra)[0]!r} not listed in {META_FILE} field 'annotations'"
+                    )
         loaded[name] = scripts
     return meta, loaded
 
@@ -601,11 +619,11 @@ def parse_request(messages: Sequence[Mapping[str, Any]], *, where: str = "") -> 
         if s.startswith("Background:"):
             if background is not None:
                 raise DataError(f"{at}: second 'Background:' line")
-            background, state = s[len("Background:"):].strip(), "context"
+            background, state = s[len("Background:") :].strip(), "context"
         elif s.startswith("Emotion:"):
             if emotion is not None:
                 raise DataError(f"{at}: second 'Emotion:' line")
-            emotion, state = s[len("Emotion:"):].strip(), "context"
+            emotion, state = s[len("Emotion:") :].strip(), "context"
         elif s.startswith("Task Instruction:"):
             if target is not None:
                 raise DataError(f"{at}: second 'Task Instruction:' line")
@@ -626,16 +644,25 @@ def parse_request(messages: Sequence[Mapping[str, Any]], *, where: str = "") -> 
         raise DataError(f"{pre}user message: no '- Keyframe One: ...' lines")
     for i, d in enumerate(descriptions):
         if not d:
-            raise DataError(f"{pre}user message: Keyframe {NUMBER_WORDS[i] if i < len(NUMBER_WORDS) else i + 1} has an empty description")
+            raise DataError(
+                f"{pre}user message: Keyframe {NUMBER_WORDS[i] if i < len(NUMBER_WORDS) else i + 1} has an empty description"
+            )
     if background is None:
         raise DataError(f"{pre}user message: missing 'Background:' line")
     if emotion is None:
         raise DataError(f"{pre}user message: missing 'Emotion:' line")
     if target is not None and not 1 <= target <= len(descriptions):
-        raise DataError(f"{pre}user message: task instruction targets keyframe {target}, "
-                        f"but the sequence has {len(descriptions)} keyframes")
-    return {"system": system, "descriptions": descriptions, "background": background,
-            "emotion": emotion, "target": target}
+        raise DataError(
+            f"{pre}user message: task instruction targets keyframe {target}, "
+            f"but the sequence has {len(descriptions)} keyframes"
+        )
+    return {
+        "system": system,
+        "descriptions": descriptions,
+        "background": background,
+        "emotion": emotion,
+        "target": target,
+    }
 
 
 def _last_json_object(text: str) -> Any:
@@ -678,15 +705,18 @@ def _answer_mapping(obj: dict, target: int | None, where: str) -> tuple[dict, in
     if all(name in obj for name in CHANNELS):
         return obj, target
     if len(obj) == 1:
-        (key, value), = obj.items()
+        ((key, value),) = obj.items()
         m = _WRAPPER.match(key)
         if m and isinstance(value, dict):
             n = _keyframe_number(m.group(1), f"{where}: field {key!r}")
             if target is not None and n != target:
-                raise DataError(f"{where}: field {key!r} answers keyframe {n}, but the request asks for keyframe {target}")
+                raise DataError(
+                    f"{where}: field {key!r} answers keyframe {n}, but the request asks for keyframe {target}"
+                )
             return value, n
-    raise DataError(f"{where}: expected {{\"Keyframe_x\": {{61 channels}}}} or a mapping of the 61 channels, "
-                    f"got keys {list(obj)[:3]}")
+    raise DataError(
+        f'{where}: expected {{"Keyframe_x": {{61 channels}}}} or a mapping of the 61 channels, got keys {list(obj)[:3]}'
+    )
 
 
 def _script_id(descriptions: Sequence[str], background: str, emotion: str) -> str:
@@ -702,8 +732,13 @@ def _descriptions_for(text: str | Mapping[str, str], annotation: str) -> dict[st
     return desc
 
 
-def import_chat_jsonl(requests_path: str | os.PathLike, results_path: str | os.PathLike, *,
-                      annotation: str = "original", actor: str = "unknown") -> list[Script]:
+def import_chat_jsonl(
+    requests_path: str | os.PathLike,
+    results_path: str | os.PathLike,
+    *,
+    annotation: str = "original",
+    actor: str = "unknown",
+) -> list[Script]:
     """Import release chat requests + answers as scripts (values parsed strictly).
 
     Non-blank line ``i`` of ``requests_path`` (``{"messages": [...]}``, :func:`parse_request`) is
@@ -748,25 +783,45 @@ def import_chat_jsonl(requests_path: str | os.PathLike, results_path: str | os.P
         key = (tuple(req["descriptions"]), req["background"], req["emotion"])
         answers = groups.setdefault(key, {})
         if target in answers:
-            raise DataError(f"{r_at}: second answer for keyframe {target} of this script (first on {answers[target][1]})")
+            raise DataError(
+                f"{r_at}: second answer for keyframe {target} of this script (first on {answers[target][1]})"
+            )
         answers[target] = (values, r_at)
 
     scripts = []
     for (descs, background, emotion), answers in groups.items():
         missing = [k for k in range(1, len(descs) + 1) if k not in answers]
         if missing:
-            raise DataError(f"{req_path}: script {descs[0][:40]!r}... has no answer for keyframe {missing[0]} "
-                            f"({len(answers)} of {len(descs)} answered)")
-        keyframes = tuple(Keyframe(index=k, descriptions=_descriptions_for(descs[k - 1], annotation),
-                                   values=answers[k][0]) for k in range(1, len(descs) + 1))
-        scripts.append(Script(script_id=_script_id(descs, background, emotion), actor=actor,
-                              background=background, emotion=emotion, keyframes=keyframes))
+            raise DataError(
+                f"{req_path}: script {descs[0][:40]!r}... has no answer for keyframe {missing[0]} "
+                f"({len(answers)} of {len(descs)} answered)"
+            )
+        keyframes = tuple(
+            Keyframe(index=k, descriptions=_descriptions_for(descs[k - 1], annotation), values=answers[k][0])
+            for k in range(1, len(descs) + 1)
+        )
+        scripts.append(
+            Script(
+                script_id=_script_id(descs, background, emotion),
+                actor=actor,
+                background=background,
+                emotion=emotion,
+                keyframes=keyframes,
+            )
+        )
     return scripts
 
 
-def import_llf_csv(path: str | os.PathLike, *, descriptions: Sequence[str | Mapping[str, str]],
-                   background: str = "", emotion: str = "", script_id: str | None = None,
-                   actor: str = "unknown", annotation: str = "original") -> Script:
+def import_llf_csv(
+    path: str | os.PathLike,
+    *,
+    descriptions: Sequence[str | Mapping[str, str]],
+    background: str = "",
+    emotion: str = "",
+    script_id: str | None = None,
+    actor: str = "unknown",
+    annotation: str = "original",
+) -> Script:
     """One script from a Live Link Face CSV: row ``k`` (file order) becomes keyframe ``k + 1``.
 
     ``descriptions`` gives one entry per row: a text (stored under ``annotation``, and as
@@ -803,9 +858,27 @@ def iter_keyframe_texts(scripts: Iterable[Script], annotation: str = "original")
 
 
 __all__ = [
-    "FORMAT", "ANNOTATIONS", "SPLITS", "NUMBER_WORDS", "MAX_KEYFRAMES", "ACTIVE_THRESHOLD",
-    "DataError", "Keyframe", "Script", "keyframe_text", "iter_keyframe_texts",
-    "script_to_json", "script_from_json", "summarize", "summarize_scripts",
-    "write_dataset", "load_meta", "load_split", "load_dataset", "validate_dir",
-    "parse_request", "import_chat_jsonl", "import_llf_csv",
+    "FORMAT",
+    "ANNOTATIONS",
+    "SPLITS",
+    "NUMBER_WORDS",
+    "MAX_KEYFRAMES",
+    "ACTIVE_THRESHOLD",
+    "DataError",
+    "Keyframe",
+    "Script",
+    "keyframe_text",
+    "iter_keyframe_texts",
+    "script_to_json",
+    "script_from_json",
+    "summarize",
+    "summarize_scripts",
+    "write_dataset",
+    "load_meta",
+    "load_split",
+    "load_dataset",
+    "validate_dir",
+    "parse_request",
+    "import_chat_jsonl",
+    "import_llf_csv",
 ]

@@ -53,35 +53,113 @@ GENERATOR_VERSION = 1
 # stage1_std.npy, float32 [53]: 50 FLAME expression coefficients + 3 jaw pose values). These are
 # dataset statistics, embedded so the generator needs no download.
 RELEASE_MEAN: tuple[float, ...] = (
-    0.44357138872146606, 0.6243296265602112, 0.48958468437194824, 1.0208576917648315,
-    -0.6485021710395813, -0.71254563331604, -1.1232353448867798, 0.3859899938106537,
-    -0.4834526777267456, 0.4822261929512024, 0.5454195737838745, 1.2780773639678955,
-    -1.3052563667297363, 1.615800142288208, 0.5098908543586731, -0.3943757116794586,
-    -0.5400627255439758, -1.125939130783081, -0.8928267955780029, 0.830346405506134,
-    0.7316847443580627, -0.8427643775939941, -0.062305595725774765, -1.510060429573059,
-    0.15260541439056396, 0.33888861536979675, -0.26410818099975586, -0.24144230782985687,
-    -0.2880841791629791, -0.08794862776994705, -0.6160391569137573, -1.3466628789901733,
-    0.449407696723938, -1.351900339126587, 0.0931759774684906, -0.9425095915794373,
-    0.03156650811433792, -0.1440144032239914, 0.06400512158870697, 0.40577343106269836,
-    -0.23711997270584106, 0.7572982907295227, 0.19338293373584747, -0.5530006289482117,
-    -0.3769773542881012, 0.36928045749664307, -0.4291017949581146, 0.9175972938537598,
-    0.9830336570739746, 0.7715225219726562, 0.03433689475059509, 0.007029795087873936,
+    0.44357138872146606,
+    0.6243296265602112,
+    0.48958468437194824,
+    1.0208576917648315,
+    -0.6485021710395813,
+    -0.71254563331604,
+    -1.1232353448867798,
+    0.3859899938106537,
+    -0.4834526777267456,
+    0.4822261929512024,
+    0.5454195737838745,
+    1.2780773639678955,
+    -1.3052563667297363,
+    1.615800142288208,
+    0.5098908543586731,
+    -0.3943757116794586,
+    -0.5400627255439758,
+    -1.125939130783081,
+    -0.8928267955780029,
+    0.830346405506134,
+    0.7316847443580627,
+    -0.8427643775939941,
+    -0.062305595725774765,
+    -1.510060429573059,
+    0.15260541439056396,
+    0.33888861536979675,
+    -0.26410818099975586,
+    -0.24144230782985687,
+    -0.2880841791629791,
+    -0.08794862776994705,
+    -0.6160391569137573,
+    -1.3466628789901733,
+    0.449407696723938,
+    -1.351900339126587,
+    0.0931759774684906,
+    -0.9425095915794373,
+    0.03156650811433792,
+    -0.1440144032239914,
+    0.06400512158870697,
+    0.40577343106269836,
+    -0.23711997270584106,
+    0.7572982907295227,
+    0.19338293373584747,
+    -0.5530006289482117,
+    -0.3769773542881012,
+    0.36928045749664307,
+    -0.4291017949581146,
+    0.9175972938537598,
+    0.9830336570739746,
+    0.7715225219726562,
+    0.03433689475059509,
+    0.007029795087873936,
     -0.006891939323395491,
 )
 RELEASE_STD: tuple[float, ...] = (
-    0.8584180474281311, 0.9393919110298157, 0.9187402725219727, 0.8669680953025818,
-    0.9722288846969604, 0.9281131625175476, 0.9052254557609558, 1.4966650009155273,
-    1.0327200889587402, 1.078420877456665, 1.244823932647705, 1.4506508111953735,
-    1.1915289163589478, 1.2361091375350952, 1.0546214580535889, 1.3670880794525146,
-    0.7822767496109009, 0.8091922998428345, 0.8102670311927795, 0.9736381769180298,
-    0.840794026851654, 0.8916135430335999, 0.9646192193031311, 0.7631752490997314,
-    1.1388694047927856, 0.8695557117462158, 0.5745407938957214, 0.9195977449417114,
-    0.9023877382278442, 0.9168866276741028, 1.2061831951141357, 1.0256092548370361,
-    0.7762557864189148, 0.8825202584266663, 0.7234287261962891, 0.5894486904144287,
-    1.2700029611587524, 0.6260905861854553, 0.6324986815452576, 0.7261790633201599,
-    0.7454733848571777, 0.7417905330657959, 0.9282845854759216, 0.5296012759208679,
-    0.5926299095153809, 0.6629179120063782, 0.9352853894233704, 0.7251492142677307,
-    1.4354534149169922, 0.9507150053977966, 0.06488580256700516, 0.019918475300073624,
+    0.8584180474281311,
+    0.9393919110298157,
+    0.9187402725219727,
+    0.8669680953025818,
+    0.9722288846969604,
+    0.9281131625175476,
+    0.9052254557609558,
+    1.4966650009155273,
+    1.0327200889587402,
+    1.078420877456665,
+    1.244823932647705,
+    1.4506508111953735,
+    1.1915289163589478,
+    1.2361091375350952,
+    1.0546214580535889,
+    1.3670880794525146,
+    0.7822767496109009,
+    0.8091922998428345,
+    0.8102670311927795,
+    0.9736381769180298,
+    0.840794026851654,
+    0.8916135430335999,
+    0.9646192193031311,
+    0.7631752490997314,
+    1.1388694047927856,
+    0.8695557117462158,
+    0.5745407938957214,
+    0.9195977449417114,
+    0.9023877382278442,
+    0.9168866276741028,
+    1.2061831951141357,
+    1.0256092548370361,
+    0.7762557864189148,
+    0.8825202584266663,
+    0.7234287261962891,
+    0.5894486904144287,
+    1.2700029611587524,
+    0.6260905861854553,
+    0.6324986815452576,
+    0.7261790633201599,
+    0.7454733848571777,
+    0.7417905330657959,
+    0.9282845854759216,
+    0.5296012759208679,
+    0.5926299095153809,
+    0.6629179120063782,
+    0.9352853894233704,
+    0.7251492142677307,
+    1.4354534149169922,
+    0.9507150053977966,
+    0.06488580256700516,
+    0.019918475300073624,
     0.04465244337916374,
 )
 
@@ -123,32 +201,79 @@ class EmotionSpec:
 
 
 EMOTIONS: dict[str, EmotionSpec] = {
-    "happy": EmotionSpec(words=("happy", "glad", "delighted", "thrilled"),
-                         axes=((0, 1.0), (2, 0.7), (5, -0.5), (9, 0.5), (50, 0.4)),
-                         gain=2.6, onset_s=0.40, relax=0.0, osc_hz=1.5, osc_amp=0.25),
-    "sad": EmotionSpec(words=("sad", "upset", "heartbroken", "miserable"),
-                       axes=((0, -0.8), (1, -0.7), (4, 0.6), (12, 0.5), (17, -0.4)),
-                       gain=2.4, onset_s=1.20, relax=0.0, osc_hz=0.3, osc_amp=0.05),
-    "angry": EmotionSpec(words=("angry", "furious", "mad", "annoyed"),
-                         axes=((1, 0.9), (3, -0.7), (6, 0.6), (10, -0.5), (52, 0.3)),
-                         gain=2.6, onset_s=0.25, relax=0.0, osc_hz=2.0, osc_amp=0.15),
-    "surprised": EmotionSpec(words=("surprised", "shocked", "amazed", "stunned"),
-                             axes=((2, -0.6), (3, 0.9), (7, 0.7), (50, 0.8), (14, 0.4)),
-                             gain=2.8, onset_s=0.12, relax=0.5, osc_hz=0.5, osc_amp=0.05),
-    "afraid": EmotionSpec(words=("afraid", "scared", "terrified", "nervous"),
-                          axes=((1, 0.5), (4, -0.8), (7, 0.5), (11, 0.6), (19, -0.5)),
-                          gain=2.4, onset_s=0.30, relax=0.0, osc_hz=3.0, osc_amp=0.20),
-    "disgusted": EmotionSpec(words=("disgusted", "repulsed", "sickened", "revolted"),
-                             axes=((5, 0.9), (6, -0.6), (8, 0.7), (13, -0.5), (21, 0.4)),
-                             gain=2.4, onset_s=0.50, relax=0.0, osc_hz=0.8, osc_amp=0.10),
-    "calm": EmotionSpec(words=("calm", "relaxed", "peaceful", "serene"),
-                        axes=((0, 0.3), (9, -0.3), (15, 0.3), (16, -0.2)),
-                        gain=0.8, onset_s=1.50, relax=0.0, osc_hz=0.2, osc_amp=0.03),
+    "happy": EmotionSpec(
+        words=("happy", "glad", "delighted", "thrilled"),
+        axes=((0, 1.0), (2, 0.7), (5, -0.5), (9, 0.5), (50, 0.4)),
+        gain=2.6,
+        onset_s=0.40,
+        relax=0.0,
+        osc_hz=1.5,
+        osc_amp=0.25,
+    ),
+    "sad": EmotionSpec(
+        words=("sad", "upset", "heartbroken", "miserable"),
+        axes=((0, -0.8), (1, -0.7), (4, 0.6), (12, 0.5), (17, -0.4)),
+        gain=2.4,
+        onset_s=1.20,
+        relax=0.0,
+        osc_hz=0.3,
+        osc_amp=0.05,
+    ),
+    "angry": EmotionSpec(
+        words=("angry", "furious", "mad", "annoyed"),
+        axes=((1, 0.9), (3, -0.7), (6, 0.6), (10, -0.5), (52, 0.3)),
+        gain=2.6,
+        onset_s=0.25,
+        relax=0.0,
+        osc_hz=2.0,
+        osc_amp=0.15,
+    ),
+    "surprised": EmotionSpec(
+        words=("surprised", "shocked", "amazed", "stunned"),
+        axes=((2, -0.6), (3, 0.9), (7, 0.7), (50, 0.8), (14, 0.4)),
+        gain=2.8,
+        onset_s=0.12,
+        relax=0.5,
+        osc_hz=0.5,
+        osc_amp=0.05,
+    ),
+    "afraid": EmotionSpec(
+        words=("afraid", "scared", "terrified", "nervous"),
+        axes=((1, 0.5), (4, -0.8), (7, 0.5), (11, 0.6), (19, -0.5)),
+        gain=2.4,
+        onset_s=0.30,
+        relax=0.0,
+        osc_hz=3.0,
+        osc_amp=0.20,
+    ),
+    "disgusted": EmotionSpec(
+        words=("disgusted", "repulsed", "sickened", "revolted"),
+        axes=((5, 0.9), (6, -0.6), (8, 0.7), (13, -0.5), (21, 0.4)),
+        gain=2.4,
+        onset_s=0.50,
+        relax=0.0,
+        osc_hz=0.8,
+        osc_amp=0.10,
+    ),
+    "calm": EmotionSpec(
+        words=("calm", "relaxed", "peaceful", "serene"),
+        axes=((0, 0.3), (9, -0.3), (15, 0.3), (16, -0.2)),
+        gain=0.8,
+        onset_s=1.50,
+        relax=0.0,
+        osc_hz=0.2,
+        osc_amp=0.03,
+    ),
 }
 """Emotion vocabulary -> encoded expression (direction, gain, dynamics)."""
 
 INTENSITIES: dict[str, float] = {
-    "slightly": 0.5, "somewhat": 0.75, "quite": 1.0, "really": 1.3, "very": 1.45, "extremely": 1.8,
+    "slightly": 0.5,
+    "somewhat": 0.75,
+    "quite": 1.0,
+    "really": 1.3,
+    "very": 1.45,
+    "extremely": 1.8,
 }
 """Intensity adverbs (placed right before the emotion word) -> offset scale; no adverb = 1.0."""
 
@@ -179,23 +304,67 @@ _TEMPLATES = (
     "After all these years, {topic} still leaves me {adv}{emo}.",
 )
 _TOPICS = (
-    "the new apartment", "the job interview", "the wedding plans", "the test results",
-    "the trip to Vegas", "the coffee shop", "the old photos", "the birthday dinner",
-    "the museum job", "the audition", "the baby", "my brother's car", "the lottery ticket",
-    "the neighbours", "that documentary", "the final exam", "your haircut", "the breakup",
-    "the promotion", "the dinosaur exhibit", "the hospital bill", "the road trip",
-    "the soap opera", "the thanksgiving turkey", "the holiday party",
+    "the new apartment",
+    "the job interview",
+    "the wedding plans",
+    "the test results",
+    "the trip to Vegas",
+    "the coffee shop",
+    "the old photos",
+    "the birthday dinner",
+    "the museum job",
+    "the audition",
+    "the baby",
+    "my brother's car",
+    "the lottery ticket",
+    "the neighbours",
+    "that documentary",
+    "the final exam",
+    "your haircut",
+    "the breakup",
+    "the promotion",
+    "the dinosaur exhibit",
+    "the hospital bill",
+    "the road trip",
+    "the soap opera",
+    "the thanksgiving turkey",
+    "the holiday party",
 )
 _EVENTS = (
-    "the lights went out", "the phone rang", "the results came in", "we opened the door",
-    "the meeting ended", "Alex walked in", "the music stopped", "I read the message",
-    "the plane landed", "the dog ran off", "the boss showed up", "the cake fell over",
-    "she said yes", "he left the room", "the letter arrived", "the movie ended",
-    "we got the keys", "the doctor called back", "the train was late", "they told the truth",
+    "the lights went out",
+    "the phone rang",
+    "the results came in",
+    "we opened the door",
+    "the meeting ended",
+    "Alex walked in",
+    "the music stopped",
+    "I read the message",
+    "the plane landed",
+    "the dog ran off",
+    "the boss showed up",
+    "the cake fell over",
+    "she said yes",
+    "he left the room",
+    "the letter arrived",
+    "the movie ended",
+    "we got the keys",
+    "the doctor called back",
+    "the train was late",
+    "they told the truth",
 )
 _NAMES = (
-    "Alex", "Sam", "Jordan", "Taylor", "Morgan", "Riley", "Casey", "Jamie", "Chris", "Pat",
-    "Robin", "Drew",
+    "Alex",
+    "Sam",
+    "Jordan",
+    "Taylor",
+    "Morgan",
+    "Riley",
+    "Casey",
+    "Jamie",
+    "Chris",
+    "Pat",
+    "Robin",
+    "Drew",
 )
 
 _WORD_TO_EMOTION = {w: name for name, spec in EMOTIONS.items() for w in spec.words}
@@ -223,21 +392,21 @@ def parse_text(text: str) -> tuple[str, float] | None:
 # are in seconds and follow ``fps``.
 # --------------------------------------------------------------------------------------------
 
-_LEN_MEDIAN = 36.2        # frames; log-normal length model ...
-_LEN_SIGMA = 0.86         # ... gives mean ~52 and ~1.2 % over 256 frames
-_LEN_WORD_EXP = 0.5       # longer sentences -> longer sequences: T ~ (words / 11) ** 0.5
+_LEN_MEDIAN = 36.2  # frames; log-normal length model ...
+_LEN_SIGMA = 0.86  # ... gives mean ~52 and ~1.2 % over 256 frames
+_LEN_WORD_EXP = 0.5  # longer sentences -> longer sequences: T ~ (words / 11) ** 0.5
 _LEN_MIN, _LEN_MAX = 8, 640
-_GROUP_ALPHA = 2.3        # one-to-many group sizes N in [2, 76], P(N) ~ N ** -alpha
+_GROUP_ALPHA = 2.3  # one-to-many group sizes N in [2, 76], P(N) ~ N ** -alpha
 _GROUP_MAX = 76
-_STYLE_SD = 0.83          # per-sequence idiosyncratic offset (speaker / style), std units
-_STYLE_SPREAD = 0.65      # log-normal spread of per-sequence expressiveness (scales style offset)
-_NOISE_SD = 1.10          # stationary std of the AR(1) within-sequence motion
-_NOISE_RHO = 0.87         # lag-1 autocorrelation of that motion at 25 fps (drift)
-_SMOOTH = 0.62            # exponential-moving-average factor applied on top (smoothness)
+_STYLE_SD = 0.83  # per-sequence idiosyncratic offset (speaker / style), std units
+_STYLE_SPREAD = 0.65  # log-normal spread of per-sequence expressiveness (scales style offset)
+_NOISE_SD = 1.10  # stationary std of the AR(1) within-sequence motion
+_NOISE_RHO = 0.87  # lag-1 autocorrelation of that motion at 25 fps (drift)
+_SMOOTH = 0.62  # exponential-moving-average factor applied on top (smoothness)
 _SPEECH_AXES = ((50, 1.0), (0, 0.4), (3, 0.3), (7, 0.3))
-_SPEECH_GAIN = 0.55       # mouth motion while talking, along _SPEECH_AXES
-_SPEECH_HZ = (2.5, 4.5)   # syllable-rate range
-_RELAX_S = 1.0            # time constant of the post-apex relaxation
+_SPEECH_GAIN = 0.55  # mouth motion while talking, along _SPEECH_AXES
+_SPEECH_HZ = (2.5, 4.5)  # syllable-rate range
+_RELAX_S = 1.0  # time constant of the post-apex relaxation
 
 
 @dataclass
@@ -245,9 +414,9 @@ class _Plan:
     """Texts and per-sequence conditioning of one split."""
 
     texts: list[str]
-    emotion: np.ndarray    # int (n,) index into EMOTIONS
+    emotion: np.ndarray  # int (n,) index into EMOTIONS
     intensity: np.ndarray  # float (n,)
-    lengths: np.ndarray    # int64 (n,)
+    lengths: np.ndarray  # int64 (n,)
 
 
 def _draw_sentence(u: np.ndarray) -> tuple[str, int, float]:
@@ -262,8 +431,13 @@ def _draw_sentence(u: np.ndarray) -> tuple[str, int, float]:
     spec = EMOTIONS[names[emo_idx]]
     word = pick(spec.words, u[2])
     adverb = pick(_ADVERB_CHOICES, u[3])
-    text = template.format(adv=f"{adverb} " if adverb else "", emo=word,
-                           topic=pick(_TOPICS, u[4]), event=pick(_EVENTS, u[5]), name=pick(_NAMES, u[6]))
+    text = template.format(
+        adv=f"{adverb} " if adverb else "",
+        emo=word,
+        topic=pick(_TOPICS, u[4]),
+        event=pick(_EVENTS, u[5]),
+        name=pick(_NAMES, u[6]),
+    )
     return text, emo_idx, INTENSITIES.get(adverb, 1.0)
 
 
@@ -284,8 +458,7 @@ def _group_sizes(rng: np.random.Generator, n_shared: int) -> list[int]:
     return out
 
 
-def _plan_split(rng: np.random.Generator, n: int, one_to_many_frac: float, mean_len: float,
-                used: set[str]) -> _Plan:
+def _plan_split(rng: np.random.Generator, n: int, one_to_many_frac: float, mean_len: float, used: set[str]) -> _Plan:
     """Texts (unique across the corpus except one-to-many groups), conditioning and lengths."""
     n_shared = int(round(one_to_many_frac * n))
     if n_shared == 1:
@@ -367,9 +540,11 @@ def _synthesize(rng: np.random.Generator, plan: _Plan, fps: int) -> np.ndarray:
     osc_hz = np.array([s.osc_hz for s in specs])[plan.emotion]
     osc_amp = np.array([s.osc_amp for s in specs])[plan.emotion]
     phase = rng.random(n) * (2.0 * math.pi)
-    envelope = (1.0 - np.exp(-(t + 1.0) / onset[seq_id])) \
-        * (1.0 - relax[seq_id] * (1.0 - np.exp(-t / (_RELAX_S * fps)))) \
+    envelope = (
+        (1.0 - np.exp(-(t + 1.0) / onset[seq_id]))
+        * (1.0 - relax[seq_id] * (1.0 - np.exp(-t / (_RELAX_S * fps))))
         * (1.0 + osc_amp[seq_id] * np.sin(2.0 * math.pi * osc_hz[seq_id] * t / fps + phase[seq_id]))
+    )
     envelope *= plan.intensity[seq_id]  # (N,)
     emo = directions[plan.emotion][seq_id]  # (N, 53)
     emo *= envelope[:, None]
@@ -482,21 +657,30 @@ def generate_emoava(
     save_stats(out_dir, np.round(stat_frames.mean(axis=0), 6), np.round(stat_frames.std(axis=0), 6))
 
     params = {
-        "seed": int(seed), "fps": int(fps), "mean_len": float(mean_len),
-        "one_to_many_frac": float(one_to_many_frac),
-        "n_train": int(n_train), "n_dev": int(n_dev), "n_test": int(n_test),
-        "stats_source": stats_source, "stats_digest": _digest(target_mean, target_std),
-        "emotions": sorted(EMOTIONS), "intensities": dict(sorted(INTENSITIES.items())),
-    }
-    write_meta(out_dir, {
-        "source": "synthetic",
-        "generator": "facelab.data.synth.generate_emoava",
-        "generator_version": GENERATOR_VERSION,
-        "expr_dim": EXPR_DIM,
+        "seed": int(seed),
         "fps": int(fps),
-        "counts": {k: int(v) for k, v in counts.items()},
-        "params": params,
-    })
+        "mean_len": float(mean_len),
+        "one_to_many_frac": float(one_to_many_frac),
+        "n_train": int(n_train),
+        "n_dev": int(n_dev),
+        "n_test": int(n_test),
+        "stats_source": stats_source,
+        "stats_digest": _digest(target_mean, target_std),
+        "emotions": sorted(EMOTIONS),
+        "intensities": dict(sorted(INTENSITIES.items())),
+    }
+    write_meta(
+        out_dir,
+        {
+            "source": "synthetic",
+            "generator": "facelab.data.synth.generate_emoava",
+            "generator_version": GENERATOR_VERSION,
+            "expr_dim": EXPR_DIM,
+            "fps": int(fps),
+            "counts": {k: int(v) for k, v in counts.items()},
+            "params": params,
+        },
+    )
     summary = summarize(out_dir)
     summary["params"] = params
     return summary

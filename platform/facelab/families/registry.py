@@ -55,8 +55,10 @@ def _load() -> tuple[dict[str, Family], dict[str, str]]:
         try:
             obj = ep.load()
         except Exception as exc:  # noqa: BLE001 - a broken plug-in is named, not a traceback
-            raise FamilyError(f"entry point {ep.name!r} = {ep.value!r} ({ENTRY_POINT_GROUP}) cannot be loaded: "
-                              f"{type(exc).__name__}: {exc}") from exc
+            raise FamilyError(
+                f"entry point {ep.name!r} = {ep.value!r} ({ENTRY_POINT_GROUP}) cannot be loaded: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         add(obj, f"entry point {ep.value} ({getattr(ep.dist, 'name', '?')})")
     return found, source
 
@@ -77,8 +79,9 @@ def get(kind: Any) -> Family:
     if isinstance(kind, str) and kind in fams:
         return fams[kind]
     hint = difflib.get_close_matches(str(kind), list(fams), n=1)
-    raise FamilyError(f"unknown job kind {kind!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                      + f"; known: {sorted(fams)}")
+    raise FamilyError(
+        f"unknown job kind {kind!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; known: {sorted(fams)}"
+    )
 
 
 def job_types() -> dict[str, type]:

@@ -44,7 +44,7 @@ class SweepContext:
     parent_run_id: str
     base_job: dict
     variants: dict[str, dict]
-    variant_jobs: dict[str, dict]   # variants with their own job file (another family) → that job
+    variant_jobs: dict[str, dict]  # variants with their own job file (another family) → that job
     resources: dict
     storage: str
     lineage_tags: dict[str, str]
@@ -107,8 +107,12 @@ def scheduler(spec: SweepSpec, epochs: int):
     from ray.tune.schedulers import ASHAScheduler
 
     et = spec.early_terminate
-    return ASHAScheduler(time_attr="training_iteration", max_t=et.max_t or epochs,
-                         grace_period=et.grace_period, reduction_factor=et.reduction_factor)
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=et.max_t or epochs,
+        grace_period=et.grace_period,
+        reduction_factor=et.reduction_factor,
+    )
 
 
 def num_samples(spec: SweepSpec) -> int:
@@ -145,14 +149,27 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
     job = validate_job(apply_overrides(base_job, overrides), f"trial {trial_id}").model_dump(mode="json")
 
     c = tracking.client(ctx.tracking_uri)
-    name = f"{config['variant']} | seed={config['seed']}" + "".join(f" | {k}={v}" for k, v in config.get("params", {}).items())
-    tags = {tracking.PARENT_TAG: ctx.parent_run_id, tracking.TAG_ROLE: "trial", tracking.TAG_SWEEP: ctx.sweep,
-            tracking.TAG_TRIAL_KEY: trial_id, tracking.TAG_VARIANT: config["variant"],
-            tracking.TAG_SEED: str(config["seed"]), tracking.TAG_JOB_KIND: job["kind"],
-            **ctx.git_tags, **ctx.lineage_tags}
+    name = f"{config['variant']} | seed={config['seed']}" + "".join(
+        f" | {k}={v}" for k, v in config.get("params", {}).items()
+    )
+    tags = {
+        tracking.PARENT_TAG: ctx.parent_run_id,
+        tracking.TAG_ROLE: "trial",
+        tracking.TAG_SWEEP: ctx.sweep,
+        tracking.TAG_TRIAL_KEY: trial_id,
+        tracking.TAG_VARIANT: config["variant"],
+        tracking.TAG_SEED: str(config["seed"]),
+        tracking.TAG_JOB_KIND: job["kind"],
+        **ctx.git_tags,
+        **ctx.lineage_tags,
+    }
     run_id, created = tracking.get_or_create_run(
-        c, ctx.experiment_id, name, tags,
-        f"tags.`{tracking.PARENT_TAG}` = '{ctx.parent_run_id}' and tags.`{tracking.TAG_TRIAL_KEY}` = '{trial_id}'")
+        c,
+        ctx.experiment_id,
+        name,
+        tags,
+        f"tags.`{tracking.PARENT_TAG}` = '{ctx.parent_run_id}' and tags.`{tracking.TAG_TRIAL_KEY}` = '{trial_id}'",
+    )
     if created:
         tracking.log_params(c, run_id, {**tracking.flatten(job), **{f"override.{k}": v for k, v in overrides.items()}})
         c.log_text(run_id, yaml.safe_dump(job, sort_keys=False), "config.yaml")
@@ -160,13 +177,23 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
     res = ctx.resources
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"job": job, "data_dir": str((Path(ctx.root) / job["data"]["path"]).resolve()), "root": ctx.root,
-                           "tracking": {"uri": ctx.tracking_uri, "run_id": run_id}},
-        scaling_config=ScalingConfig(num_workers=res["num_workers"], use_gpu=res["gpus_per_worker"] > 0,
-                                     resources_per_worker={"CPU": res["cpus_per_worker"],
-                                                           **({"GPU": res["gpus_per_worker"]} if res["gpus_per_worker"] else {})}),
+        train_loop_config={
+            "job": job,
+            "data_dir": str((Path(ctx.root) / job["data"]["path"]).resolve()),
+            "root": ctx.root,
+            "tracking": {"uri": ctx.tracking_uri, "run_id": run_id},
+        },
+        scaling_config=ScalingConfig(
+            num_workers=res["num_workers"],
+            use_gpu=res["gpus_per_worker"] > 0,
+            resources_per_worker={
+                "CPU": res["cpus_per_worker"],
+                **({"GPU": res["gpus_per_worker"]} if res["gpus_per_worker"] else {}),
+            },
+        ),
         run_config=RunConfig(
-            name=trial_id, storage_path=str(Path(ctx.storage) / "train"),
+            name=trial_id,
+            storage_path=str(Path(ctx.storage) / "train"),
             failure_config=FailureConfig(max_failures=job["train"]["max_failures"]),
             checkpoint_config=CheckpointConfig(num_to_keep=job["train"]["checkpoints_to_keep"]),
             callbacks=[TuneReportCallback()],
@@ -243,11 +270,23 @@ def init_ray(address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     # Workers import facelab from the source tree; ship the path so they find it.
     src = str(Path(__file__).resolve().parents[2])
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(x for x in (src, os.environ.get("PYTHONPATH")) if x),
-                        "RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false",
-                        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
-    ray.init(address=address, runtime_env=env, log_to_driver=True,
-             include_dashboard=False, configure_logging=True, logging_level="WARNING")
+    env = {
+        "env_vars": {
+            "PYTHONPATH": os.pathsep.join(x for x in (src, os.environ.get("PYTHONPATH")) if x),
+            "RAY_TRAIN_V2_ENABLED": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+        }
+    }
+    ray.init(
+        address=address,
+        runtime_env=env,
+        log_to_driver=True,
+        include_dashboard=False,
+        configure_logging=True,
+        logging_level="WARNING",
+    )
 
 
 TRIAL_CPU = 0.01  # the Tune trial function only drives the trainer (0 is rejected by Tune)
@@ -260,12 +299,15 @@ def check_resources(spec: SweepSpec) -> None:
     total = ray.cluster_resources()
     r = spec.resources
     need = {"CPU": r.num_workers * r.cpus_per_worker + TRIAL_CPU, "GPU": r.num_workers * r.gpus_per_worker}
-    short = [f"{k}: needs {v:g}, cluster has {total.get(k, 0):g}" for k, v in need.items() if v > total.get(k, 0) + 1e-9]
+    short = [
+        f"{k}: needs {v:g}, cluster has {total.get(k, 0):g}" for k, v in need.items() if v > total.get(k, 0) + 1e-9
+    ]
     if short:
         raise SweepError(
             f"resources: one trial ({r.num_workers} worker(s) x {r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU "
             f"+ {TRIAL_CPU} CPU for the trial driver) does not fit this Ray cluster ({'; '.join(short)}); lower "
-            "resources.cpus_per_worker / num_workers / gpus_per_worker or add nodes")
+            "resources.cpus_per_worker / num_workers / gpus_per_worker or add nodes"
+        )
 
 
 def job_lineage(root: Path, job: dict) -> dict[str, str]:
@@ -285,14 +327,15 @@ class SweepOutcome:
     best: dict | None
 
 
-def run_sweep(loaded: LoadedSweep, root: Path, *, resume: bool = False, address: str | None = None,
-              log=print) -> SweepOutcome:
+def run_sweep(
+    loaded: LoadedSweep, root: Path, *, resume: bool = False, address: str | None = None, log=print
+) -> SweepOutcome:
     """Run (or resume) a validated sweep end to end; returns where everything was recorded."""
     from facelab.core.lineage import verify_data
 
     spec, job = loaded.spec, loaded.job_dict
     data_dir = (root / job["data"]["path"]).resolve()
-    entry = verify_data(root, job["data"]["path"])           # refuses unlocked data, before Ray starts
+    entry = verify_data(root, job["data"]["path"])  # refuses unlocked data, before Ray starts
     uri = tracking.tracking_uri(root)
     c = tracking.check_reachable(uri)
     lineage = {**entry.as_tags(), **job_lineage(root, job)}
@@ -301,8 +344,12 @@ def run_sweep(loaded: LoadedSweep, root: Path, *, resume: bool = False, address:
         key = re.sub(r"[^\w.\-]", "_", vname)  # an MLflow tag key
         if vjob["data"]["path"] != job["data"]["path"]:
             lineage.update(verify_data(root, vjob["data"]["path"]).as_tags(f"facelab.data.{key}"))
-        lineage.update({k.replace("facelab.base_model", f"facelab.base_model.{key}"): v
-                        for k, v in job_lineage(root, vjob).items()})
+        lineage.update(
+            {
+                k.replace("facelab.base_model", f"facelab.base_model.{key}"): v
+                for k, v in job_lineage(root, vjob).items()
+            }
+        )
     pinned: dict[str, str] = {}
     for one in (job, *variant_jobs.values()):
         spec_str = (one.get("eval") or {}).get("evaluator")
@@ -318,10 +365,12 @@ def run_sweep(loaded: LoadedSweep, root: Path, *, resume: bool = False, address:
             overrides["eval.evaluator"] = pinned[spec_str]
             lineage["facelab.evaluator"] = pinned[spec_str]
     if len(set(pinned.values())) > 1:
-        raise SweepError(f"eval.evaluator: the sweep's jobs name different evaluators {sorted(pinned)}; a table "
-                         "needs one evaluator for every row")
+        raise SweepError(
+            f"eval.evaluator: the sweep's jobs name different evaluators {sorted(pinned)}; a table "
+            "needs one evaluator for every row"
+        )
     init_ray(address)
-    check_resources(spec)                                     # before any run is recorded
+    check_resources(spec)  # before any run is recorded
     exp_id = tracking.ensure_experiment(c, spec.name, root)
     storage = storage_root(root)
     sweep_dir = _sweep_dir(storage, spec.name, resume)
@@ -333,24 +382,46 @@ def run_sweep(loaded: LoadedSweep, root: Path, *, resume: bool = False, address:
         c.update_run(parent_id, status="RUNNING")
         log(f"resuming sweep '{spec.name}' from {sweep_dir} (MLflow parent run {parent_id})")
     else:
-        parent = c.create_run(exp_id, run_name=f"sweep {spec.name}", tags={
-            tracking.TAG_ROLE: "sweep", tracking.TAG_SWEEP: spec.name, **tracking.git_state(root),
-            **lineage, "facelab.sweep_dir": str(sweep_dir),
-            "facelab.variants": json.dumps(list(spec.variants)), tracking.TAG_JOB_KIND: job["kind"]})
+        parent = c.create_run(
+            exp_id,
+            run_name=f"sweep {spec.name}",
+            tags={
+                tracking.TAG_ROLE: "sweep",
+                tracking.TAG_SWEEP: spec.name,
+                **tracking.git_state(root),
+                **lineage,
+                "facelab.sweep_dir": str(sweep_dir),
+                "facelab.variants": json.dumps(list(spec.variants)),
+                tracking.TAG_JOB_KIND: job["kind"],
+            },
+        )
         parent_id = parent.info.run_id
-        state_file.write_text(json.dumps({"parent_run_id": parent_id, "experiment_id": exp_id,
-                                          "sweep": spec.name}))
-        tracking.log_params(c, parent_id, {f"sweep.{k}": v for k, v in tracking.flatten(
-            spec.model_dump(mode="json", exclude={"variants"})).items()})
+        state_file.write_text(json.dumps({"parent_run_id": parent_id, "experiment_id": exp_id, "sweep": spec.name}))
+        tracking.log_params(
+            c,
+            parent_id,
+            {f"sweep.{k}": v for k, v in tracking.flatten(spec.model_dump(mode="json", exclude={"variants"})).items()},
+        )
         c.log_text(parent_id, loaded.source.read_text(), "sweep.yaml")
         c.log_text(parent_id, yaml.safe_dump(job, sort_keys=False), "base_job.yaml")
         for vname, vjob in variant_jobs.items():
             c.log_text(parent_id, yaml.safe_dump(vjob, sort_keys=False), f"variant_jobs/{vname}.yaml")
 
-    ctx = SweepContext(sweep=spec.name, root=str(root), data_dir=str(data_dir), tracking_uri=uri,
-                       experiment_id=exp_id, parent_run_id=parent_id, base_job=job,
-                       variants=spec.variants, variant_jobs=variant_jobs, resources=spec.resources.model_dump(),
-                       storage=str(sweep_dir), lineage_tags=lineage, git_tags=tracking.git_state(root))
+    ctx = SweepContext(
+        sweep=spec.name,
+        root=str(root),
+        data_dir=str(data_dir),
+        tracking_uri=uri,
+        experiment_id=exp_id,
+        parent_run_id=parent_id,
+        base_job=job,
+        variants=spec.variants,
+        variant_jobs=variant_jobs,
+        resources=spec.resources.model_dump(),
+        storage=str(sweep_dir),
+        lineage_tags=lineage,
+        git_tags=tracking.git_state(root),
+    )
 
     from ray import tune
 
@@ -358,17 +429,21 @@ def run_sweep(loaded: LoadedSweep, root: Path, *, resume: bool = False, address:
     tune_dir = sweep_dir / "tune"
     try:
         if resume:
-            tuner = tune.Tuner.restore(str(tune_dir / spec.name), trainable=trainable,
-                                       resume_errored=True, restart_errored=False)
+            tuner = tune.Tuner.restore(
+                str(tune_dir / spec.name), trainable=trainable, resume_errored=True, restart_errored=False
+            )
         else:
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space(spec),
                 tune_config=tune.TuneConfig(
-                    metric=spec.metric.name, mode="min" if spec.metric.goal == "minimize" else "max",
-                    num_samples=num_samples(spec), search_alg=search_alg(spec),
+                    metric=spec.metric.name,
+                    mode="min" if spec.metric.goal == "minimize" else "max",
+                    num_samples=num_samples(spec),
+                    search_alg=search_alg(spec),
                     scheduler=scheduler(spec, job["train"]["epochs"]),
-                    max_concurrent_trials=spec.max_concurrent_trials),
+                    max_concurrent_trials=spec.max_concurrent_trials,
+                ),
                 run_config=tune.RunConfig(name=spec.name, storage_path=str(tune_dir), verbose=1),
             )
         results = tuner.fit()
@@ -446,7 +521,14 @@ def reconcile(c, ctx: SweepContext, results, metric: str) -> list[dict]:
             elif run.status == "RUNNING":
                 c.set_tag(run.run_id, "facelab.interrupted", "true")
                 c.set_terminated(run.run_id, "KILLED")
-        out.append({"trial_id": trial.trial_id, "run_id": run.run_id if run else None, "status": status,
-                    "variant": trial.config.get("variant"), "seed": trial.config.get("seed"),
-                    metric: last.get(metric)})
+        out.append(
+            {
+                "trial_id": trial.trial_id,
+                "run_id": run.run_id if run else None,
+                "status": status,
+                "variant": trial.config.get("variant"),
+                "seed": trial.config.get("seed"),
+                metric: last.get(metric),
+            }
+        )
     return out

@@ -87,8 +87,9 @@ class EpochRuntime:
         import ray.train.torch
 
         ctx = ray.train.get_context()
-        rt = cls(config=config, rank=ctx.get_world_rank(), world=ctx.get_world_size(),
-                 device=ray.train.torch.get_device())
+        rt = cls(
+            config=config, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=ray.train.torch.get_device()
+        )
         tr = config.get("tracking") or None
         if rt.rank == 0 and tr:
             rt.client, rt.run_id = tracking.client(tr["uri"]), tr["run_id"]
@@ -120,8 +121,15 @@ class EpochRuntime:
             for fn in list(_HOOKS["phase"]):
                 fn(name, dt, epoch)
 
-    def end_epoch(self, epoch: int, metrics: dict[str, float], save: Callable[[Path, dict], None] | None,
-                  *, step_log: list[tuple[int, dict]] | None = None, meta: dict | None = None) -> None:
+    def end_epoch(
+        self,
+        epoch: int,
+        metrics: dict[str, float],
+        save: Callable[[Path, dict], None] | None,
+        *,
+        step_log: list[tuple[int, dict]] | None = None,
+        meta: dict | None = None,
+    ) -> None:
         """Finish an epoch: finite check, history, then on rank 0 ``save(dir, meta)`` writes the
         checkpoint (the runtime adds epoch, step, history and the MLflow run id to ``meta``), it is
         reported with the metrics, and MLflow gets the metrics (and ``step_log``) afterwards; other
@@ -141,8 +149,13 @@ class EpochRuntime:
                 ray.train.report(metrics)
             else:
                 with tempfile.TemporaryDirectory() as d:
-                    full = {**(meta or {}), "epoch": epoch, "step": self.step, "history": self.history,
-                            "mlflow_run_id": self.run_id}
+                    full = {
+                        **(meta or {}),
+                        "epoch": epoch,
+                        "step": self.step,
+                        "history": self.history,
+                        "mlflow_run_id": self.run_id,
+                    }
                     save(Path(d), full)
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         if self.client:

@@ -28,7 +28,6 @@ HMAC-SHA256(salt, key) as init arguments, compare with ``hmac.compare_digest``, 
 store the key itself.
 """
 
-
 import hashlib
 import hmac
 import logging
@@ -44,13 +43,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
+from facelab.serve.schemas import (
+    ExpressionRequest,
+    ExpressionResponse,
+    KeyframeOut,
+    KeyframeRequest,
+    KeyframeResponse,
+    ModelInfo,
+)
 from facelab.tasks import ROUTES as TASK_ROUTES
 from facelab.tasks import ModelUnhealthy  # noqa: F401 - re-exported: the probe's error
-from facelab.serve.schemas import (ExpressionRequest, ExpressionResponse, KeyframeOut, KeyframeRequest,
-                                   KeyframeResponse, ModelInfo)
 
-api = FastAPI(title="facelab", version="1",
-              description="Text → facial expression sequences (CTEG, FLAME 53-d) and script → ARKit keyframes (KeyframeFace, 61 channels).")
+api = FastAPI(
+    title="facelab",
+    version="1",
+    description="Text → facial expression sequences (CTEG, FLAME 53-d) and script → ARKit keyframes (KeyframeFace, 61 channels).",
+)
 
 MAX_BODY_BYTES = 64 * 1024  # a request is a short text and three numbers
 OPEN_PATHS = frozenset({"/healthz"})  # answered without an API key (liveness probes)
@@ -96,8 +104,10 @@ def _authorized(request: Request) -> bool:
 
 
 def _too_large() -> JSONResponse:
-    return JSONResponse(status_code=413, content={"detail": [
-        {"field": "body", "msg": f"body larger than {MAX_BODY_BYTES} bytes", "type": "too_large"}]})
+    return JSONResponse(
+        status_code=413,
+        content={"detail": [{"field": "body", "msg": f"body larger than {MAX_BODY_BYTES} bytes", "type": "too_large"}]},
+    )
 
 
 @api.middleware("http")
@@ -105,9 +115,19 @@ async def _guard(request: Request, call_next):
     """API key first (401 before any body is read), then refuse oversized bodies with 413 before they
     are parsed (declared Content-Length, or counted while a chunked body streams in)."""
     if not _authorized(request):
-        return JSONResponse(status_code=401, headers={"WWW-Authenticate": "Bearer"}, content={"detail": [{
-            "field": "X-API-Key", "type": "unauthorized",
-            "msg": "missing or wrong API key: send the header 'X-API-Key: <key>' (or 'Authorization: Bearer <key>')"}]})
+        return JSONResponse(
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+            content={
+                "detail": [
+                    {
+                        "field": "X-API-Key",
+                        "type": "unauthorized",
+                        "msg": "missing or wrong API key: send the header 'X-API-Key: <key>' (or 'Authorization: Bearer <key>')",
+                    }
+                ]
+            },
+        )
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
         return _too_large()
@@ -270,8 +290,10 @@ def _decode_jobs(jobs: list[_Decode]) -> list[list[list[list[float]]] | None]:
     with _MODEL_LOCK, torch.no_grad():
         for idx in by_model.values():
             model = jobs[idx[0]].served.model
-            reqs = [([jobs[i].text] * jobs[i].num_samples, jobs[i].max_frames, torch.Generator().manual_seed(jobs[i].seed))
-                    for i in idx]
+            reqs = [
+                ([jobs[i].text] * jobs[i].num_samples, jobs[i].max_frames, torch.Generator().manual_seed(jobs[i].seed))
+                for i in idx
+            ]
             if hasattr(model, "generate_groups"):
                 answers = model.generate_groups(reqs)
             else:
@@ -283,8 +305,9 @@ def _decode_jobs(jobs: list[_Decode]) -> list[list[list[list[float]]] | None]:
     return out
 
 
-def load_checked(tracking_uri: str, model_name: str, ref: str, by: str, root: str | None,
-                 device: str = "cpu") -> Served:
+def load_checked(
+    tracking_uri: str, model_name: str, ref: str, by: str, root: str | None, device: str = "cpu"
+) -> Served:
     """Download ``models:/name@alias`` (or ``name/version``), rebuild it on ``device`` and pass the
     health probe."""
     from facelab.core import tracking
@@ -299,14 +322,19 @@ def load_checked(tracking_uri: str, model_name: str, ref: str, by: str, root: st
     if extra is not None:
         info.update(extra(model, config))
     route = route_of(kind)
-    return Served(model=model, config=config, kind=kind, route=route,
-                  info=ModelInfo(**{k: (str(v) if v is not None else None) for k, v in info.items()}),
-                  max_frames=int(config["data"]["max_frames"]) if route == "/v1/expressions" else 0)
+    return Served(
+        model=model,
+        config=config,
+        kind=kind,
+        route=route,
+        info=ModelInfo(**{k: (str(v) if v is not None else None) for k, v in info.items()}),
+        max_frames=int(config["data"]["max_frames"]) if route == "/v1/expressions" else 0,
+    )
 
 
 @serve.deployment(
     max_ongoing_requests=8,
-    max_queued_requests=64,           # overload gets a quick 503 instead of an unbounded queue
+    max_queued_requests=64,  # overload gets a quick 503 instead of an unbounded queue
     health_check_period_s=10,
     graceful_shutdown_timeout_s=5,
 )
@@ -321,9 +349,18 @@ class FacelabServer:
     rolling update is not used for this: with one replica it stops the old replica before the new
     one has started, so a broken model would leave nothing serving."""
 
-    def __init__(self, model_name: str, tracking_uri: str, alias: str = "champion", root: str | None = None,
-                 api_key_check: tuple[bytes, bytes] | None = None, watch_s: float = 0.0,
-                 max_batch_size: int = 8, batch_wait_s: float = 0.0, device: str = "cpu"):
+    def __init__(
+        self,
+        model_name: str,
+        tracking_uri: str,
+        alias: str = "champion",
+        root: str | None = None,
+        api_key_check: tuple[bytes, bytes] | None = None,
+        watch_s: float = 0.0,
+        max_batch_size: int = 8,
+        batch_wait_s: float = 0.0,
+        device: str = "cpu",
+    ):
         import importlib
 
         import torch
@@ -335,7 +372,9 @@ class FacelabServer:
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("gpus_per_replica > 0, but this replica sees no CUDA device")
         self.device = device
-        self.served = load_checked(tracking_uri, model_name, alias, "alias", root, device)  # a broken first model: no replica
+        self.served = load_checked(
+            tracking_uri, model_name, alias, "alias", root, device
+        )  # a broken first model: no replica
         self.refused: dict[str, str] = {}
         self._stop = threading.Event()
         self._watcher = None
@@ -352,21 +391,32 @@ class FacelabServer:
                 c = tracking.client(self.tracking_uri)
                 version = str(c.get_model_version_by_alias(self.model_name, self.alias).version)
             except Exception as exc:  # registry unreachable: keep serving what we have, look again later
-                log.warning("facelab: cannot read models:/%s@%s (%s); still serving version %s", self.model_name,
-                            self.alias, exc.__class__.__name__, self.served.info.version)
+                log.warning(
+                    "facelab: cannot read models:/%s@%s (%s); still serving version %s",
+                    self.model_name,
+                    self.alias,
+                    exc.__class__.__name__,
+                    self.served.info.version,
+                )
                 continue
             if version == self.served.info.version or version in self.refused:
                 continue
             try:
                 new = load_checked(self.tracking_uri, self.model_name, version, "version", self.root, self.device)
                 if new.route != self.served.route:
-                    raise ModelUnhealthy(f"a {new.kind!r} model answers {new.route}, but this endpoint serves "
-                                         f"{self.served.route}")
+                    raise ModelUnhealthy(
+                        f"a {new.kind!r} model answers {new.route}, but this endpoint serves {self.served.route}"
+                    )
             except Exception as exc:  # refused: the version in service stays
                 reason = f"{exc.__class__.__name__}: {exc}"[:500]
                 self.refused[version] = reason
-                log.error("facelab: refused models:/%s/%s (%s); still serving version %s", self.model_name,
-                          version, reason, self.served.info.version)
+                log.error(
+                    "facelab: refused models:/%s/%s (%s); still serving version %s",
+                    self.model_name,
+                    version,
+                    reason,
+                    self.served.info.version,
+                )
                 try:
                     c.set_model_version_tag(self.model_name, version, "facelab.serve_refused", reason)
                 except Exception:
@@ -382,9 +432,17 @@ class FacelabServer:
     def _require(self, s: Served, route: str) -> None:
         if s.route != route:
             needs = " or ".join(repr(k) for k in kinds_for(route))
-            raise HTTPException(status_code=409, detail=[{
-                "field": "model", "msg": f"the served model is a {s.kind!r} model; {route} needs a {needs} "
-                f"model (this one answers {s.route})", "type": "wrong_model_kind"}])
+            raise HTTPException(
+                status_code=409,
+                detail=[
+                    {
+                        "field": "model",
+                        "msg": f"the served model is a {s.kind!r} model; {route} needs a {needs} "
+                        f"model (this one answers {s.route})",
+                        "type": "wrong_model_kind",
+                    }
+                ],
+            )
 
     def check_health(self) -> None:  # Serve restarts a replica whose model or watcher is gone
         if self.served is None:
@@ -406,14 +464,21 @@ class FacelabServer:
         s = self.served
         self._require(s, "/v1/expressions")
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31 - 1)
-        frames, batch = await self._batcher.submit(_Decode(s, req.text, req.num_samples, min(req.max_frames, s.max_frames), seed))
+        frames, batch = await self._batcher.submit(
+            _Decode(s, req.text, req.num_samples, min(req.max_frames, s.max_frames), seed)
+        )
         response.headers["X-Facelab-Batch"] = str(batch)  # how many requests were decoded together
         if frames is None:
             raise HTTPException(status_code=500, detail="model produced non-finite frames")
         return ExpressionResponse(model=s.info, sequences=[{"frames": f} for f in frames])
 
-    @api.post("/v1/keyframes", response_model=KeyframeResponse,
-              responses={200: {"content": {"text/csv": {}}, "description": "JSON, or the Live Link Face CSV with ?format=csv"}})
+    @api.post(
+        "/v1/keyframes",
+        response_model=KeyframeResponse,
+        responses={
+            200: {"content": {"text/csv": {}}, "description": "JSON, or the Live Link Face CSV with ?format=csv"}
+        },
+    )
     def keyframes(self, req: KeyframeRequest, format: Literal["json", "csv"] = Query("json")):
         import io
         import math
@@ -432,11 +497,18 @@ class FacelabServer:
         if format == "csv":
             buf = io.StringIO()
             write_llf_csv(rows, buf)
-            return Response(content=buf.getvalue(), media_type="text/csv",
-                            headers={"Content-Disposition": 'attachment; filename="keyframes.csv"'})
-        return KeyframeResponse(model=s.info, keyframes=[
-            KeyframeOut(index=i + 1, valid=bool(r.valid), blendshapes=mapping_from_vector(r.values))
-            for i, r in enumerate(results)])
+            return Response(
+                content=buf.getvalue(),
+                media_type="text/csv",
+                headers={"Content-Disposition": 'attachment; filename="keyframes.csv"'},
+            )
+        return KeyframeResponse(
+            model=s.info,
+            keyframes=[
+                KeyframeOut(index=i + 1, valid=bool(r.valid), blendshapes=mapping_from_vector(r.values))
+                for i, r in enumerate(results)
+            ],
+        )
 
 
 ExpressionServer = FacelabServer  # the name of the first release
@@ -451,15 +523,28 @@ def batch_size_for(max_batch_size: int | None, max_ongoing_requests: int) -> int
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1 (got {max_batch_size})")
     if max_batch_size > max_ongoing_requests:
-        raise ValueError(f"max_batch_size ({max_batch_size}) is larger than max_ongoing_requests "
-                         f"({max_ongoing_requests}): a replica never holds that many requests at once")
+        raise ValueError(
+            f"max_batch_size ({max_batch_size}) is larger than max_ongoing_requests "
+            f"({max_ongoing_requests}): a replica never holds that many requests at once"
+        )
     return max_batch_size
 
 
-def build_app(model_name: str, tracking_uri: str, alias: str = "champion", root: str | None = None, *,
-              api_key: str | None = None, replicas: int = 1, max_ongoing_requests: int = 8,
-              max_queued_requests: int = 64, watch_s: float = 0.0, max_batch_size: int | None = None,
-              batch_wait_s: float = 0.0, gpus_per_replica: float = 0.0):
+def build_app(
+    model_name: str,
+    tracking_uri: str,
+    alias: str = "champion",
+    root: str | None = None,
+    *,
+    api_key: str | None = None,
+    replicas: int = 1,
+    max_ongoing_requests: int = 8,
+    max_queued_requests: int = 64,
+    watch_s: float = 0.0,
+    max_batch_size: int | None = None,
+    batch_wait_s: float = 0.0,
+    gpus_per_replica: float = 0.0,
+):
     """The bound Serve application. ``api_key`` (optional) is turned into a salted HMAC here, in the
     caller's process; replicas receive only that digest. ``replicas`` > 1 keeps answering while one
     replica is replaced (one replica = a short outage when its process dies) at the price of one
@@ -479,11 +564,23 @@ def build_app(model_name: str, tracking_uri: str, alias: str = "champion", root:
     check = api_key_check(api_key) if api_key else None
     if gpus_per_replica < 0:
         raise ValueError(f"gpus_per_replica must be >= 0 (got {gpus_per_replica})")
-    dep = FacelabServer.options(num_replicas=replicas, max_ongoing_requests=max_ongoing_requests,
-                                max_queued_requests=max_queued_requests,
-                                ray_actor_options={"num_cpus": 1, "num_gpus": gpus_per_replica})
-    return dep.bind(model_name, tracking_uri, alias, root, check, watch_s, max_batch_size, batch_wait_s,
-                    "cuda" if gpus_per_replica > 0 else "cpu")
+    dep = FacelabServer.options(
+        num_replicas=replicas,
+        max_ongoing_requests=max_ongoing_requests,
+        max_queued_requests=max_queued_requests,
+        ray_actor_options={"num_cpus": 1, "num_gpus": gpus_per_replica},
+    )
+    return dep.bind(
+        model_name,
+        tracking_uri,
+        alias,
+        root,
+        check,
+        watch_s,
+        max_batch_size,
+        batch_wait_s,
+        "cuda" if gpus_per_replica > 0 else "cpu",
+    )
 
 
 def app_from_env(args: dict[str, str]):
@@ -505,9 +602,24 @@ def app_from_env(args: dict[str, str]):
     watch_s = float(args.get("watch_s") or os.environ.get("FACELAB_WATCH_S") or 30)
     gpus = float(args.get("gpus_per_replica") or os.environ.get("FACELAB_GPUS_PER_REPLICA") or 0)
     batch = int(args.get("max_batch_size") or os.environ.get("FACELAB_MAX_BATCH_SIZE") or 8)
-    missing = [n for n, v in (("model (args.model or FACELAB_MODEL)", model),
-                              ("tracking_uri (args.tracking_uri or MLFLOW_TRACKING_URI)", uri)) if not v]
+    missing = [
+        n
+        for n, v in (
+            ("model (args.model or FACELAB_MODEL)", model),
+            ("tracking_uri (args.tracking_uri or MLFLOW_TRACKING_URI)", uri),
+        )
+        if not v
+    ]
     if missing:
         raise ValueError("facelab.serve.app:app_from_env needs " + " and ".join(missing))
-    return build_app(model, uri, alias=alias, root=root, api_key=api_key, watch_s=watch_s,
-                     gpus_per_replica=gpus, max_batch_size=batch, max_ongoing_requests=max(8, batch))
+    return build_app(
+        model,
+        uri,
+        alias=alias,
+        root=root,
+        api_key=api_key,
+        watch_s=watch_s,
+        gpus_per_replica=gpus,
+        max_batch_size=batch,
+        max_ongoing_requests=max(8, batch),
+    )

@@ -13,7 +13,7 @@ MAX_SAMPLES = 16
 MAX_FRAMES = 1024
 
 
-MAX_KEYFRAMES = 5          # the KeyframeFace scripts hold 1–5 keyframes
+MAX_KEYFRAMES = 5  # the KeyframeFace scripts hold 1–5 keyframes
 MAX_DESCRIPTION_CHARS = 1000
 
 
@@ -26,16 +26,22 @@ class ModelInfo(BaseModel):
     metric: str | None = None
     metric_value: str | None = None
     base_model: str | None = None
-    note: str | None = None       # e.g. "tiny random-init Qwen3-architecture model — not a pretrained LM"
+    note: str | None = None  # e.g. "tiny random-init Qwen3-architecture model — not a pretrained LM"
 
 
 class ExpressionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: str = Field(..., max_length=MAX_TEXT_CHARS, description="The utterance to animate (non-empty).")
-    num_samples: int = Field(1, strict=True, ge=1, le=MAX_SAMPLES, description="Independent samples from the CVAE prior.")
-    max_frames: int = Field(256, strict=True, ge=1, le=MAX_FRAMES, description="Upper bound on frames per sequence (25 fps).")
-    seed: int | None = Field(None, strict=True, ge=0, le=2**53, description="Seed for reproducible sampling; null = random.")
+    num_samples: int = Field(
+        1, strict=True, ge=1, le=MAX_SAMPLES, description="Independent samples from the CVAE prior."
+    )
+    max_frames: int = Field(
+        256, strict=True, ge=1, le=MAX_FRAMES, description="Upper bound on frames per sequence (25 fps)."
+    )
+    seed: int | None = Field(
+        None, strict=True, ge=0, le=2**53, description="Seed for reproducible sampling; null = random."
+    )
 
     @field_validator("text")
     @classmethod
@@ -68,8 +74,9 @@ class KeyframeRequest(BaseModel):
 
     background: str = Field(..., max_length=MAX_TEXT_CHARS, description="Contextual background of the script.")
     emotion: str = Field(..., max_length=MAX_TEXT_CHARS, description="The (possibly complex) emotion.")
-    keyframes: list[str] = Field(..., min_length=1, max_length=MAX_KEYFRAMES,
-                                 description="One description per keyframe, in order (1–5).")
+    keyframes: list[str] = Field(
+        ..., min_length=1, max_length=MAX_KEYFRAMES, description="One description per keyframe, in order (1–5)."
+    )
 
     @field_validator("background", "emotion")
     @classmethod
@@ -89,7 +96,9 @@ class KeyframeRequest(BaseModel):
 class KeyframeOut(BaseModel):
     index: int
     valid: bool = Field(..., description="The model's answer parsed completely (false: missing values were set to 0).")
-    blendshapes: dict[str, float] = Field(..., description=f"The {len(CHANNELS)} ARKit channels in the release's order.")
+    blendshapes: dict[str, float] = Field(
+        ..., description=f"The {len(CHANNELS)} ARKit channels in the release's order."
+    )
 
 
 class KeyframeResponse(BaseModel):

@@ -26,7 +26,6 @@ from facelab.core.config import SpecError, Strict
 from facelab.families import registry
 from facelab.families.base import FamilyError
 
-
 # --------------------------------------------------------------------------------------------
 # Sweep
 # --------------------------------------------------------------------------------------------
@@ -97,7 +96,9 @@ class SweepSpec(Strict):
     variants: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"default": {}})
     parameters: dict[str, Parameter] = Field(default_factory=dict)
     seeds: list[int] = Field(default_factory=lambda: [0])
-    num_samples: int = Field(1, ge=1, description="random/optuna: samples per variant x seed (optuna: total trials per variant x seed).")
+    num_samples: int = Field(
+        1, ge=1, description="random/optuna: samples per variant x seed (optuna: total trials per variant x seed)."
+    )
     early_terminate: EarlyTerminate | None = None
     resources: Resources = Resources()
     max_concurrent_trials: int = Field(1, ge=1)
@@ -127,8 +128,9 @@ class SweepSpec(Strict):
 
 
 def grid_problem(key: str) -> str:
-    return (f"parameters.{key}: method 'grid' needs 'values' or 'value', not a distribution "
-            "(use method: random or optuna)")
+    return (
+        f"parameters.{key}: method 'grid' needs 'values' or 'value', not a distribution (use method: random or optuna)"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,8 +265,8 @@ SWEEP_KEYS = set(SweepSpec.model_fields)
 @dataclass
 class LoadedSweep:
     spec: SweepSpec
-    job: Strict                    # the base job, ``--set`` job overrides applied
-    job_dict: dict                 # same, as a plain dict
+    job: Strict  # the base job, ``--set`` job overrides applied
+    job_dict: dict  # same, as a plain dict
     source: Path
     job_path: Path
     trials: list["TrialPlan"] = field(default_factory=list)
@@ -281,7 +283,7 @@ class TrialPlan:
 
     variant: str
     seed: int
-    params: dict[str, Any]          # fixed values, or a '<dist ...>' label for sampled ones
+    params: dict[str, Any]  # fixed values, or a '<dist ...>' label for sampled ones
 
     @property
     def name(self) -> str:
@@ -344,14 +346,17 @@ def load_sweep(path: str | Path, sets: list[str] | None = None, root: Path | Non
         problems += pydantic_problems(exc)
         spec = None
         if raw.get("method", "grid") == "grid" and isinstance(raw.get("parameters"), dict):
-            problems += [grid_problem(k) for k, p in raw["parameters"].items()
-                         if isinstance(p, dict) and "distribution" in p]
+            problems += [
+                grid_problem(k) for k, p in raw["parameters"].items() if isinstance(p, dict) and "distribution" in p
+            ]
 
     job_ref = raw.get("job")
     job_path = (root / job_ref) if isinstance(job_ref, str) else None
     variants = raw.get("variants") if isinstance(raw.get("variants"), dict) else {"default": {}}
     params = raw.get("parameters") if isinstance(raw.get("parameters"), dict) else {}
-    base_job, cls = _load_job_file(root, job_ref, "job", job_sets, problems) if isinstance(job_ref, str) else (None, None)
+    base_job, cls = (
+        _load_job_file(root, job_ref, "job", job_sets, problems) if isinstance(job_ref, str) else (None, None)
+    )
 
     # A variant may name its own job file (``job: jobs/other.yaml``): a different model family
     # in the same sweep, e.g. a learned baseline as one row of a paper table.
@@ -366,7 +371,9 @@ def load_sweep(path: str | Path, sets: list[str] | None = None, root: Path | Non
             problems.append(f"variants.{vname}.job: must be a job file path, got {ref!r}")
         else:
             jobs[vname] = _load_job_file(root, ref, f"variants.{vname}.job", job_sets, problems)
-    unused = [k for k in job_sets if not any(c is not None and has_path(c, k) for _j, c in [(base_job, cls), *jobs.values()])]
+    unused = [
+        k for k in job_sets if not any(c is not None and has_path(c, k) for _j, c in [(base_job, cls), *jobs.values()])
+    ]
     for key in unused:
         problems.append(f"--set {key}: not a sweep key nor a key of any job config of this sweep")
 
@@ -380,14 +387,19 @@ def load_sweep(path: str | Path, sets: list[str] | None = None, root: Path | Non
                 problems.append(f"variants.{vname}.{key}: not a key of the {vcls.__name__} config")
         for key in params:
             if not has_path(vcls, str(key)):
-                problems.append(f"parameters.{key}: not a key of the {vcls.__name__} config"
-                                + (f" (variant {vname!r})" if vcls is not cls else ""))
+                problems.append(
+                    f"parameters.{key}: not a key of the {vcls.__name__} config"
+                    + (f" (variant {vname!r})" if vcls is not cls else "")
+                )
         reported = registry.get(vcls.model_fields["kind"].default).metrics
         if reported and isinstance(raw.get("metric"), dict):
             name = raw["metric"].get("name")
             if isinstance(name, str) and name not in reported:
-                problems.append(f"metric.name: {name!r} is not reported by the {vcls.model_fields['kind'].default} job"
-                                + (f" of variant {vname!r}" if vcls is not cls else "") + f"; choose one of {sorted(reported)}")
+                problems.append(
+                    f"metric.name: {name!r} is not reported by the {vcls.model_fields['kind'].default} job"
+                    + (f" of variant {vname!r}" if vcls is not cls else "")
+                    + f"; choose one of {sorted(reported)}"
+                )
         if vjob is None:
             continue
         # Every concrete override must give a valid job (types, ranges, cross-field rules).
@@ -405,18 +417,24 @@ def load_sweep(path: str | Path, sets: list[str] | None = None, root: Path | Non
             elif "value" in p:
                 points = [p["value"]]
             else:
-                points = [int(b) if p.get("distribution") == "int_uniform" and isinstance(b, (int, float)) else b
-                          for b in (p.get("min"), p.get("max")) if b is not None]
+                points = [
+                    int(b) if p.get("distribution") == "int_uniform" and isinstance(b, (int, float)) else b
+                    for b in (p.get("min"), p.get("max"))
+                    if b is not None
+                ]
             for i, point in enumerate(points):
                 try:
                     vcls.model_validate(apply_overrides(base, {str(key): point}))
                 except ValidationError as exc:
-                    problems += [f"parameters.{key}[{i}] = {point!r}: " + e.split(": ", 1)[1]
-                                 for e in pydantic_problems(exc)]
+                    problems += [
+                        f"parameters.{key}[{i}] = {point!r}: " + e.split(": ", 1)[1] for e in pydantic_problems(exc)
+                    ]
         bs = getattr(getattr(vjob, "optim", None), "batch_size", None)
         if spec is not None and bs is not None and bs < spec.resources.num_workers:
-            problems.append(f"resources.num_workers: {spec.resources.num_workers} workers cannot split optim.batch_size {bs}"
-                            + (f" (variant {vname!r})" if vcls is not cls else ""))
+            problems.append(
+                f"resources.num_workers: {spec.resources.num_workers} workers cannot split optim.batch_size {bs}"
+                + (f" (variant {vname!r})" if vcls is not cls else "")
+            )
     if "train.seed" in params:
         problems.append("parameters.train.seed: set seeds with the sweep's 'seeds' list")
 
@@ -427,12 +445,20 @@ def load_sweep(path: str | Path, sets: list[str] | None = None, root: Path | Non
     variant_jobs = {v: j.model_dump(mode="json") for v, (j, _c) in jobs.items() if j is not base_job and j is not None}
     for v in spec.variants:  # from here on a variant is its overrides only
         spec.variants[v] = {k: val for k, val in spec.variants[v].items() if k != "job"}
-    return LoadedSweep(spec=spec, job=base_job, job_dict=base_job.model_dump(mode="json"),
-                       source=path, job_path=job_path, trials=plan_trials(spec), variant_jobs=variant_jobs)
+    return LoadedSweep(
+        spec=spec,
+        job=base_job,
+        job_dict=base_job.model_dump(mode="json"),
+        source=path,
+        job_path=job_path,
+        trials=plan_trials(spec),
+        variant_jobs=variant_jobs,
+    )
 
 
-def _load_job_file(root: Path, ref: str, where: str, job_sets: dict[str, Any],
-                   problems: list[str]) -> tuple[Strict | None, type[Strict] | None]:
+def _load_job_file(
+    root: Path, ref: str, where: str, job_sets: dict[str, Any], problems: list[str]
+) -> tuple[Strict | None, type[Strict] | None]:
     """Read and validate one job file of a sweep (``--set`` job overrides applied where the key
     exists in its config); problems are appended, prefixed with ``where``."""
     job_path = root / ref

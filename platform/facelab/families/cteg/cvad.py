@@ -201,7 +201,9 @@ class CVADLayer(nn.Module):
 
     # -- the two modes --------------------------------------------------------------------------
 
-    def forward_train(self, h: Tensor, mem_kv, key_valid: Tensor, step_valid: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    def forward_train(
+        self, h: Tensor, mem_kv, key_valid: Tensor, step_valid: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Teacher-forced pass over all S positions (z from Q_φ).
 
         ``step_valid`` (B, S-1): True where step p is a real prediction (not padding).

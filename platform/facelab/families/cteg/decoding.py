@@ -54,7 +54,9 @@ STOP_CHECK_EVERY = 16
 """Static decoding: steps between two checks (one device sync) of whether every row has stopped."""
 
 
-def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> Tensor:
+def _randn(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+) -> Tensor:
     src = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=src, dtype=dtype).to(device)
 
@@ -115,8 +117,10 @@ class _Noise:
     def all(self) -> list[tuple[Tensor, Tensor | None]]:
         """Per layer (ε_z (n_max, B, latent), ε_out (n_max, B, d) or None): every step's noise."""
         self._draw_until(self.n_max - 1)
-        return [(torch.cat(self.z[m])[: self.n_max], torch.cat(self.out[m])[: self.n_max] if self.sigma_out else None)
-                for m in range(self.n_layers)]
+        return [
+            (torch.cat(self.z[m])[: self.n_max], torch.cat(self.out[m])[: self.n_max] if self.sigma_out else None)
+            for m in range(self.n_layers)
+        ]
 
 
 @torch.no_grad()
@@ -153,8 +157,9 @@ def generate(
         model.train(was_training)
 
 
-def generate_groups(model: CTEG, requests: list[tuple[list[str], int, torch.Generator | None]],
-                    static: bool | None = None) -> list[list[Tensor]]:
+def generate_groups(
+    model: CTEG, requests: list[tuple[list[str], int, torch.Generator | None]], static: bool | None = None
+) -> list[list[Tensor]]:
     """Decode several requests ``(texts, max_frames, generator)`` as one batch: one list of (T, 53)
     tensors per request. Each request's rows draw their noise from its own generator and are cut to
     its own ``max_frames``, so the answer is the one ``generate(model, texts, max_frames, generator)``
@@ -172,7 +177,7 @@ def generate_groups(model: CTEG, requests: list[tuple[list[str], int, torch.Gene
     rows = generate(model, texts, max_frames=n_max, generator=gens, static=static)
     out, i = [], 0
     for req_texts, n, _ in requests:
-        out.append([r[: int(n)] for r in rows[i: i + len(req_texts)]])
+        out.append([r[: int(n)] for r in rows[i : i + len(req_texts)]])
         i += len(req_texts)
     return out
 
@@ -201,7 +206,9 @@ def _sample(model: CTEG, texts: list[str], n_max: int, generator, use_cache: boo
         inputs = torch.zeros(b, n_max, cfg.expr_dim, device=device, dtype=dtype)
         inputs[:, 0] = mean
         noise_z = [torch.zeros(b, n_max, cfg.latent_dim, device=device, dtype=dtype) for _ in layers]
-        noise_out = [torch.zeros(b, n_max, cfg.d_model, device=device, dtype=dtype) for _ in layers] if sigma_out else None
+        noise_out = (
+            [torch.zeros(b, n_max, cfg.d_model, device=device, dtype=dtype) for _ in layers] if sigma_out else None
+        )
 
     for p in range(n_max):
         eps = noise.step(p)

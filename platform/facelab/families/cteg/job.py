@@ -9,8 +9,12 @@ from pydantic import Field, model_validator
 from facelab.core.config import Strict, Train
 from facelab.tasks.expressions.config import ExpressionData, ExpressionEval
 
+
 class CTEGModel(Strict):
-    text_encoder: str = Field("minilm", description="Pretrained text encoder: 'minilm' (offline default) or a local path / HF id (paper: bert-base-cased).")
+    text_encoder: str = Field(
+        "minilm",
+        description="Pretrained text encoder: 'minilm' (offline default) or a local path / HF id (paper: bert-base-cased).",
+    )
     finetune_encoder: bool = Field(False, description="Train the text encoder too (Table 6 'w. BERT fine-tuning').")
     max_text_tokens: int = Field(128, ge=4, description="Text is truncated to this many tokens.")
     d_model: int = Field(768, ge=8, description="Transformer width (§5.1).")
@@ -22,13 +26,23 @@ class CTEGModel(Strict):
     ewa: bool = Field(True, description="Expression-wise Attention input block (§3.3); false = linear projection.")
     ewa_dim: int = Field(64, ge=1, description="Latent size of the EwA cross-attention (§3.3).")
     ewa_heads: int = Field(4, ge=1, description="Heads of the EwA cross-attention (§3.3).")
-    lta: Literal["attention", "pooling", "none"] = Field("attention", description="Latent Temporal Attention variant (§3.4, Table 6).")
+    lta: Literal["attention", "pooling", "none"] = Field(
+        "attention", description="Latent Temporal Attention variant (§3.4, Table 6)."
+    )
     target_guided: bool = Field(True, description="Target-guided loss L_g (§3.5, Eq. 8).")
     share_projection: bool = Field(False, description="Share projections (Table 6 'w. sharing').")
-    stop_threshold: float = Field(1.0, gt=0.0, description="Decoding stops when a frame is this close (L2) to the zero face (§3.6).")
-    output_sigma: float = Field(1.0, ge=0.0, description="σ of the output Gaussian N(μ_g, σ²) (Eq. 5: σ = 1); 0 = use μ_g.")
-    kl_reduction: Literal["sum", "mean"] = Field("sum", description="KL over latent dims: exact 'sum', or the reference code's 'mean'.")
-    scale_embedding: bool = Field(True, description="Scale projected expressions by √d_model before the PE (reference -scale_emb).")
+    stop_threshold: float = Field(
+        1.0, gt=0.0, description="Decoding stops when a frame is this close (L2) to the zero face (§3.6)."
+    )
+    output_sigma: float = Field(
+        1.0, ge=0.0, description="σ of the output Gaussian N(μ_g, σ²) (Eq. 5: σ = 1); 0 = use μ_g."
+    )
+    kl_reduction: Literal["sum", "mean"] = Field(
+        "sum", description="KL over latent dims: exact 'sum', or the reference code's 'mean'."
+    )
+    scale_embedding: bool = Field(
+        True, description="Scale projected expressions by √d_model before the PE (reference -scale_emb)."
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "CTEGModel":
@@ -49,7 +63,11 @@ class Optim(Strict):
 
 
 class CTEGTrain(Train):
-    bucket_batches: int = Field(32, ge=1, description="Length bucketing: sequences are sorted by length within pools of this many global batches (1 = batches of similar length only within one batch's worth).")
+    bucket_batches: int = Field(
+        32,
+        ge=1,
+        description="Length bucketing: sequences are sorted by length within pools of this many global batches (1 = batches of similar length only within one batch's worth).",
+    )
 
 
 class CTEGJob(Strict):
@@ -63,7 +81,18 @@ class CTEGJob(Strict):
     eval: ExpressionEval = ExpressionEval()
 
 
-
 # Metrics the worker loop reports each epoch (a sweep's ``metric.name`` must be one of them).
-METRICS = frozenset({"val/loss", "val/mse", "val/kl", "val/lg", "val/cppl", "train/loss", "train/mse", "train/kl", "train/lg",
-                     *(f"test/{m}" for m in ("cppl", "dot", "fgd", "diversity", "mmodality", "variation"))})
+METRICS = frozenset(
+    {
+        "val/loss",
+        "val/mse",
+        "val/kl",
+        "val/lg",
+        "val/cppl",
+        "train/loss",
+        "train/mse",
+        "train/kl",
+        "train/lg",
+        *(f"test/{m}" for m in ("cppl", "dot", "fgd", "diversity", "mmodality", "variation")),
+    }
+)

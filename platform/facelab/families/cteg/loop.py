@@ -20,14 +20,13 @@ Speed (the same maths on every device):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
-
-import contextlib
-from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -53,10 +52,21 @@ class BucketBatchSampler(Sampler[list[int]]):
     ``batch_size`` is per rank.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, *, num_replicas: int = 1, rank: int = 0,
-                 seed: int = 0, bucket_batches: int = 32, shuffle: bool = True):
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        *,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        bucket_batches: int = 32,
+        shuffle: bool = True,
+    ):
         if batch_size < 1 or num_replicas < 1 or not 0 <= rank < num_replicas or bucket_batches < 1:
-            raise ValueError("BucketBatchSampler: batch_size, num_replicas, bucket_batches >= 1 and 0 <= rank < num_replicas")
+            raise ValueError(
+                "BucketBatchSampler: batch_size, num_replicas, bucket_batches >= 1 and 0 <= rank < num_replicas"
+            )
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.batch_size, self.num_replicas, self.rank = batch_size, num_replicas, rank
         self.seed, self.bucket_batches, self.shuffle = seed, bucket_batches, shuffle
@@ -77,13 +87,13 @@ class BucketBatchSampler(Sampler[list[int]]):
         pool = glob * self.bucket_batches
         batches = []
         for start in range(0, len(order), pool):
-            chunk = order[start:start + pool]
+            chunk = order[start : start + pool]
             chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
-            batches += [chunk[i:i + glob] for i in range(0, len(chunk), glob)]
+            batches += [chunk[i : i + glob] for i in range(0, len(chunk), glob)]
         if self.shuffle:
             batches = [batches[i] for i in g.permutation(len(batches))]
         for gb in batches:
-            yield gb[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
+            yield gb[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
 
 
 def autocast(device, enabled: bool | None = None) -> contextlib.AbstractContextManager:
@@ -97,8 +107,9 @@ def autocast(device, enabled: bool | None = None) -> contextlib.AbstractContextM
 def make_optimizer(params, optim_cfg: dict, device) -> torch.optim.Optimizer:
     """The paper's Adam (β, ε from the job); the fused kernel on CUDA."""
     fused = torch.device(device).type == "cuda"
-    return torch.optim.Adam(params, lr=optim_cfg["lr_mul"], betas=tuple(optim_cfg["betas"]), eps=optim_cfg["eps"],
-                            fused=fused or None)
+    return torch.optim.Adam(
+        params, lr=optim_cfg["lr_mul"], betas=tuple(optim_cfg["betas"]), eps=optim_cfg["eps"], fused=fused or None
+    )
 
 
 def train_step(model, batch, opt, sched, params, grad_clip: float, device, amp: bool | None = None) -> torch.Tensor:
@@ -127,7 +138,7 @@ def warm_text_cache(model, texts: list[str], chunk: int = 256) -> None:
     unique = sorted(set(texts))
     with torch.no_grad():
         for i in range(0, len(unique), chunk):
-            model.encode_text(unique[i:i + chunk])
+            model.encode_text(unique[i : i + chunk])
 
 
 def worker_loop(config: dict[str, Any]) -> None:
@@ -158,7 +169,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         return
 
     # ---- setup -------------------------------------------------------------------------------
-    seed_everything(train_cfg["seed"])             # same initial weights on every rank
+    seed_everything(train_cfg["seed"])  # same initial weights on every rank
     train_ds, dev_ds, mean = load_splits(rt.data_dir, job["data"])
     model = build_cteg(job, mean).to(device)
     keep_encoder = bool(job["model"]["finetune_encoder"])
@@ -179,15 +190,22 @@ def worker_loop(config: dict[str, Any]) -> None:
         warm_text_cache(model, [*train_ds.texts, *dev_ds.texts])
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
     per_worker = max(1, optim_cfg["batch_size"] // world)
-    sampler = BucketBatchSampler([len(s) for s in train_ds.sequences], per_worker, num_replicas=world, rank=rank,
-                                 seed=train_cfg["seed"], bucket_batches=train_cfg["bucket_batches"])
+    sampler = BucketBatchSampler(
+        [len(s) for s in train_ds.sequences],
+        per_worker,
+        num_replicas=world,
+        rank=rank,
+        seed=train_cfg["seed"],
+        bucket_batches=train_cfg["bucket_batches"],
+    )
     pin = torch.device(device).type == "cuda"
     loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate, pin_memory=pin)
     dev_idx = list(range(rank, len(dev_ds), world))  # exact sharding: no duplicated samples
     # validation batches of similar lengths too (the sums do not depend on the order)
     dev_order = sorted(dev_idx, key=lambda i: len(dev_ds.sequences[i]))
-    dev_loader = DataLoader(torch.utils.data.Subset(dev_ds, dev_order), batch_size=per_worker, collate_fn=collate,
-                            pin_memory=pin)
+    dev_loader = DataLoader(
+        torch.utils.data.Subset(dev_ds, dev_order), batch_size=per_worker, collate_fn=collate, pin_memory=pin
+    )
 
     nodes = worker_nodes()  # collective: every rank takes part
     if rt.client:
@@ -196,7 +214,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     # ---- train -------------------------------------------------------------------------------
     for epoch in range(rt.start_epoch, train_cfg["epochs"]):
         t0 = time.time()
-        step_log: list[tuple[int, dict]] = []   # per-step terms (Figure 5), flushed once per epoch
+        step_log: list[tuple[int, dict]] = []  # per-step terms (Figure 5), flushed once per epoch
         sampler.set_epoch(epoch)
         # Per-rank, per-epoch stream for the CVAE's sampling noise: resumable and rank-distinct.
         torch.manual_seed(train_cfg["seed"] * 1_000_003 + epoch * 1009 + rank)
@@ -212,8 +230,13 @@ def worker_loop(config: dict[str, Any]) -> None:
                 rt.step += 1
                 n_batches += 1
                 if rank == 0 and rt.step % train_cfg["log_every_steps"] == 0:
-                    step_log.append((rt.step, {f"step/{k}": v for k, v in zip(LOSS_TERMS, terms.tolist())}
-                                     | {"step/lr": sched.get_last_lr()[0]}))
+                    step_log.append(
+                        (
+                            rt.step,
+                            {f"step/{k}": v for k, v in zip(LOSS_TERMS, terms.tolist())}
+                            | {"step/lr": sched.get_last_lr()[0]},
+                        )
+                    )
             red = allreduce(sums.tolist() + [n_batches], device)
         train_metrics = {f"train/{k}": red[j] / max(red[-1], 1) for j, k in enumerate(LOSS_TERMS)}
 
@@ -241,11 +264,22 @@ def worker_loop(config: dict[str, Any]) -> None:
             with rt.phase("test", epoch):
                 test_metrics = run_test_eval(model, job, rt.data_dir, device, rt.client, rt.run_id)
 
-        metrics = {**train_metrics, **val_metrics, **test_metrics,
-                   "lr": sched.get_last_lr()[0], "epoch_time_s": time.time() - t0}
+        metrics = {
+            **train_metrics,
+            **val_metrics,
+            **test_metrics,
+            "lr": sched.get_last_lr()[0],
+            "epoch_time_s": time.time() - t0,
+        }
 
         def save(d: Path, meta: dict) -> None:
-            ckpt.save(d, model, job, keep_encoder=keep_encoder, meta=meta,
-                      train_state={"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+            ckpt.save(
+                d,
+                model,
+                job,
+                keep_encoder=keep_encoder,
+                meta=meta,
+                train_state={"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+            )
 
         rt.end_epoch(epoch, metrics, save, step_log=step_log)

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from facelab.core.layers import KeyMask, xavier_init_
 from facelab.core.text_encoder import load_text_encoder
+
 from .cvad import LTA_MODES, CVADLayer
 from .ewa import FrameEmbedding
 
@@ -63,15 +64,19 @@ class TextStateCache:
 
     def add(self, texts: list[str], hidden: Tensor, lengths: list[int]) -> None:
         """Store ``hidden[i, :lengths[i]]`` (hidden (M, L, H)) for each of ``texts``."""
-        flat = torch.tensor([i * hidden.shape[1] + j for i, n in enumerate(lengths) for j in range(n)], dtype=torch.long)
+        flat = torch.tensor(
+            [i * hidden.shape[1] + j for i, n in enumerate(lengths) for j in range(n)], dtype=torch.long
+        )
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat.to(hidden.device, non_blocking=True))
         need = self.rows + rows.shape[0]
         if self.buf is None or need > self.buf.shape[0]:
-            grown = hidden.new_zeros(max(need, 2 * (self.buf.shape[0] if self.buf is not None else 4096)), hidden.shape[-1])
+            grown = hidden.new_zeros(
+                max(need, 2 * (self.buf.shape[0] if self.buf is not None else 4096)), hidden.shape[-1]
+            )
             if self.buf is not None:
                 grown[: self.rows] = self.buf[: self.rows]
             self.buf = grown
-        self.buf[self.rows:need] = rows
+        self.buf[self.rows : need] = rows
         for t, n in zip(texts, lengths):
             self.index[t] = (self.rows, n)
             self.rows += n

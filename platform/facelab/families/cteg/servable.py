@@ -28,7 +28,6 @@ def build_cteg(job: dict, mean_expression) -> torch.nn.Module:
     return CTEG(cteg_config(job), mean)
 
 
-
 def load(dirpath: Path, device: str = "cpu", root: Path | None = None):
     """The CTEG module of a checkpoint directory (safetensors + config.json), in eval mode on ``device``."""
     config = ckpt.load_config(dirpath)

@@ -8,13 +8,16 @@ from pydantic import Field
 
 from facelab.core.config import Strict
 
+
 class EvaluatorData(Strict):
     path: str = Field("data/keyframeface", description="Dataset directory (DVC output), relative to the project root.")
     train_subset: int | None = Field(None, ge=1, description="Use only the first N training scripts; null = all.")
 
 
 class EvaluatorModel(Strict):
-    text_encoder: str = Field("minilm", description="Frozen pretrained text encoder ('minilm' offline default, or a local path).")
+    text_encoder: str = Field(
+        "minilm", description="Frozen pretrained text encoder ('minilm' offline default, or a local path)."
+    )
     embed_dim: int = Field(256, ge=8, description="Joint embedding size.")
     hidden: int = Field(512, ge=8, description="Hidden width of the text projection and motion encoder MLPs.")
     max_text_tokens: int = Field(64, ge=4, description="Text is truncated to this many tokens.")
@@ -45,7 +48,6 @@ class EvaluatorJob(Strict):
     model: EvaluatorModel = EvaluatorModel()
     optim: EvaluatorOptim = EvaluatorOptim()
     train: EvaluatorTrain = EvaluatorTrain()
-
 
 
 METRICS = frozenset({"val/loss", "train/loss", "val/r_precision_1", "val/r_precision_2", "val/r_precision_3"})

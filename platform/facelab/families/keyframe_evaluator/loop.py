@@ -11,8 +11,6 @@ when patience runs out; the last report holds R-Precision on the test split's gr
 from __future__ import annotations
 
 import dataclasses
-import math
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -52,20 +50,15 @@ def worker_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from facelab.core import tracking
+    from facelab.core import checkpoint as ckpt
     from facelab.data.keyframeface import load_split
     from facelab.families.keyframe_evaluator.model import TextMotionEvaluator, evaluator_state, feature_stats
-    from facelab.core import checkpoint as ckpt
+    from facelab.runtime.worker import EpochRuntime
 
+    rt = EpochRuntime.start(config)  # context, resume, history replay (facelab.runtime.worker)
     job: dict = config["job"]
     o, t = job["optim"], job["train"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    data_dir = Path(config["data_dir"])
-    tr = config.get("tracking") or {}
-    client = tracking.client(tr["uri"]) if rank == 0 and tr else None
-    run_id = tr.get("run_id") if client else None
+    rank, world, device, data_dir = rt.rank, rt.world, rt.device, rt.data_dir
 
     seed_everything(t["seed"])
     train_texts, train_values = pairs(load_split(data_dir, "train")[: job["data"]["train_subset"]])
@@ -82,37 +75,32 @@ def worker_loop(config: dict[str, Any]) -> None:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, n_steps * t["epochs"]))
     ckpt_config = {**job, "evaluator": dataclasses.asdict(cfg)}
 
-    start, step, history, best, best_epoch = 0, 0, [], -1.0, -1
+    best, best_epoch = -1.0, -1
     best_state = evaluator_state(model)
-    resume = ray.train.get_checkpoint()
-    if resume is not None:
-        best_state, state, meta = ckpt.load_resume(resume)  # servable weights = the best so far
-        model.load_state_dict(state["model"], strict=False)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start, step, history = meta["epoch"] + 1, meta["step"], meta.get("history", [])
-        best, best_epoch = meta["best"], meta["best_epoch"]
-    if client and history:
-        tracking.log_missing_history(client, run_id, history)
+    if rt.resumed is not None:
+        best_state = rt.resumed.weights  # servable weights = the best so far
+        model.load_state_dict(rt.resumed.state["model"], strict=False)
+        opt.load_state_dict(rt.resumed.state["optimizer"])
+        sched.load_state_dict(rt.resumed.state["scheduler"])
+        best, best_epoch = rt.resumed.meta["best"], rt.resumed.meta["best_epoch"]
     ddp = ray.train.torch.prepare_model(model) if world > 1 else model
 
-    for epoch in range(start, t["epochs"]):
+    for epoch in range(rt.start_epoch, t["epochs"]):
         t0 = time.time()
         ddp.train()
         order = np.random.default_rng(t["seed"] * 7919 + epoch).permutation(len(train_texts))
         loss_sum, n = 0.0, 0
         for i in range(n_steps):
-            idx = order[(i * world + rank) * per_worker:(i * world + rank + 1) * per_worker]
+            idx = order[(i * world + rank) * per_worker : (i * world + rank + 1) * per_worker]
             loss = ddp([train_texts[j] for j in idx], torch.from_numpy(train_values[idx]).to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            step += 1
+            rt.step += 1
             loss_sum, n = loss_sum + float(loss.detach()), n + 1
         red = allreduce([loss_sum, n], device)
-        metrics: dict[str, float] = {"train/loss": red[0] / max(red[1], 1), "epoch": epoch, "step": step,
-                                     "lr": sched.get_last_lr()[0]}
+        metrics: dict[str, float] = {"train/loss": red[0] / max(red[1], 1), "lr": sched.get_last_lr()[0]}
         with torch.no_grad():
             model.eval()
             vloss = float(model(val_texts[:512], torch.from_numpy(val_values[:512]).to(device)))
@@ -128,20 +116,20 @@ def worker_loop(config: dict[str, Any]) -> None:
             metrics.update({f"test/r_precision_{k}": v for k, v in rp.items()})
             model.load_state_dict(current, strict=False)
         metrics.update({"best/val_r_precision_1": best, "best/epoch": best_epoch, "epoch_time_s": time.time() - t0})
-        if not all(math.isfinite(v) for v in metrics.values()):
-            raise FloatingPointError(f"non-finite metrics at epoch {epoch}: {metrics}")
-        history.append(dict(metrics))
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                ckpt.save_tensors(Path(d), best_state, ckpt_config,
-                                  train_state={"model": evaluator_state(model), "optimizer": opt.state_dict(),
-                                               "scheduler": sched.state_dict()},
-                                  meta={"epoch": epoch, "step": step, "history": history, "best": best,
-                                        "best_epoch": best_epoch, "mlflow_run_id": run_id})
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-            if client:
-                tracking.log_metrics(client, run_id, metrics, step=epoch)
-        else:
-            ray.train.report(metrics)
+
+        def save(d: Path, meta: dict) -> None:
+            ckpt.save_tensors(
+                d,
+                best_state,
+                ckpt_config,
+                meta={**meta, "best": best, "best_epoch": best_epoch},
+                train_state={
+                    "model": evaluator_state(model),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                },
+            )
+
+        rt.end_epoch(epoch, metrics, save)
         if stop:
             break

@@ -46,10 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from facelab.core.text_encoder import load_text_encoder
 from facelab.tasks.keyframes.metrics import STD_FLOOR, mm_dist, r_precision  # noqa: F401 - STD_FLOOR re-exported
 from facelab.tasks.keyframes.metrics import feature_stats as keyframe_feature_stats
-
-from facelab.core.text_encoder import load_text_encoder
 
 N_FEATURES = 61
 """ARKit coefficients per keyframe: 52 blendshapes + 3 head + 6 eye rotations (release order)."""
@@ -138,8 +137,12 @@ class TextMotionEvaluator(nn.Module):
         h, d, p = cfg.hidden, cfg.embed_dim, cfg.dropout
         self.text_proj = nn.Sequential(nn.Linear(enc_dim, h), nn.GELU(), nn.Dropout(p), nn.Linear(h, d))
         self.motion_encoder = nn.Sequential(
-            nn.Linear(N_FEATURES, h), nn.GELU(), nn.Dropout(p),
-            nn.Linear(h, h), nn.GELU(), nn.Dropout(p),
+            nn.Linear(N_FEATURES, h),
+            nn.GELU(),
+            nn.Dropout(p),
+            nn.Linear(h, h),
+            nn.GELU(),
+            nn.Dropout(p),
             nn.Linear(h, d),
         )
         self.text_encoder = encoder.eval()
@@ -162,9 +165,10 @@ class TextMotionEvaluator(nn.Module):
         new = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
         device = self.feat_mean.device
         for i in range(0, len(new), _ENCODE_CHUNK):
-            chunk = new[i:i + _ENCODE_CHUNK]
-            batch = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.cfg.max_text_tokens,
-                                   return_tensors="pt")
+            chunk = new[i : i + _ENCODE_CHUNK]
+            batch = self.tokenizer(
+                chunk, padding=True, truncation=True, max_length=self.cfg.max_text_tokens, return_tensors="pt"
+            )
             ids = batch["input_ids"].to(device)  # (b, L)
             mask = batch["attention_mask"].to(device)  # (b, L)
             hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # (b, L, E)
@@ -228,16 +232,22 @@ class TextMotionEvaluator(nn.Module):
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Embeddings of ``texts`` as float32 ``(N, embed_dim)``, in eval mode (no dropout)."""
         texts = list(texts)
-        return self._eval_call(lambda: np.concatenate(
-            [self.encode_text(texts[i:i + batch_size]).cpu().numpy() for i in range(0, len(texts), batch_size)]
-            or [np.zeros((0, self.cfg.embed_dim), np.float32)]))
+        return self._eval_call(
+            lambda: np.concatenate(
+                [self.encode_text(texts[i : i + batch_size]).cpu().numpy() for i in range(0, len(texts), batch_size)]
+                or [np.zeros((0, self.cfg.embed_dim), np.float32)]
+            )
+        )
 
     def embed_motions(self, motions, batch_size: int = 1024) -> np.ndarray:
         """Embeddings of keyframes ``(N, 61)`` as float32 ``(N, embed_dim)``, in eval mode."""
         x = torch.as_tensor(_motions_array(motions, "motions"))
-        return self._eval_call(lambda: np.concatenate(
-            [self.encode_motion(x[i:i + batch_size]).cpu().numpy() for i in range(0, len(x), batch_size)]
-            or [np.zeros((0, self.cfg.embed_dim), np.float32)]))
+        return self._eval_call(
+            lambda: np.concatenate(
+                [self.encode_motion(x[i : i + batch_size]).cpu().numpy() for i in range(0, len(x), batch_size)]
+                or [np.zeros((0, self.cfg.embed_dim), np.float32)]
+            )
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,8 +261,11 @@ def evaluator_state(model: TextMotionEvaluator) -> dict[str, Tensor]:
     The frozen encoder's weights (``text_encoder.*``) are left out: :func:`load_evaluator`
     rebuilds it from ``cfg.text_encoder``.
     """
-    return {k: v.detach().cpu().clone().contiguous()
-            for k, v in model.state_dict().items() if not k.startswith(FROZEN_PREFIX)}
+    return {
+        k: v.detach().cpu().clone().contiguous()
+        for k, v in model.state_dict().items()
+        if not k.startswith(FROZEN_PREFIX)
+    }
 
 
 def load_evaluator(weights: dict[str, Tensor], cfg_dict: dict) -> TextMotionEvaluator:
@@ -277,8 +290,9 @@ def load_evaluator(weights: dict[str, Tensor], cfg_dict: dict) -> TextMotionEval
         raise EvaluatorError(f"evaluator weights: missing {missing}, unexpected {extra}")
     for k, v in expected.items():
         if tuple(weights[k].shape) != tuple(v.shape):
-            raise EvaluatorError(f"evaluator weights: {k!r} has shape {tuple(weights[k].shape)}, "
-                                 f"the config gives {tuple(v.shape)}")
+            raise EvaluatorError(
+                f"evaluator weights: {k!r} has shape {tuple(weights[k].shape)}, the config gives {tuple(v.shape)}"
+            )
     model.load_state_dict(weights, strict=False)
     return model.eval()
 
@@ -343,10 +357,10 @@ def validation_metrics(
         x = torch.as_tensor(motions)
         losses, weights = [], []
         for i in range(0, len(texts), batch_size):
-            if len(texts[i:i + batch_size]) < 2:  # a one-pair batch has no negative: loss 0, skip it
+            if len(texts[i : i + batch_size]) < 2:  # a one-pair batch has no negative: loss 0, skip it
                 continue
-            losses.append(float(model(texts[i:i + batch_size], x[i:i + batch_size])))
-            weights.append(len(texts[i:i + batch_size]))
+            losses.append(float(model(texts[i : i + batch_size], x[i : i + batch_size])))
+            weights.append(len(texts[i : i + batch_size]))
         t = model.embed_texts(texts)
         m = model.embed_motions(motions)
     finally:
@@ -391,12 +405,14 @@ def train_evaluator(
     """
     if epochs < 1 or batch_size < 2 or patience < 1:
         raise EvaluatorError(
-            f"need epochs >= 1, batch_size >= 2, patience >= 1; got {epochs}, {batch_size}, {patience}")
+            f"need epochs >= 1, batch_size >= 2, patience >= 1; got {epochs}, {batch_size}, {patience}"
+        )
     train_texts, train_x = _as_pairs(train_pairs, "train_pairs")
     val_texts, val_x = _as_pairs(val_pairs, "val_pairs")
     if len(train_texts) < 2 or len(val_texts) < 2:
         raise EvaluatorError(
-            f"need at least 2 training and 2 validation pairs; got {len(train_texts)}, {len(val_texts)}")
+            f"need at least 2 training and 2 validation pairs; got {len(train_texts)}, {len(val_texts)}"
+        )
     cfg = cfg or EvaluatorConfig()
 
     torch.manual_seed(seed)
@@ -424,7 +440,7 @@ def train_evaluator(
         perm = torch.randperm(n, generator=shuffle)  # (N,)
         total = 0.0
         for b in range(steps_per_epoch):
-            idx = perm[b * size:(b + 1) * size]
+            idx = perm[b * size : (b + 1) * size]
             loss = model([train_texts[i] for i in idx.tolist()], x_all[idx.to(device)])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -447,8 +463,14 @@ def train_evaluator(
             break
 
     model.load_state_dict({k: v.to(device) for k, v in best_state.items()}, strict=False)
-    return EvaluatorTrainResult(model=model.eval(), state=best_state, history=history, best_epoch=best_epoch,
-                                best_metrics=dict(best_metrics), stopped_early=stopped)
+    return EvaluatorTrainResult(
+        model=model.eval(),
+        state=best_state,
+        history=history,
+        best_epoch=best_epoch,
+        best_metrics=dict(best_metrics),
+        stopped_early=stopped,
+    )
 
 
 def load_servable(dirpath, device: str = "cpu", root=None) -> TextMotionEvaluator:

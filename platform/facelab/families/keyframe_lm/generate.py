@@ -131,8 +131,9 @@ class _TokenizerTables:
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
         n = len(tokenizer)
-        self.vocab = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
-                                            clean_up_tokenization_spaces=False)
+        self.vocab = tokenizer.batch_decode(
+            [[i] for i in range(n)], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
         self.grammars: dict[frozenset[str], _Grammar] = {}
         self.pieces: dict[str, tuple[int, ...]] = {}
 
@@ -180,11 +181,11 @@ def _program(tables: _TokenizerTables, k: int, n_keyframes: int, cfg: Any) -> _P
     pieces = list(answer_skeleton(k, cfg))
     grammars = [tables.grammar(number_strings(float(lo), float(hi))) for lo, hi in zip(LOW, HIGH)]
     if cfg.semantic and not cfg.target_frame_instruction:
-        word = keyframe_key(k)[len(_KEY_PREFIX):]
+        word = keyframe_key(k)[len(_KEY_PREFIX) :]
         if not pieces[0].startswith(_WORD_HEAD + word):
             raise GenerationError(f"unexpected answer opening {pieces[0]!r}")
-        options = frozenset(keyframe_key(i)[len(_KEY_PREFIX):] for i in range(1, max(5, n_keyframes) + 1))
-        pieces = [_WORD_HEAD, pieces[0][len(_WORD_HEAD) + len(word):], *pieces[1:]]
+        options = frozenset(keyframe_key(i)[len(_KEY_PREFIX) :] for i in range(1, max(5, n_keyframes) + 1))
+        pieces = [_WORD_HEAD, pieces[0][len(_WORD_HEAD) + len(word) :], *pieces[1:]]
         grammars = [tables.grammar(options), *grammars]
     return _Program(tuple(pieces), tuple(tables.piece(p) for p in pieces), tuple(grammars))
 
@@ -278,13 +279,14 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
     for b, s in enumerate(seqs):
-        ids[b, width - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[b, width - len(s):] = 1
+        ids[b, width - len(s) :] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[b, width - len(s) :] = 1
     return ids, mask
 
 
-def _constrained_batch(model: Any, programs: Sequence[_Program], prompts: Sequence[Sequence[int]],
-                       pad_id: int, stats: dict) -> list[str]:
+def _constrained_batch(
+    model: Any, programs: Sequence[_Program], prompts: Sequence[Sequence[int]], pad_id: int, stats: dict
+) -> list[str]:
     device = _device(model)
     # Only the logits of tokens that can be chosen leave the device: values' tokens and skeleton starts.
     ids_used = {i for p in programs for g in p.grammars for i in g.token_ids}
@@ -299,8 +301,13 @@ def _constrained_batch(model: Any, programs: Sequence[_Program], prompts: Sequen
     n_real = mask.sum(-1).tolist()
     # The prefill needs the logits of its last position only (left padding: the same column for every
     # row); the LM head over the whole prompt would be a (B, T, vocabulary) tensor.
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        use_cache=True,
+        logits_to_keep=1,
+    )
     stats["forward_calls"] += 1
     stats["fed_tokens"] += int(mask.sum())
     cache = out.past_key_values
@@ -319,8 +326,8 @@ def _constrained_batch(model: Any, programs: Sequence[_Program], prompts: Sequen
         new_mask = torch.zeros((B, width), dtype=torch.long)  # (B, L)
         positions = torch.zeros((B, width), dtype=torch.long)  # (B, L)
         for b, c in enumerate(chunks):
-            ids[b, :len(c)] = torch.as_tensor(c, dtype=torch.long)
-            new_mask[b, :len(c)] = 1
+            ids[b, : len(c)] = torch.as_tensor(c, dtype=torch.long)
+            new_mask[b, : len(c)] = 1
             positions[b] = n_real[b] + torch.arange(width)
         start = mask.shape[1]
         mask = torch.cat([mask, new_mask], dim=1)  # (B, T + L)
@@ -330,8 +337,14 @@ def _constrained_batch(model: Any, programs: Sequence[_Program], prompts: Sequen
         keep = torch.unique(torch.cat([torch.zeros(1, dtype=torch.long), lens - 1]))  # sorted
         at = torch.full((width,), -1, dtype=torch.long)
         at[keep] = torch.arange(len(keep))
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                    past_key_values=cache, use_cache=True, logits_to_keep=keep.to(device))
+        out = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=keep.to(device),
+        )
         stats["forward_calls"] += 1
         stats["fed_tokens"] += int(new_mask.sum())
         cache = out.past_key_values
@@ -344,31 +357,42 @@ def _constrained_batch(model: Any, programs: Sequence[_Program], prompts: Sequen
             n_real[b] += len(c)
             rejected = r.on_logits(firsts[b], lasts[b])
             if rejected:
-                mask[b, start + len(c) - rejected:start + len(c)] = 0
+                mask[b, start + len(c) - rejected : start + len(c)] = 0
                 n_real[b] -= rejected
     return [r.text() for r in rows]
 
 
-def _plain_batch(model: Any, prompts: Sequence[Sequence[int]], pad_id: int, eos_id: int, max_new_tokens: int,
-                 stats: dict) -> list[list[int]]:
+def _plain_batch(
+    model: Any, prompts: Sequence[Sequence[int]], pad_id: int, eos_id: int, max_new_tokens: int, stats: dict
+) -> list[list[int]]:
     from transformers import GenerationConfig
 
     device = _device(model)
     ids, mask = _left_pad(prompts, pad_id)  # (B, T)
-    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                              eos_token_id=eos_id, pad_token_id=pad_id)
+    config = GenerationConfig(
+        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id
+    )
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-    new = out[:, ids.shape[1]:].cpu()  # (B, N)
+    new = out[:, ids.shape[1] :].cpu()  # (B, N)
     stats["forward_calls"] += int(new.shape[1])
     answers = []
     for row in new.tolist():
-        answers.append(row[:row.index(eos_id)] if eos_id in row else row)
+        answers.append(row[: row.index(eos_id)] if eos_id in row else row)
     stats["fed_tokens"] += int(mask.sum()) + sum(len(a) for a in answers)
     return answers
 
 
-def generate_keyframes(model: Any, tokenizer: Any, scripts: Sequence[Any], cfg: Any, *, mode: str = "constrained",
-                       max_new_tokens: int = 1024, batch_size: int = 16, stats: dict | None = None) -> list[list[Any]]:
+def generate_keyframes(
+    model: Any,
+    tokenizer: Any,
+    scripts: Sequence[Any],
+    cfg: Any,
+    *,
+    mode: str = "constrained",
+    max_new_tokens: int = 1024,
+    batch_size: int = 16,
+    stats: dict | None = None,
+) -> list[list[Any]]:
     """Generate every keyframe of every script (Algorithm 1) -> ``results[s][k - 1]``, a
     :class:`~.parsing.ParseResult` per keyframe. ``stats`` (a dict, optional) receives
     ``requests``, ``batches``, ``forward_calls`` and ``fed_tokens``."""
@@ -400,11 +424,12 @@ def generate_keyframes(model: Any, tokenizer: Any, scripts: Sequence[Any], cfg: 
     try:
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
+                idx = order[start : start + batch_size]
                 batch_prompts = [prompts[i] for i in idx]
                 if mode == "constrained":
-                    programs = [_program(tables, requests[i][1], len(scripts[requests[i][0]].keyframes), cfg)
-                                for i in idx]
+                    programs = [
+                        _program(tables, requests[i][1], len(scripts[requests[i][0]].keyframes), cfg) for i in idx
+                    ]
                     outs = _constrained_batch(model, programs, batch_prompts, pad_id, stats)
                 else:
                     answers = _plain_batch(model, batch_prompts, pad_id, eos_id, max_new_tokens, stats)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -55,8 +54,12 @@ def prompt_config(job: dict):
     from facelab.families.keyframe_lm.prompts import PromptConfig
 
     p = job["prompt"]
-    return PromptConfig(format=p["format"], annotation=job["data"]["annotation"], glossary=p["glossary"],
-                        target_frame_instruction=p["target_frame_instruction"])
+    return PromptConfig(
+        format=p["format"],
+        annotation=job["data"]["annotation"],
+        glossary=p["glossary"],
+        target_frame_instruction=p["target_frame_instruction"],
+    )
 
 
 def build_examples(tokenizer, scripts, job: dict, split: str) -> ExampleDataset:
@@ -68,10 +71,14 @@ def build_examples(tokenizer, scripts, job: dict, split: str) -> ExampleDataset:
     out = []
     for s in scripts:
         for kf in s.keyframes:
-            ids, labels = encode_example(tokenizer, build_messages(s, kf.index, cfg), answer_text(kf.values, kf.index, cfg))
+            ids, labels = encode_example(
+                tokenizer, build_messages(s, kf.index, cfg), answer_text(kf.values, kf.index, cfg)
+            )
             if len(ids) > limit:
-                raise ValueError(f"{split} script {s.script_id!r} keyframe {kf.index}: {len(ids)} tokens exceed "
-                                 f"prompt.max_tokens={limit}")
+                raise ValueError(
+                    f"{split} script {s.script_id!r} keyframe {kf.index}: {len(ids)} tokens exceed "
+                    f"prompt.max_tokens={limit}"
+                )
             out.append((list(ids), list(labels)))
     return ExampleDataset(out)
 
@@ -80,8 +87,9 @@ def answer_nll(model, batch: dict, device) -> tuple[float, int]:
     """Sum of answer-token cross-entropies and the number of answer tokens (teacher-forced)."""
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                            ignore_index=-100, reduction="sum")
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    )
     return float(nll), int((labels[:, 1:] != -100).sum())
 
 
@@ -150,14 +158,30 @@ def evaluate_split(model, tokenizer, scripts, job: dict, evaluator, device) -> t
 
         model.eval()
         with torch.no_grad():
-            results = generate_keyframes(model, tokenizer, scripts, prompt_config(job), mode=e["decode"],
-                                         max_new_tokens=e["max_new_tokens"], batch_size=e["batch_size"])
+            results = generate_keyframes(
+                model,
+                tokenizer,
+                scripts,
+                prompt_config(job),
+                mode=e["decode"],
+                max_new_tokens=e["max_new_tokens"],
+                batch_size=e["batch_size"],
+            )
         flat = [r for per_script in results for r in per_script]
         pred = np.stack([r.values for r in flat]).astype(np.float32)
         valid = sum(bool(r.valid) for r in flat)
     gen_time = time.time() - t0
-    metrics = evaluate_keyframes(pred, gt, texts, evaluator, n_valid=valid, n_total=len(gt), seed=job["train"]["seed"],
-                                 r_batch=e["r_precision_batch"], diversity_pairs=e["diversity_pairs"])
+    metrics = evaluate_keyframes(
+        pred,
+        gt,
+        texts,
+        evaluator,
+        n_valid=valid,
+        n_total=len(gt),
+        seed=job["train"]["seed"],
+        r_batch=e["r_precision_batch"],
+        diversity_pairs=e["diversity_pairs"],
+    )
     out = {f"test/{k}": float(v) for k, v in metrics.items()}
     out["test/gen_time_s"] = gen_time
     out["test/keyframes_per_s"] = len(gt) / max(gen_time, 1e-9)
@@ -175,20 +199,19 @@ def worker_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from facelab.core import checkpoint as ckpt
     from facelab.core import tracking
     from facelab.families.keyframe_lm.data import collate
     from facelab.families.keyframe_lm.servable import build_keyframe_lm, keyframe_lm_state, load_keyframe_lm_state
-    from facelab.core import checkpoint as ckpt
+    from facelab.runtime.worker import EpochRuntime
 
+    rt = EpochRuntime.start(config)  # context, resume, history replay (facelab.runtime.worker)
     job: dict = config["job"]
     optim_cfg, train_cfg, eval_cfg = job["optim"], job["train"], job["eval"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    data_dir, root = Path(config["data_dir"]), Path(config.get("root") or ".")
+    rank, world, device = rt.rank, rt.world, rt.device
+    data_dir, root = rt.data_dir, Path(config.get("root") or ".")
     tr = config.get("tracking") or {}
-    client = tracking.client(tr["uri"]) if rank == 0 and tr else None
-    run_id = tr.get("run_id") if client else None
+    client, run_id = rt.client, rt.run_id
 
     seed_everything(train_cfg["seed"])
     train_scripts, val_scripts, test_scripts = load_scripts(data_dir, job)
@@ -233,27 +256,28 @@ def worker_loop(config: dict[str, Any]) -> None:
         opt = make_optimizer(params, optim_cfg, device)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
 
-    start_epoch, step, history = 0, 0, []
-    resume = ray.train.get_checkpoint()
-    if resume is not None and train_cfg["finetune"]:
-        weights, state, meta = ckpt.load_resume(resume)
-        load_keyframe_lm_state(model, weights, job, str(resume.path))
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch, step, history = meta["epoch"] + 1, meta["step"], meta.get("history", [])
-    if client and history:
-        tracking.log_missing_history(client, run_id, history)
+    if rt.resumed is not None and train_cfg["finetune"]:
+        load_keyframe_lm_state(model, rt.resumed.weights, job, str(rt.resumed.path))
+        opt.load_state_dict(rt.resumed.state["optimizer"])
+        sched.load_state_dict(rt.resumed.state["scheduler"])
+    elif not train_cfg["finetune"]:  # a Base row has nothing to resume: it is evaluated again
+        rt.start_epoch, rt.step, rt.history = 0, 0, []
 
-    ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}) \
-        if train_cfg["finetune"] and world > 1 else model
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=train_cfg["seed"],
-                                 drop_last=True)
+    ddp_model = (
+        ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+        if train_cfg["finetune"] and world > 1
+        else model
+    )
+    sampler = DistributedSampler(
+        train_ds, num_replicas=world, rank=rank, shuffle=True, seed=train_cfg["seed"], drop_last=True
+    )
     loader = DataLoader(train_ds, batch_size=per_worker, sampler=sampler, drop_last=True, collate_fn=list)
     val_idx = list(range(rank, len(val_ds), world))
-    val_loader = DataLoader(torch.utils.data.Subset(val_ds, val_idx), batch_size=per_worker,
-                            collate_fn=lambda b: collate(b, pad_id))
+    val_loader = DataLoader(
+        torch.utils.data.Subset(val_ds, val_idx), batch_size=per_worker, collate_fn=lambda b: collate(b, pad_id)
+    )
 
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(rt.start_epoch, epochs):
         t0 = time.time()
         step_log: list[tuple[int, dict]] = []
         train_metrics: dict[str, float] = {}
@@ -265,11 +289,11 @@ def worker_loop(config: dict[str, Any]) -> None:
                 if i >= steps_per_epoch:
                     break
                 loss = train_step(ddp_model, examples, opt, sched, params, optim_cfg["grad_clip"], device)
-                step += 1
+                rt.step += 1
                 n += 1
                 loss_sum += loss
-                if rank == 0 and step % train_cfg["log_every_steps"] == 0:
-                    step_log.append((step, {"step/loss": float(loss), "step/lr": sched.get_last_lr()[0]}))
+                if rank == 0 and rt.step % train_cfg["log_every_steps"] == 0:
+                    step_log.append((rt.step, {"step/loss": float(loss), "step/lr": sched.get_last_lr()[0]}))
             red = allreduce([float(loss_sum), n], device)
             train_metrics = {"train/loss": red[0] / max(red[1], 1)}
 
@@ -291,26 +315,21 @@ def worker_loop(config: dict[str, Any]) -> None:
             evaluator = load_registered(tr.get("uri"), eval_cfg["evaluator"], device)
             test_metrics, extras = evaluate_split(model, tokenizer, test_scripts, job, evaluator, device)
 
-        metrics = {**train_metrics, **val_metrics, **test_metrics, "epoch": epoch, "step": step,
-                   "epoch_time_s": time.time() - t0}
+        metrics = {**train_metrics, **val_metrics, **test_metrics, "epoch_time_s": time.time() - t0}
         if sched is not None:
             metrics["lr"] = sched.get_last_lr()[0]
-        if not all(math.isfinite(v) for v in metrics.values()):
-            raise FloatingPointError(f"non-finite metrics at epoch {epoch}: {metrics}")
-        history.append(dict(metrics))
 
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                ckpt.save_tensors(Path(d), keyframe_lm_state(model, job), job,
-                                  train_state={"optimizer": opt.state_dict(), "scheduler": sched.state_dict()} if opt else None,
-                                  meta={"epoch": epoch, "step": step, "history": history, "mlflow_run_id": run_id})
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-            if client:
-                tracking.log_metrics(client, run_id, metrics, step=epoch)
-                tracking.log_metric_steps(client, run_id, step_log)
-                if extras is not None:
-                    log_eval_artifacts(client, run_id, extras)
-        else:
-            ray.train.report(metrics)
+        def save(d: Path, meta: dict) -> None:
+            ckpt.save_tensors(
+                d,
+                keyframe_lm_state(model, job),
+                job,
+                meta=meta,
+                train_state={"optimizer": opt.state_dict(), "scheduler": sched.state_dict()} if opt else None,
+            )
+
+        rt.end_epoch(epoch, metrics, save, step_log=step_log)
+        if client and extras is not None:
+            log_eval_artifacts(client, run_id, extras)
     if world > 1 and dist.is_initialized():
         dist.barrier()

@@ -52,9 +52,14 @@ def apply_lora(model: Any, settings: LoraSettings = LoraSettings()) -> Any:
     """Wrap a causal LM in a fresh peft LoRA adapter (base weights frozen) -> ``PeftModel``."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=settings.r, lora_alpha=settings.alpha,
-                        lora_dropout=float(settings.dropout), target_modules=list(TARGETS[settings.target]),
-                        bias="none")
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=float(settings.dropout),
+        target_modules=list(TARGETS[settings.target]),
+        bias="none",
+    )
     return get_peft_model(model, config)
 
 
@@ -88,8 +93,14 @@ def lora_param_count(config: Any, settings: LoraSettings = LoraSettings()) -> in
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q = config.num_attention_heads * head_dim
     kv = config.num_key_value_heads * head_dim
-    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-              "gate_proj": (h, config.intermediate_size), "up_proj": (h, config.intermediate_size),
-              "down_proj": (config.intermediate_size, h)}
+    shapes = {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, config.intermediate_size),
+        "up_proj": (h, config.intermediate_size),
+        "down_proj": (config.intermediate_size, h),
+    }
     per_layer = sum(settings.r * sum(shapes[name]) for name in TARGETS[settings.target])
     return per_layer * config.num_hidden_layers

@@ -63,7 +63,7 @@ FORMATS = ("semantic", "non_semantic")
 SYSTEM_PROMPT = (
     "You are a professional facial animator. Generate all 61 ARKit facial parameters for exactly one "
     "requested semantic keyframe. The first 52 blendshapes are in [0,1], and the final 9 head/eye pose "
-    "parameters are in [-1,1]. Return strict JSON only in the form {\"Keyframe_x\":{...}}."
+    'parameters are in [-1,1]. Return strict JSON only in the form {"Keyframe_x":{...}}.'
 )
 """The release's system message (``example.jsonl``), verbatim."""
 
@@ -204,8 +204,10 @@ def _description(script: Any, i: int, annotation: str) -> str:
     kf = script.keyframes[i]
     desc = kf.descriptions.get(annotation)
     if not isinstance(desc, str):
-        raise PromptError(f"script {getattr(script, 'script_id', '?')!r} keyframe {i + 1}: no {annotation!r} "
-                          f"description (has {sorted(kf.descriptions)})")
+        raise PromptError(
+            f"script {getattr(script, 'script_id', '?')!r} keyframe {i + 1}: no {annotation!r} "
+            f"description (has {sorted(kf.descriptions)})"
+        )
     return desc
 
 
@@ -226,8 +228,10 @@ def user_message(script: Any, k: int, cfg: PromptConfig) -> str:
     """The user message for keyframe ``k`` (1-based) of ``script``, in the release layout."""
     _check_k(script, k)
     lines = ["Keyframe Description Sequence:"]
-    lines += [f"- Keyframe {keyframe_word(i + 1)}: {_description(script, i, cfg.annotation)}"
-              for i in range(len(script.keyframes))]
+    lines += [
+        f"- Keyframe {keyframe_word(i + 1)}: {_description(script, i, cfg.annotation)}"
+        for i in range(len(script.keyframes))
+    ]
     text = "\n".join(lines) + f"\n\nBackground: {script.background}\nEmotion: {script.emotion}"
     if cfg.target_frame_instruction:
         text += "\n\n" + _TASK.format(word=keyframe_word(k))
@@ -273,5 +277,7 @@ def answer_text(values: Sequence[float] | np.ndarray, k: int, cfg: PromptConfig)
 
 def examples_for_script(script: Any, cfg: PromptConfig) -> list[tuple[list[dict[str, str]], str]]:
     """(request messages, answer text) for every keyframe of ``script`` -- the training pairs."""
-    return [(build_messages(script, kf_i + 1, cfg), answer_text(kf.values, kf_i + 1, cfg))
-            for kf_i, kf in enumerate(script.keyframes)]
+    return [
+        (build_messages(script, kf_i + 1, cfg), answer_text(kf.values, kf_i + 1, cfg))
+        for kf_i, kf in enumerate(script.keyframes)
+    ]

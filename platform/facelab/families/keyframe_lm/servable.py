@@ -41,7 +41,8 @@ def build_keyframe_lm(job: dict, root: Path | None, device, trainable: bool = Tr
     except OSError as exc:
         raise ckpt.CheckpointError(
             f"model.base_model {m['base_model']!r}: cannot load it offline ({exc.__class__.__name__}); give a model "
-            "directory, a Hugging Face id already in the local cache, or run `dvc repro tiny_lm` for the default") from None
+            "directory, a Hugging Face id already in the local cache, or run `dvc repro tiny_lm` for the default"
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     label = getattr(model.config, "facelab_label", None)
@@ -74,7 +75,9 @@ def load_keyframe_lm_state(model, weights: dict[str, torch.Tensor], job: dict, w
         expected = set(keyframe_lm_state(model, job))
         if set(weights) != expected:
             missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
-            raise ckpt.CheckpointError(f"{where}: adapter does not fit the model (missing {missing[:3]}, unexpected {extra[:3]})")
+            raise ckpt.CheckpointError(
+                f"{where}: adapter does not fit the model (missing {missing[:3]}, unexpected {extra[:3]})"
+            )
         try:
             set_peft_model_state_dict(model, weights)
         except RuntimeError as exc:
@@ -104,14 +107,22 @@ class ServableKeyframeLM:
         from facelab.families.keyframe_lm.loop import prompt_config
 
         cfg = prompt_config(self.job)
-        kfs = tuple(Keyframe(index=i + 1, descriptions={"original": d, cfg.annotation: d},
-                             values=torch.zeros(61).numpy()) for i, d in enumerate(descriptions))
+        kfs = tuple(
+            Keyframe(index=i + 1, descriptions={"original": d, cfg.annotation: d}, values=torch.zeros(61).numpy())
+            for i, d in enumerate(descriptions)
+        )
         script = Script(script_id="request", actor="unknown", background=background, emotion=emotion, keyframes=kfs)
         e = self.job["eval"]
         with torch.no_grad():
-            return generate_keyframes(self.model, self.tokenizer, [script], cfg, mode=e["decode"],
-                                      max_new_tokens=e["max_new_tokens"], batch_size=e["batch_size"])[0]
-
+            return generate_keyframes(
+                self.model,
+                self.tokenizer,
+                [script],
+                cfg,
+                mode=e["decode"],
+                max_new_tokens=e["max_new_tokens"],
+                batch_size=e["batch_size"],
+            )[0]
 
 
 def load(dirpath: Path, device: str = "cpu", root: Path | None = None) -> ServableKeyframeLM:

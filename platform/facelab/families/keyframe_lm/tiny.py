@@ -66,8 +66,13 @@ def _fixed_corpus() -> list[str]:
     numbers = " ".join(format_value(i / 100) for i in range(-100, 101))
     answer_like = ",".join(f'"{name}":0.0' for name in CHANNELS)
     return [
-        " ".join(CHANNELS), answer_like, "[0.0, 0.0]", '{"Keyframe_one":{}}',
-        "system user assistant", "{ } [ ] : , \" - .", *([numbers] * _NUMBER_REPEATS),
+        " ".join(CHANNELS),
+        answer_like,
+        "[0.0, 0.0]",
+        '{"Keyframe_one":{}}',
+        "system user assistant",
+        '{ } [ ] : , " - .',
+        *([numbers] * _NUMBER_REPEATS),
     ]
 
 
@@ -76,13 +81,19 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, pattern: str = PR
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(iter(texts), trainer)
     return tok
 
@@ -94,24 +105,35 @@ def _readme(summary: dict) -> str:
 
 This directory was written by `facelab.families.keyframe_lm.tiny.build_tiny_lm` (the `tiny_lm` DVC
 stage). It stands in for Qwen3-4B / Qwen3-14B (KeyframeFace §5.2) where no model hub is reachable.
-Its weights are random (seed {summary['seed']}); fine-tuning it exercises the whole pipeline, but its
+Its weights are random (seed {summary["seed"]}); fine-tuning it exercises the whole pipeline, but its
 scores say nothing about a pretrained LLM.
 
-- architecture: `Qwen3ForCausalLM`, {summary['num_layers']} layers, hidden {summary['hidden_size']},
-  {summary['num_heads']} query / {summary['num_kv_heads']} key-value heads of {summary['head_dim']},
-  MLP {summary['intermediate_size']}, tied embeddings, {summary['n_params']:,} parameters
+- architecture: `Qwen3ForCausalLM`, {summary["num_layers"]} layers, hidden {summary["hidden_size"]},
+  {summary["num_heads"]} query / {summary["num_kv_heads"]} key-value heads of {summary["head_dim"]},
+  MLP {summary["intermediate_size"]}, tied embeddings, {summary["n_params"]:,} parameters
 - tokenizer: byte-level BPE trained offline with HF `tokenizers` on the corpus plus channel names,
-  JSON punctuation and the numbers -1.0 .. 1.0; {summary['vocab_size']} tokens; ChatML specials
+  JSON punctuation and the numbers -1.0 .. 1.0; {summary["vocab_size"]} tokens; ChatML specials
   `<|endoftext|>` (pad), `<|im_start|>`, `<|im_end|>` (end of turn) and a ChatML chat template
 
 Load with `AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)`.
 """
 
 
-def build_tiny_lm(out_dir: str | os.PathLike, texts: Iterable[str], *, vocab_size: int = 2048,
-                  hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
-                  head_dim: int = 16, intermediate_size: int = 192, seed: int = 0,
-                  max_position_embeddings: int = 4096, embedding_std: float = 0.5) -> dict:
+def build_tiny_lm(
+    out_dir: str | os.PathLike,
+    texts: Iterable[str],
+    *,
+    vocab_size: int = 2048,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int = 16,
+    intermediate_size: int = 192,
+    seed: int = 0,
+    max_position_embeddings: int = 4096,
+    embedding_std: float = 0.5,
+) -> dict:
     """Train the tokenizer on ``texts`` (+ the fixed corpus), build the random-init model, save both
     to ``out_dir`` (replaced atomically). Returns a summary (sizes and the files' SHA-256).
 
@@ -124,11 +146,20 @@ def build_tiny_lm(out_dir: str | os.PathLike, texts: Iterable[str], *, vocab_siz
     import torch
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-    problems = [f"{name} must be a positive integer, got {value!r}" for name, value in (
-        ("vocab_size", vocab_size), ("hidden_size", hidden_size), ("num_layers", num_layers),
-        ("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-        ("intermediate_size", intermediate_size), ("max_position_embeddings", max_position_embeddings))
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1]
+    problems = [
+        f"{name} must be a positive integer, got {value!r}"
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("hidden_size", hidden_size),
+            ("num_layers", num_layers),
+            ("num_heads", num_heads),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+            ("intermediate_size", intermediate_size),
+            ("max_position_embeddings", max_position_embeddings),
+        )
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1
+    ]
     if not problems and num_heads % num_kv_heads:
         problems.append(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     if not problems and vocab_size < 256 + len(SPECIAL_TOKENS):
@@ -138,14 +169,27 @@ def build_tiny_lm(out_dir: str | os.PathLike, texts: Iterable[str], *, vocab_siz
 
     corpus = [t for t in texts if isinstance(t, str)] + _fixed_corpus()
     tok = train_bpe_tokenizer(corpus, vocab_size)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        chat_template=CHAT_TEMPLATE, model_max_length=max_position_embeddings)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=max_position_embeddings,
+    )
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     config = Qwen3Config(
-        vocab_size=tok.get_vocab_size(), hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        head_dim=head_dim, max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
     )
     config.facelab_label = LABEL
     with torch.random.fork_rng(devices=[]):
@@ -164,11 +208,20 @@ def build_tiny_lm(out_dir: str | os.PathLike, texts: Iterable[str], *, vocab_siz
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        summary = {"label": LABEL, "vocab_size": config.vocab_size, "hidden_size": hidden_size,
-                   "num_layers": num_layers, "num_heads": num_heads, "num_kv_heads": num_kv_heads,
-                   "head_dim": head_dim, "intermediate_size": intermediate_size, "seed": seed,
-                   "n_params": n_params, "max_position_embeddings": max_position_embeddings,
-                   "embedding_std": embedding_std}
+        summary = {
+            "label": LABEL,
+            "vocab_size": config.vocab_size,
+            "hidden_size": hidden_size,
+            "num_layers": num_layers,
+            "num_heads": num_heads,
+            "num_kv_heads": num_kv_heads,
+            "head_dim": head_dim,
+            "intermediate_size": intermediate_size,
+            "seed": seed,
+            "n_params": n_params,
+            "max_position_embeddings": max_position_embeddings,
+            "embedding_std": embedding_std,
+        }
         (tmp / "README.md").write_text(_readme(summary), encoding="utf-8")
         summary["files"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(tmp.iterdir())}
         if out.exists():
@@ -200,9 +253,12 @@ def tiny_lm_corpus(data_dir: Path):
 
 def add_cli(data_subparsers) -> None:
     """``facelab data build-tiny-lm`` (the DVC stage ``tiny_lm``): this family's :attr:`Family.add_cli`."""
-    bt = data_subparsers.add_parser("build-tiny-lm", help="build the tiny random-init Qwen3-architecture model + offline tokenizer")
+    bt = data_subparsers.add_parser(
+        "build-tiny-lm", help="build the tiny random-init Qwen3-architecture model + offline tokenizer"
+    )
     bt.add_argument("--params", default="params.yaml")
     bt.add_argument("--data", default="data/keyframeface", help="corpus the tokenizer is trained on")
     bt.add_argument("--out", default="models/tiny-qwen3")
-    bt.set_defaults(data_fn=lambda args, params: build_tiny_lm(Path(args.out), tiny_lm_corpus(Path(args.data)),
-                                                               **params("tiny_lm")))
+    bt.set_defaults(
+        data_fn=lambda args, params: build_tiny_lm(Path(args.out), tiny_lm_corpus(Path(args.data)), **params("tiny_lm"))
+    )

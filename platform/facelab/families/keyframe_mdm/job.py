@@ -10,8 +10,12 @@ from facelab.core.config import Strict, Train
 from facelab.tasks.keyframes.config import KeyframeData
 from facelab.tasks.keyframes.metrics import TEST_METRICS
 
+
 class MDMModel(Strict):
-    text_encoder: str = Field("minilm", description="Frozen text encoder; the paper's MDM uses CLIP, here the offline MiniLM (documented substitution).")
+    text_encoder: str = Field(
+        "minilm",
+        description="Frozen text encoder; the paper's MDM uses CLIP, here the offline MiniLM (documented substitution).",
+    )
     max_text_tokens: int = Field(64, ge=4, description="Text is truncated to this many tokens.")
     d_model: int = Field(256, ge=8, description="Denoiser transformer width.")
     n_heads: int = Field(4, ge=1, description="Denoiser attention heads.")
@@ -21,7 +25,9 @@ class MDMModel(Strict):
     diffusion_steps: int = Field(1000, ge=2, description="DDPM training steps T (MDM: 1000).")
     noise_schedule: Literal["cosine", "linear"] = Field("cosine", description="β schedule (MDM: cosine).")
     prediction: Literal["x0", "eps"] = Field("x0", description="What the denoiser predicts (MDM: the clean sample x0).")
-    cond_drop: float = Field(0.1, ge=0.0, lt=1.0, description="Probability of dropping the text in training (classifier-free guidance).")
+    cond_drop: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Probability of dropping the text in training (classifier-free guidance)."
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "MDMModel":
@@ -39,8 +45,12 @@ class MDMOptim(Strict):
 
 class MDMEval(Strict):
     enabled: bool = Field(True, description="Sample the test split's keyframes after the last epoch and score them.")
-    sampling_steps: int = Field(50, ge=1, description="Denoising steps at sampling (respaced from the T training steps).")
-    guidance_scale: float = Field(2.5, ge=0.0, description="Classifier-free guidance scale s (MDM: 2.5; 1 = off, 0 = unconditional).")
+    sampling_steps: int = Field(
+        50, ge=1, description="Denoising steps at sampling (respaced from the T training steps)."
+    )
+    guidance_scale: float = Field(
+        2.5, ge=0.0, description="Classifier-free guidance scale s (MDM: 2.5; 1 = off, 0 = unconditional)."
+    )
     batch_size: int = Field(64, ge=1, description="Scripts sampled in parallel.")
     evaluator: str | None = Field(None, description="Registered text–motion evaluator, as for `keyframe` jobs.")
     diversity_pairs: int = Field(300, ge=2, description="Pairs for Diversity (T2M protocol).")
@@ -54,9 +64,8 @@ class KeyframeMDMJob(Strict):
     data: KeyframeData = KeyframeData()
     model: MDMModel = MDMModel()
     optim: MDMOptim = MDMOptim()
-    train: Train = Train()             # the same training-loop settings as CTEG's
+    train: Train = Train()  # the same training-loop settings as CTEG's
     eval: MDMEval = MDMEval()
-
 
 
 METRICS = frozenset({"val/loss", "train/loss", *(f"test/{m}" for m in TEST_METRICS)})

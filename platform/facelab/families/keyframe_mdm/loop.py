@@ -28,8 +28,6 @@ Choices (MDM §4 where it applies):
 
 from __future__ import annotations
 
-import math
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -76,7 +74,9 @@ def feature_stats_of(scripts) -> tuple[np.ndarray, np.ndarray]:
     return feature_stats(np.concatenate([s.values for s in scripts]))
 
 
-def validation_loss(model, scripts, annotation: str, batch_size: int, max_batches: int | None, rank: int) -> tuple[float, int]:
+def validation_loss(
+    model, scripts, annotation: str, batch_size: int, max_batches: int | None, rank: int
+) -> tuple[float, int]:
     """Sum of per-script denoising losses and the number of scripts (fixed noise, eval mode, no drops)."""
     gen = torch.Generator().manual_seed(VAL_SEED + rank)
     was_training = model.training
@@ -87,7 +87,7 @@ def validation_loss(model, scripts, annotation: str, batch_size: int, max_batche
             for j in range(0, len(scripts), batch_size):
                 if max_batches and j // batch_size >= max_batches:
                     break
-                per_script = model.losses(scripts[j:j + batch_size], annotation, generator=gen)["per_script"]
+                per_script = model.losses(scripts[j : j + batch_size], annotation, generator=gen)["per_script"]
                 total, n = total + float(per_script.sum()), n + len(per_script)
     finally:
         model.train(was_training)
@@ -105,8 +105,9 @@ def sample_split(model, scripts, job: dict) -> np.ndarray:
     gen = torch.Generator().manual_seed(job["train"]["seed"])
     out = []
     for i in range(0, len(scripts), e["batch_size"]):
-        out += model.sample(scripts[i:i + e["batch_size"]], job["data"]["annotation"], e["sampling_steps"],
-                            e["guidance_scale"], gen)
+        out += model.sample(
+            scripts[i : i + e["batch_size"]], job["data"]["annotation"], e["sampling_steps"], e["guidance_scale"], gen
+        )
     return np.concatenate(out).astype(np.float32)
 
 
@@ -121,8 +122,17 @@ def evaluate_split(model, scripts, job: dict, evaluator) -> tuple[dict, dict]:
     t0 = time.time()
     pred = sample_split(model, scripts, job)
     gen_time = time.time() - t0
-    metrics = evaluate_keyframes(pred, gt, texts, evaluator, n_valid=len(gt), n_total=len(gt), seed=job["train"]["seed"],
-                                 r_batch=e["r_precision_batch"], diversity_pairs=e["diversity_pairs"])
+    metrics = evaluate_keyframes(
+        pred,
+        gt,
+        texts,
+        evaluator,
+        n_valid=len(gt),
+        n_total=len(gt),
+        seed=job["train"]["seed"],
+        r_batch=e["r_precision_batch"],
+        diversity_pairs=e["diversity_pairs"],
+    )
     out = {f"test/{k}": float(v) for k, v in metrics.items()}
     out["test/gen_time_s"] = gen_time
     out["test/keyframes_per_s"] = len(gt) / max(gen_time, 1e-9)
@@ -139,27 +149,26 @@ def worker_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from facelab.core import tracking
-    from facelab.families.keyframe_mdm.model import build_keyframe_mdm, load_mdm_weights
     from facelab.core import checkpoint as ckpt
+    from facelab.families.keyframe_mdm.model import build_keyframe_mdm, load_mdm_weights
+    from facelab.runtime.worker import EpochRuntime
 
+    rt = EpochRuntime.start(config)  # context, resume, history replay (facelab.runtime.worker)
     job: dict = config["job"]
     optim_cfg, train_cfg, eval_cfg = job["optim"], job["train"], job["eval"]
     annotation = job["data"]["annotation"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    data_dir = Path(config["data_dir"])
+    rank, world, device, data_dir = rt.rank, rt.world, rt.device, rt.data_dir
     tr = config.get("tracking") or {}
-    client = tracking.client(tr["uri"]) if rank == 0 and tr else None
-    run_id = tr.get("run_id") if client else None
+    client, run_id = rt.client, rt.run_id
 
     seed_everything(train_cfg["seed"])
     train_scripts, val_scripts, test_scripts = load_scripts(data_dir, job)
     per_worker = max(1, optim_cfg["batch_size"] // world)
     if len(train_scripts) < per_worker * world:
-        raise ValueError(f"optim.batch_size {optim_cfg['batch_size']} needs at least {per_worker * world} training "
-                         f"scripts; the train split has {len(train_scripts)}")
+        raise ValueError(
+            f"optim.batch_size {optim_cfg['batch_size']} needs at least {per_worker * world} training "
+            f"scripts; the train split has {len(train_scripts)}"
+        )
 
     # ---- setup -------------------------------------------------------------------------------
     mean, std = feature_stats_of(train_scripts)
@@ -173,26 +182,24 @@ def worker_loop(config: dict[str, Any]) -> None:
         steps_per_epoch = min(steps_per_epoch, train_cfg["max_steps_per_epoch"])
     opt = torch.optim.AdamW(params, lr=optim_cfg["lr"], weight_decay=optim_cfg["weight_decay"])
 
-    start_epoch, step, history = 0, 0, []
-    resume = ray.train.get_checkpoint()
-    if resume is not None:
-        weights, state, meta = ckpt.load_resume(resume)
-        load_mdm_weights(model, {k: v.to(device) for k, v in weights.items()}, str(resume.path))
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, step, history = meta["epoch"] + 1, meta["step"], meta.get("history", [])
-    if client and history:
-        tracking.log_missing_history(client, run_id, history)
+    if rt.resumed is not None:
+        load_mdm_weights(model, {k: v.to(device) for k, v in rt.resumed.weights.items()}, str(rt.resumed.path))
+        opt.load_state_dict(rt.resumed.state["optimizer"])
 
-    ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}) \
-        if world > 1 else model
+    ddp_model = (
+        ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+        if world > 1
+        else model
+    )
     train_ds = ScriptDataset(train_scripts)
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=train_cfg["seed"],
-                                 drop_last=True)
+    sampler = DistributedSampler(
+        train_ds, num_replicas=world, rank=rank, shuffle=True, seed=train_cfg["seed"], drop_last=True
+    )
     loader = DataLoader(train_ds, batch_size=per_worker, sampler=sampler, drop_last=True, collate_fn=_as_list)
     val_mine = val_scripts[rank::world]
 
     epochs = train_cfg["epochs"]
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(rt.start_epoch, epochs):
         t0 = time.time()
         step_log: list[tuple[int, dict]] = []
         sampler.set_epoch(epoch)
@@ -208,17 +215,18 @@ def worker_loop(config: dict[str, Any]) -> None:
             if optim_cfg["grad_clip"]:
                 torch.nn.utils.clip_grad_norm_(params, optim_cfg["grad_clip"])
             opt.step()
-            step += 1
+            rt.step += 1
             n += 1
             loss_sum += float(loss.detach())
-            if rank == 0 and step % train_cfg["log_every_steps"] == 0:
-                step_log.append((step, {"step/loss": float(loss.detach())}))
+            if rank == 0 and rt.step % train_cfg["log_every_steps"] == 0:
+                step_log.append((rt.step, {"step/loss": float(loss.detach())}))
         red = allreduce([loss_sum, n], device)
         train_metrics = {"train/loss": red[0] / max(red[1], 1)}
 
         # ---- validate: denoising loss at fixed timesteps and noise ------------------------------
-        red = allreduce(list(validation_loss(model, val_mine, annotation, per_worker, train_cfg["max_val_batches"], rank)),
-                         device)
+        red = allreduce(
+            list(validation_loss(model, val_mine, annotation, per_worker, train_cfg["max_val_batches"], rank)), device
+        )
         val_metrics = {"val/loss": red[0] / max(red[1], 1)}
 
         test_metrics: dict[str, float] = {}
@@ -227,23 +235,19 @@ def worker_loop(config: dict[str, Any]) -> None:
             evaluator = load_registered(tr.get("uri"), eval_cfg["evaluator"], device)
             test_metrics, extras = evaluate_split(model, test_scripts, job, evaluator)
 
-        metrics = {**train_metrics, **val_metrics, **test_metrics, "epoch": epoch, "step": step,
-                   "epoch_time_s": time.time() - t0, "lr": opt.param_groups[0]["lr"]}
-        if not all(math.isfinite(v) for v in metrics.values()):
-            raise FloatingPointError(f"non-finite metrics at epoch {epoch}: {metrics}")
-        history.append(dict(metrics))
+        metrics = {
+            **train_metrics,
+            **val_metrics,
+            **test_metrics,
+            "epoch_time_s": time.time() - t0,
+            "lr": opt.param_groups[0]["lr"],
+        }
 
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                ckpt.save(Path(d), model, job, keep_encoder=False, train_state={"optimizer": opt.state_dict()},
-                          meta={"epoch": epoch, "step": step, "history": history, "mlflow_run_id": run_id})
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-            if client:
-                tracking.log_metrics(client, run_id, metrics, step=epoch)
-                tracking.log_metric_steps(client, run_id, step_log)
-                if extras is not None:
-                    log_eval_artifacts(client, run_id, extras)
-        else:
-            ray.train.report(metrics)
+        def save(d: Path, meta: dict) -> None:
+            ckpt.save(d, model, job, keep_encoder=False, train_state={"optimizer": opt.state_dict()}, meta=meta)
+
+        rt.end_epoch(epoch, metrics, save, step_log=step_log)
+        if client and extras is not None:
+            log_eval_artifacts(client, run_id, extras)
     if world > 1 and dist.is_initialized():
         dist.barrier()

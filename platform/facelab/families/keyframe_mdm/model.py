@@ -94,11 +94,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from facelab.core import checkpoint as ckpt
+from facelab.core.text_encoder import load_text_encoder
 from facelab.data.arkit import HIGH, LOW, N_CHANNELS
 from facelab.data.keyframeface import MAX_KEYFRAMES, DataError, Keyframe, Script
 from facelab.tasks.keyframes.answer import ParseResult
-from facelab.core.text_encoder import load_text_encoder
-from facelab.core import checkpoint as ckpt
 
 FROZEN_PREFIX = "text_encoder."
 """State-dict prefix of the frozen text encoder; never stored in a checkpoint."""
@@ -146,8 +146,12 @@ class MDMConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 problems.append(f"{name} must be a positive integer, got {v!r}")
-        if isinstance(self.d_model, int) and isinstance(self.n_heads, int) and self.n_heads > 0 \
-                and self.d_model % self.n_heads:
+        if (
+            isinstance(self.d_model, int)
+            and isinstance(self.n_heads, int)
+            and self.n_heads > 0
+            and self.d_model % self.n_heads
+        ):
             problems.append(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if not isinstance(self.diffusion_steps, int) or self.diffusion_steps < 2:
             problems.append(f"diffusion_steps must be an integer >= 2, got {self.diffusion_steps!r}")
@@ -249,11 +253,15 @@ class GaussianDiffusion:
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """``x_t = √ᾱ_t · x_0 + √(1 − ᾱ_t) · ε`` (Ho et al. Eq. 4)."""
-        return _extract(self.sqrt_alphas_cumprod, t, x0) * x0 + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        return (
+            _extract(self.sqrt_alphas_cumprod, t, x0) * x0 + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        )
 
     def predict_x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """Eq. 4 solved for ``x_0``."""
-        return (x_t - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) / _extract(self.sqrt_alphas_cumprod, t, x_t)
+        return (x_t - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) / _extract(
+            self.sqrt_alphas_cumprod, t, x_t
+        )
 
     def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and variance of ``q(x_{t-1} | x_t, x_0)`` (Ho et al. Eq. 6–7)."""
@@ -352,8 +360,7 @@ class KeyframeMDM(nn.Module):
         self.null_keyframe = nn.Parameter(torch.zeros(d))
         self.input_process = nn.Linear(N_CHANNELS, d)  # MDM InputProcess
         self.pos_embed = nn.Parameter(torch.randn(MAX_KEYFRAMES + 1, d) * 0.02)  # cond token + 5 keyframes
-        layer = nn.TransformerEncoderLayer(d, cfg.n_heads, cfg.ff_dim, cfg.dropout, activation="gelu",
-                                           batch_first=True)
+        layer = nn.TransformerEncoderLayer(d, cfg.n_heads, cfg.ff_dim, cfg.dropout, activation="gelu", batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)  # MDM trans_enc
         self.output_process = nn.Linear(d, N_CHANNELS)  # MDM OutputProcess
 
@@ -388,9 +395,10 @@ class KeyframeMDM(nn.Module):
         new = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
         device = self.feat_mean.device
         for i in range(0, len(new), _ENCODE_CHUNK):
-            chunk = new[i:i + _ENCODE_CHUNK]
-            batch = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.cfg.max_text_tokens,
-                                   return_tensors="pt")
+            chunk = new[i : i + _ENCODE_CHUNK]
+            batch = self.tokenizer(
+                chunk, padding=True, truncation=True, max_length=self.cfg.max_text_tokens, return_tensors="pt"
+            )
             mask = batch["attention_mask"].to(device)  # (b, L)
             hidden = self.text_encoder(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
             w = mask.unsqueeze(-1).float()  # (b, L, 1)
@@ -407,8 +415,9 @@ class KeyframeMDM(nn.Module):
 
     def script_texts(self, scripts: Sequence[Script], annotation: str) -> list[str]:
         """Every string the conditioning of ``scripts`` needs (to fill the cache up front)."""
-        return [script_text(s) for s in scripts] + [keyframe_description(s, kf.index, annotation)
-                                                    for s in scripts for kf in s.keyframes]
+        return [script_text(s) for s in scripts] + [
+            keyframe_description(s, kf.index, annotation) for s in scripts for kf in s.keyframes
+        ]
 
     # ---------------------------------------------------------------------------------------
     # batches
@@ -430,8 +439,8 @@ class KeyframeMDM(nn.Module):
         mask = torch.zeros(len(scripts), k_max, dtype=torch.bool)
         x0 = torch.zeros(len(scripts), k_max, N_CHANNELS)
         for b, s in enumerate(scripts):
-            mask[b, :len(s.keyframes)] = True
-            x0[b, :len(s.keyframes)] = torch.as_tensor(s.values)
+            mask[b, : len(s.keyframes)] = True
+            x0[b, : len(s.keyframes)] = torch.as_tensor(s.values)
         mask, x0 = mask.to(device), x0.to(device)
         x0 = torch.where(mask[..., None], self.normalise(x0), torch.zeros_like(x0))
         script_feat = self.text_features([script_text(s) for s in scripts])  # (B, E)
@@ -454,8 +463,10 @@ class KeyframeMDM(nn.Module):
         drop = torch.as_tensor(drop, dtype=torch.bool, device=x_t.device).expand(b)
         text = torch.where(drop[:, None], self.null_script, self.embed_script(cond.script))  # (B, d)
         cond_tok = self.time_embed(timestep_embedding(t, self.cfg.d_model)) + text + self.pos_embed[0]  # (B, d)
-        kf_text = torch.where(drop[:, None, None], self.null_keyframe, self.embed_keyframe_text(cond.keyframe))  # (B, K, d)
-        kf_tok = self.input_process(x_t) + self.pos_embed[1:k + 1] + kf_text  # (B, K, d)
+        kf_text = torch.where(
+            drop[:, None, None], self.null_keyframe, self.embed_keyframe_text(cond.keyframe)
+        )  # (B, K, d)
+        kf_tok = self.input_process(x_t) + self.pos_embed[1 : k + 1] + kf_text  # (B, K, d)
         seq = torch.cat([cond_tok[:, None], kf_tok], dim=1)  # (B, 1 + K, d)
         pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=x_t.device), ~cond.mask], dim=1)  # True = ignore
         h = self.encoder(seq, src_key_padding_mask=pad)  # (B, 1 + K, d)
@@ -467,8 +478,9 @@ class KeyframeMDM(nn.Module):
         if scale == 1.0:
             return self.denoise(x_t, t, cond, drop=False)
         b = x_t.shape[0]
-        both = Conditioning(script=cond.script.repeat(2, 1), keyframe=cond.keyframe.repeat(2, 1, 1),
-                            mask=cond.mask.repeat(2, 1))
+        both = Conditioning(
+            script=cond.script.repeat(2, 1), keyframe=cond.keyframe.repeat(2, 1, 1), mask=cond.mask.repeat(2, 1)
+        )
         drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x_t.device)
         out = self.denoise(x_t.repeat(2, 1, 1), t.repeat(2), both, drop)
         out_cond, out_uncond = out[:b], out[b:]
@@ -515,7 +527,9 @@ class KeyframeMDM(nn.Module):
             self._spaced[steps] = self.diffusion.respace(steps)
         return self._spaced[steps]
 
-    def predict_x0(self, x_t: Tensor, i: Tensor, cond: Conditioning, scale: float, diffusion: GaussianDiffusion) -> Tensor:
+    def predict_x0(
+        self, x_t: Tensor, i: Tensor, cond: Conditioning, scale: float, diffusion: GaussianDiffusion
+    ) -> Tensor:
         """Guided ``x̂_0`` at index ``i`` of ``diffusion``, clamped to the z-scored channel ranges."""
         t = torch.as_tensor(diffusion.timestep_map[i.cpu().numpy()], device=x_t.device)
         out = self.guided_output(x_t, t, cond, scale)
@@ -523,8 +537,9 @@ class KeyframeMDM(nn.Module):
         return torch.minimum(torch.maximum(x0, self.low_z), self.high_z)
 
     @torch.no_grad()
-    def sample_normalised(self, cond: Conditioning, steps: int, guidance_scale: float,
-                          generator: torch.Generator | None = None) -> Tensor:
+    def sample_normalised(
+        self, cond: Conditioning, steps: int, guidance_scale: float, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Ancestral sampling (Ho et al. Algorithm 2) over the respaced chain → z-scored ``x_0`` (B, K, 61).
 
         Noise order: ``x_T`` first, then one draw per step ``i > 0`` (no noise at the last step)."""
@@ -542,8 +557,14 @@ class KeyframeMDM(nn.Module):
                 x = mean
         return x
 
-    def sample(self, scripts: Sequence[Script], annotation: str, steps: int, guidance_scale: float,
-               generator: torch.Generator | None = None) -> list[np.ndarray]:
+    def sample(
+        self,
+        scripts: Sequence[Script],
+        annotation: str,
+        steps: int,
+        guidance_scale: float,
+        generator: torch.Generator | None = None,
+    ) -> list[np.ndarray]:
         """Keyframes for each script: float32 ``(K_i, 61)`` arrays, finite and in the channel ranges.
 
         Only the scripts' texts and keyframe counts are used (their values are ignored). Runs in
@@ -554,7 +575,7 @@ class KeyframeMDM(nn.Module):
         with self._eval_mode(), torch.no_grad():
             _x0, cond = self.prepare(scripts, annotation)
             values = self.denormalise(self.sample_normalised(cond, steps, guidance_scale, generator)).cpu().numpy()
-        return [values[b, :len(s.keyframes)].astype(np.float32) for b, s in enumerate(scripts)]
+        return [values[b, : len(s.keyframes)].astype(np.float32) for b, s in enumerate(scripts)]
 
 
 def build_keyframe_mdm(job: dict, feat_mean, feat_std, text_encoder=None) -> KeyframeMDM:
@@ -579,12 +600,14 @@ def load_mdm_weights(model: KeyframeMDM, weights: dict[str, Tensor], where: str)
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN_PREFIX)}
     missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or extra:
-        raise ckpt.CheckpointError(f"{where}: weights do not fit the keyframe_mdm model "
-                                   f"(missing {missing[:5]}, unexpected {extra[:5]})")
+        raise ckpt.CheckpointError(
+            f"{where}: weights do not fit the keyframe_mdm model (missing {missing[:5]}, unexpected {extra[:5]})"
+        )
     for k, v in expected.items():
         if tuple(weights[k].shape) != tuple(v.shape):
-            raise ckpt.CheckpointError(f"{where}: {k!r} has shape {tuple(weights[k].shape)}, "
-                                       f"the config gives {tuple(v.shape)}")
+            raise ckpt.CheckpointError(
+                f"{where}: {k!r} has shape {tuple(weights[k].shape)}, the config gives {tuple(v.shape)}"
+            )
     model.load_state_dict(weights, strict=False)
 
 
@@ -597,7 +620,9 @@ class ServableKeyframeMDM:
     def __init__(self, model: KeyframeMDM, config: dict):
         self.model, self.config = model, config
 
-    def keyframes(self, background: str, emotion: str, descriptions: list[str], seed: int | None = None) -> list[ParseResult]:
+    def keyframes(
+        self, background: str, emotion: str, descriptions: list[str], seed: int | None = None
+    ) -> list[ParseResult]:
         """One result per keyframe description (of the job's annotation type), jointly sampled with
         the job's ``eval.sampling_steps`` and ``eval.guidance_scale``. Deterministic: the noise
         comes from ``seed`` (default: the job's ``train.seed``). Always ``valid`` and nothing is
@@ -605,26 +630,32 @@ class ServableKeyframeMDM:
         ``x̂_0`` itself (its posterior has ``ᾱ_prev = 1``), which is in range by construction (the final
         clip to the ranges only removes float rounding)."""
         annotation = self.config["data"]["annotation"]
-        kfs = tuple(Keyframe(index=i + 1, descriptions={"original": d, annotation: d}, values=np.zeros(N_CHANNELS))
-                    for i, d in enumerate(descriptions))
+        kfs = tuple(
+            Keyframe(index=i + 1, descriptions={"original": d, annotation: d}, values=np.zeros(N_CHANNELS))
+            for i, d in enumerate(descriptions)
+        )
         script = Script(script_id="request", actor="unknown", background=background, emotion=emotion, keyframes=kfs)
         e = self.config["eval"]
         gen = torch.Generator().manual_seed(self.config["train"]["seed"] if seed is None else seed)
         values = self.model.sample([script], annotation, e["sampling_steps"], e["guidance_scale"], gen)[0]
-        return [ParseResult(values=v, valid=True, n_missing=0, n_unknown=0, n_clipped=0, error=None, keyframe=i + 1)
-                for i, v in enumerate(values)]
+        return [
+            ParseResult(values=v, valid=True, n_missing=0, n_unknown=0, n_clipped=0, error=None, keyframe=i + 1)
+            for i, v in enumerate(values)
+        ]
 
 
-def load_servable_mdm(weights: dict[str, Tensor], config: dict, device: str = "cpu",
-                      where: str = "checkpoint") -> ServableKeyframeMDM:
+def load_servable_mdm(
+    weights: dict[str, Tensor], config: dict, device: str = "cpu", where: str = "checkpoint"
+) -> ServableKeyframeMDM:
     """Rebuild a :class:`ServableKeyframeMDM` from checkpoint tensors and the resolved job
     (``config.json``); the frozen encoder is loaded from ``model.text_encoder``."""
     for name in ("feat_mean", "feat_std"):
         if name not in weights:
             raise ckpt.CheckpointError(f"{where}: no {name!r} buffer (the z-score statistics)")
     try:
-        model = build_keyframe_mdm(config, weights["feat_mean"].float().cpu().numpy(),
-                                   weights["feat_std"].float().cpu().numpy())
+        model = build_keyframe_mdm(
+            config, weights["feat_mean"].float().cpu().numpy(), weights["feat_std"].float().cpu().numpy()
+        )
     except (MDMError, KeyError, TypeError) as exc:
         raise ckpt.CheckpointError(f"{where}: not a usable keyframe_mdm checkpoint ({exc})") from None
     load_mdm_weights(model, weights, where)
@@ -635,8 +666,9 @@ def load_servable(dirpath, device: str = "cpu", root=None) -> ServableKeyframeMD
     """The family's loader (:class:`facelab.families.base.Family`): a checkpoint directory → servable."""
     from pathlib import Path
 
-    return load_servable_mdm(ckpt.load_weights(dirpath), ckpt.load_config(dirpath), device,
-                             str(Path(dirpath) / ckpt.MODEL_FILE))
+    return load_servable_mdm(
+        ckpt.load_weights(dirpath), ckpt.load_config(dirpath), device, str(Path(dirpath) / ckpt.MODEL_FILE)
+    )
 
 
 def report_label(trial, annotation: str) -> str:

@@ -9,25 +9,43 @@ from pydantic import Field, model_validator
 from facelab.core.config import Strict, Train
 from facelab.tasks.expressions.config import ExpressionData, ExpressionEval
 
+
 class LMListenerModel(Strict):
-    text_encoder: str = Field("minilm", description="Frozen text encoder: 'minilm' (offline default) or a local path / HF id.")
+    text_encoder: str = Field(
+        "minilm", description="Frozen text encoder: 'minilm' (offline default) or a local path / HF id."
+    )
     max_text_tokens: int = Field(128, ge=4, description="Text is truncated to this many tokens.")
     codebook_size: int = Field(256, ge=2, description="VQ-VAE codebook entries K.")
     code_dim: int = Field(128, ge=4, description="Size of a codebook vector.")
-    downsample: int = Field(4, ge=1, le=32, description="Frames per code (temporal downsampling of the VQ-VAE encoder).")
+    downsample: int = Field(
+        4, ge=1, le=32, description="Frames per code (temporal downsampling of the VQ-VAE encoder)."
+    )
     vq_hidden: int = Field(256, ge=8, description="Channels of the VQ-VAE's temporal convolutions.")
     vq_layers: int = Field(2, ge=1, le=8, description="Residual conv blocks per VQ-VAE encoder/decoder.")
     commitment: float = Field(0.25, ge=0.0, description="VQ-VAE commitment weight β.")
     ema_decay: float = Field(0.99, ge=0.0, lt=1.0, description="Codebook EMA decay (0 = codebook loss instead of EMA).")
-    dead_code_threshold: float = Field(1.0, ge=0.0, description="EMA codebook: a code used less than this often (EMA count) is restarted on a batch vector.")
-    text_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Code LM: drop the text with this probability in training (trains the unconditional mode).")
+    dead_code_threshold: float = Field(
+        1.0,
+        ge=0.0,
+        description="EMA codebook: a code used less than this often (EMA count) is restarted on a batch vector.",
+    )
+    text_dropout: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Code LM: drop the text with this probability in training (trains the unconditional mode).",
+    )
     d_model: int = Field(256, ge=8, description="Code LM transformer width.")
     n_heads: int = Field(4, ge=1, description="Code LM attention heads.")
     n_layers: int = Field(4, ge=1, le=24, description="Code LM transformer layers.")
     ff_dim: int = Field(1024, ge=8, description="Code LM feed-forward width.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout rate.")
-    top_p: float = Field(0.8, gt=0.0, le=1.0, description="Nucleus sampling p at generation (the CTEG paper's comparison: 0.8).")
-    cppl_top_k: int = Field(16, ge=1, description="Cppl: expected frame over the LM's k most likely next codes (renormalised).")
+    top_p: float = Field(
+        0.8, gt=0.0, le=1.0, description="Nucleus sampling p at generation (the CTEG paper's comparison: 0.8)."
+    )
+    cppl_top_k: int = Field(
+        16, ge=1, description="Cppl: expected frame over the LM's k most likely next codes (renormalised)."
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "LMListenerModel":
@@ -59,8 +77,17 @@ class LMListenerJob(Strict):
     eval: ExpressionEval = ExpressionEval()
 
 
-
 # val/loss and train/loss are the current stage's objective (stage 1 VQ-VAE, stage 2 code LM).
-METRICS = frozenset({"val/loss", "train/loss", "val/vq_loss", "train/vq_loss", "val/recon_mse", "val/code_ce",
-                     "val/code_perplexity", "val/cppl",
-                     *(f"test/{m}" for m in ("cppl", "dot", "fgd", "diversity", "mmodality", "variation"))})
+METRICS = frozenset(
+    {
+        "val/loss",
+        "train/loss",
+        "val/vq_loss",
+        "train/vq_loss",
+        "val/recon_mse",
+        "val/code_ce",
+        "val/code_perplexity",
+        "val/cppl",
+        *(f"test/{m}" for m in ("cppl", "dot", "fgd", "diversity", "mmodality", "variation")),
+    }
+)

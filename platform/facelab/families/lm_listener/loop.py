@@ -94,20 +94,30 @@ def val_metrics_vq(model, dev_loader, train_cfg: dict, device) -> dict[str, floa
     red = allreduce(validate_vq(model, dev_loader, train_cfg["max_val_batches"], device), device)
     n = max(red[-1], 1)
     loss, recon, commit, ppl = (v / n for v in red[:4])
-    return {"val/loss": loss, "val/vq_loss": loss, "val/recon_mse": recon, "val/commit": commit,
-            "val/codebook_perplexity": ppl}
+    return {
+        "val/loss": loss,
+        "val/vq_loss": loss,
+        "val/recon_mse": recon,
+        "val/commit": commit,
+        "val/codebook_perplexity": ppl,
+    }
 
 
-def val_metrics_lm(model, dev_loader, dev_ds, dev_idx, job: dict, per_worker: int, epoch: int,
-                   device) -> dict[str, float]:
+def val_metrics_lm(
+    model, dev_loader, dev_ds, dev_idx, job: dict, per_worker: int, epoch: int, device
+) -> dict[str, float]:
     train_cfg = job["train"]
     ce, acc, n_tok = validate_lm(model, dev_loader, train_cfg["max_val_batches"], device)
     nll_sum, n_items = val_cppl_terms(model, dev_ds, dev_idx, job, per_worker, epoch)
     red = allreduce([ce, acc, n_tok, nll_sum, n_items], device)
     code_ce = red[0] / max(red[2], 1)
-    return {"val/loss": code_ce, "val/code_ce": code_ce, "val/code_perplexity": math.exp(code_ce),
-            "val/code_acc": red[1] / max(red[2], 1),
-            "val/cppl": math.exp(red[3] / max(red[4], 1))}  # Eq. 18 over the dev split
+    return {
+        "val/loss": code_ce,
+        "val/code_ce": code_ce,
+        "val/code_perplexity": math.exp(code_ce),
+        "val/code_acc": red[1] / max(red[2], 1),
+        "val/cppl": math.exp(red[3] / max(red[4], 1)),
+    }  # Eq. 18 over the dev split
 
 
 def log_reconstructions(model, dev_ds, job: dict, client, run_id: str, n: int = 3) -> None:
@@ -121,8 +131,12 @@ def log_reconstructions(model, dev_ds, job: dict, client, run_id: str, n: int = 
     texts, frames, lengths = collate([(dev_ds.texts[i], s) for i, s in enumerate(seqs)])
     recon = model.reconstruct(frames.to(device), lengths.to(device))
     with tempfile.TemporaryDirectory() as d:
-        png = trajectories([f"VQ-VAE: {t}" for t in texts], [r.float().cpu().numpy() for r in recon],
-                           [s.numpy() for s in seqs], Path(d) / "vq_reconstruction.png")
+        png = trajectories(
+            [f"VQ-VAE: {t}" for t in texts],
+            [r.float().cpu().numpy() for r in recon],
+            [s.numpy() for s in seqs],
+            Path(d) / "vq_reconstruction.png",
+        )
         client.log_artifact(run_id, str(png), "plots")
 
 
@@ -132,50 +146,47 @@ def worker_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from facelab.core import tracking
-    from facelab.families.lm_listener.model import build_lm_listener
     from facelab.core import checkpoint as ckpt
+    from facelab.families.lm_listener.model import build_lm_listener
+    from facelab.runtime.worker import EpochRuntime
 
     job: dict = config["job"]
     if job["eval"].get("baseline"):
-        raise ValueError(f"eval.baseline={job['eval']['baseline']!r}: the §5.3 baseline rows (gt, shuffle, random) "
-                         "belong to cteg jobs; an lm_listener job trains and scores the LM-Listener model")
+        raise ValueError(
+            f"eval.baseline={job['eval']['baseline']!r}: the §5.3 baseline rows (gt, shuffle, random) "
+            "belong to cteg jobs; an lm_listener job trains and scores the LM-Listener model"
+        )
     optim_cfg, train_cfg = job["optim"], job["train"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rt = EpochRuntime.start(config)  # context, resume, history replay (facelab.runtime.worker)
+    rank, world, device = rt.rank, rt.world, rt.device
     total_epochs = train_cfg["vq_epochs"] + train_cfg["epochs"]
 
     # ---- setup -------------------------------------------------------------------------------
-    seed_everything(train_cfg["seed"])             # same initial weights on every rank
+    seed_everything(train_cfg["seed"])  # same initial weights on every rank
     train_ds, dev_ds, mean = load_splits(Path(config["data_dir"]), job["data"])
     model = build_lm_listener(job, mean).to(device)
 
-    start_epoch, step, history, resume_state = 0, 0, [], None
-    resume = ray.train.get_checkpoint()
-    if resume is not None:
-        weights, resume_state, meta = ckpt.load_resume(resume)
-        ckpt.load_into(model, Path(resume.path), weights)
-        start_epoch, step, history = meta["epoch"] + 1, meta["step"], meta.get("history", [])
+    resume_state = None
+    if rt.resumed is not None:
+        resume_state = rt.resumed.state
+        ckpt.load_into(model, rt.resumed.path, rt.resumed.weights)
 
     per_worker = max(1, optim_cfg["batch_size"] // world)
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=train_cfg["seed"], drop_last=True)
+    sampler = DistributedSampler(
+        train_ds, num_replicas=world, rank=rank, shuffle=True, seed=train_cfg["seed"], drop_last=True
+    )
     loader = DataLoader(train_ds, batch_size=per_worker, sampler=sampler, collate_fn=collate, drop_last=True)
     dev_idx = list(range(rank, len(dev_ds), world))  # exact sharding: no duplicated samples
     dev_loader = DataLoader(Subset(dev_ds, dev_idx), batch_size=per_worker, collate_fn=collate)
 
-    client = tracking.client(config["tracking"]["uri"]) if rank == 0 and config.get("tracking") else None
-    run_id = config["tracking"]["run_id"] if client else None
-    if client and history:  # resumed: make sure every finished epoch is on record exactly once
-        tracking.log_missing_history(client, run_id, history)
+    client, run_id = rt.client, rt.run_id
     nodes = worker_nodes()  # collective: every rank takes part
     if client:
         client.set_tag(run_id, "facelab.worker_nodes", json.dumps(nodes))
 
     # ---- train -------------------------------------------------------------------------------
     stage = opt = params = ddp_model = None
-    for epoch in range(start_epoch, total_epochs):
+    for epoch in range(rt.start_epoch, total_epochs):
         if stage_of(epoch, train_cfg) != stage:  # first epoch of this run, or the stage change
             stage = stage_of(epoch, train_cfg)
             model.set_stage(stage)
@@ -186,7 +197,7 @@ def worker_loop(config: dict[str, Any]) -> None:
             ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
 
         t0 = time.time()
-        step_log: list[tuple[int, dict]] = []   # per-step terms, flushed once per epoch
+        step_log: list[tuple[int, dict]] = []  # per-step terms, flushed once per epoch
         sampler.set_epoch(epoch)
         # Per-rank, per-epoch stream (codebook restarts, text dropout): resumable and rank-distinct.
         torch.manual_seed(train_cfg["seed"] * 1_000_003 + epoch * 1009 + rank)
@@ -203,13 +214,18 @@ def worker_loop(config: dict[str, Any]) -> None:
             if optim_cfg["grad_clip"]:
                 torch.nn.utils.clip_grad_norm_(params, optim_cfg["grad_clip"])
             opt.step()
-            step += 1
+            rt.step += 1
             n_batches += 1
             for k in terms:
                 sums[k] += float(out[k].detach())
-            if rank == 0 and step % train_cfg["log_every_steps"] == 0:
-                step_log.append((step, {f"step/{k}": float(out[k].detach()) for k in terms}
-                                 | {"step/lr": opt.param_groups[0]["lr"], "step/stage": stage}))
+            if rank == 0 and rt.step % train_cfg["log_every_steps"] == 0:
+                step_log.append(
+                    (
+                        rt.step,
+                        {f"step/{k}": float(out[k].detach()) for k in terms}
+                        | {"step/lr": opt.param_groups[0]["lr"], "step/stage": stage},
+                    )
+                )
         red = allreduce([sums[k] for k in terms] + [n_batches], device)
         names = _train_names(stage)
         train_metrics = {names[k]: red[j] / max(red[-1], 1) for j, k in enumerate(terms)}
@@ -230,24 +246,25 @@ def worker_loop(config: dict[str, Any]) -> None:
         if last and job["eval"]["enabled"] and rank == 0:
             test_metrics = run_test_eval(model, job, Path(config["data_dir"]), device, client, run_id)
 
-        metrics = {**train_metrics, **val_metrics, **test_metrics, "stage": stage, "epoch": epoch, "step": step,
-                   "lr": opt.param_groups[0]["lr"], "epoch_time_s": time.time() - t0}
-        history.append(dict(metrics))
-        if not all(math.isfinite(v) for v in metrics.values()):
-            raise FloatingPointError(f"non-finite metrics at epoch {epoch} (stage {stage}): {metrics}")
+        metrics = {
+            **train_metrics,
+            **val_metrics,
+            **test_metrics,
+            "stage": stage,
+            "lr": opt.param_groups[0]["lr"],
+            "epoch_time_s": time.time() - t0,
+        }
 
-        # ---- checkpoint + report, then the MLflow record (order as in train/cteg.py) -------------
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                ckpt.save(Path(d), model, job, keep_encoder=False,
-                          train_state={"optimizer": opt.state_dict(), "stage": stage},
-                          meta={"epoch": epoch, "step": step, "stage": stage, "history": history,
-                                "mlflow_run_id": run_id})
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-            if client:
-                tracking.log_metrics(client, run_id, metrics, step=epoch)
-                tracking.log_metric_steps(client, run_id, step_log)
-                if stage == 1 and epoch == train_cfg["vq_epochs"] - 1:
-                    log_reconstructions(model, dev_ds, job, client, run_id)
-        else:
-            ray.train.report(metrics)
+        def save(d: Path, meta: dict) -> None:
+            ckpt.save(
+                d,
+                model,
+                job,
+                keep_encoder=False,
+                meta={**meta, "stage": stage},
+                train_state={"optimizer": opt.state_dict(), "stage": stage},
+            )
+
+        rt.end_epoch(epoch, metrics, save, step_log=step_log)
+        if client and stage == 1 and epoch == train_cfg["vq_epochs"] - 1:
+            log_reconstructions(model, dev_ds, job, client, run_id)

@@ -120,8 +120,17 @@ class LMListenerConfig:
         problems = []
         if self.d_model % self.n_heads:
             problems.append(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        for name in ("codebook_size", "code_dim", "downsample", "vq_hidden", "vq_layers", "n_layers",
-                     "cppl_top_k", "max_frames", "expr_dim"):
+        for name in (
+            "codebook_size",
+            "code_dim",
+            "downsample",
+            "vq_hidden",
+            "vq_layers",
+            "n_layers",
+            "cppl_top_k",
+            "max_frames",
+            "expr_dim",
+        ):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be >= 1")
         if self.codebook_size < 2:
@@ -453,8 +462,9 @@ class CodeLMLayer(nn.Module):
         self.cross_attn = Attention(d, n_heads, dropout)
         self.ff = FeedForward(d, ff_dim, dropout)
 
-    def forward(self, x: Tensor, mem_kv: tuple[Tensor, Tensor], key_valid: Tensor,
-                cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, mem_kv: tuple[Tensor, Tensor], key_valid: Tensor, cache: KVCache | None = None
+    ) -> Tensor:
         k, v = self.self_attn.keys_values(x)
         if cache is None:
             x = self.self_attn(x, k, v, causal=True)
@@ -486,8 +496,9 @@ class CodeLM(nn.Module):
         """Per-layer keys/values of the projected text memory (computed once per batch)."""
         return [layer.cross_attn.keys_values(memory) for layer in self.layers]
 
-    def forward(self, tokens: Tensor, mem_kv, key_valid: Tensor, start: int = 0,
-                caches: list[KVCache] | None = None) -> Tensor:
+    def forward(
+        self, tokens: Tensor, mem_kv, key_valid: Tensor, start: int = 0, caches: list[KVCache] | None = None
+    ) -> Tensor:
         """Logits (B, S, K+1) of the next token after each of ``tokens`` (B, S) at positions
         ``start..start+S−1``; with ``caches`` the earlier positions come from the KV caches."""
         pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
@@ -567,8 +578,9 @@ class LMListener(nn.Module):
         no valid key at all, so the cross-attentions contribute nothing (unconditional mode)."""
         texts = list(texts)
         device = self.mean_expression.device
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.cfg.max_text_tokens,
-                               return_tensors="pt")
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.cfg.max_text_tokens, return_tensors="pt"
+        )
         ids = batch["input_ids"].to(device)
         valid = batch["attention_mask"].to(device).bool()
         with torch.no_grad():
@@ -643,8 +655,12 @@ class LMListener(nn.Module):
         targets = torch.where(pos == n_codes[:, None], self.eos, targets)
         valid = targets != IGNORE
         n_tok = valid.sum().clamp(min=1)
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                             ignore_index=IGNORE, reduction="sum") / n_tok
+        ce = (
+            F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+            )
+            / n_tok
+        )
         acc = ((logits.argmax(-1) == targets) & valid).sum() / n_tok
         return {"loss": ce, "code_ce": ce.detach(), "code_acc": acc.detach().float(), "tokens": n_tok.float()}
 
@@ -659,8 +675,9 @@ class LMListener(nn.Module):
     # ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def teacher_forced_means(self, texts: list[str], frames: Tensor, lengths: Tensor,
-                             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def teacher_forced_means(
+        self, texts: list[str], frames: Tensor, lengths: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Teacher-forced predicted mean frames for the continuous perplexity (CTEG App. D, Eq. 16-18).
 
         Returns ``(means (B, T+1, 53), mask (B, T+1) bool)`` with the contract of
@@ -727,8 +744,13 @@ class LMListener(nn.Module):
     # ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, texts: list[str], max_frames: int | None = None, generator: torch.Generator | None = None,
-                 use_cache: bool = True) -> list[Tensor]:
+    def generate(
+        self,
+        texts: list[str],
+        max_frames: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> list[Tensor]:
         """Sample one expression sequence per text: (T_i, 53) tensors, 1 <= T_i <= max_frames.
 
         Codes are drawn one at a time with nucleus sampling (``cfg.top_p``; Ng et al. 2023 sample
@@ -825,5 +847,6 @@ def load_servable(dirpath, device: str = "cpu", root=None) -> LMListener:
 
     from facelab.core import checkpoint as ckpt
 
-    return load_servable_lm_listener(ckpt.load_weights(dirpath), ckpt.load_config(dirpath), device,
-                                     str(Path(dirpath) / ckpt.MODEL_FILE))
+    return load_servable_lm_listener(
+        ckpt.load_weights(dirpath), ckpt.load_config(dirpath), device, str(Path(dirpath) / ckpt.MODEL_FILE)
+    )

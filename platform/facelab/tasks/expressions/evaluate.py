@@ -1,6 +1,6 @@
 """The CTEG paper's evaluation protocol (Xu et al., "When Words Smile", EMNLP 2025, §5 and Appendix D).
 
-:func:`evaluate_model` scores a trained :class:`~facelab.families.cteg.model.CTEG` on a test split,
+:func:`evaluate_model` scores a trained model of the expressions task (CTEG, LM-Listener, ... -- see :class:`ExpressionModel`) on a test split,
 :func:`evaluate_baseline` the §5.3 reference rows (GT, Shuffle, Random). Both return
 ``{metric: (value, bootstrap standard error)}`` for the six metrics of Table 2, in the paper's column
 order :data:`METRICS`; the formulas live in :mod:`facelab.tasks.expressions.metrics`:
@@ -82,6 +82,7 @@ class ExpressionModel(Protocol):
     def generate(self, texts: list[str], max_frames: int | None = None, generator=None) -> list: ...
 
     def teacher_forced_means(self, texts: list[str], frames, lengths, latent: str = "mean") -> tuple: ...
+
 
 METRICS = ["cppl", "dot", "fgd", "diversity", "mmodality", "variation"]
 """Table 2's metric columns, in the paper's order."""
@@ -254,7 +255,9 @@ def _generator(cfg: EvalConfig, stage: int):
     return torch.Generator().manual_seed(cfg.seed * 4 + stage)
 
 
-def _generate(model: ExpressionModel, texts: list[str], cfg: EvalConfig, max_frames: int, generator) -> list[np.ndarray]:
+def _generate(
+    model: ExpressionModel, texts: list[str], cfg: EvalConfig, max_frames: int, generator
+) -> list[np.ndarray]:
     import torch
 
     out: list[np.ndarray] = []
@@ -280,7 +283,10 @@ def model_cppl_inputs(
         for i, (s, n) in enumerate(zip(chunk, lengths)):
             frames[i, :n] = torch.as_tensor(np.asarray(s[:n]), dtype=frames.dtype)
         mu, _ = model.teacher_forced_means(
-            texts[lo : lo + cfg.batch_size], frames.to(device), torch.tensor(lengths, device=device), generator=generator
+            texts[lo : lo + cfg.batch_size],
+            frames.to(device),
+            torch.tensor(lengths, device=device),
+            generator=generator,
         )
         mu = mu.to("cpu", dtype=torch.float64).numpy()
         for i in range(len(chunk)):
@@ -288,7 +294,9 @@ def model_cppl_inputs(
     return means, targets
 
 
-def evaluate_model(model: ExpressionModel, test: EmoAvaSplit, cfg: EvalConfig | None = None, device="cpu") -> dict[str, tuple[float, float]]:
+def evaluate_model(
+    model: ExpressionModel, test: EmoAvaSplit, cfg: EvalConfig | None = None, device="cpu"
+) -> dict[str, tuple[float, float]]:
     """Table 2 row of a CTEG model on ``test``: ``{metric: (value, bootstrap SE)}`` for :data:`METRICS`.
 
     Moves ``model`` to ``device`` (in place, as ``nn.Module.to`` does). Sampling is seeded
@@ -383,7 +391,10 @@ def evaluate_baseline(
             raise ValueError("the 'random' baseline needs a non-empty training split")
         pool = train.sequences
         samples = [np.asarray(pool[j]) for j in rng.integers(0, len(pool), size=n)]
-        mm_pairs = [(samples[i], np.asarray(pool[j])) for i, j in zip(mm_idx.tolist(), rng.integers(0, len(pool), size=len(mm_idx)))]
+        mm_pairs = [
+            (samples[i], np.asarray(pool[j]))
+            for i, j in zip(mm_idx.tolist(), rng.integers(0, len(pool), size=len(mm_idx)))
+        ]
         uncond = [np.asarray(pool[j]) for j in rng.integers(0, len(pool), size=2 * cfg.n_diversity)]
 
     targets = cppl_targets(seqs, cfg.max_frames)

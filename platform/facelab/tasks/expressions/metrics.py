@@ -404,7 +404,9 @@ def cppl_per_item(
     x, offsets_x = _pack(targets)
     if mu.shape != x.shape or not np.array_equal(offsets, offsets_x):
         bad = next(i for i, (m, t) in enumerate(zip(means, targets)) if np.shape(m) != np.shape(t))
-        raise ValueError(f"means[{bad}] {np.shape(means[bad])} and targets[{bad}] {np.shape(targets[bad])} differ in shape")
+        raise ValueError(
+            f"means[{bad}] {np.shape(means[bad])} and targets[{bad}] {np.shape(targets[bad])} differ in shape"
+        )
     logp = frame_log_prob(mu, x, delta, sigma, region)  # (N,)
     if floor:
         logp = np.maximum(logp, np.log(floor))
@@ -500,7 +502,9 @@ def bootstrap_se(
     return float(np.std(np.concatenate(stats), ddof=1))
 
 
-def expression_metrics(seqs: Sequence[np.ndarray], *, max_pairs: int = _DEFAULT_MAX_PAIRS, seed: int = 0) -> dict[str, float]:
+def expression_metrics(
+    seqs: Sequence[np.ndarray], *, max_pairs: int = _DEFAULT_MAX_PAIRS, seed: int = 0
+) -> dict[str, float]:
     """``{"dot", "fgd", "variation"}`` for ``seqs`` (see :func:`dot`, :func:`fgd`, :func:`variation`)."""
     return {
         "dot": dot(seqs, max_pairs=max_pairs, seed=seed),

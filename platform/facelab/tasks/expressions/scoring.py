@@ -22,12 +22,23 @@ def eval_config(job: dict):
     from facelab.tasks.expressions.evaluate import EvalConfig
 
     e = job["eval"]
-    return EvalConfig(n_diversity=e["n_diversity"], n_mmodality=e["n_mmodality"], n_bootstrap=e["n_bootstrap"],
-                      max_frames=e["max_frames"], batch_size=e["batch_size"], seed=job["train"]["seed"],
-                      delta=e["delta"], sigma=e["sigma"], max_texts=e["max_texts"], cppl_region=e["cppl_region"])
+    return EvalConfig(
+        n_diversity=e["n_diversity"],
+        n_mmodality=e["n_mmodality"],
+        n_bootstrap=e["n_bootstrap"],
+        max_frames=e["max_frames"],
+        batch_size=e["batch_size"],
+        seed=job["train"]["seed"],
+        delta=e["delta"],
+        sigma=e["sigma"],
+        max_texts=e["max_texts"],
+        cppl_region=e["cppl_region"],
+    )
 
 
-def val_cppl_terms(model, dev_ds: PairDataset, idx: list[int], job: dict, batch_size: int, epoch: int) -> tuple[float, int]:
+def val_cppl_terms(
+    model, dev_ds: PairDataset, idx: list[int], job: dict, batch_size: int, epoch: int
+) -> tuple[float, int]:
     """This rank's sum of per-sequence Cppl cross-entropies (Eq. 18's inner mean) and their count."""
     from facelab.tasks.expressions.evaluate import model_cppl_inputs
     from facelab.tasks.expressions.metrics import cppl_per_item
@@ -75,8 +86,9 @@ def log_trajectories(model, test, job: dict, client, run_id: str, n: int = 3) ->
     texts = test.texts[:n]
     out = model.generate(texts, max_frames=min(job["eval"]["max_frames"], model.cfg.max_frames), generator=gen)
     with tempfile.TemporaryDirectory() as d:
-        png = trajectories(texts, [o.float().cpu().numpy() for o in out], test.sequences[:n],
-                           Path(d) / "trajectories.png")
+        png = trajectories(
+            texts, [o.float().cpu().numpy() for o in out], test.sequences[:n], Path(d) / "trajectories.png"
+        )
         client.log_artifact(run_id, str(png), "plots")
 
 

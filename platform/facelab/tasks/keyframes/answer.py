@@ -23,4 +23,3 @@ class ParseResult:
     """Keyframe number named by the answer's ``Keyframe_x`` key (1-based), if any."""
     text: str = field(default="", repr=False)
     """The answer text that was parsed."""
-

@@ -7,7 +7,7 @@ in the release's channel order (:data:`facelab.data.arkit.CHANNELS`):
 * parameter space — :func:`regression_errors` (MSE, MAE, RMSE), :func:`per_channel_errors`,
   :func:`wasserstein` (W-Dist) and :func:`validity_rate`;
 * embedding space of the contrastive text–motion evaluator of Appendix C
-  (:mod:`facelab.families.keyframe_evaluator.model`) — :func:`fid`, :func:`r_precision`,
+  (the keyframe evaluator family, KeyframeFace Appendix C) — :func:`fid`, :func:`r_precision`,
   :func:`mm_dist` ("MMD" in the paper's tables) and :func:`diversity`.
 
 The embedding-space metrics follow the text-to-motion protocol they are named after: Guo et al.
@@ -47,8 +47,19 @@ __all__ = [
 
 R_PRECISION_TOP_K = (1, 2, 3)
 
-TEST_METRICS = ("mse", "mae", "rmse", "w_dist", "validity", "fid", "r_precision_1", "r_precision_2",
-                 "r_precision_3", "mmd", "diversity")
+TEST_METRICS = (
+    "mse",
+    "mae",
+    "rmse",
+    "w_dist",
+    "validity",
+    "fid",
+    "r_precision_1",
+    "r_precision_2",
+    "r_precision_3",
+    "mmd",
+    "diversity",
+)
 """What a keyframes-task worker loop reports as ``test/<name>`` (Tables 2-4 read them)."""
 
 
@@ -255,7 +266,7 @@ def r_precision(
     perm = np.random.default_rng(seed).permutation(n)
     hits = np.zeros(len(ks))
     for b in range(n_batches):
-        idx = perm[b * size:(b + 1) * size]
+        idx = perm[b * size : (b + 1) * size]
         d = _distances(t[idx], m[idx])  # (size, size): text i to motion j
         own = np.diag(d)[:, None]  # (size, 1)
         closer = (d < own).sum(axis=1)  # (size,)
@@ -320,7 +331,7 @@ def evaluate_keyframes(
     Keys: ``mse``, ``mae``, ``rmse`` (:func:`regression_errors`), ``w_dist`` (:func:`wasserstein`),
     ``validity`` (:func:`validity_rate` of ``n_valid`` / ``n_total``) and, when ``evaluator`` is
     given (anything with ``embed_texts`` and ``embed_motions``, e.g.
-    :class:`facelab.families.keyframe_evaluator.model.TextMotionEvaluator`):
+    the keyframe evaluator family):
 
     * ``fid`` — :func:`fid` between the embeddings of ``pred`` and of ``gt``;
     * ``r_precision_1/2/3`` — :func:`r_precision` of the texts against the *predicted* keyframes'

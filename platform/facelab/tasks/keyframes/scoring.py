@@ -11,8 +11,11 @@ def load_scripts(data_dir: Path, job: dict):
     from facelab.data.keyframeface import load_split
 
     d = job["data"]
-    return (load_split(data_dir, "train")[: d["train_subset"]], load_split(data_dir, "val")[: d["val_subset"]],
-            load_split(data_dir, "test")[: d["test_subset"]])
+    return (
+        load_split(data_dir, "train")[: d["train_subset"]],
+        load_split(data_dir, "val")[: d["val_subset"]],
+        load_split(data_dir, "test")[: d["test_subset"]],
+    )
 
 
 def log_eval_artifacts(client, run_id: str, extras: dict) -> None:
@@ -29,4 +32,3 @@ def log_eval_artifacts(client, run_id: str, extras: dict) -> None:
         client.log_artifact(run_id, str(d / "keyframe_preview.png"), "plots")
         table = {name: {k: float(v[i]) for k, v in extras["per_channel"].items()} for i, name in enumerate(CHANNELS)}
         client.log_text(run_id, json.dumps(table, indent=1), "eval/per_channel_errors.json")
-
