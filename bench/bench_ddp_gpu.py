@@ -21,19 +21,15 @@ worker count. Everything lives in a temporary project directory:
 * MLflow: the embedded sqlite store ``mlruns.db`` + ``mlartifacts/`` of the project (as a sweep
   without ``MLFLOW_TRACKING_URI``); Ray Tune/Train state under ``ray_results/``.
 
-Two things differ from a user's ``facelab train``; both are patched at run time by this script (no
-facelab file changes):
-
-* there is no DVC here: ``facelab.core.lineage.verify_data`` (which asks DVC whether the data
-  matches ``dvc.lock``) is replaced by a stand-in that tags the run with an md5 of the generated
-  files;
-* the training phase of every epoch is timed inside the workers: the Tune trial function is
-  wrapped so that the Train workers run ``worker_loop`` with three hooks on its module
-  (``BucketBatchSampler.set_epoch`` starts the clock after a device sync, ``train_step`` counts
-  sequences and frames, the first ``_allreduce`` of the epoch -- right after the loop's own host
-  sync of the loss sums -- stops it). The loop's own ``epoch_time_s`` (training + validation) is
-  reported too. Epoch 0 (warm-up: kernel selection per bucket shape) is reported apart from the
-  steady state (epochs 1..; hence the default of 4 epochs).
+One thing differs from a user's ``facelab train``: there is no DVC here, so
+``facelab.core.lineage.verify_data`` (which asks DVC whether the data matches ``dvc.lock``) is
+replaced by a stand-in that tags the run with an md5 of the generated files. The training phase of
+every epoch is timed inside the workers through the worker runtime's public hooks
+(``FACELAB_WORKER_HOOKS=bench_ddp_gpu:install``, :func:`facelab.runtime.worker.add_hook`): the CTEG
+loop's ``train`` phase ends after its own host sync of the loss sums (the all-reduce) and reports the
+sequences and frames it trained. The loop's own ``epoch_time_s`` (training + validation) is reported
+too. Epoch 0 (warm-up: kernel selection per bucket shape) is reported apart from the steady state
+(epochs 1..; hence the default of 4 epochs).
 
 NCCL's NVLink multicast (NVLS) is left off (``NCCL_NVLS_ENABLE=0`` unless set otherwise; the Ray
 workers inherit it), as the shared GPU hosts require.
@@ -86,102 +82,48 @@ HISTORY_KEYS = ("train/loss", "train/mse", "train/kl", "train/lg", "val/loss", "
 # ------------------------------------------------------------------------------------------------
 
 
-def _install_epoch_timer(config: dict) -> None:
-    """Hooks on ``facelab.families.cteg.loop`` in this Train worker: time each epoch's training phase."""
+def install(rt) -> None:
+    """Worker hook (``FACELAB_WORKER_HOOKS=bench_ddp_gpu:install``): record each epoch's training
+    phase as the worker runtime reports it (:func:`facelab.runtime.worker.add_hook`) -- its seconds
+    and the sequences/frames the loop counted -- into ``<root>/bench_timing/<run id>/rank<r>.json``."""
     import json as _json
-    import time as _time
     from pathlib import Path as _Path
 
-    import ray.train
     import torch
 
-    import facelab.families.cteg.loop as loop_mod
+    from facelab.runtime.worker import add_hook
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cuda = torch.cuda.is_available()
-    out = _Path(config["root"]) / "bench_timing" / str((config.get("tracking") or {}).get("run_id", "run"))
+    out = (
+        _Path(rt.config["root"])
+        / "bench_timing"
+        / str(rt.run_id or (rt.config.get("tracking") or {}).get("run_id", "run"))
+    )
     out.mkdir(parents=True, exist_ok=True)
     record = {
-        "rank": rank,
-        "world": world,
+        "rank": rt.rank,
+        "world": rt.world,
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "torch_threads": torch.get_num_threads(),
         "epochs": [],
     }
-    state: dict = {"cur": None}
 
-    def now() -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        return _time.perf_counter()
+    def on_phase(name: str, seconds: float, epoch: int, info: dict) -> None:
+        if name != "train":
+            return
+        record["epochs"].append(
+            {
+                "epoch": epoch,
+                "steps": info.get("steps", 0),
+                "seqs": info.get("sequences", 0),
+                "frames": info.get("frames", 0),
+                "padded_frames": info.get("padded_frames", 0),
+                "train_s": seconds,
+            }
+        )
+        (out / f"rank{rt.rank}.json").write_text(_json.dumps(record))
 
-    base_sampler = loop_mod.BucketBatchSampler
-
-    class TimedBucketBatchSampler(base_sampler):  # type: ignore[misc,valid-type]
-        def set_epoch(self, epoch: int) -> None:
-            super().set_epoch(epoch)
-            state["cur"] = {"epoch": epoch, "steps": 0, "seqs": 0, "frames": 0, "padded_frames": 0, "t0": now()}
-
-    base_step = loop_mod.train_step
-
-    def train_step(model, batch, *args, **kwargs):
-        cur = state["cur"]
-        if cur is not None:
-            _texts, frames, lengths = batch
-            cur["steps"] += 1
-            cur["seqs"] += len(lengths)
-            cur["frames"] += int(lengths.sum())
-            cur["padded_frames"] += int(frames.shape[0] * frames.shape[1])
-        return base_step(model, batch, *args, **kwargs)
-
-    base_allreduce = loop_mod._allreduce
-
-    def _allreduce(values, device):
-        result = base_allreduce(values, device)  # the loop synced the device to build ``values``
-        cur = state["cur"]
-        if cur is not None:  # the first all-reduce of an epoch closes its training phase
-            cur["train_s"] = _time.perf_counter() - cur.pop("t0")
-            record["epochs"].append(cur)
-            state["cur"] = None
-            (out / f"rank{rank}.json").write_text(_json.dumps(record))
-        return result
-
-    loop_mod.BucketBatchSampler = TimedBucketBatchSampler
-    loop_mod.train_step = train_step
-    loop_mod._allreduce = _allreduce
-
-
-def _timed_worker_loop(real_loop):
-    def bench_worker_loop(config: dict) -> None:
-        try:
-            _install_epoch_timer(config)
-        except Exception as exc:  # noqa: BLE001 - without the hooks the loop's epoch_time_s still reports
-            print(f"bench_ddp_gpu: epoch timer not installed ({type(exc).__name__}: {exc})", flush=True)
-        return real_loop(config)
-
-    return bench_worker_loop
-
-
-def bench_trial(config: dict, ctx) -> None:
-    """The Tune trial function: facelab's ``run_trial``, its Train workers running the timed loop."""
-    from facelab.runtime import sweep
-
-    real_run_trial = sweep.run_trial  # this actor imported facelab.runtime.sweep afresh: the real one
-    if getattr(real_run_trial, "__name__", "") == "bench_trial":
-        raise RuntimeError("bench_trial: facelab.runtime.sweep.run_trial is patched in the trial process")
-    real_for = sweep.worker_loop_for
-    sweep.worker_loop_for = lambda kind: _timed_worker_loop(real_for(kind))
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:  # a GPU machine without matplotlib: the trial's loss-curve PNG is skipped
-        import facelab.plots
-
-        facelab.plots.loss_curves = lambda *a, **k: None
-    try:
-        real_run_trial(config, ctx)
-    finally:
-        sweep.worker_loop_for = real_for
+    add_hook("phase", on_phase)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,9 +175,10 @@ def data_digest(data_dir: Path) -> tuple[str, int, int]:
 
 
 def patch_driver(root: Path) -> None:
-    """No DVC on the benchmark machine: lineage from the generated files; trials run :func:`bench_trial`."""
+    """No DVC on the benchmark machine: the data's lineage is an md5 of the generated files (the one
+    stand-in; nothing of the training path is replaced). Train workers time their epochs through the
+    worker runtime's public hooks (:func:`install`, named in ``FACELAB_WORKER_HOOKS``)."""
     import facelab.core.lineage as lineage
-    from facelab.runtime import sweep
 
     md5, size, nfiles = data_digest(root / "data" / "emoava")
 
@@ -245,7 +188,8 @@ def patch_driver(root: Path) -> None:
         )
 
     lineage.verify_data = verify_data
-    sweep.run_trial = bench_trial
+    os.environ["FACELAB_WORKER_HOOKS"] = "bench_ddp_gpu:install"
+    os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(HERE), os.environ.get("PYTHONPATH")) if x)
 
 
 def job_overrides(args, encoder_dir: Path) -> list[str]:
@@ -270,7 +214,8 @@ def job_overrides(args, encoder_dir: Path) -> list[str]:
 
 
 def run_one(root: Path, job: str, n_workers: int, args, sets: list[str]) -> dict:
-    from facelab import cli, tracking
+    from facelab import cli
+    from facelab.core import tracking
 
     name = f"bench-ddp-{n_workers}w"
     argv = [

@@ -8,8 +8,12 @@ from pathlib import Path
 def loss_curves(
     c, run_id: str, out: Path, keys=("train/loss", "val/loss", "train/mse", "val/mse", "train/kl", "val/kl")
 ) -> Path | None:
-    """Per-epoch loss curves of one run, read back from the MLflow store (the record of truth)."""
-    import matplotlib
+    """Per-epoch loss curves of one run, read back from the MLflow store (the record of truth); None
+    where matplotlib is not installed (a minimal GPU bundle): the run is complete without the picture."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,10 +1,15 @@
-"""Paper-layout tables from a finished sweep: rows = variants, columns = metrics with ↓/↑/→ and ± SE.
+"""Paper-layout tables from a finished sweep, chosen by the task of its trials' families.
 
-When the trials carry the test-split evaluation (``test/<metric>`` and ``test/<metric>_se``, CTEG's
-six metrics of Appendix D), the columns are those six in the paper's order; otherwise the
-validation metrics. Markdown (paste into a paper draft or a PR) or CSV. The table and the plots
-(the KL term over training steps, Figure 5) are logged to the sweep's parent MLflow run under
-``report/``.
+* **Expressions task** (CTEG, LM-Listener, plug-ins): rows = variants, columns = metrics with ↓/↑/→
+  and ± SE. When the trials carry the test-split evaluation (``test/<metric>`` and
+  ``test/<metric>_se``, the CTEG paper's six metrics of Appendix D), the columns are those six in the
+  paper's order (Table 2); otherwise the validation metrics. The KL term over training steps
+  (Figure 5) is plotted beside it.
+* **Keyframes task** (the KeyframeFace LoRA LM, Express4D-MDM, plug-ins): KeyframeFace Tables 2, 3
+  and 4 (:func:`keyframe_tables`); a family may name its own Table 3 rows (``Family.report_label``).
+
+Markdown (paste into a paper draft or a PR) or CSV. The tables and plots are logged to the sweep's
+parent MLflow run under ``report/``.
 
 Standard errors: with one seed per variant, the bootstrap SE of the test metric (1,000 resamples,
 computed at evaluation); with several seeds, the standard error of the mean over seeds.

@@ -279,6 +279,8 @@ def init_ray(address: str | None = None) -> None:
             "TRANSFORMERS_OFFLINE": "1",
         }
     }
+    if os.environ.get("FACELAB_WORKER_HOOKS"):  # tooling hooks of the worker runtime (facelab.runtime.worker)
+        env["env_vars"]["FACELAB_WORKER_HOOKS"] = os.environ["FACELAB_WORKER_HOOKS"]
     ray.init(
         address=address,
         runtime_env=env,

@@ -14,14 +14,22 @@ parts that must be the same everywhere live here, once:
   (:meth:`EpochRuntime.end_epoch`).
 
 Hooks (public, for benchmarks and tooling — never a monkeypatch): :func:`add_hook` registers a
-callable for ``"phase"`` events, fired by :meth:`EpochRuntime.phase` with ``(name, seconds,
-epoch)`` as each timed phase of a loop (``train``, ``validate``, ``test``, ``checkpoint``) ends.
+callable for ``"phase"`` events, fired by :meth:`EpochRuntime.phase` with ``(name, seconds, epoch,
+info)`` as each timed phase of a loop (``train``, ``validate``, ``test``, ``checkpoint``) ends;
+``info`` is what the loop counted in the phase (e.g. ``steps``, ``sequences``, ``frames``,
+``padded_frames`` of a CTEG training phase). The phase ends after the loop's own host sync (the
+all-reduce of its sums), so on a GPU the time covers the device work. In Ray Train workers, hooks are
+installed by naming ``module:function`` callables in ``FACELAB_WORKER_HOOKS`` (comma-separated;
+``facelab`` passes the variable on to its Ray workers): each is called with the
+:class:`EpochRuntime` when the worker starts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -36,12 +44,21 @@ _HOOKS: dict[str, list[Callable[..., None]]] = {"phase": []}
 
 
 def add_hook(event: str, fn: Callable[..., None]) -> Callable[[], None]:
-    """Call ``fn`` on ``event`` (``"phase"``: ``fn(name, seconds, epoch)``) in this process;
+    """Call ``fn`` on ``event`` (``"phase"``: ``fn(name, seconds, epoch, info)``) in this process;
     returns a function that removes it again."""
     if event not in _HOOKS:
         raise ValueError(f"unknown event {event!r}; known: {sorted(_HOOKS)}")
     _HOOKS[event].append(fn)
     return lambda: _HOOKS[event].remove(fn)
+
+
+def install_env_hooks(rt: EpochRuntime) -> None:
+    """Call every ``module:function`` named in ``FACELAB_WORKER_HOOKS`` with ``rt`` (see the module docstring)."""
+    for ref in filter(None, (x.strip() for x in os.environ.get("FACELAB_WORKER_HOOKS", "").split(","))):
+        module, _, attr = ref.partition(":")
+        if not module or not attr:
+            raise ValueError(f"FACELAB_WORKER_HOOKS: {ref!r} is not 'module:function'")
+        getattr(importlib.import_module(module), attr)(rt)
 
 
 class NonFiniteMetrics(FloatingPointError):
@@ -100,6 +117,7 @@ class EpochRuntime:
             rt.start_epoch, rt.step, rt.history = meta["epoch"] + 1, meta["step"], meta.get("history", [])
         if rt.client and rt.history:  # resumed: every finished epoch is on record exactly once
             tracking.log_missing_history(rt.client, rt.run_id, rt.history)
+        install_env_hooks(rt)
         return rt
 
     @property
@@ -111,15 +129,17 @@ class EpochRuntime:
         return Path(self.config["data_dir"])
 
     @contextlib.contextmanager
-    def phase(self, name: str, epoch: int) -> Iterator[None]:
-        """Time a phase of the loop and tell the ``phase`` hooks (a benchmark's per-phase timings)."""
+    def phase(self, name: str, epoch: int) -> Iterator[dict]:
+        """Time a phase of the loop and tell the ``phase`` hooks (a benchmark's per-phase timings).
+        Yields a dict the loop may fill with counts (steps, sequences, frames) for the hooks."""
+        info: dict = {}
         t0 = time.perf_counter()
         try:
-            yield
+            yield info
         finally:
             dt = time.perf_counter() - t0
             for fn in list(_HOOKS["phase"]):
-                fn(name, dt, epoch)
+                fn(name, dt, epoch, info)
 
     def end_epoch(
         self,

@@ -221,10 +221,16 @@ def worker_loop(config: dict[str, Any]) -> None:
         ddp_model.train()
         sums = torch.zeros(len(LOSS_TERMS), device=device)  # summed on the device: no per-step sync
         n_batches = 0
-        with rt.phase("train", epoch):
+        with rt.phase("train", epoch) as counts:
+            counts.update(steps=0, sequences=0, frames=0, padded_frames=0)
             for i, batch in enumerate(loader):
                 if train_cfg["max_steps_per_epoch"] and i >= train_cfg["max_steps_per_epoch"]:
                     break
+                _texts, frames, lengths = batch
+                counts["steps"] += 1
+                counts["sequences"] += len(lengths)
+                counts["frames"] += int(lengths.sum())
+                counts["padded_frames"] += int(frames.shape[0] * frames.shape[1])
                 terms = train_step(ddp_model, batch, opt, sched, params, optim_cfg["grad_clip"], device)
                 sums += terms
                 rt.step += 1
