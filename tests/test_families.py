@@ -147,3 +147,37 @@ def test_examples_family_declares_its_entry_point():
     text = (REPO / "examples" / "facelab-nearest" / "pyproject.toml").read_text()
     assert '[project.entry-points."facelab.families"]' in text and 'nearest = "facelab_nearest:FAMILY"' in text
     assert Path(REPO / "examples" / "facelab-nearest" / "facelab_nearest" / "__init__.py").is_file()
+
+
+@pytest.mark.parametrize(
+    "family, config",
+    [
+        ("lm_listener", "facelab.families.lm_listener.model:LMListenerConfig"),
+        ("keyframe_mdm", "facelab.families.keyframe_mdm.model:MDMConfig"),
+        ("keyframe_evaluator", "facelab.families.keyframe_evaluator.model:EvaluatorConfig"),
+    ],
+)
+def test_a_models_config_takes_every_key_of_its_job_section(family, config):
+    """The job schema is the declaration users see; the model's dataclass must take every key of it
+    (a key only in the schema would be silently ignored) and may add only derived ones."""
+    import dataclasses
+
+    from facelab.core.config import dataclass_from
+    from facelab.families.base import resolve
+
+    cls = resolve(config)
+    job_keys = set(registry.get(family).job.model_fields["model"].annotation.model_fields)
+    assert job_keys <= {f.name for f in dataclasses.fields(cls)}
+    with pytest.raises(ValueError, match=r"\['no_such_key'\] are not fields"):
+        dataclass_from(cls, {"no_such_key": 1}, "model")
+
+
+def test_cteg_config_is_the_job_schema():
+    from facelab.families.cteg.job import CTEGConfig, CTEGModel
+    from facelab.families.cteg.servable import cteg_config
+
+    assert issubclass(CTEGConfig, CTEGModel)  # one declaration: the model reads the job's own class
+    job = registry.get("cteg").job().model_dump()
+    assert cteg_config(job).max_frames == job["data"]["max_frames"]
+    with pytest.raises(ValueError, match="no_such_key"):
+        cteg_config({**job, "model": {**job["model"], "no_such_key": 1}})

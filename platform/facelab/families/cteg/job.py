@@ -32,7 +32,7 @@ class CTEGModel(Strict):
     target_guided: bool = Field(True, description="Target-guided loss L_g (§3.5, Eq. 8).")
     share_projection: bool = Field(False, description="Share projections (Table 6 'w. sharing').")
     stop_threshold: float = Field(
-        1.0, gt=0.0, description="Decoding stops when a frame is this close (L2) to the zero face (§3.6)."
+        1.0, ge=0.0, description="Decoding stops when a frame is this close (L2) to the zero face (§3.6); 0 = never early."
     )
     output_sigma: float = Field(
         1.0, ge=0.0, description="σ of the output Gaussian N(μ_g, σ²) (Eq. 5: σ = 1); 0 = use μ_g."
@@ -50,6 +50,28 @@ class CTEGModel(Strict):
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.ewa_dim % self.ewa_heads:
             raise ValueError(f"ewa_dim ({self.ewa_dim}) must be divisible by ewa_heads ({self.ewa_heads})")
+        return self
+
+
+class CTEGConfig(CTEGModel):
+    """The CTEG model's typed config: the job's ``model`` section plus the maximum sequence length
+    (``data.max_frames``) and the expression-vector layout. Declared once, here; the model reads only
+    this (built by :func:`facelab.families.cteg.servable.cteg_config`, unknown keys are errors)."""
+
+    max_frames: int = Field(
+        256,
+        ge=1,
+        description="Maximum generated sequence length, MSL (reference trg_len 256); the job's data.max_frames.",
+    )
+    expr_dim: int = Field(
+        53, ge=2, description="Expression vector size: 50 FLAME expression + 3 jaw-pose coefficients."
+    )
+    jaw_dim: int = Field(3, ge=1, description="Trailing coefficients of the vector that are the jaw pose E^j (§3.3).")
+
+    @model_validator(mode="after")
+    def _jaw_inside(self) -> "CTEGConfig":
+        if not 0 < self.jaw_dim < self.expr_dim:
+            raise ValueError(f"jaw_dim ({self.jaw_dim}) must be in (0, expr_dim={self.expr_dim})")
         return self
 
 

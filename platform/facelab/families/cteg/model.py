@@ -38,8 +38,9 @@ from torch import Tensor, nn
 
 from facelab.core.layers import KeyMask, xavier_init_
 from facelab.core.text_encoder import load_text_encoder
+from facelab.families.cteg.job import CTEGConfig
 
-from .cvad import LTA_MODES, CVADLayer
+from .cvad import LTA_MODES, CVADLayer  # noqa: F401 - LTA_MODES re-exported
 from .ewa import FrameEmbedding
 
 
@@ -94,77 +95,6 @@ class TextStateCache:
             idx, valid = idx.pin_memory(), valid.pin_memory()
         idx, valid = idx.to(device, non_blocking=True), valid.to(device, non_blocking=True)
         return self.buf.index_select(0, idx.flatten()).view(len(texts), width, -1), valid
-
-
-@dataclass
-class CTEGConfig:
-    """CTEG hyper-parameters; defaults are the paper's, as set in the reference's ``train.py``/``train.sh``."""
-
-    text_encoder: str = "minilm"
-    """Pretrained text encoder: 'minilm' (offline default) or a local path / cached HF id (paper: bert-base-cased)."""
-    finetune_encoder: bool = False
-    """Train the text encoder too (Table 6 'w. BERT fine-tuning'); the paper freezes it."""
-    max_text_tokens: int = 128
-    """Texts are truncated to this many tokens (reference src_len 128)."""
-    d_model: int = 768
-    """Decoder width (reference d_model 768)."""
-    n_heads: int = 12
-    """Attention heads of every decoder attention (reference n_head 12)."""
-    ff_dim: int = 2048
-    """Feed-forward inner width (reference d_inner_hid 2048)."""
-    cvad_layers: int = 1
-    """Stacked CVAD layers N_c (§3.4; reference n_layers 1)."""
-    latent_dim: int = 768
-    """Size of each per-step latent z_t (§3.4); the reference uses d_model, other sizes add a projection to d_model."""
-    dropout: float = 0.1
-    """Dropout on residual branches and attention weights (reference 0.1)."""
-    ewa: bool = True
-    """Expression-wise Attention input block (§3.3); False = plain linear projection + PE (Table 6)."""
-    ewa_dim: int = 64
-    """Latent size of the per-coefficient EwA tokens (§3.3; reference: d_model, on sequence means — see ewa.py)."""
-    ewa_heads: int = 4
-    """Attention heads of the EwA cross-attention (§3.3)."""
-    lta: str = "attention"
-    """Latent Temporal Attention f_ζ: 'attention' (masked MHA), 'pooling' (running mean) or 'none' (§3.4, Table 6)."""
-    target_guided: bool = True
-    """Add the target-guided loss L_g (§3.5, Eq. 8)."""
-    share_projection: bool = False
-    """Tie the output projection d_model->53 to the transposed input projection 53->d_model (Table 6 'w. sharing')."""
-    max_frames: int = 256
-    """Maximum generated sequence length, MSL (reference trg_len / max_seq_len 256)."""
-    stop_threshold: float = 1.0
-    """Decoding stops at a frame whose L2 norm (distance to the zero face) is below this (§3.6; reference 1.0)."""
-    output_sigma: float = 1.0
-    """σ of the output distribution N(μ_g, σ²) sampled in training and generation (§3.4: σ = 1); 0 = use μ_g."""
-    scale_embedding: bool = True
-    """Multiply the projected expressions by √d_model before adding PE (reference -scale_emb)."""
-    kl_reduction: str = "sum"
-    """Per-step KL over latent coordinates: 'sum' (exact KL, Eq. 6) or 'mean' (the reference's weighting)."""
-    expr_dim: int = 53
-    """Expression vector size: 50 FLAME expression + 3 jaw-pose coefficients (EMOCA/FLAME codes)."""
-    jaw_dim: int = 3
-    """Trailing coefficients of the vector that are the jaw pose E^j (§3.3)."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.d_model % self.n_heads:
-            problems.append(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if self.ewa and self.ewa_dim % self.ewa_heads:
-            problems.append(f"ewa_dim ({self.ewa_dim}) must be divisible by ewa_heads ({self.ewa_heads})")
-        if self.lta not in LTA_MODES:
-            problems.append(f"lta must be one of {LTA_MODES}, got {self.lta!r}")
-        if self.kl_reduction not in ("sum", "mean"):
-            problems.append(f"kl_reduction must be 'sum' or 'mean', got {self.kl_reduction!r}")
-        if self.cvad_layers < 1:
-            problems.append("cvad_layers must be >= 1")
-        if self.max_frames < 1:
-            problems.append("max_frames must be >= 1")
-        if not 0 < self.jaw_dim < self.expr_dim:
-            problems.append(f"jaw_dim ({self.jaw_dim}) must be in (0, expr_dim={self.expr_dim})")
-        if self.output_sigma < 0:
-            problems.append("output_sigma must be >= 0")
-        if problems:
-            raise ValueError("invalid CTEGConfig: " + "; ".join(problems))
 
 
 class CTEG(nn.Module):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -12,13 +11,9 @@ from facelab.core import checkpoint as ckpt
 
 def cteg_config(job: dict):
     """The model's typed config from a resolved ``cteg`` job dict (``model`` + ``data.max_frames``)."""
-    from facelab.families.cteg.model import CTEGConfig
+    from facelab.families.cteg.job import CTEGConfig
 
-    names = {f.name for f in dataclasses.fields(CTEGConfig)}
-    kwargs = {k: v for k, v in job["model"].items() if k in names}
-    if "max_frames" in names:
-        kwargs["max_frames"] = job["data"]["max_frames"]
-    return CTEGConfig(**kwargs)
+    return CTEGConfig(**job["model"], max_frames=job["data"]["max_frames"])
 
 
 def build_cteg(job: dict, mean_expression) -> torch.nn.Module:

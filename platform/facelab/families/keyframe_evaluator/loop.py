@@ -30,10 +30,10 @@ def pairs(scripts) -> tuple[list[str], np.ndarray]:
 
 
 def evaluator_config(job: dict):
+    from facelab.core.config import dataclass_from
     from facelab.families.keyframe_evaluator.model import EvaluatorConfig
 
-    names = {f.name for f in dataclasses.fields(EvaluatorConfig)}
-    return EvaluatorConfig(**{k: v for k, v in job["model"].items() if k in names})
+    return dataclass_from(EvaluatorConfig, job["model"], "model")
 
 
 @torch.no_grad()

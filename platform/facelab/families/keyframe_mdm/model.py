@@ -84,7 +84,6 @@ every key and shape.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -169,8 +168,9 @@ class MDMConfig:
 
 def mdm_config(job: dict) -> MDMConfig:
     """The typed config from a resolved ``keyframe_mdm`` job dict (its ``model`` section)."""
-    names = {f.name for f in dataclasses.fields(MDMConfig)}
-    return MDMConfig(**{k: v for k, v in job["model"].items() if k in names})
+    from facelab.core.config import dataclass_from
+
+    return dataclass_from(MDMConfig, job["model"], "model")
 
 
 # --------------------------------------------------------------------------------------------

@@ -54,7 +54,6 @@ Weights named ``text_encoder.*`` are the frozen pretrained encoder; checkpoints 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -154,10 +153,9 @@ class LMListenerConfig:
 
 def lm_listener_config(job: dict) -> LMListenerConfig:
     """The typed config from a resolved ``lm_listener`` job dict (``model`` + ``data.max_frames``)."""
-    names = {f.name for f in dataclasses.fields(LMListenerConfig)}
-    kwargs = {k: v for k, v in job["model"].items() if k in names}
-    kwargs["max_frames"] = job["data"]["max_frames"]
-    return LMListenerConfig(**kwargs)
+    from facelab.core.config import dataclass_from
+
+    return dataclass_from(LMListenerConfig, job["model"], "model", max_frames=job["data"]["max_frames"])
 
 
 def build_lm_listener(job: dict, mean_expression) -> "LMListener":
