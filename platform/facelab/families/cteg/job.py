@@ -32,7 +32,9 @@ class CTEGModel(Strict):
     target_guided: bool = Field(True, description="Target-guided loss L_g (§3.5, Eq. 8).")
     share_projection: bool = Field(False, description="Share projections (Table 6 'w. sharing').")
     stop_threshold: float = Field(
-        1.0, ge=0.0, description="Decoding stops when a frame is this close (L2) to the zero face (§3.6); 0 = never early."
+        1.0,
+        ge=0.0,
+        description="Decoding stops when a frame is this close (L2) to the zero face (§3.6); 0 = never early.",
     )
     output_sigma: float = Field(
         1.0, ge=0.0, description="σ of the output Gaussian N(μ_g, σ²) (Eq. 5: σ = 1); 0 = use μ_g."
