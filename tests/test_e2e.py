@@ -73,7 +73,7 @@ def test_quickstart_sweep_records_parent_and_children(quickstart):
     for r in children:
         assert r.info.status == "FINISHED"
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert r.data.tags["facelab.runtime.sweep"] == "quickstart" and r.data.tags["facelab.seed"] == "0"
+        assert r.data.tags["facelab.sweep"] == "quickstart" and r.data.tags["facelab.seed"] == "0"
         assert r.data.tags["facelab.data.md5"] == lock_md5
         assert len(r.data.tags["facelab.git_sha"]) == 40
         # resolved config as params, per-epoch metrics
@@ -389,7 +389,7 @@ def test_optuna_search_with_asha_records_every_trial(built_project):
     p = built_project
     (p / "sweeps" / "search.yaml").write_text(
         "name: search\njob: jobs/cteg_tiny.yaml\nmetric: {name: val/loss, goal: minimize}\nmethod: optuna\n"
-        "variants: {CTEG: {}}\nparameters: {optim.lr_mul: {distribution: log_uniform, min: 0.001, max: 1000}}\n"
+        "variants: {CTEG: {}}\nparameters: {optim.lr_mul: {distribution: log_uniform_values, min: 0.001, max: 1000}}\n"
         "num_samples: 3\nearly_terminate: {type: asha, grace_period: 1, reduction_factor: 2}\n"
         "resources: {num_workers: 1, cpus_per_worker: 0.5}\nmax_concurrent_trials: 1\n"
     )

@@ -164,11 +164,11 @@ def test_random_and_optuna_accept_distributions(proj):
             proj,
             method=method,
             num_samples=3,
-            parameters={"optim.lr_mul": {"distribution": "log_uniform", "min": 0.1, "max": 10}},
+            parameters={"optim.lr_mul": {"distribution": "log_uniform_values", "min": 0.1, "max": 10}},
         )
         loaded = load_sweep(p, root=proj)
         assert len(loaded.trials) == 3
-        assert loaded.trials[0].params["optim.lr_mul"].startswith("<log_uniform")
+        assert loaded.trials[0].params["optim.lr_mul"].startswith("<log_uniform_values")
 
 
 def test_parse_set_rejects_malformed():

@@ -48,25 +48,69 @@ def cmd_sweep(args) -> int:
 
     root = _root()
     loaded = load_sweep(args.sweep, args.set, root=root)
-    if args.dry_run:
-        s = loaded.spec
-        print(
-            f"sweep '{s.name}': job {s.job}, method {s.method}, metric {s.metric.name} ({s.metric.goal}), "
-            f"{len(loaded.trials)} trial(s), {s.resources.num_workers} worker(s) each"
-        )
-        for i, t in enumerate(loaded.trials):
-            ov = t.overrides(s.variants)
-            print(f"  [{i}] {t.name}")
-            print(f"       overrides: {json.dumps(ov, default=str)}")
+    if args.dry_run or args.print_config:
+        print_plan(loaded, full=args.print_config)
         return 0
-    return _run_and_summarize(loaded, root, resume=args.resume, address=args.address)
+    return _run_and_summarize(loaded, root, resume=args.resume, address=args.address, dashboard=args.dashboard)
 
 
-def _run_and_summarize(loaded, root: Path, resume: bool, address: str | None) -> int:
+def print_plan(loaded, full: bool = False) -> None:
+    """``--dry-run``: every trial with its overrides, the resolved job config's difference from the
+    base job (or the whole resolved YAML with ``--print-config``) and the resources it reserves."""
+    import yaml
+
+    from facelab.core.tracking import flatten
+    from facelab.runtime.sweep import TRIAL_CPU
+    from facelab.spec.loading import apply_overrides
+
+    s, r = loaded.spec, loaded.spec.resources
+    print(
+        f"sweep '{s.name}': job {s.job} (kind {loaded.job_dict['kind']}), method {s.method}, metric "
+        f"{s.metric.name} ({s.metric.goal}), {len(loaded.trials)} trial(s)"
+    )
+    print(
+        f"resources per trial: {r.num_workers} worker(s) x ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU) "
+        f"+ {TRIAL_CPU} CPU for the trial driver; at most {s.max_concurrent_trials} trial(s) at once"
+    )
+    from facelab.spec.loading import load_job
+
+    # Differences are shown against each job *file* as written, so --set changes are visible too.
+    raw = yaml.safe_load(loaded.source.read_text()) or {}
+    refs = {v: (o or {}).get("job") for v, o in (raw.get("variants") or {}).items() if isinstance(o, dict)}
+    files: dict[str, dict] = {}
+
+    def file_job(ref: str | None) -> dict:
+        path = str(ref or loaded.job_path)
+        if path not in files:
+            files[path] = flatten(load_job(path if ref is None else _root() / ref)[1])
+        return files[path]
+
+    for i, t in enumerate(loaded.trials):
+        ov = t.overrides(s.variants)
+        own = loaded.variant_jobs.get(t.variant)
+        job = apply_overrides(loaded.job_for(t.variant), ov)
+        base = file_job(refs.get(t.variant) if own is not None else None)
+        print(f"  [{i}] {t.name}")
+        if own is not None:
+            print(f"       job: {refs.get(t.variant)} (the variant's own job file, kind {own['kind']})")
+        print(f"       overrides: {json.dumps(ov, default=str)}")
+        if full:
+            print("       resolved job config:")
+            print("\n".join("         " + line for line in yaml.safe_dump(job, sort_keys=False).splitlines()))
+            continue
+        flat = flatten(job)
+        diff = {k: v for k, v in flat.items() if base.get(k, object()) != v}
+        sampled = {k: v for k, v in t.params.items() if isinstance(v, str) and v.startswith("<")}
+        changes = [f"{k}: {base.get(k, '(absent)')!r} -> {v!r}" for k, v in diff.items()]
+        changes += [f"{k}: sampled {v}" for k, v in sampled.items()]
+        print("       resolved vs job file: " + ("; ".join(changes) if changes else "(as written in the job file)"))
+
+
+def _run_and_summarize(loaded, root: Path, resume: bool, address: str | None, dashboard: bool = False) -> int:
     from facelab.runtime.sweep import run_sweep
 
     print(f"MLflow tracking store: {_tracking_uri(root)}")
-    out = run_sweep(loaded, root, resume=resume, address=address)
+    out = run_sweep(loaded, root, resume=resume, address=address, dashboard=dashboard)
     print()
     print(f"sweep '{out.sweep}': {len(out.trials)} trial(s)")
     for t in out.trials:
@@ -107,7 +151,10 @@ def cmd_train(args) -> int:
     loaded = LoadedSweep(
         spec=spec, job=job, job_dict=job_dict, source=Path(args.job), job_path=Path(args.job), trials=plan_trials(spec)
     )
-    return _run_and_summarize(loaded, root, resume=False, address=args.address)
+    if args.dry_run or args.print_config:
+        print_plan(loaded, full=args.print_config)
+        return 0
+    return _run_and_summarize(loaded, root, resume=False, address=args.address, dashboard=args.dashboard)
 
 
 def _tracking_uri(root: Path) -> str:
@@ -166,7 +213,11 @@ def cmd_report(args) -> int:
     from facelab.report import sweep_table
 
     c, exp, parent, trials = _sweep_runs(args.sweep)
-    print(sweep_table(c, parent, trials, fmt=args.format, log=not args.no_log))
+    by = [k.strip() for k in args.by.split(",") if k.strip()] if args.by else None
+    out = Path(args.out) if args.out else None
+    print(sweep_table(c, parent, trials, fmt=args.format, log=not args.no_log, by=by, out_dir=out))
+    if out is not None:
+        print(f"wrote {out}/ (table, CSV and plots)", file=sys.stderr)
     return 0
 
 
@@ -430,27 +481,44 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("sweep", help="run a sweep YAML on Ray Tune + Train")
-    s.add_argument("sweep")
-    s.add_argument("--dry-run", action="store_true", help="print the resolved trials and start nothing")
+    s.add_argument("sweep", help="the sweep YAML (see README: Sweep YAML)")
+    s.add_argument(
+        "--dry-run", action="store_true", help="print the resolved trials, configs and resources; start nothing"
+    )
+    s.add_argument(
+        "--print-config", action="store_true", help="like --dry-run, with each trial's whole resolved job YAML"
+    )
     s.add_argument("--resume", action="store_true", help="continue the latest run of this sweep")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a sweep or job key")
     s.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    s.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with a local Ray (default: off)")
     s.set_defaults(fn=cmd_sweep)
 
     t = sub.add_parser("train", help="one run of a job YAML (a one-trial sweep)")
-    t.add_argument("job")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("job", help="the job YAML")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a job key")
     t.add_argument("--name", default=None, help="sweep/experiment name (default: the job's name)")
-    t.add_argument("--num-workers", type=int, default=1)
-    t.add_argument("--gpus-per-worker", type=float, default=0)
-    t.add_argument("--cpus-per-worker", type=float, default=1)
-    t.add_argument("--address", default=None)
+    t.add_argument("--num-workers", type=int, default=1, help="Ray Train workers, DDP ranks (default 1)")
+    t.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per worker (default 0: CPU)")
+    t.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs per worker (default 1)")
+    t.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved job config and resources; start nothing")
+    t.add_argument("--print-config", action="store_true", help="like --dry-run, with the whole resolved job YAML")
+    t.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with a local Ray (default: off)")
     t.set_defaults(fn=cmd_train)
 
     r = sub.add_parser("report", help="paper-layout table of a finished sweep")
     r.add_argument("sweep")
     r.add_argument("--format", choices=["md", "csv"], default="md")
     r.add_argument("--no-log", action="store_true", help="do not log the table to the sweep's MLflow run")
+    r.add_argument(
+        "--by",
+        default=None,
+        metavar="KEY[,KEY]",
+        help="group rows by these keys ('variant' and/or job keys such as optim.lr_mul); default: the variant "
+        "and every searched parameter, so ± is over seeds only",
+    )
+    r.add_argument("--out", default=None, metavar="DIR", help="also write the table (md, csv) and plots into DIR")
     r.set_defaults(fn=cmd_report)
 
     pr = sub.add_parser("promote", help="register the sweep's best trial as champion")

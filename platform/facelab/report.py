@@ -58,15 +58,40 @@ def _label(metric: str) -> str:
     return LABELS.get(metric.removeprefix("test/"), metric) if metric.startswith("test/") else metric
 
 
-def aggregate(trials, metrics: list[str]) -> list[dict]:
-    """Mean and standard error per variant, in the order the variants first appear."""
-    by_variant: dict[str, list] = defaultdict(list)
+def searched_keys(trials) -> list[str]:
+    """Job keys a sweep's trials were overridden with that take more than one value within a variant
+    (the ``parameters:`` search), in a stable order; ``train.seed`` is the seed, not a setting."""
+    values: dict[tuple[str, str], set] = defaultdict(set)
+    for t in trials:
+        for k, v in t.params.items():
+            if k.startswith("override.") and k != "override.train.seed":
+                values[(t.variant, k.removeprefix("override."))].add(v)
+    return sorted({k for (_v, k), vs in values.items() if len(vs) > 1})
+
+
+def group_of(t, by: list[str]) -> tuple[str, ...]:
+    """A trial's value of each grouping key: ``variant`` or a job key (its override, else its param)."""
+    return tuple(t.variant if k == "variant" else t.params.get(f"override.{k}", t.params.get(k, "?")) for k in by)
+
+
+def aggregate(trials, metrics: list[str], by: list[str] | None = None) -> list[dict]:
+    """Mean and standard error per group, in the order the groups first appear.
+
+    A group is one distinct setting: by default the variant *and* the searched parameters
+    (:func:`searched_keys`), so ± is taken over seeds only, never across hyperparameters; ``by``
+    names the grouping keys instead (``variant`` and/or job keys such as ``optim.lr_mul``)."""
+    keys = by or ["variant", *searched_keys(trials)]
+    groups: dict[tuple, list] = defaultdict(list)
     for t in trials:
         if t.status == "FINISHED":
-            by_variant[t.variant].append(t)
+            groups[group_of(t, keys)].append(t)
     rows = []
-    for variant, ts in by_variant.items():
-        row = {"variant": variant, "n": len(ts)}
+    for g, ts in groups.items():
+        named = dict(zip(keys, g))
+        label = named.pop("variant", None)
+        extra = ", ".join(f"{k}={v}" for k, v in named.items())
+        variant = " | ".join(x for x in (label, extra) if x)
+        row = {"variant": variant, "n": len(ts), "_variant": ts[0].variant}
         for m in metrics:
             vals = [t for t in ts if m in t.metrics and math.isfinite(t.metrics[m])]
             if not vals:
@@ -84,7 +109,7 @@ def aggregate(trials, metrics: list[str]) -> list[dict]:
 
 def best_rows(rows: list[dict], metrics: list[str]) -> dict[str, str]:
     """Variant holding the best value per metric (GT row excluded; → needs a GT row)."""
-    gt = next((r for r in rows if r["variant"].strip().lower() in ("gt", "ground truth")), None)
+    gt = next((r for r in rows if r.get("_variant", r["variant"]).strip().lower() in ("gt", "ground truth")), None)
     out = {}
     for m in metrics:
         cands = [r for r in rows if m in r and r is not gt]
@@ -453,22 +478,35 @@ def keyframe_tables(trials, fmt: str = "md") -> str:
     return "\n".join(out)
 
 
-def sweep_table(c, parent, trials, fmt: str = "md", log: bool = True) -> str:
+def sweep_table(
+    c, parent, trials, fmt: str = "md", log: bool = True, by: list[str] | None = None, out_dir: Path | None = None
+) -> str:
+    """The sweep's table (and plots) in ``fmt``; logged to the parent run (``log``) and written to
+    ``out_dir`` (table.md, table.csv, plots) when given. ``by``: grouping keys (see :func:`aggregate`)."""
     import json
     import os
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if any(t.tags.get("facelab.job_kind") in keyframe_kinds() for t in trials):
         text = keyframe_tables(trials, fmt)
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "tables.md").write_text(keyframe_tables(trials, "md"))
+            (out_dir / "tables.csv").write_text(keyframe_tables(trials, "csv"))
         if log:
             c.log_text(parent.info.run_id, keyframe_tables(trials, "md"), "report/tables.md")
             c.log_text(parent.info.run_id, keyframe_tables(trials, "csv"), "report/tables.csv")
         return text
     metrics = table_metrics(parent, trials)
-    rows = aggregate(trials, metrics)
+    rows = aggregate(trials, metrics, by)
     order = json.loads(parent.data.tags.get("facelab.variants", "[]"))  # the sweep YAML's row order
-    rows.sort(key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
+    rows.sort(key=lambda r: order.index(r["_variant"]) if r["_variant"] in order else len(order))
     text = render(rows, metrics, fmt)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "table.md").write_text(render(rows, metrics, "md"))
+        (out_dir / "table.csv").write_text(render(rows, metrics, "csv"))
+        kl_curves(c, [t for t in trials if t.status == "FINISHED"], out_dir / "kl_curve.png")
     if log:
         run_id = parent.info.run_id
         c.log_text(run_id, render(rows, metrics, "md"), "report/table.md")

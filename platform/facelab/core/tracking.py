@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 # Tag keys (one place, so queries and writers agree).
-TAG_SWEEP = "facelab.runtime.sweep"
+TAG_SWEEP = "facelab.sweep"
 TAG_ROLE = "facelab.role"  # "sweep" | "trial" | "train"
 TAG_TRIAL_KEY = "facelab.trial_key"  # stable id of a trial within its sweep
 TAG_VARIANT = "facelab.variant"

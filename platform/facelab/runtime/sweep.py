@@ -83,7 +83,7 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
                 params[key] = tune.choice(pts)
         elif p.distribution == "uniform":
             params[key] = tune.uniform(p.min, p.max)
-        elif p.distribution == "log_uniform":
+        elif p.distribution == "log_uniform_values":
             params[key] = tune.loguniform(p.min, p.max)
         else:
             params[key] = tune.randint(int(p.min), int(p.max) + 1)
@@ -91,6 +91,22 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
     if spec.method == "optuna":
         return {"variant": tune.choice(variants), "seed": tune.choice(seeds), "params": params}
     return {"variant": tune.grid_search(variants), "seed": tune.grid_search(seeds), "params": params}
+
+
+def progress_reporter(spec: SweepSpec):
+    """The table Tune prints while a sweep runs: the sweep's metric, the epoch, variant, seed and the
+    searched parameters (not Ray Train's internal columns), best first."""
+    from ray.tune import CLIReporter
+
+    params = {"variant": "variant", "seed": "seed", **{f"params/{k}": k for k in spec.parameters}}
+    return CLIReporter(
+        metric_columns={spec.metric.name: spec.metric.name, "epoch": "epoch"},
+        parameter_columns=params,
+        metric=spec.metric.name,
+        mode="min" if spec.metric.goal == "minimize" else "max",
+        sort_by_metric=True,
+        max_report_frequency=30,
+    )
 
 
 def search_alg(spec: SweepSpec):
@@ -257,7 +273,7 @@ def _sweep_dir(storage: Path, sweep: str, resume: bool) -> Path:
     return d
 
 
-def init_ray(address: str | None = None) -> None:
+def init_ray(address: str | None = None, dashboard: bool = False) -> None:
     import ray
 
     if ray.is_initialized():
@@ -266,6 +282,8 @@ def init_ray(address: str | None = None) -> None:
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     # Baseline rows (GT / Shuffle / Random) report test metrics only, not the sweep metric.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # Tune's legacy console output honours the sweep's progress reporter (metric/variant/seed columns).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # No address: always a fresh local instance, never whatever cluster a stale session file points at.
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     # Workers import facelab from the source tree; ship the path so they find it.
@@ -285,7 +303,7 @@ def init_ray(address: str | None = None) -> None:
         address=address,
         runtime_env=env,
         log_to_driver=True,
-        include_dashboard=False,
+        include_dashboard=dashboard,  # off by default: a local Ray starts faster without it
         configure_logging=True,
         logging_level="WARNING",
     )
@@ -330,7 +348,13 @@ class SweepOutcome:
 
 
 def run_sweep(
-    loaded: LoadedSweep, root: Path, *, resume: bool = False, address: str | None = None, log=print
+    loaded: LoadedSweep,
+    root: Path,
+    *,
+    resume: bool = False,
+    address: str | None = None,
+    log=print,
+    dashboard: bool = False,
 ) -> SweepOutcome:
     """Run (or resume) a validated sweep end to end; returns where everything was recorded."""
     from facelab.core.lineage import verify_data
@@ -371,7 +395,11 @@ def run_sweep(
             f"eval.evaluator: the sweep's jobs name different evaluators {sorted(pinned)}; a table "
             "needs one evaluator for every row"
         )
-    init_ray(address)
+    init_ray(address, dashboard=dashboard)
+    if dashboard:
+        import ray
+
+        log(f"Ray dashboard: {ray.get_runtime_context().dashboard_url or '(not started by this process)'}")
     check_resources(spec)  # before any run is recorded
     exp_id = tracking.ensure_experiment(c, spec.name, root)
     storage = storage_root(root)
@@ -446,7 +474,9 @@ def run_sweep(
                     scheduler=scheduler(spec, job["train"]["epochs"]),
                     max_concurrent_trials=spec.max_concurrent_trials,
                 ),
-                run_config=tune.RunConfig(name=spec.name, storage_path=str(tune_dir), verbose=1),
+                run_config=tune.RunConfig(
+                    name=spec.name, storage_path=str(tune_dir), verbose=1, progress_reporter=progress_reporter(spec)
+                ),
             )
         results = tuner.fit()
     except BaseException:

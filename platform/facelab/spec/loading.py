@@ -13,6 +13,7 @@ touched. Modules downstream receive typed objects, never raw dicts.
 from __future__ import annotations
 
 import copy
+import difflib
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -38,14 +39,43 @@ class Metric(Strict):
     goal: Literal["minimize", "maximize"] = "minimize"
 
 
+DISTRIBUTIONS = ("uniform", "log_uniform_values", "int_uniform")
+"""Search distributions, spelled and meant as in W&B Sweeps: ``uniform`` (min..max), ``int_uniform``
+(integers min..max), ``log_uniform_values`` (log-uniform between the *values* min and max)."""
+
+# W&B spellings that mean something facelab does not do the same way: refused with the mapping.
+W_AND_B_HINTS = {
+    "log_uniform": "W&B's 'log_uniform' takes natural-log exponents (it samples e^min..e^max); write "
+    "'log_uniform_values' with the values themselves, e.g. {distribution: log_uniform_values, min: 0.001, max: 0.1}",
+    "q_uniform": "quantised distributions are not supported; use 'values' with the grid points",
+    "q_log_uniform": "quantised distributions are not supported; use 'values' with the grid points",
+    "q_log_uniform_values": "quantised distributions are not supported; use 'values' with the grid points",
+    "categorical": "use 'values: [...]' (a categorical dimension)",
+    "constant": "use 'value: ...'",
+}
+METHOD_HINTS = {
+    "bayes": "W&B's 'bayes' is a Bayesian search: use method 'optuna' (Ray Tune's OptunaSearch, TPE)",
+    "hyperband": "hyperband is early termination, not a search method: use early_terminate: {type: asha}",
+}
+
+
 class Parameter(Strict):
     """One search dimension, W&B-style: ``values`` | ``value`` | ``distribution`` + ``min``/``max``."""
 
     values: list[Any] | None = None
     value: Any = None
-    distribution: Literal["uniform", "log_uniform", "int_uniform"] | None = None
+    distribution: str | None = Field(None, description=f"One of {DISTRIBUTIONS} (W&B's meanings).")
     min: float | None = None
     max: float | None = None
+
+    @field_validator("distribution")
+    @classmethod
+    def _known_distribution(cls, v: str | None) -> str | None:
+        if v is None or v in DISTRIBUTIONS:
+            return v
+        if v in W_AND_B_HINTS:
+            raise ValueError(f"{v!r}: {W_AND_B_HINTS[v]}")
+        raise ValueError(f"unknown distribution {v!r}; one of {list(DISTRIBUTIONS)}")
 
     @model_validator(mode="after")
     def _one_form(self) -> "Parameter":
@@ -59,8 +89,8 @@ class Parameter(Strict):
                 raise ValueError(f"distribution '{self.distribution}' needs both 'min' and 'max'")
             if not self.min < self.max:
                 raise ValueError(f"'min' ({self.min}) must be below 'max' ({self.max})")
-            if self.distribution == "log_uniform" and self.min <= 0:
-                raise ValueError("log_uniform needs min > 0")
+            if self.distribution == "log_uniform_values" and self.min <= 0:
+                raise ValueError("log_uniform_values needs min > 0")
         elif self.min is not None or self.max is not None:
             raise ValueError("'min'/'max' only go with 'distribution'")
         return self
@@ -75,7 +105,21 @@ class Parameter(Strict):
 
 
 class EarlyTerminate(Strict):
-    type: Literal["asha"] = "asha"
+    type: str = Field("asha", description="'asha' (Ray Tune's ASHAScheduler; W&B's 'hyperband' maps to it).")
+
+    @field_validator("type")
+    @classmethod
+    def _asha(cls, v: str) -> str:
+        if v == "asha":
+            return v
+        if v == "hyperband":
+            raise ValueError(
+                "'hyperband': use type 'asha' (Ray Tune's asynchronous successive halving, "
+                "the algorithm W&B's hyperband early termination runs); eta → reduction_factor, "
+                "min_iter → grace_period"
+            )
+        raise ValueError(f"unknown early_terminate type {v!r}; use 'asha'")
+
     grace_period: int = Field(1, ge=1, description="Epochs every trial runs before it can be stopped.")
     reduction_factor: float = Field(2.0, gt=1.0, description="ASHA halving rate.")
     max_t: int | None = Field(None, ge=1, description="Epoch budget for ASHA's rungs; default: the job's train.epochs.")
@@ -92,7 +136,7 @@ class SweepSpec(Strict):
     job: str = Field(..., description="Path of the job YAML, relative to the project root.")
     description: str = ""
     metric: Metric
-    method: Literal["grid", "random", "optuna"] = "grid"
+    method: str = Field("grid", description="grid | random | optuna.")
     variants: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"default": {}})
     parameters: dict[str, Parameter] = Field(default_factory=dict)
     seeds: list[int] = Field(default_factory=lambda: [0])
@@ -102,6 +146,15 @@ class SweepSpec(Strict):
     early_terminate: EarlyTerminate | None = None
     resources: Resources = Resources()
     max_concurrent_trials: int = Field(1, ge=1)
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v in ("grid", "random", "optuna"):
+            return v
+        if v in METHOD_HINTS:
+            raise ValueError(f"{v!r}: {METHOD_HINTS[v]}")
+        raise ValueError(f"unknown method {v!r}; one of ['grid', 'random', 'optuna']")
 
     @field_validator("variants")
     @classmethod
@@ -163,12 +216,37 @@ def _fmt_loc(prefix: str, loc: tuple) -> str:
     return ".".join(x for x in (prefix, path) if x) or "(top level)"
 
 
-def pydantic_problems(exc: ValidationError, prefix: str = "") -> list[str]:
+def _fields_at(model_cls: Any, parts) -> list[str]:
+    """Field names of the (nested) pydantic model reached by ``parts`` from ``model_cls``."""
+    cls = model_cls
+    for part in parts:
+        fields = getattr(cls, "model_fields", None)
+        if fields is None or part not in fields:
+            return []
+        cls = fields[part].annotation
+    return list(getattr(cls, "model_fields", {}) or {})
+
+
+def did_you_mean(model_cls: Any, dotted: str) -> str:
+    """' (did you mean 'x.y'?)' for a dotted key close to a real one of ``model_cls``, else ''."""
+    if model_cls is None:
+        return ""
+    parts = str(dotted).split(".")
+    # the longest valid prefix, then the closest name at the first wrong part
+    for i in range(len(parts)):
+        known = _fields_at(model_cls, parts[:i])
+        if parts[i] not in known:
+            close = difflib.get_close_matches(parts[i], known, n=1, cutoff=0.6)
+            return f" (did you mean '{'.'.join([*parts[:i], close[0]])}'?)" if close else ""
+    return ""
+
+
+def pydantic_problems(exc: ValidationError, prefix: str = "", model_cls: Any = None) -> list[str]:
     out = []
     for err in exc.errors():
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + did_you_mean(model_cls, ".".join(str(p) for p in err["loc"]))
         elif err["type"] == "missing":
             msg = "required key is missing"
         out.append(f"{_fmt_loc(prefix, err['loc'])}: {msg}")
@@ -239,7 +317,7 @@ def validate_job(raw: dict, source: str, prefix: str = "") -> Strict:
     try:
         return cls.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError(source, pydantic_problems(exc, prefix)) from None
+        raise SpecError(source, pydantic_problems(exc, prefix, cls)) from None
 
 
 def load_job(path: str | Path, sets: list[str] | None = None) -> tuple[Strict, dict]:
@@ -250,7 +328,7 @@ def load_job(path: str | Path, sets: list[str] | None = None) -> tuple[Strict, d
     problems = []
     for key, value in parse_set(sets or []):
         if not has_path(cls, key):
-            problems.append(f"--set {key}: not a key of the {cls.__name__} config")
+            problems.append(f"--set {key}: not a key of the {cls.__name__} config{did_you_mean(cls, key)}")
         else:
             set_path(raw, key, value)
     if problems:
@@ -343,7 +421,7 @@ def load_sweep(path: str | Path, sets: list[str] | None = None, root: Path | Non
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as exc:
-        problems += pydantic_problems(exc)
+        problems += pydantic_problems(exc, model_cls=SweepSpec)
         spec = None
         if raw.get("method", "grid") == "grid" and isinstance(raw.get("parameters"), dict):
             problems += [
@@ -375,7 +453,8 @@ def load_sweep(path: str | Path, sets: list[str] | None = None, root: Path | Non
         k for k in job_sets if not any(c is not None and has_path(c, k) for _j, c in [(base_job, cls), *jobs.values()])
     ]
     for key in unused:
-        problems.append(f"--set {key}: not a sweep key nor a key of any job config of this sweep")
+        hint = did_you_mean(cls, key) or did_you_mean(SweepSpec, key)
+        problems.append(f"--set {key}: not a sweep key nor a key of any job config of this sweep{hint}")
 
     # Dot-paths of variants/parameters must exist in the job config and give a valid job.
     for vname, (vjob, vcls) in jobs.items():
@@ -384,11 +463,13 @@ def load_sweep(path: str | Path, sets: list[str] | None = None, root: Path | Non
         overrides = {str(k): v for k, v in variants[vname].items() if k != "job"}
         for key in overrides:
             if not has_path(vcls, key):
-                problems.append(f"variants.{vname}.{key}: not a key of the {vcls.__name__} config")
+                problems.append(
+                    f"variants.{vname}.{key}: not a key of the {vcls.__name__} config{did_you_mean(vcls, key)}"
+                )
         for key in params:
             if not has_path(vcls, str(key)):
                 problems.append(
-                    f"parameters.{key}: not a key of the {vcls.__name__} config"
+                    f"parameters.{key}: not a key of the {vcls.__name__} config{did_you_mean(vcls, str(key))}"
                     + (f" (variant {vname!r})" if vcls is not cls else "")
                 )
         reported = registry.get(vcls.model_fields["kind"].default).metrics
@@ -408,7 +489,7 @@ def load_sweep(path: str | Path, sets: list[str] | None = None, root: Path | Non
         try:
             vcls.model_validate(apply_overrides(base, known))
         except ValidationError as exc:
-            problems += pydantic_problems(exc, prefix=f"variants.{vname}")
+            problems += pydantic_problems(exc, prefix=f"variants.{vname}", model_cls=vcls)
         for key, p in params.items():
             if not (isinstance(p, dict) and has_path(vcls, str(key))):
                 continue
@@ -477,7 +558,7 @@ def _load_job_file(
     try:
         return cls.model_validate(job_raw), cls
     except ValidationError as exc:
-        problems += pydantic_problems(exc, prefix=f"{where} ({ref})")
+        problems += pydantic_problems(exc, prefix=f"{where} ({ref})", model_cls=cls)
         return None, cls
 
 
