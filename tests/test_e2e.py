@@ -128,6 +128,25 @@ def test_report_prints_table(quickstart):
     }
 
 
+def test_ls_status_and_report_out_from_the_store(quickstart, tmp_path):
+    project, _ = quickstart
+    sweeps = facelab(project, "ls", "sweeps").stdout
+    assert "quickstart" in sweeps and "2 trial(s)" in sweeps and "best val/cppl=" in sweeps
+    status = facelab(project, "status", "quickstart").stdout
+    assert "sweep 'quickstart' (FINISHED" in status and status.count("epoch 2/2") == 2
+    assert "best so far: " in status
+    assert facelab(project, "ls", "runs", "quickstart").stdout == status
+    typo = facelab(project, "report", "quickstrat", check=False)
+    assert typo.returncode == 2 and "did you mean 'quickstart'?" in typo.stderr and "Traceback" not in typo.stderr
+    facelab(project, "report", "quickstart", "--no-log", "--out", str(tmp_path / "rep"))
+    assert (tmp_path / "rep" / "table.md").read_text().startswith("| Variant |")
+    assert (tmp_path / "rep" / "table.csv").read_text().startswith("variant,n_seeds,")
+    # MLflow's UI opens the experiment on its training runs
+    assert store(project).get_experiment_by_name("quickstart").tags["mlflow.experimentKind"] == (
+        "custom_model_development"
+    )
+
+
 def test_promote_then_serve_over_http(quickstart):
     project, _ = quickstart
     c = store(project)
@@ -140,6 +159,8 @@ def test_promote_then_serve_over_http(quickstart):
     facelab(project, "promote", "quickstart", "--force")
     assert c.get_model_version_by_alias("cteg-tiny", "previous").version == mv.version  # noqa
     champion = c.get_model_version_by_alias("cteg-tiny", "champion")
+    models = facelab(project, "ls", "models").stdout
+    assert f"champion=v{champion.version}" in models and "cteg, val/cppl=" in models
 
     port = free_port()
     log = open(project / "serve.log", "w")

@@ -20,11 +20,14 @@ EXAMPLE = REPO / "examples" / "facelab-nearest"
 
 
 @pytest.fixture(scope="module")
-def installed():
-    """pip-install the example (no dependencies: facelab is already here), uninstall afterwards."""
+def installed(tmp_path_factory):
+    """pip-install the example (no dependencies: facelab is already here), uninstall afterwards. It is
+    built from a copy, so the build leaves nothing in the checkout."""
+    src = tmp_path_factory.mktemp("plugin") / "facelab-nearest"
+    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run(
-        pip + ["install", "--no-deps", "--no-build-isolation", str(EXAMPLE)],
+        pip + ["install", "--no-deps", "--no-build-isolation", str(src)],
         check=True,
         capture_output=True,
         text=True,

@@ -16,7 +16,6 @@ import json
 import os
 import random
 import secrets
-import shlex
 import shutil
 import signal
 import socket
@@ -368,39 +367,38 @@ def test_ddp_trial_spans_both_nodes(project, cluster):
     assert list((project / "ray_results" / "scaleout-ddp").rglob("model.safetensors"))
 
 
-def test_ray_job_submit_ships_the_working_directory(project, cluster):
-    # The job gets a copy of the project without its git-ignored data: it pulls the data from the
-    # DVC remote first. `.git` must travel (DVC opens the repository; runs record the git SHA).
-    sweep = ["facelab", "sweep", "sweeps/quickstart.yaml", *sets(DDP + ["name=scaleout-job"])]
-    entry = f"dvc pull --allow-missing && {shlex.join(sweep)}"
-    env = {**cluster.env, "RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES": ".venv,venv,__pycache__"}
-    proc = subprocess.run(
-        [
-            str(BIN / "ray"),
-            "job",
-            "submit",
-            "--address",
-            cluster.dashboard,
-            "--working-dir",
-            ".",
-            "--",
-            "bash",
-            "-c",
-            entry,
-        ],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "succeeded" in out, (
-        f"ray job submit failed ({proc.returncode}):\n{tail(out, 8000)}\n{cluster.logs()}"
-    )
+def test_facelab_submit_ships_the_working_directory(project, cluster):
+    # `facelab submit` validates the sweep here, then sends a Ray Job whose working directory is the
+    # project without its git-ignored data: the job pulls the data from the DVC remote first. `.git`
+    # travels (DVC opens the repository; runs record the git SHA). It returns at once with the job id.
+    env = {**cluster.env, "RAY_JOB_ADDRESS": cluster.dashboard}
+    t0 = time.time()
+    sub = facelab(project, "submit", "sweeps/quickstart.yaml", *sets(DDP + ["name=scaleout-job"]), **env)
+    job_id = sub.stdout.strip().splitlines()[-1]
+    assert job_id.startswith("raysubmit_") and time.time() - t0 < 60, sub.stdout + sub.stderr
+    assert job_id in facelab(project, "status", job_id, **env).stdout
+    logs = facelab(project, "logs", job_id, "--follow", check=False, timeout=900, **env)
+    assert logs.returncode == 0, f"{tail(logs.stdout + logs.stderr, 8000)}\n{cluster.logs()}"
+    assert "SUCCEEDED" in facelab(project, "status", job_id, **env).stdout
+    bad = facelab(project, "submit", "sweeps/quickstart.yaml", "--set", "seeds=[]", check=False, **env)
+    assert bad.returncode == 2 and "seeds: " in bad.stderr  # refused here: nothing was sent
     run = _trial(project, "scaleout-job")
     assert run.info.status == "FINISHED"
     assert run.data.tags["facelab.data.md5"] == locked_md5(project)
     assert run.data.tags["facelab.git_sha"] == git(project, "rev-parse", "HEAD").strip()
     nodes = json.loads(run.data.tags["facelab.worker_nodes"])
     assert len(set(nodes)) == 2 and set(nodes) <= set(cluster.node_ids), (nodes, cluster.node_ids)
+
+
+def test_facelab_stop_cancels_a_submitted_sweep(project, cluster):
+    env = {**cluster.env, "RAY_JOB_ADDRESS": cluster.dashboard}
+    sub = facelab(project, "submit", "sweeps/quickstart.yaml", *sets(["name=scaleout-stop", "train.epochs=50"]), **env)
+    job_id = sub.stdout.strip().splitlines()[-1]
+    assert "stop requested" in facelab(project, "stop", job_id, **env).stdout
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        state = facelab(project, "status", job_id, **env).stdout
+        if "STOPPED" in state:
+            break
+        time.sleep(2)
+    assert "STOPPED" in state, state

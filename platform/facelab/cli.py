@@ -7,6 +7,7 @@ one-paragraph message; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
@@ -18,6 +19,7 @@ def _root() -> Path:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from facelab.cluster import ClusterError
     from facelab.core.checkpoint import CheckpointError
     from facelab.core.lineage import DataLineageError
     from facelab.core.tracking import TrackingError
@@ -28,6 +30,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from facelab.spec.loading import SpecError
 
     return (
+        ClusterError,
+        FileExistsError,
         FamilyError,
         SpecError,
         DataLineageError,
@@ -170,7 +174,13 @@ def _sweep_runs(name: str):
     c = tracking.check_reachable(_tracking_uri(root))
     exp = c.get_experiment_by_name(name)
     if exp is None:
-        raise tracking.TrackingError(f"no sweep '{name}' in {c.tracking_uri} (no MLflow experiment of that name)")
+        known = [e.name for e, _p in tracking.sweeps(c)]
+        close = difflib.get_close_matches(name, known, n=1)
+        raise tracking.TrackingError(
+            f"no sweep '{name}' in {c.tracking_uri}"
+            + (f" (did you mean '{close[0]}'?)" if close else "")
+            + (f"; sweeps: {', '.join(known)}" if known else "; no sweep has run yet (`facelab sweep SWEEP.yaml`)")
+        )
     parent = tracking.sweep_parent(c, exp.experiment_id, name)
     if parent is None:
         raise tracking.TrackingError(f"experiment '{name}' has no sweep run in {c.tracking_uri}")
@@ -369,6 +379,177 @@ def cmd_request(args) -> int:
     return 0
 
 
+def _ago(ms: int | None) -> str:
+    import time
+
+    if not ms:
+        return "-"
+    s = max(0, time.time() - ms / 1000)
+    return f"{s:.0f}s ago" if s < 90 else f"{s / 60:.0f}m ago" if s < 5400 else f"{s / 3600:.1f}h ago"
+
+
+def _fmt(v) -> str:
+    return f"{v:.5g}" if isinstance(v, (int, float)) else "-"
+
+
+def cmd_ls(args) -> int:
+    """List sweeps, the runs of one sweep, or registered models, from the tracking store."""
+    from facelab.core import tracking
+
+    if args.what == "runs":
+        if not args.sweep:
+            raise tracking.TrackingError("facelab ls runs SWEEP: name the sweep (`facelab ls sweeps` lists them)")
+        return _print_trials(args.sweep)
+    c = tracking.check_reachable(_tracking_uri(_root()))
+    if args.what == "sweeps":
+        rows = tracking.sweeps(c)
+        if not rows:
+            print(f"no sweeps in {c.tracking_uri}")
+        for exp, parent in rows:
+            metric = parent.data.params.get("sweep.metric.name", "val/loss")
+            best = parent.data.metrics.get(f"best/{metric}")
+            n = len(tracking.trial_runs(c, exp.experiment_id, parent.info.run_id))
+            print(
+                f"{exp.name:<32} {parent.info.status:<9} {n:>3} trial(s)  best {metric}={_fmt(best)}  "
+                f"started {_ago(parent.info.start_time)}"
+            )
+        return 0
+    models = c.search_registered_models()
+    if not models:
+        print(f"no registered models in {c.tracking_uri} (`facelab promote SWEEP` registers one)")
+    for m in models:
+        aliases = {a: v for a, v in (m.aliases or {}).items()}
+        champ = aliases.get(tracking.CHAMPION)
+        info = ""
+        if champ is not None:
+            mv = c.get_model_version(m.name, champ)
+            info = (
+                f"{mv.tags.get(tracking.TAG_JOB_KIND, '?')}, {mv.tags.get('facelab.metric', '?')}="
+                f"{mv.tags.get('facelab.metric_value', '?')} (sweep {mv.tags.get(tracking.TAG_SWEEP, '?')})"
+            )
+        al = ", ".join(f"{a}=v{v}" for a, v in sorted(aliases.items())) or "no aliases"
+        print(f"{m.name:<32} {al:<28} {info}")
+    return 0
+
+
+def _print_trials(sweep: str) -> int:
+    """Each trial of a sweep: state, epoch, the sweep's metric (latest), and the current best."""
+    from facelab.core import tracking
+
+    c, exp, parent, trials = _sweep_runs(sweep)
+    metric = parent.data.params.get("sweep.metric.name", "val/loss")
+    goal = parent.data.params.get("sweep.metric.goal", "minimize")
+    print(f"sweep '{sweep}' ({parent.info.status}, started {_ago(parent.info.start_time)}), metric {metric} ({goal})")
+    for t in sorted(trials, key=lambda t: t.name):
+        epoch = t.metrics.get("epoch")
+        ep = f"epoch {int(epoch) + 1}/{t.params.get('train.epochs', '?')}" if epoch is not None else "not started"
+        flag = " (stopped early)" if t.tags.get(tracking.TAG_STOPPED_EARLY) == "true" else ""
+        print(f"  {t.status:<9} {t.name:<40} {ep:<14} {metric}={_fmt(t.metrics.get(metric))}{flag}  run {t.run_id}")
+    done = [t for t in trials if t.status in ("RUNNING", "FINISHED")]
+    import dataclasses
+
+    # best so far: finished trials and the latest epoch of running ones
+    best = tracking.best_trial([dataclasses.replace(t, status="FINISHED") for t in done], metric, goal)
+    if best is not None:
+        print(f"best so far: {best.name} ({metric}={best.metrics[metric]:.5g})")
+    return 0
+
+
+def cmd_status(args) -> int:
+    """A Ray job (``raysubmit_...``; needs --address or RAY_JOB_ADDRESS) or a sweep (from MLflow)."""
+    if args.target.startswith("raysubmit_") or args.address:
+        from facelab import cluster
+
+        st = cluster.status(args.address, args.target)
+        print(f"job {st['job_id']}: {st['status']}" + (f" (sweep {st['sweep']})" if st["sweep"] else ""))
+        if st["message"]:
+            print(f"  {st['message']}")
+        print(f"  entrypoint: {st['entrypoint']}")
+        if st["sweep"] and os.environ.get("MLFLOW_TRACKING_URI"):
+            try:
+                _print_trials(st["sweep"])
+            except Exception as exc:  # noqa: BLE001 - the sweep may not have started recording yet
+                print(f"  (no trials on record yet: {exc})")
+        return 0
+    return _print_trials(args.target)
+
+
+def cmd_submit(args) -> int:
+    from facelab import cluster
+
+    job_id = cluster.submit(Path(args.sweep), args.set, _root(), address=args.address, pull=not args.no_pull)
+    print(job_id)
+    print(
+        f"submitted to {cluster.job_address(args.address)}; follow with `facelab logs {job_id} --follow`, "
+        f"check with `facelab status {job_id}`, cancel with `facelab stop {job_id}`",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from facelab import cluster
+
+    if not args.follow:
+        print(cluster.logs(args.address, args.job), end="")
+        return 0
+    import asyncio
+
+    async def run() -> None:
+        async for chunk in cluster.follow(args.address, args.job):
+            print(chunk, end="", flush=True)
+
+    asyncio.run(run())
+    st = cluster.status(args.address, args.job)["status"]
+    print(f"\njob {args.job}: {st}", file=sys.stderr)
+    return 0 if st == "SUCCEEDED" else 1
+
+
+def cmd_stop(args) -> int:
+    from facelab import cluster
+
+    stopped = cluster.stop(args.address, args.job)
+    print(f"job {args.job}: " + ("stop requested" if stopped else "already finished"))
+    return 0
+
+
+STARTERS = {"sweep": "sweeps", "job": "jobs", "family": "examples"}
+
+
+def cmd_cp(args) -> int:
+    """Copy a shipped starter (a sweep, a job, or the example plug-in family) to edit as your own."""
+    import shutil
+
+    import facelab
+
+    repo = Path(facelab.__file__).resolve().parents[2]
+    src_dir = repo / STARTERS[args.kind]
+    names = sorted(p.stem if p.is_file() else p.name for p in src_dir.iterdir() if not p.name.startswith("."))
+    if args.name is None:
+        print(f"{args.kind} starters: {', '.join(names)}")
+        return 0
+    src = src_dir / (args.name if args.kind == "family" else f"{args.name}.yaml")
+    if not src.exists():
+        close = difflib.get_close_matches(args.name, names, n=1)
+        raise FileNotFoundError(
+            f"no {args.kind} starter '{args.name}'"
+            + (f" (did you mean '{close[0]}'?)" if close else "")
+            + f"; starters: {', '.join(names)}"
+        )
+    dst = Path(args.dest or (src.name if args.kind == "family" else f"{STARTERS[args.kind]}/{src.name}"))
+    if dst.exists() and not args.force:
+        raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():
+        shutil.copytree(
+            src, dst, dirs_exist_ok=args.force, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+        )
+    else:
+        shutil.copyfile(src, dst)
+    print(f"copied {args.kind} '{args.name}' to {dst}")
+    return 0
+
+
 def cmd_families(args) -> int:
     """List the installed model families: built-in ones and ``facelab.families`` entry points."""
     from facelab.families import registry
@@ -473,11 +654,21 @@ def cmd_request_keyframes(args) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("facelab")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="facelab", description="Sweeps, tracking and serving for text-to-facial-expression models."
     )
-    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors (accepted anywhere on the line)")
+    p.add_argument("--version", action="version", version=f"facelab {_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("sweep", help="run a sweep YAML on Ray Tune + Train")
@@ -619,6 +810,41 @@ def build_parser() -> argparse.ArgumentParser:
     rq.add_argument("--wait", type=float, default=120, help="seconds to wait for /healthz")
     rq.set_defaults(fn=cmd_request)
 
+    ls = sub.add_parser("ls", help="list sweeps, the runs of a sweep, or registered models (from MLflow)")
+    ls.add_argument("what", choices=["sweeps", "runs", "models"], help="what to list")
+    ls.add_argument("sweep", nargs="?", help="the sweep whose runs to list (for `ls runs`)")
+    ls.set_defaults(fn=cmd_ls)
+
+    st = sub.add_parser("status", help="a sweep's trials (state, epoch, metric, best so far) or a Ray job's state")
+    st.add_argument("target", help="a sweep name, or a Ray job id (raysubmit_...)")
+    st.add_argument("--address", default=None, help="Ray Jobs address http://HEAD:8265 (default: RAY_JOB_ADDRESS)")
+    st.set_defaults(fn=cmd_status)
+
+    sb = sub.add_parser("submit", help="send a sweep to a Ray cluster as a Ray Job; prints the job id at once")
+    sb.add_argument("sweep", help="the sweep YAML (validated here before anything is sent)")
+    sb.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a sweep or job key")
+    sb.add_argument("--address", default=None, help="Ray Jobs address http://HEAD:8265 (default: RAY_JOB_ADDRESS)")
+    sb.add_argument("--no-pull", action="store_true", help="do not `dvc pull` the data on the cluster first")
+    sb.set_defaults(fn=cmd_submit)
+
+    lg = sub.add_parser("logs", help="a submitted job's output")
+    lg.add_argument("job", help="the Ray job id")
+    lg.add_argument("--follow", "-f", action="store_true", help="stream until the job ends (exit 0 if it succeeded)")
+    lg.add_argument("--address", default=None, help="Ray Jobs address http://HEAD:8265 (default: RAY_JOB_ADDRESS)")
+    lg.set_defaults(fn=cmd_logs)
+
+    sp = sub.add_parser("stop", help="stop a submitted job")
+    sp.add_argument("job", help="the Ray job id")
+    sp.add_argument("--address", default=None, help="Ray Jobs address http://HEAD:8265 (default: RAY_JOB_ADDRESS)")
+    sp.set_defaults(fn=cmd_stop)
+
+    cp = sub.add_parser("cp", help="copy a starter sweep, job or family to edit (without NAME: list them)")
+    cp.add_argument("kind", choices=sorted(STARTERS), help="what to copy")
+    cp.add_argument("name", nargs="?", help="the starter's name, e.g. quickstart, cteg_tiny, facelab-nearest")
+    cp.add_argument("dest", nargs="?", help="where to (default: sweeps/NAME.yaml, jobs/NAME.yaml, ./NAME)")
+    cp.add_argument("--force", action="store_true", help="overwrite an existing file")
+    cp.set_defaults(fn=cmd_cp)
+
     fm = sub.add_parser("families", help="list the installed model families (built-in and plug-ins)")
     fm.add_argument("-v", "--verbose", action="store_true", help="also where each comes from and its metrics")
     fm.set_defaults(fn=cmd_families)
@@ -671,7 +897,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere, not only before the subcommand
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
+    args.debug = args.debug or debug
     try:
         return args.fn(args)
     except KeyboardInterrupt:

@@ -68,19 +68,28 @@ def check_reachable(uri: str, timeout_s: float = 15.0):
     return c
 
 
+# MLflow's UI opens an experiment of this kind on its training runs (not the GenAI traces overview).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def ensure_experiment(c, name: str, root: Path) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
+        if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+            c.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return c.create_experiment(name, artifact_location=artifact_location(root, name))
+        exp_id = c.create_experiment(
+            name, artifact_location=artifact_location(root, name), tags=dict([EXPERIMENT_KIND])
+        )
     except Exception:  # a concurrent creator won the race
         exp = c.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+    return exp_id
 
 
 def git_state(root: Path) -> dict[str, str]:
@@ -196,6 +205,16 @@ class TrialRun:
     params: dict[str, str]
     tags: dict[str, str]
     name: str
+
+
+def sweeps(c) -> list[tuple[Any, Any]]:
+    """Every (experiment, latest sweep parent run) in the store, newest first."""
+    out = []
+    for exp in c.search_experiments():
+        parent = sweep_parent(c, exp.experiment_id, exp.name)
+        if parent is not None:
+            out.append((exp, parent))
+    return sorted(out, key=lambda ep: ep[1].info.start_time or 0, reverse=True)
 
 
 def sweep_parent(c, experiment_id: str, sweep: str):
