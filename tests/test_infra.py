@@ -538,3 +538,23 @@ def test_readme_names_every_file_secret_and_setting():
         "kubectl apply -f infra/kuberay/",
     ):
         assert command in readme, f"infra/README.md lacks `{command}`"
+
+
+def test_project_dockerfile_builds_the_image_the_manifests_run():
+    """The image of every Ray container: the pinned Ray base, torch as the Makefile pins it, this
+    checkout at /app with its .git, facelab installed; data and run stores never in the image."""
+    text = (ROOT / "Dockerfile").read_text()
+    ray_pin = re.search(r'"ray\[[^\]]+\]==([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert f"ARG BASE=rayproject/ray:{ray_pin}-py311-gpu" in text
+    assert '"torch==2.13.0"' in text and "pip install --no-cache-dir /app" in text and "COPY" in text
+    assert "WORKDIR /app" in text and "facelab families" in text  # the build fails if the registry breaks
+    ignored = {
+        line.strip().rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".venv", "data", "models", "mlruns.db", "mlartifacts", "ray_results"} <= ignored
+    assert ".git" not in ignored  # DVC opens the repository; runs record its SHA
+    for manifest in ("raycluster.yaml", "rayservice.yaml"):
+        images = re.findall(r"^\s*image: (\S+)", (ROOT / "infra" / "kuberay" / manifest).read_text(), re.M)
+        assert images and all(i.endswith(f":0.1.0-ray{ray_pin}-py311-gpu") for i in images), images
