@@ -161,6 +161,7 @@ def test_promote_then_serve_over_http(quickstart):
     champion = c.get_model_version_by_alias("cteg-tiny", "champion")
     models = facelab(project, "ls", "models").stdout
     assert f"champion=v{champion.version}" in models and "cteg, val/cppl=" in models
+    _check_mlflow_tools_load_the_registered_model(project)
 
     port = free_port()
     log = open(project / "serve.log", "w")
@@ -273,6 +274,62 @@ def _check_request_batching(base: str) -> None:
         if max(batch_sizes) > 1:
             break
     assert max(batch_sizes) > 1, batch_sizes
+
+
+def _check_mlflow_tools_load_the_registered_model(project: Path) -> None:
+    """The registered version is an MLflow pyfunc model: MLflow's loader predicts with it and
+    `mlflow models serve` answers /invocations (facelab serve keeps its own path)."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns.db'}")
+    model = mlflow.pyfunc.load_model("models:/cteg-tiny@champion")
+    out = model.predict(pd.DataFrame([{"text": "I am so happy today!", "num_samples": 2, "max_frames": 12, "seed": 1}]))
+    assert len(out["sequences"][0]) == 2 and all(len(f) == 53 for s in out["sequences"][0] for f in s)
+    port = free_port()
+    log = open(project / "mlflow-serve.log", "w")
+    proc = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            "models:/cteg-tiny@champion",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=project,
+        env=env_for(project, MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlruns.db'}"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline, status, body = time.time() + 180, None, None
+        while time.time() < deadline and status != 200:
+            if proc.poll() is not None:
+                raise AssertionError(
+                    "mlflow models serve exited:\n" + (project / "mlflow-serve.log").read_text()[-4000:]
+                )
+            try:
+                status, body = _post(
+                    f"http://127.0.0.1:{port}/invocations",
+                    {"dataframe_records": [{"text": "hello there", "max_frames": 5}]},
+                )
+            except (urllib.error.URLError, OSError):
+                time.sleep(1)
+        assert status == 200, body
+        seqs = body["predictions"][0]["sequences"]
+        assert len(seqs) == 1 and 1 <= len(seqs[0]) <= 5 and len(seqs[0][0]) == 53
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _wait_healthy(base: str, proc, project: Path, timeout: float = 240, log_name: str = "serve.log") -> None:

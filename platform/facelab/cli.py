@@ -187,6 +187,26 @@ def _sweep_runs(name: str):
     return c, exp, parent, tracking.trial_runs(c, exp.experiment_id, parent.info.run_id)
 
 
+def _pyfunc_source(c):
+    """``make_source`` for :func:`tracking.promote`: the trial's checkpoint as an MLflow pyfunc model
+    (facelab.serve.pyfunc), logged under the trial's run as ``registered_model/``."""
+
+    def make(trial) -> str:
+        import tempfile
+
+        from facelab.families import registry
+        from facelab.serve.pyfunc import save_pyfunc
+
+        task = registry.get(trial.tags.get("facelab.job_kind")).task
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = Path(c.download_artifacts(trial.run_id, "checkpoint", d))
+            save_pyfunc(ckpt, Path(d) / "registered_model", task)
+            c.log_artifacts(trial.run_id, str(Path(d) / "registered_model"), "registered_model")
+        return f"{c.get_run(trial.run_id).info.artifact_uri.rstrip('/')}/registered_model"
+
+    return make
+
+
 def cmd_promote(args) -> int:
     from facelab.core import tracking
 
@@ -208,7 +228,7 @@ def cmd_promote(args) -> int:
         where = f"variant {args.variant!r} of " if args.variant else ""
         raise tracking.TrackingError(f"{where}sweep '{args.sweep}' has no finished trial with metric {metric}")
     model_name = args.model_name or best.params.get("name") or args.sweep
-    p = tracking.promote(c, best, model_name, metric, goal, force=args.force)
+    p = tracking.promote(c, best, model_name, metric, goal, force=args.force, make_source=_pyfunc_source(c))
     prev = (
         f"; previous champion version {p.previous_version} is now '{tracking.PREVIOUS}'" if p.previous_version else ""
     )

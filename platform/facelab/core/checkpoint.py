@@ -151,3 +151,24 @@ def load_checked(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str
             f"{where}: does not fit the model "
             f"(missing {missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected {result.unexpected_keys[:5]})"
         )
+
+
+def servable_dir(model_dir: Path) -> Path:
+    """The checkpoint directory of a downloaded model version: inside an MLflow pyfunc model (the
+    ``checkpoint`` artifact its ``MLmodel`` names; see ``facelab.serve.pyfunc``), else the folder itself
+    (versions registered as a bare checkpoint folder)."""
+    import yaml
+
+    model_dir = Path(model_dir)
+    mlmodel = model_dir / "MLmodel"
+    if not mlmodel.is_file():
+        return model_dir
+    try:
+        spec = yaml.safe_load(mlmodel.read_text()) or {}
+        rel = spec["flavors"]["python_function"]["artifacts"]["checkpoint"]["path"]
+    except (yaml.YAMLError, KeyError, TypeError):
+        raise CheckpointError(f"{mlmodel}: an MLflow model without a facelab 'checkpoint' artifact") from None
+    inner = (model_dir / rel).resolve()
+    if not inner.is_dir() or model_dir.resolve() not in inner.parents:
+        raise CheckpointError(f"{mlmodel}: its checkpoint artifact {rel!r} is not a folder inside the model")
+    return inner

@@ -273,9 +273,13 @@ def best_trial(trials: Iterable[TrialRun], metric: str, goal: str) -> TrialRun |
     return best
 
 
-def promote(c, trial: TrialRun, model_name: str, metric: str, goal: str, force: bool = False) -> Promotion:
+def promote(
+    c, trial: TrialRun, model_name: str, metric: str, goal: str, force: bool = False, make_source=None
+) -> Promotion:
     """Register ``trial``'s checkpoint as a new version with alias ``champion``; the old champion
-    becomes ``previous``. Refuses a candidate that is not better than the champion unless ``force``."""
+    becomes ``previous``. Refuses a candidate that is not better than the champion unless ``force``.
+    ``make_source(trial) -> artifact URI`` (called only once the candidate is accepted) gives the
+    version's source, e.g. a pyfunc model built from the checkpoint; default: the checkpoint folder."""
     from mlflow.exceptions import MlflowException
 
     value = trial.metrics[metric]
@@ -301,7 +305,9 @@ def promote(c, trial: TrialRun, model_name: str, metric: str, goal: str, force: 
                     f"champion of {model_name} (version {prev.version}, {metric}={prev_value:.6g}, goal "
                     f"{goal}); pass --force to promote it anyway"
                 )
-    source = f"{c.get_run(trial.run_id).info.artifact_uri.rstrip('/')}/checkpoint"
+    source = (
+        make_source(trial) if make_source else f"{c.get_run(trial.run_id).info.artifact_uri.rstrip('/')}/checkpoint"
+    )
     mv = c.create_model_version(
         model_name,
         source=source,
@@ -360,7 +366,12 @@ def download_model(c, model_name: str, alias: str, dst: Path, by: str = "alias")
             f"no model version models:/{model_name}{sep}{alias} in {c.tracking_uri}: {exc.message}"
         ) from None
     dst.mkdir(parents=True, exist_ok=True)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst), tracking_uri=c.tracking_uri)
+    local = Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst), tracking_uri=c.tracking_uri)
+    )
+    from facelab.core.checkpoint import servable_dir
+
+    local = servable_dir(local)  # a pyfunc model (facelab.serve.pyfunc) holds the checkpoint inside
     info = {
         "name": model_name,
         "version": mv.version,
