@@ -284,6 +284,7 @@ def promote(
 
     value = trial.metrics[metric]
     prev_version, prev_value = None, None
+    t0_ms = int(time.time() * 1000) - 1000  # versions registered from here on may race with this one
     try:
         c.get_registered_model(model_name)
     except MlflowException:
@@ -326,7 +327,29 @@ def promote(
     if prev is not None:
         c.set_registered_model_alias(model_name, PREVIOUS, prev.version)
     c.set_registered_model_alias(model_name, CHAMPION, mv.version)
+    if not force:
+        # No compare-and-swap in the registry: two promotions can both pass the check above and set
+        # the alias in either order. Each re-reads what was registered since it began and points
+        # `champion` at the best of it, so concurrent promotions converge on the best candidate.
+        best = _best_recent_version(c, model_name, metric, goal, t0_ms)
+        if best is not None and best.version != mv.version:
+            c.set_registered_model_alias(model_name, CHAMPION, best.version)
     return Promotion(model_name, mv.version, trial.run_id, metric, value, prev_version, prev_value)
+
+
+def _best_recent_version(c, model_name: str, metric: str, goal: str, since_ms: int):
+    """The best version of ``model_name`` registered since ``since_ms`` and scored on ``metric``."""
+    best, best_value = None, None
+    for v in c.search_model_versions(f"name = '{model_name}'"):
+        if (v.creation_timestamp or 0) < since_ms or v.tags.get("facelab.metric") != metric:
+            continue
+        try:
+            val = float(v.tags["facelab.metric_value"])
+        except (KeyError, ValueError):
+            continue
+        if best is None or _better(val, best_value, goal):
+            best, best_value = v, val
+    return best
 
 
 def resolve_model_version(c, ref: str) -> str:

@@ -253,24 +253,60 @@ def finalize_trial_run(c, run_id: str, checkpoint_dir: str | None) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _sweep_dir(storage: Path, sweep: str, resume: bool) -> Path:
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a unique temporary file in the same folder, fsynced, then renamed."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def new_sweep_dir(storage: Path, sweep: str) -> Path:
+    """A fresh, empty run directory of ``sweep``; ``LATEST`` is *not* moved yet (see :func:`mark_latest`)."""
+    base = storage / sweep
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    i = 0
+    while True:
+        d = base / (stamp if i == 0 else f"{stamp}-{i}")
+        try:
+            d.mkdir(parents=True)
+            return d
+        except FileExistsError:  # a second start in the same second
+            i += 1
+
+
+def mark_latest(sweep_dir: Path) -> None:
+    """Point ``LATEST`` at ``sweep_dir`` -- only once its state file is written, so ``LATEST`` never
+    names a run that cannot be resumed."""
+    _write_atomic(sweep_dir.parent / "LATEST", sweep_dir.name)
+
+
+def resume_dir(storage: Path, sweep: str, log=print) -> Path:
+    """The run directory ``--resume`` continues: ``LATEST`` when its state file is there, else the
+    newest directory that has one (a start that died before writing its state is skipped, loudly)."""
     base = storage / sweep
     latest = base / "LATEST"
-    if resume:
-        if not latest.is_file() or not (base / latest.read_text().strip()).is_dir():
-            raise SweepError(f"nothing to resume: no earlier run of sweep '{sweep}' under {base}")
-        return base / latest.read_text().strip()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    d = base / stamp
-    i = 1
-    while d.exists():
-        d = base / f"{stamp}-{i}"
-        i += 1
-    d.mkdir(parents=True)
-    tmp = base / "LATEST.tmp"
-    tmp.write_text(d.name)
-    os.replace(tmp, latest)
-    return d
+    if latest.is_file():
+        d = base / latest.read_text().strip()
+        if (d / SWEEP_STATE).is_file():
+            return d
+    runs = (
+        sorted((d for d in base.iterdir() if d.is_dir() and (d / SWEEP_STATE).is_file()), key=lambda d: d.name)
+        if base.is_dir()
+        else []
+    )
+    if not runs:
+        raise SweepError(f"nothing to resume: no earlier run of sweep '{sweep}' under {base}")
+    log(f"resume: LATEST of '{sweep}' names no resumable run; continuing the newest one with a state file, {runs[-1]}")
+    return runs[-1]
 
 
 def init_ray(address: str | None = None, dashboard: bool = False) -> None:
@@ -403,7 +439,7 @@ def run_sweep(
     check_resources(spec)  # before any run is recorded
     exp_id = tracking.ensure_experiment(c, spec.name, root)
     storage = storage_root(root)
-    sweep_dir = _sweep_dir(storage, spec.name, resume)
+    sweep_dir = resume_dir(storage, spec.name, log) if resume else new_sweep_dir(storage, spec.name)
     state_file = sweep_dir / SWEEP_STATE
 
     if resume:
@@ -426,7 +462,8 @@ def run_sweep(
             },
         )
         parent_id = parent.info.run_id
-        state_file.write_text(json.dumps({"parent_run_id": parent_id, "experiment_id": exp_id, "sweep": spec.name}))
+        _write_atomic(state_file, json.dumps({"parent_run_id": parent_id, "experiment_id": exp_id, "sweep": spec.name}))
+        mark_latest(sweep_dir)  # last: LATEST only ever names a run with its state written
         tracking.log_params(
             c,
             parent_id,

@@ -32,6 +32,7 @@ from facelab.families.base import FamilyError
 # --------------------------------------------------------------------------------------------
 
 SWEEP_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+VARIANT_NAME_RE = r"[^\W_][\w .,:;+=()\[\]%-]{0,99}"  # "w.o. EwA", "CTEG (MSL = 64)", "LM-Listener"
 
 
 class Metric(Strict):
@@ -161,6 +162,12 @@ class SweepSpec(Strict):
     def _variants(cls, v: dict) -> dict:
         if not v:
             raise ValueError("empty: give at least one variant (e.g. 'default: {}')")
+        bad = [name for name in v if not re.fullmatch(VARIANT_NAME_RE, str(name)) or ".." in str(name)]
+        if bad:
+            raise ValueError(
+                f"variant name(s) {bad}: a table row name of up to 100 letters, digits, spaces and "
+                "_ . , : ; + = ( ) [ ] % - (it names MLflow runs and artifact paths: no '/', '\\', '..')"
+            )
         return v
 
     @field_validator("seeds")
