@@ -5,7 +5,6 @@ evaluation protocol on the model, checkpoints, and the two-stage Ray Train worke
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import shutil
 from pathlib import Path
@@ -72,7 +71,7 @@ def make(seed: int = 0, max_frames: int = 24, **model) -> lml.LMListener:
     extra = {k: model.pop(k) for k in CONFIG_ONLY & set(model)}
     if not extra:
         return build_lm_listener(make_job(max_frames, **model), MEAN)
-    cfg = dataclasses.replace(lml.lm_listener_config(make_job(max_frames, **model)), **extra)
+    cfg = lml.lm_listener_config(make_job(max_frames, **model)).model_copy(update=extra)
     return lml.LMListener(cfg, MEAN)
 
 

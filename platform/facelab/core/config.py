@@ -6,12 +6,7 @@ validated on assignment); :class:`SpecError` carries every problem found, with k
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, TypeVar
-
 from pydantic import BaseModel, ConfigDict, Field
-
-T = TypeVar("T")
 
 
 class SpecError(ValueError):
@@ -48,14 +43,3 @@ class Train(Strict):
     log_every_steps: int = Field(
         10, ge=1, description="Per-step loss terms (KL curve, Figure 5) are logged every N optimizer steps."
     )
-
-
-def dataclass_from(cls: type[T], section: dict[str, Any], where: str, **extra: Any) -> T:
-    """A model's typed config (a dataclass) from a job section, strictly: a key that is not a field of
-    ``cls`` is an error naming it, never silently dropped (the job schema and the model's config
-    must not drift apart; each family's tests pin that their fields agree)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(section) - names)
-    if unknown:
-        raise ValueError(f"{where}: {unknown} are not fields of {cls.__name__} (known: {sorted(names)})")
-    return cls(**section, **extra)

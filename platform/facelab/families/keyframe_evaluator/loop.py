@@ -10,7 +10,6 @@ when patience runs out; the last report holds R-Precision on the test split's gr
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -30,10 +29,9 @@ def pairs(scripts) -> tuple[list[str], np.ndarray]:
 
 
 def evaluator_config(job: dict):
-    from facelab.core.config import dataclass_from
     from facelab.families.keyframe_evaluator.model import EvaluatorConfig
 
-    return dataclass_from(EvaluatorConfig, job["model"], "model")
+    return EvaluatorConfig(**job["model"])
 
 
 @torch.no_grad()
@@ -73,7 +71,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     if t["max_steps_per_epoch"]:
         n_steps = min(n_steps, t["max_steps_per_epoch"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, n_steps * t["epochs"]))
-    ckpt_config = {**job, "evaluator": dataclasses.asdict(cfg)}
+    ckpt_config = {**job, "evaluator": cfg.model_dump(mode="json")}
 
     best, best_epoch = -1.0, -1
     best_state = evaluator_state(model)

@@ -30,13 +30,12 @@ Choices where the appendix is silent (each is a config field or documented where
 
 Save/load is pickle-free: :func:`evaluator_state` (trainable weights + z-score buffers; the frozen
 encoder is rebuilt from its name) and :func:`load_evaluator` from those tensors and
-``dataclasses.asdict(cfg)``. :func:`train_evaluator` is the plain-PyTorch loop; the Ray Train
+``cfg.model_dump()``. :func:`train_evaluator` is the plain-PyTorch loop; the Ray Train
 worker around it lives in :mod:`facelab.families.keyframe_evaluator.loop`. Nothing happens at import.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facelab.core.text_encoder import load_text_encoder
+from facelab.families.keyframe_evaluator.job import EvaluatorModel as EvaluatorConfig  # declared once: the job schema
 from facelab.tasks.keyframes.metrics import STD_FLOOR, mm_dist, r_precision  # noqa: F401 - STD_FLOOR re-exported
 from facelab.tasks.keyframes.metrics import feature_stats as keyframe_feature_stats
 
@@ -59,39 +59,6 @@ _ENCODE_CHUNK = 128  # texts per frozen-encoder forward when filling the cache
 
 class EvaluatorError(ValueError):
     """Bad evaluator config, statistics, saved state or training pairs."""
-
-
-@dataclass
-class EvaluatorConfig:
-    """Hyper-parameters of the Appendix C evaluator; ``dataclasses.asdict`` round-trips it."""
-
-    text_encoder: str = "minilm"
-    """Frozen pretrained text encoder: 'minilm' (offline default) or a local path / cached HF id."""
-    embed_dim: int = 256
-    """Size of the joint (L2-normalised) embedding space."""
-    hidden: int = 512
-    """Hidden width of the text projection and of the motion encoder MLPs."""
-    max_text_tokens: int = 64
-    """Texts are truncated to this many tokens before the frozen encoder."""
-    temperature: float = 0.07
-    """InfoNCE temperature τ (Appendix C: 0.07), fixed."""
-    dropout: float = 0.1
-    """Dropout inside both MLPs (training only)."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        for name in ("embed_dim", "hidden", "max_text_tokens"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                problems.append(f"{name} must be a positive integer, got {v!r}")
-        if not isinstance(self.text_encoder, str) or not self.text_encoder:
-            problems.append(f"text_encoder must be a non-empty string, got {self.text_encoder!r}")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            problems.append(f"temperature must be > 0, got {self.temperature!r}")
-        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
-            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if problems:
-            raise EvaluatorError("invalid EvaluatorConfig: " + "; ".join(problems))
 
 
 def feature_stats(motions) -> tuple[np.ndarray, np.ndarray]:
@@ -269,16 +236,19 @@ def evaluator_state(model: TextMotionEvaluator) -> dict[str, Tensor]:
 
 
 def load_evaluator(weights: dict[str, Tensor], cfg_dict: dict) -> TextMotionEvaluator:
-    """Rebuild an evaluator from :func:`evaluator_state` tensors and ``dataclasses.asdict(cfg)``.
+    """Rebuild an evaluator from :func:`evaluator_state` tensors and ``cfg.model_dump()``.
 
     Every trainable tensor and both z-score buffers must be present with the shapes the config
     implies (else :class:`EvaluatorError` naming the key). Returned in eval mode, on the CPU.
     """
-    known = {f.name for f in dataclasses.fields(EvaluatorConfig)}
+    known = set(EvaluatorConfig.model_fields)
     unknown = sorted(set(cfg_dict) - known)
     if unknown:
         raise EvaluatorError(f"evaluator config: unknown field(s) {unknown}; known: {sorted(known)}")
-    cfg = EvaluatorConfig(**cfg_dict)
+    try:
+        cfg = EvaluatorConfig(**cfg_dict)
+    except ValueError as exc:  # the schema's ValidationError, named as the evaluator's
+        raise EvaluatorError(f"evaluator config: {exc}") from None
     for name in ("feat_mean", "feat_std"):
         if name not in weights:
             raise EvaluatorError(f"evaluator weights: missing {name!r} (z-score statistics)")

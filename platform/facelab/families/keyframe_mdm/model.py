@@ -97,6 +97,7 @@ from facelab.core import checkpoint as ckpt
 from facelab.core.text_encoder import load_text_encoder
 from facelab.data.arkit import HIGH, LOW, N_CHANNELS
 from facelab.data.keyframeface import MAX_KEYFRAMES, DataError, Keyframe, Script
+from facelab.families.keyframe_mdm.job import MDMModel as MDMConfig  # the job's model section, declared once
 from facelab.tasks.keyframes.answer import ParseResult
 
 FROZEN_PREFIX = "text_encoder."
@@ -117,60 +118,9 @@ class MDMError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class MDMConfig:
-    """The denoiser and diffusion hyper-parameters: the fields of the job's ``model`` section."""
-
-    text_encoder: str = "minilm"
-    """Frozen text encoder (MDM: CLIP ViT-B/32; here the offline MiniLM by default)."""
-    max_text_tokens: int = 64
-    """Texts are truncated to this many tokens before the frozen encoder."""
-    d_model: int = 256
-    n_heads: int = 4
-    n_layers: int = 4
-    ff_dim: int = 1024
-    dropout: float = 0.1
-    diffusion_steps: int = 1000
-    """T (MDM §4: 1000)."""
-    noise_schedule: str = "cosine"
-    """``cosine`` (Nichol & Dhariwal 2021; MDM's choice) or ``linear`` (Ho et al. 2020)."""
-    prediction: str = "x0"
-    """``x0`` (MDM §3) or ``eps`` (Ho et al. 2020)."""
-    cond_drop: float = 0.1
-    """Probability of training a sample with the null condition (MDM §3: 0.1)."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        for name in ("max_text_tokens", "d_model", "n_heads", "n_layers", "ff_dim"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                problems.append(f"{name} must be a positive integer, got {v!r}")
-        if (
-            isinstance(self.d_model, int)
-            and isinstance(self.n_heads, int)
-            and self.n_heads > 0
-            and self.d_model % self.n_heads
-        ):
-            problems.append(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if not isinstance(self.diffusion_steps, int) or self.diffusion_steps < 2:
-            problems.append(f"diffusion_steps must be an integer >= 2, got {self.diffusion_steps!r}")
-        if self.noise_schedule not in ("cosine", "linear"):
-            problems.append(f"noise_schedule must be 'cosine' or 'linear', got {self.noise_schedule!r}")
-        if self.prediction not in ("x0", "eps"):
-            problems.append(f"prediction must be 'x0' or 'eps', got {self.prediction!r}")
-        for name in ("dropout", "cond_drop"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and 0 <= v < 1):
-                problems.append(f"{name} must be in [0, 1), got {v!r}")
-        if problems:
-            raise MDMError("invalid MDMConfig: " + "; ".join(problems))
-
-
 def mdm_config(job: dict) -> MDMConfig:
     """The typed config from a resolved ``keyframe_mdm`` job dict (its ``model`` section)."""
-    from facelab.core.config import dataclass_from
-
-    return dataclass_from(MDMConfig, job["model"], "model")
+    return MDMConfig(**job["model"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -656,7 +606,7 @@ def load_servable_mdm(
         model = build_keyframe_mdm(
             config, weights["feat_mean"].float().cpu().numpy(), weights["feat_std"].float().cpu().numpy()
         )
-    except (MDMError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:  # MDMError and the config's ValidationError
         raise ckpt.CheckpointError(f"{where}: not a usable keyframe_mdm checkpoint ({exc})") from None
     load_mdm_weights(model, weights, where)
     return ServableKeyframeMDM(model.to(device).eval(), config)

@@ -54,6 +54,23 @@ class LMListenerModel(Strict):
         return self
 
 
+class LMListenerConfig(LMListenerModel):
+    """The model's typed config: the job's ``model`` section plus the maximum sequence length
+    (``data.max_frames``) and the expression-vector size. Declared once, here."""
+
+    max_frames: int = Field(
+        256, ge=1, description="Maximum sequence length (MSL) in frames; sets the LM's positional table."
+    )
+    expr_dim: int = Field(
+        53, ge=1, description="Expression vector size: 50 FLAME expression + 3 jaw-pose coefficients."
+    )
+
+    @property
+    def max_codes(self) -> int:
+        """Codes of a ``max_frames``-frame sequence: ceil(max_frames / downsample)."""
+        return -(-self.max_frames // self.downsample)
+
+
 class LMListenerOptim(Strict):
     batch_size: int = Field(32, ge=1, description="Sequences per optimizer step, summed over all workers.")
     vq_lr: float = Field(2e-4, gt=0.0, description="AdamW learning rate of the VQ-VAE stage.")

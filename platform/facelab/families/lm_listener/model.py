@@ -55,7 +55,6 @@ Weights named ``text_encoder.*`` are the frozen pretrained encoder; checkpoints 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -64,98 +63,15 @@ from torch import Tensor, nn
 
 from facelab.core.layers import Attention, FeedForward, KVCache, xavier_init_
 from facelab.core.text_encoder import load_text_encoder
+from facelab.families.lm_listener.job import LMListenerConfig
 
 IGNORE = -100
 """Cross-entropy target of padding positions."""
 
 
-@dataclass
-class LMListenerConfig:
-    """LM-Listener hyper-parameters (the job's ``model`` section + ``data.max_frames``)."""
-
-    text_encoder: str = "minilm"
-    """Frozen pretrained text encoder: 'minilm' (offline default) or a local path / cached HF id."""
-    max_text_tokens: int = 128
-    """Texts are truncated to this many tokens."""
-    codebook_size: int = 256
-    """VQ-VAE codebook entries K (the paper's code: 256)."""
-    code_dim: int = 128
-    """Size of a codebook vector."""
-    downsample: int = 4
-    """Frames per code (temporal downsampling of the VQ-VAE encoder)."""
-    vq_hidden: int = 256
-    """Channels of the VQ-VAE's temporal convolutions."""
-    vq_layers: int = 2
-    """Dilated residual conv blocks of the VQ-VAE encoder and of its decoder."""
-    commitment: float = 0.25
-    """Commitment weight β (van den Oord et al. 2017, Eq. 3)."""
-    ema_decay: float = 0.99
-    """Codebook EMA decay γ (the reference's ``mu`` 0.99); 0 = a learned codebook with the codebook loss."""
-    d_model: int = 256
-    """Code LM transformer width."""
-    n_heads: int = 4
-    """Code LM attention heads."""
-    n_layers: int = 4
-    """Code LM decoder layers (causal self-attention + cross-attention to the text + feed-forward)."""
-    ff_dim: int = 1024
-    """Code LM feed-forward width."""
-    dropout: float = 0.1
-    """Dropout of the code LM."""
-    top_p: float = 0.8
-    """Nucleus sampling p at generation (the CTEG paper's comparison uses 0.8)."""
-    cppl_top_k: int = 16
-    """Cppl: a window's predicted mean is the expectation over the LM's k most likely codes."""
-    max_frames: int = 256
-    """Maximum sequence length (MSL) in frames; sets the LM's positional table."""
-    text_dropout: float = 0.1
-    """Training texts are replaced by "" with this probability (trains the unconditional mode)."""
-    dead_code_threshold: float = 1.0
-    """A code whose EMA usage (uses per batch) falls below this is restarted on an encoder output
-    (Jukebox / T2M-GPT "reset" with threshold 1.0); 0 = never."""
-    expr_dim: int = 53
-    """Expression vector size: 50 FLAME expression + 3 jaw-pose coefficients."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.d_model % self.n_heads:
-            problems.append(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        for name in (
-            "codebook_size",
-            "code_dim",
-            "downsample",
-            "vq_hidden",
-            "vq_layers",
-            "n_layers",
-            "cppl_top_k",
-            "max_frames",
-            "expr_dim",
-        ):
-            if int(getattr(self, name)) < 1:
-                problems.append(f"{name} must be >= 1")
-        if self.codebook_size < 2:
-            problems.append("codebook_size must be >= 2")
-        if not 0.0 <= self.ema_decay < 1.0:
-            problems.append("ema_decay must be in [0, 1)")
-        if not 0.0 < self.top_p <= 1.0:
-            problems.append("top_p must be in (0, 1]")
-        if not 0.0 <= self.text_dropout < 1.0:
-            problems.append("text_dropout must be in [0, 1)")
-        if self.commitment < 0 or self.dead_code_threshold < 0:
-            problems.append("commitment and dead_code_threshold must be >= 0")
-        if problems:
-            raise ValueError("invalid LMListenerConfig: " + "; ".join(problems))
-
-    @property
-    def max_codes(self) -> int:
-        """Codes of a ``max_frames``-frame sequence: ceil(max_frames / downsample)."""
-        return -(-self.max_frames // self.downsample)
-
-
 def lm_listener_config(job: dict) -> LMListenerConfig:
     """The typed config from a resolved ``lm_listener`` job dict (``model`` + ``data.max_frames``)."""
-    from facelab.core.config import dataclass_from
-
-    return dataclass_from(LMListenerConfig, job["model"], "model", max_frames=job["data"]["max_frames"])
+    return LMListenerConfig(**job["model"], max_frames=job["data"]["max_frames"])
 
 
 def build_lm_listener(job: dict, mean_expression) -> "LMListener":
