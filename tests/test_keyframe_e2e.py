@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, SHARED_DATA, dvc_repro, env_for, facelab, free_port, make_project
+from conftest import BIN, SHARED_DATA, clone_built, env_for, facelab, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -48,9 +48,8 @@ def children(c, experiment: str):
 
 
 @pytest.fixture(scope="module")
-def kf(tmp_path_factory):
-    project = make_project(tmp_path_factory.mktemp("kfproject"))
-    dvc_repro(project)
+def kf(tmp_path_factory, built_project):
+    project = clone_built(built_project, tmp_path_factory.mktemp("kfproject") / "p")
     facelab(project, "sweep", "sweeps/keyframe_evaluator.yaml", *sets(EVAL_FAST))
     facelab(project, "promote", "keyframe-evaluator")
     proc = facelab(

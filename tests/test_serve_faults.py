@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import BIN, dvc_repro, env_for, facelab, free_port, make_project
+from conftest import BIN, clone_built, env_for, facelab, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -38,9 +38,8 @@ OK = {"text": "I am so happy to see you!", "num_samples": 1, "max_frames": 16, "
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    p = make_project(tmp_path_factory.mktemp("serve-faults"))
-    dvc_repro(p)
+def project(tmp_path_factory, built_project) -> Path:
+    p = clone_built(built_project, tmp_path_factory.mktemp("serve-faults") / "p")
     facelab(p, "sweep", "sweeps/quickstart.yaml", *[x for s in FAST for x in ("--set", s)])
     facelab(p, "promote", "quickstart")
     return p

@@ -10,6 +10,8 @@ from torch.utils.data import DataLoader
 
 from facelab.data import emoava
 from facelab.data.synth import EMOTIONS, generate_emoava, parse_text
+from facelab.families.cteg.loop import warm_text_cache
+from facelab.families.cteg.model import TextStateCache
 from facelab.families.cteg.servable import build_cteg
 from facelab.tasks.expressions.data import PairDataset, collate
 
@@ -63,6 +65,10 @@ def test_training_reduces_val_loss_and_follows_the_text(tmp_path):
     dev = emoava.load_split(tmp_path, "dev")
     mean, std = emoava.load_stats(tmp_path)
     model = build_cteg(JOB, mean)
+    # The frozen encoder runs once per text, as in the worker loop (TextStateCache): the same maths,
+    # without a MiniLM pass per step.
+    model.text_cache = TextStateCache()
+    warm_text_cache(model, train.texts + dev.texts)
     loader = DataLoader(
         PairDataset(train.texts, train.sequences, 40),
         batch_size=16,
