@@ -72,9 +72,14 @@ def synth_lengths(texts: list[str], seed: int) -> np.ndarray:
 
 
 def load_texts(path: str | None, n: int) -> list[str]:
+    """``n`` texts, cycled: from ``path`` (a release text pickle, read only through facelab's
+    allow-listed EmoAva reader -- a pickle from elsewhere must not run code), else synthetic."""
     if path:
-        with open(path, "rb") as fh:
-            base = [str(t) for t in pickle.load(fh)]
+        from facelab.data.emoava import DataError, read_release_texts
+
+        base = read_release_texts(Path(path))
+        if not base:
+            raise DataError(f"{path}: no texts in the pickle (--texts)")
     else:
         from facelab.data.synth import _draw_sentence
 

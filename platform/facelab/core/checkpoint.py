@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +34,60 @@ class CheckpointError(RuntimeError):
     """A checkpoint directory is missing files or holds unusable contents (the message names the file)."""
 
 
+def _file_mode() -> int:
+    """The mode a plainly created file gets (0666 less the umask), read without changing the umask
+    (``os.umask`` would, for every thread): ``mkstemp`` makes 0600 files, and a checkpoint on shared
+    storage must stay as readable as it was before temporary files were unique."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
+
+
+def _fsync_dir(dirpath: Path) -> None:
+    """Make a rename in ``dirpath`` durable; a filesystem that cannot fsync a directory is let be."""
+    try:
+        fd = os.open(dirpath, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write ``path`` through ``write(tmp)`` to a unique temporary file in the same directory, fsync
+    it, rename it over ``path`` and fsync the directory.
+
+    Unique names (``mkstemp``), not a fixed ``name.tmp``: two writers of one checkpoint (a retried
+    worker beside a stale one) must not write into the same temporary file. The fsyncs make a crash
+    or power loss leave either the old file or the complete new one, never a renamed empty file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.close(fd)
+        write(tmp)
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fchmod(fd, _file_mode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def model_state(model: torch.nn.Module, keep_encoder: bool) -> dict[str, torch.Tensor]:
@@ -69,15 +121,11 @@ def save_tensors(
     """Write a checkpoint from an explicit weight dict (e.g. only a LoRA adapter's tensors)."""
     dirpath = Path(dirpath)
     dirpath.mkdir(parents=True, exist_ok=True)
-    tmp = dirpath / (MODEL_FILE + ".tmp")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, dirpath / MODEL_FILE)
+    _atomic_write(dirpath / MODEL_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _atomic_write_text(dirpath / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True))
     if train_state is not None:
-        tmp = dirpath / (STATE_FILE + ".tmp")
-        torch.save(train_state, tmp)
-        os.replace(tmp, dirpath / STATE_FILE)
+        _atomic_write(dirpath / STATE_FILE, lambda tmp: torch.save(train_state, tmp))
     if meta is not None:
         _atomic_write_text(dirpath / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
     return dirpath

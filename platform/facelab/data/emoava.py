@@ -6,7 +6,9 @@ FLAME expression codes (50 expression coefficients + 3 jaw pose values) sampled 
 The release ships pickles (``{split}_stage1_text.pkl``: ``list[str]``; ``{split}_stage1_exps.pkl``:
 a list of ``[T_i, 53]`` float arrays) and two ``.npy`` statistics files. Pickles execute code on
 load, so this module reads them only through :class:`_ReleaseUnpickler`, an allow-listed unpickler
-that can rebuild numpy arrays, lists and strings and refuses every other global.
+that can rebuild numpy arrays of plain numbers (only as numpy writes them: checked arguments and
+state), lists and strings, refuses every other global, and caps what a file may decode to at
+:data:`DECODE_FACTOR` times its size.
 
 The platform's own format (one directory per dataset) is pickle-free:
 
@@ -31,8 +33,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
+import pickletools
+import struct
 import tempfile
 import zipfile
 from collections import Counter
@@ -172,6 +177,70 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
                 zf.writestr(info, buf.getvalue())
 
     _atomic_write(path, write)
+
+
+def json_object_or_none(path: Path, max_bytes: int = 1 << 20) -> dict | None:
+    """``path``'s JSON object, or None when it is missing, too large, unreadable or not an object.
+
+    For telling whose directory this is (:func:`claim_output_dir`), where a foreign or broken file
+    simply means "not ours", never an error of its own."""
+    try:
+        if not path.is_file() or path.stat().st_size > max_bytes:
+            return None
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def claim_output_dir(
+    out_dir: Path, *, owned: Callable[[Path], bool], what: str, marker: str, force: bool = False
+) -> None:
+    """Refuse to write ``what`` over a directory this writer did not make, unless ``force``.
+
+    The dataset and model writers replace (or write into) their ``--out`` directory, so a slip such
+    as ``--out data`` would wipe or litter a whole tree of someone's files. Accepted without
+    ``force``: a path that does not exist, an empty directory, or one that ``owned`` recognises by
+    the writer's own ``marker`` (e.g. its ``meta.json`` of the same format) -- which is what a DVC
+    stage re-running over its previous output finds. A path that exists but is not a directory is
+    refused even with ``force``: no writer replaces a file with a directory.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise DataError(f"{out_dir}: exists and is not a directory; refusing to write {what} there")
+    if force:
+        return
+    try:
+        empty = next(out_dir.iterdir(), None) is None
+    except OSError as exc:
+        raise DataError(f"{out_dir}: cannot list the output directory: {exc}") from None
+    if empty or owned(out_dir):
+        return
+    raise DataError(
+        f"{out_dir}: refusing to write {what} there: the directory is not empty and was not written by "
+        f"this command (no {marker}), so replacing it could destroy other files. Choose another --out, "
+        "or pass --force (force=True) to replace it anyway"
+    )
+
+
+def is_emoava_dir(data_dir: Path) -> bool:
+    """Whether ``data_dir`` holds an EmoAva dataset written here (its ``meta.json``: a known
+    ``source`` and ``expr_dim`` 53) -- the directory :func:`claim_output_dir` lets these writers replace."""
+    meta = json_object_or_none(Path(data_dir) / META_FILE)
+    return meta is not None and meta.get("source") in SOURCES and meta.get("expr_dim") == EXPR_DIM
+
+
+def claim_emoava_output(out_dir: Path, force: bool) -> None:
+    """:func:`claim_output_dir` for the EmoAva writers (the generator and the release importer)."""
+    claim_output_dir(
+        out_dir,
+        owned=is_emoava_dir,
+        what="an EmoAva dataset",
+        marker=f"{META_FILE} of an EmoAva dataset (source {' or '.join(SOURCES)}, expr_dim {EXPR_DIM})",
+        force=force,
+    )
 
 
 def _read_json(path: Path) -> Any:
@@ -329,6 +398,34 @@ def read_meta(data_dir: Path) -> dict:
 # Release import (allow-listed unpickling)
 # --------------------------------------------------------------------------------------------
 
+DECODE_FACTOR = 4
+"""A release pickle may decode to at most ``DECODE_FACTOR`` x its file size (+ :data:`DECODE_SLACK`).
+
+A genuine pickle of strings and numpy arrays decodes to about its own size (a protocol-2 array, whose
+bytes travel as latin-1 text, is counted three times: the text's bytes, the array and the result),
+so the cap never bites on real files; it stops a few hundred bytes from asking for gigabytes (an
+array shape not backed by data, a string re-encoded over and over, one array referenced a million
+times)."""
+
+DECODE_SLACK = 1 << 16
+_MAX_NESTING = 8  # list > sequence > frame > value is 4 deep; much deeper is not a release file
+_MAX_NDIM = 8
+_ARRAY_DTYPES = frozenset({"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8"})
+"""``numpy.dtype`` codes an array of a release file may have: plain numbers (no objects, no records)."""
+_DTYPE_STATE_TAIL = (None, None, None, -1, -1, 0)  # numpy's state of a plain dtype after the byte order
+_NO_CONTAINERS = "EmoAva release files hold lists, strings and numpy arrays, no dicts or sets"
+_REFUSED_OPCODES = {
+    pickle.EMPTY_DICT: _NO_CONTAINERS,
+    pickle.DICT: _NO_CONTAINERS,
+    pickle.SETITEM: _NO_CONTAINERS,
+    pickle.SETITEMS: _NO_CONTAINERS,
+    pickle.EMPTY_SET: _NO_CONTAINERS,
+    pickle.FROZENSET: _NO_CONTAINERS,
+    pickle.ADDITEMS: _NO_CONTAINERS,
+    pickle.NEWOBJ: "no object of a release file is made with cls.__new__",
+    pickle.NEWOBJ_EX: "no object of a release file is made with cls.__new__",
+}
+
 
 def _numpy_global(modules: Iterable[str], attr: str) -> Callable[[], Any]:
     def resolve() -> Any:
@@ -347,58 +444,353 @@ def _numpy_global(modules: Iterable[str], attr: str) -> Callable[[], Any]:
 _RECONSTRUCT = _numpy_global(("numpy._core.multiarray", "numpy.core.multiarray"), "_reconstruct")
 _FROMBUFFER = _numpy_global(("numpy._core.numeric", "numpy.core.numeric"), "_frombuffer")
 
-# (module, name) -> resolver of the object to hand to the unpickler. Nothing else is importable.
-_ALLOWED_GLOBALS: dict[tuple[str, str], Callable[[], Any]] = {
-    # ndarray.__reduce__ (pickle protocols 0-4) and, for numpy < 2, the old module path
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    # ndarray.__reduce_ex__ with protocol 5 (contiguous arrays): frombuffer(...).reshape(...)
-    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
-    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
-    ("numpy", "ndarray"): lambda: np.ndarray,
-    ("numpy", "dtype"): lambda: np.dtype,
-    # protocols 0-2 carry the raw array bytes as latin-1 text re-encoded with codecs.encode
-    ("_codecs", "encode"): lambda: __import__("codecs").encode,
-    # plain containers / scalars (protocols <= 2 written by Python 3 name the module __builtin__)
-    **{
-        (mod, name): (lambda obj=obj: obj)
-        for mod in ("builtins", "__builtin__")
-        for name, obj in (("list", list), ("str", str), ("float", float), ("bytes", bytes))
-    },
-}
+
+def _brief(obj: Any, depth: int = 0) -> str:
+    """A short description of an unpickled value for an error message (never a huge or recursive repr)."""
+    if obj is None or isinstance(obj, (bool, float)):
+        return repr(obj)
+    if isinstance(obj, int):
+        return repr(obj) if obj.bit_length() <= 64 else f"<{obj.bit_length()}-bit int>"
+    if isinstance(obj, (str, bytes, bytearray)):
+        return repr(obj[:24]) + ("…" if len(obj) > 24 else "")
+    if isinstance(obj, (tuple, list)) and depth < 2:
+        inner = ", ".join(_brief(x, depth + 1) for x in obj[:6]) + (", …" if len(obj) > 6 else "")
+        return f"({inner}{',' if len(obj) == 1 else ''})" if isinstance(obj, tuple) else f"[{inner}]"
+    if isinstance(obj, _PendingDtype):
+        return f"numpy.dtype({obj.code!r})"
+    if isinstance(obj, _PendingArray):
+        return "<numpy array>"
+    return f"<{type(obj).__name__}>"
 
 
-class _ReleaseUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the globals in ``_ALLOWED_GLOBALS``; anything else is a DataError."""
+class _PendingDtype:
+    """What ``numpy.dtype(code, False, True)`` gives the unpickler. The real dtype is made only from a
+    checked state (byte order), so no state from the file ever reaches numpy's ``__setstate__``."""
 
-    def __init__(self, file: io.BufferedReader, source: str):
+    __slots__ = ("code", "dtype")
+
+    def __init__(self, code: str):
+        self.code = code
+        self.dtype: np.dtype | None = None
+
+
+class _PendingArray:
+    """What numpy's ``_reconstruct`` / ``_frombuffer`` give the unpickler. The array is made only from
+    a checked state whose data fills its shape exactly; one left without a state is refused at the end."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray | None = None):
+        self.array = array
+
+
+def _refusing(code: bytes, why: str) -> Callable[[Any], None]:
+    """An opcode handler that refuses ``code`` with a message naming it."""
+
+    def load(self: _ReleaseUnpickler) -> None:
+        name = next((op.name for op in pickletools.opcodes if op.code == code.decode("latin-1")), repr(code))
+        raise self._refuse(f"opcode {name}: {why}")
+
+    return load
+
+
+class _ReleaseUnpickler(pickle._Unpickler):
+    """Allow-listed unpickler for the EmoAva release: numpy arrays of plain numbers, lists and strings.
+
+    It is the pure-Python unpickler on purpose: the C one sizes its memo table from an index in the
+    file (ten bytes can make it allocate and zero tens of gigabytes) and pre-allocates ``BYTEARRAY8``
+    buffers of their declared length; here the memo is a dict and every length is checked.
+
+    Every global is a checking stand-in (see :meth:`find_class`): numpy's ``_reconstruct`` only with
+    the arguments numpy itself writes, ``(ndarray, (0,), b'b')``, after which the array is made by its
+    state (BUILD) step, whose data must fill its shape exactly -- a ``_reconstruct`` without a state
+    would be uninitialised memory of any size and is refused; ``_codecs.encode`` only as
+    ``(str, 'latin1')``, how protocols 0-2 carry bytes. What the stand-ins decode, and the final
+    result (every reference counted), is charged to a budget of :data:`DECODE_FACTOR` x the file
+    size. Every refusal is a :class:`DataError` naming the file.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file: io.BytesIO, source: str, size: int):
         super().__init__(file)
         self._source = source
+        self._size = size
+        self._limit = DECODE_FACTOR * size + DECODE_SLACK
+        self._used = 0
+        self._ndarray = self._ndarray_called  # kept once: _reconstruct checks its first argument is this
+        simple = {"list": self._list, "str": self._str, "float": self._float, "bytes": self._bytes}
+        self._globals: dict[tuple[str, str], Callable[..., Any]] = {
+            # ndarray.__reduce__ (protocols 0-4, and 5 for non-contiguous arrays); numpy < 2 says numpy.core
+            ("numpy._core.multiarray", "_reconstruct"): self._reconstruct,
+            ("numpy.core.multiarray", "_reconstruct"): self._reconstruct,
+            # ndarray.__reduce_ex__(5) of a contiguous array: frombuffer(buf, dtype).reshape(shape, order)
+            ("numpy._core.numeric", "_frombuffer"): self._frombuffer,
+            ("numpy.core.numeric", "_frombuffer"): self._frombuffer,
+            ("numpy", "ndarray"): self._ndarray,
+            ("numpy", "dtype"): self._dtype,
+            # protocols 0-2 carry bytes as latin-1 text re-encoded with codecs.encode
+            ("_codecs", "encode"): self._encode,
+            # plain scalars / containers (protocols <= 2 written by Python 3 name the module __builtin__)
+            **{(mod, name): fn for mod in ("builtins", "__builtin__") for name, fn in simple.items()},
+        }
+
+    # ---- refusals and the budget ------------------------------------------------------------
+
+    def _refuse(self, what: str) -> DataError:
+        return DataError(f"{self._source}: refused {what}")
+
+    def spend(self, n: int, what: str) -> None:
+        """Charge ``n`` decoded bytes for ``what``; refuse the file once the budget is exceeded."""
+        self._used += n
+        if self._used > self._limit:
+            raise self._refuse(
+                f"{what}: the decoded data would exceed {self._limit:,} bytes ({DECODE_FACTOR}x the file's "
+                f"{self._size:,} bytes + {DECODE_SLACK:,}); a genuine release pickle decodes to about its own "
+                "size, so this one is corrupt or a memory bomb"
+            )
+
+    # ---- the unpickler's hooks --------------------------------------------------------------
 
     def find_class(self, module: str, name: str) -> Any:
-        resolver = _ALLOWED_GLOBALS.get((module, name))
-        if resolver is None:
+        fn = self._globals.get((module, name))
+        if fn is None:
             raise DataError(
                 f"{self._source}: refused to unpickle global {module}.{name} "
                 "(only numpy arrays, lists and strings are allowed in EmoAva release files)"
             )
-        return resolver()
+        return fn
 
     def persistent_load(self, pid: Any) -> Any:
-        raise DataError(f"{self._source}: refused persistent id {pid!r} in pickle")
+        raise DataError(f"{self._source}: refused persistent id {_brief(pid)} in pickle")
+
+    def _load_build(self) -> None:
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, _PendingArray):
+            self._build_array(inst, state)
+        elif isinstance(inst, _PendingDtype):
+            self._build_dtype(inst, state)
+        else:
+            raise self._refuse(
+                f"a state (BUILD) for {_brief(inst)}: in release files only numpy arrays and dtypes have one"
+            )
+
+    def _load_bytearray8(self) -> None:
+        (n,) = struct.unpack("<Q", self.read(8))
+        if n > self._size:
+            raise self._refuse(f"BYTEARRAY8 of {n:,} bytes in a file of {self._size:,} bytes")
+        data = self.read(n)
+        if len(data) != n:
+            raise DataError(f"{self._source}: pickle data was truncated (BYTEARRAY8)")
+        self.append(bytearray(data))
+
+    dispatch[pickle.BUILD[0]] = _load_build
+    dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
+    dispatch.update({code[0]: _refusing(code, why) for code, why in _REFUSED_OPCODES.items()})
+
+    # ---- numpy ------------------------------------------------------------------------------
+
+    def _ndarray_called(self, *args: Any) -> Any:
+        raise self._refuse(
+            f"numpy.ndarray{_brief(args)}: an array is made only by _reconstruct and its state, "
+            "never by calling ndarray (that allocates uninitialised memory of any shape)"
+        )
+
+    def _reconstruct(self, *args: Any) -> _PendingArray:
+        if len(args) != 3 or args[0] is not self._ndarray or args[1] != (0,) or args[2] != b"b":
+            raise self._refuse(
+                f"numpy _reconstruct{_brief(args)}: only numpy's own call _reconstruct(ndarray, (0,), b'b') "
+                "is accepted; an array's shape and data come from its state (BUILD) step"
+            )
+        return _PendingArray()
+
+    def _shape(self, shape: Any, what: str) -> tuple[int, ...]:
+        if (
+            type(shape) is not tuple
+            or len(shape) > _MAX_NDIM
+            or any(type(d) is not int or not 0 <= d < 1 << 62 for d in shape)
+        ):
+            raise self._refuse(f"{what}: shape {_brief(shape)} is not a tuple of at most {_MAX_NDIM} sizes")
+        return shape
+
+    def _checked_dtype(self, dtype: Any, what: str) -> np.dtype:
+        if not isinstance(dtype, _PendingDtype) or dtype.dtype is None:
+            raise self._refuse(f"{what}: dtype {_brief(dtype)} is not a numpy.dtype with its state")
+        return dtype.dtype
+
+    def _check_data(self, data: Any, shape: tuple[int, ...], dtype: np.dtype, what: str) -> None:
+        need = math.prod(shape) * dtype.itemsize
+        if len(data) != need:
+            raise self._refuse(f"{what}: {len(data):,} data bytes for shape {shape} of {dtype} (which needs {need:,})")
+        self.spend(need, f"{what} of shape {shape}")
+
+    def _build_array(self, pending: _PendingArray, state: Any) -> None:
+        what = "numpy array state"
+        if pending.array is not None:
+            raise self._refuse(f"a second {what} for the same array")
+        if type(state) is not tuple or len(state) != 5:
+            raise self._refuse(f"{what} {_brief(state)}: expected (1, shape, dtype, is_fortran, data)")
+        version, shape, dtype, fortran, data = state
+        if type(version) is not int or version != 1:
+            raise self._refuse(f"{what}: version {_brief(version)}, numpy writes 1")
+        shape = self._shape(shape, what)
+        dt = self._checked_dtype(dtype, what)
+        if type(fortran) is not bool:
+            raise self._refuse(f"{what}: is_fortran is {_brief(fortran)}, expected True or False")
+        if type(data) is not bytes:
+            raise self._refuse(f"{what}: data is {_brief(data)}, expected bytes")
+        self._check_data(data, shape, dt, what)
+        array = _RECONSTRUCT()(np.ndarray, (0,), b"b")
+        array.__setstate__((1, shape, dt, fortran, data))
+        pending.array = array
+
+    def _frombuffer(self, *args: Any) -> _PendingArray:
+        what = "numpy _frombuffer"
+        if len(args) != 4:
+            raise self._refuse(f"{what}{_brief(args)}: expected (buffer, dtype, shape, order)")
+        buf, dtype, shape, order = args
+        if type(buf) not in (bytes, bytearray):
+            raise self._refuse(f"{what}: buffer is {_brief(buf)}, expected bytes")
+        dt = self._checked_dtype(dtype, what)
+        shape = self._shape(shape, what)
+        if type(order) is not str or order not in ("C", "F"):
+            raise self._refuse(f"{what}: order {_brief(order)}, expected 'C' or 'F'")
+        self._check_data(buf, shape, dt, what)
+        return _PendingArray(_FROMBUFFER()(buf, dt, shape, order))
+
+    def _dtype(self, *args: Any) -> _PendingDtype:
+        code = args[0] if args else None
+        if (
+            len(args) != 3
+            or type(code) is not str
+            or code not in _ARRAY_DTYPES
+            or type(args[1]) not in (bool, int)
+            or args[1] != 0
+            or type(args[2]) not in (bool, int)
+            or args[2] != 1
+        ):
+            raise self._refuse(
+                f"numpy.dtype{_brief(args)}: only numpy's own dtype(code, False, True) of a plain number "
+                f"type ({', '.join(sorted(_ARRAY_DTYPES))}) is accepted"
+            )
+        return _PendingDtype(code)
+
+    def _build_dtype(self, pending: _PendingDtype, state: Any) -> None:
+        what = f"numpy.dtype({pending.code!r}) state {_brief(state)}"
+        if pending.dtype is not None:
+            raise self._refuse(f"a second {what}")
+        if (
+            type(state) is not tuple
+            or len(state) != 8
+            or type(state[0]) is not int
+            or state[0] != 3
+            or type(state[1]) is not str
+            or state[1] not in ("<", ">", "|", "=")
+            or any(type(a) is not type(b) or a != b for a, b in zip(state[2:], _DTYPE_STATE_TAIL))
+        ):
+            raise self._refuse(f"{what}: expected numpy's (3, byteorder, None, None, None, -1, -1, 0)")
+        dt = np.dtype(pending.code)
+        pending.dtype = dt.newbyteorder(state[1]) if state[1] in ("<", ">") and dt.itemsize > 1 else dt
+
+    # ---- bytes and builtins -----------------------------------------------------------------
+
+    def _encode(self, *args: Any) -> bytes:
+        if len(args) != 2 or type(args[0]) is not str or type(args[1]) is not str or args[1] != "latin1":
+            raise self._refuse(
+                f"_codecs.encode{_brief(args)}: only encode(str, 'latin1') is accepted (how pickle carries bytes)"
+            )
+        self.spend(len(args[0]), "_codecs.encode")
+        try:
+            return args[0].encode("latin1")
+        except UnicodeEncodeError:
+            raise self._refuse(f"_codecs.encode({_brief(args[0])}, 'latin1'): not latin-1 text") from None
+
+    def _bytes(self, *args: Any) -> bytes:
+        if args:
+            raise self._refuse(f"bytes{_brief(args)}: only bytes() (the empty bytes of protocols 0-2) is accepted")
+        return b""
+
+    def _str(self, *args: Any) -> str:
+        if not args:
+            return ""
+        if len(args) != 1 or type(args[0]) is not str:
+            raise self._refuse(f"str{_brief(args)}: only str() or str(a string) is accepted")
+        self.spend(len(args[0]), "str()")
+        return args[0]
+
+    def _list(self, *args: Any) -> list:
+        if not args:
+            return []
+        if len(args) != 1 or type(args[0]) not in (list, tuple):
+            raise self._refuse(f"list{_brief(args)}: only list() or list(a list or tuple) is accepted")
+        self.spend(len(args[0]), "list()")
+        return list(args[0])
+
+    def _float(self, *args: Any) -> float:
+        ok = len(args) == 1 and (type(args[0]) in (int, float) or (type(args[0]) is str and len(args[0]) <= 64))
+        try:
+            if ok:
+                return float(args[0])
+        except (ValueError, OverflowError):
+            pass
+        raise self._refuse(f"float{_brief(args)}: only float(a number or a short numeric string) is accepted")
+
+    # ---- the result -------------------------------------------------------------------------
+
+    def finish(self, obj: Any) -> Any:
+        """The loaded object with every pending array replaced by its array; refuses arrays without a
+        state, stray dtypes or globals, nesting deeper than :data:`_MAX_NESTING`, and charges every
+        reference to the budget (shared references cost each time: the readers copy them)."""
+        path: list[int] = []
+        return self._finish(obj, path)
+
+    def _finish(self, obj: Any, path: list[int]) -> Any:
+        where = "".join(f"[{i}]" for i in path) or "the top-level object"
+        t = type(obj)
+        if t is _PendingArray:
+            if obj.array is None:
+                raise self._refuse(
+                    f"{where}: a numpy array without its state (BUILD) step (numpy always writes one; "
+                    "without it the array would be uninitialised memory)"
+                )
+            self.spend(max(1, obj.array.nbytes), f"{where}: numpy array")
+            return obj.array
+        if t is str or t is bytes or t is bytearray:
+            self.spend(max(1, len(obj)), f"{where}: {t.__name__}")
+            return obj
+        if obj is None or t is bool or t is int or t is float:
+            self.spend(1, f"{where}: {t.__name__}")
+            return obj
+        if t is list or t is tuple:
+            if len(path) >= _MAX_NESTING:
+                raise self._refuse(f"{where}: lists nested deeper than {_MAX_NESTING} levels")
+            self.spend(1, f"{where}: {t.__name__}")
+            out = []
+            for i, item in enumerate(obj):
+                path.append(i)
+                out.append(self._finish(item, path))
+                path.pop()
+            return out if t is list else tuple(out)
+        raise self._refuse(f"{where}: {_brief(obj)} (release files hold lists, strings and numpy arrays)")
 
 
 def _safe_unpickle(path: Path) -> Any:
+    """Load a release pickle through :class:`_ReleaseUnpickler`; every failure is a DataError naming ``path``."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: missing")
     try:
-        with open(path, "rb") as fh:
-            return _ReleaseUnpickler(fh, str(path)).load()
+        data = path.read_bytes()  # in memory: no read can ask the file for more than it holds
+    except OSError as exc:
+        raise DataError(f"{path}: unreadable: {exc}") from None
+    try:
+        unpickler = _ReleaseUnpickler(io.BytesIO(data), str(path), len(data))
+        return unpickler.finish(unpickler.load())
     except DataError:
         raise
     except Exception as exc:  # pickle raises many types on corrupt input
-        raise DataError(f"{path}: not a readable pickle: {type(exc).__name__}: {exc}") from None
+        raise DataError(f"{path}: not a readable pickle: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 def read_release_texts(path: Path) -> list[str]:
@@ -438,19 +830,22 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def import_release(release_dir: Path, out_dir: Path, splits: Sequence[str] = SPLITS) -> dict:
+def import_release(release_dir: Path, out_dir: Path, splits: Sequence[str] = SPLITS, *, force: bool = False) -> dict:
     """Convert the EmoAva release in ``release_dir`` into the platform format in ``out_dir``.
 
     Needs, for every split in ``splits``, both ``{split}_stage1_text.pkl`` and
     ``{split}_stage1_exps.pkl`` (a text-only pickle can be read with :func:`read_release_texts`),
     plus ``stage1_mean.npy`` / ``stage1_std.npy``. Pickles are read only through the allow-listed
-    unpickler. All inputs are read and validated before anything is written. Returns
-    :func:`summarize` of ``out_dir`` plus the SHA-256 of every source file (also in ``meta.json``).
+    unpickler. All inputs are read and validated before anything is written. ``out_dir`` must not
+    exist, be empty or hold an EmoAva dataset written here (:func:`claim_output_dir`); ``force``
+    writes into any directory. Returns :func:`summarize` of ``out_dir`` plus the SHA-256 of every
+    source file (also in ``meta.json``).
     """
     release_dir, out_dir = Path(release_dir), Path(out_dir)
     unknown = [s for s in splits if s not in SPLITS]
     if unknown or not splits:
         raise DataError(f"{release_dir}: splits must be a non-empty subset of {SPLITS}, got {list(splits)}")
+    claim_emoava_output(out_dir, force)
 
     wanted = [release_dir / "stage1_mean.npy", release_dir / "stage1_std.npy"]
     for split in splits:

@@ -384,17 +384,44 @@ def _check_splits(splits: Any, where: str) -> dict[str, list[Script]]:
     return out
 
 
+def is_keyframeface_dir(data_dir: str | os.PathLike) -> bool:
+    """Whether ``data_dir`` holds a dataset :func:`write_dataset` wrote (``meta.json`` of :data:`FORMAT`)."""
+    meta = emoava.json_object_or_none(Path(data_dir) / META_FILE)
+    return meta is not None and meta.get("format") == FORMAT
+
+
+def claim_output(out_dir: str | os.PathLike, force: bool = False) -> None:
+    """Refuse ``out_dir`` unless it is absent, empty or a KeyframeFace dataset written here, or ``force``
+    (:func:`facelab.data.emoava.claim_output_dir`): :func:`write_dataset` replaces the whole directory."""
+    try:
+        emoava.claim_output_dir(
+            Path(out_dir),
+            owned=is_keyframeface_dir,
+            what="a KeyframeFace dataset",
+            marker=f"{META_FILE} with format {FORMAT!r}",
+            force=force,
+        )
+    except emoava.DataError as exc:  # this module's error type, as every other KeyframeFace refusal
+        raise DataError(str(exc)) from None
+
+
 def write_dataset(
-    out_dir: str | os.PathLike, splits: Mapping[str, Sequence[Script]], extra_meta: Mapping[str, Any] | None = None
+    out_dir: str | os.PathLike,
+    splits: Mapping[str, Sequence[Script]],
+    extra_meta: Mapping[str, Any] | None = None,
+    *,
+    force: bool = False,
 ) -> dict:
     """Write ``splits`` ({"train": [...], "val": [...], "test": [...]}, any non-empty subset) and
     ``meta.json`` to ``out_dir``, atomically; return :func:`summarize` of what was written.
 
     Everything goes to a temporary sibling directory first, is read back and validated
-    (:func:`validate_dir`), and only then renamed to ``out_dir`` (an existing ``out_dir`` is
-    replaced), so a crash never leaves a half-written dataset. ``extra_meta`` (JSON-serialisable,
-    e.g. provenance) is merged into ``meta.json`` and may not override ``format``, ``channels``,
-    ``splits`` or ``annotations``. Script ids must be unique across splits.
+    (:func:`validate_dir`), and only then renamed to ``out_dir``, so a crash never leaves a
+    half-written dataset. An existing ``out_dir`` is replaced only when it is empty or a dataset
+    written here (its ``meta.json`` of :data:`FORMAT`: e.g. the DVC stage's previous output), or
+    with ``force``; any other directory is refused (:func:`claim_output`). ``extra_meta``
+    (JSON-serialisable, e.g. provenance) is merged into ``meta.json`` and may not override
+    ``format``, ``channels``, ``splits`` or ``annotations``. Script ids must be unique across splits.
     """
     out_dir = Path(out_dir)
     checked = _check_splits(splits, str(out_dir))
@@ -415,8 +442,7 @@ def write_dataset(
     except (TypeError, ValueError) as exc:
         raise DataError(f"{out_dir / META_FILE}: extra_meta is not JSON-serialisable: {exc}") from None
 
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"{out_dir}: exists and is not a directory")
+    claim_output(out_dir, force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     old: Path | None = None
@@ -874,6 +900,8 @@ __all__ = [
     "summarize",
     "summarize_scripts",
     "write_dataset",
+    "claim_output",
+    "is_keyframeface_dir",
     "load_meta",
     "load_split",
     "load_dataset",

@@ -40,6 +40,7 @@ from facelab.data.emoava import (
     EXPR_DIM,
     DataError,
     EmoAvaSplit,
+    claim_emoava_output,
     load_stats,
     save_split,
     save_stats,
@@ -597,6 +598,7 @@ def generate_emoava(
     mean_len: float = 52.0,
     one_to_many_frac: float = 0.15,
     stats_dir: Path | None = None,
+    force: bool = False,
 ) -> dict:
     """Write a synthetic EmoAva corpus (train/dev/test splits, ``stats.json``, ``meta.json``) to ``out_dir``.
 
@@ -606,8 +608,10 @@ def generate_emoava(
     ``stats_dir`` replaces the embedded release statistics with a directory's ``stage1_mean.npy`` /
     ``stage1_std.npy`` or ``stats.json``. The corpus is standardised so that, over all its frames,
     every dimension has exactly the target mean and std; ``stats.json`` stores the train split's
-    own statistics (as the release's were computed from its data). Returns :func:`summarize` of
-    the written directory plus the generator parameters.
+    own statistics (as the release's were computed from its data). ``out_dir`` must not exist, be
+    empty or hold an EmoAva dataset written here -- e.g. this stage's previous output -- unless
+    ``force`` (see :func:`facelab.data.emoava.claim_output_dir`). Returns :func:`summarize` of the
+    written directory plus the generator parameters.
     """
     counts = {"train": n_train, "dev": n_dev, "test": n_test}
     for name, n in counts.items():
@@ -619,6 +623,7 @@ def generate_emoava(
         raise ValueError(f"one_to_many_frac must be in [0, 1), got {one_to_many_frac}")
     if fps <= 0 or mean_len <= 1.0:
         raise ValueError("fps must be > 0 and mean_len > 1")
+    claim_emoava_output(Path(out_dir), force)  # before the work: a wrong --out fails at once
     target_mean, target_std, stats_source = _load_target_stats(stats_dir)
 
     root = np.random.SeedSequence(seed)

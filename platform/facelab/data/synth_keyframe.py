@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from facelab.data.arkit import HIGH, INDEX, LOW, N_CHANNELS
-from facelab.data.keyframeface import SPLITS, Keyframe, Script, write_dataset
+from facelab.data.keyframeface import SPLITS, Keyframe, Script, claim_output, write_dataset
 
 GENERATOR_VERSION = 1
 
@@ -1064,6 +1064,7 @@ def generate_keyframeface(
     split: Sequence[float] = (0.8, 0.1, 0.1),
     seed: int = 0,
     n_actors: int = 21,
+    force: bool = False,
 ) -> dict:
     """Write the synthetic KeyframeFace corpus to ``out_dir`` (via ``write_dataset``); return its summary.
 
@@ -1071,10 +1072,13 @@ def generate_keyframeface(
     assigned by a seeded permutation. The default corpus (2,100 scripts by 21 actors, as the paper) takes
     a few seconds. The summary is :func:`facelab.data.keyframeface.summarize` (per split: keyframes
     per script histogram, mean active channels, mean words per annotation, ...) plus ``params``.
+    An existing ``out_dir`` is replaced only if it is empty or a KeyframeFace dataset written here
+    (e.g. this stage's previous output), or with ``force`` (:func:`facelab.data.keyframeface.claim_output`).
     """
     split = tuple(float(x) for x in split)
     if len(split) != 3 or any(x < 0 or not math.isfinite(x) for x in split) or abs(sum(split) - 1.0) > 1e-6:
         raise ValueError(f"split must be three non-negative fractions summing to 1, got {split}")
+    claim_output(out_dir, force)  # before the work: a wrong --out fails at once
     scripts = generate_scripts(n_scripts, seed=seed, n_actors=n_actors)
     sizes = split_sizes(len(scripts), split)
     order = np.random.default_rng(np.random.SeedSequence([int(seed), 1])).permutation(len(scripts))
@@ -1100,6 +1104,7 @@ def generate_keyframeface(
             "generator_version": GENERATOR_VERSION,
             "params": params,
         },
+        force=force,
     )
     summary["params"] = params
     return summary

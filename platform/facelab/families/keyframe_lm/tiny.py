@@ -119,6 +119,28 @@ Load with `AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pr
 """
 
 
+def is_tiny_lm_dir(model_dir: str | os.PathLike) -> bool:
+    """Whether ``model_dir`` holds a model :func:`build_tiny_lm` wrote (``config.json`` with its label)."""
+    from facelab.data.emoava import json_object_or_none
+
+    config = json_object_or_none(Path(model_dir) / "config.json")
+    return config is not None and config.get("facelab_label") == LABEL
+
+
+def claim_output(out_dir: str | os.PathLike, force: bool = False) -> None:
+    """Refuse ``out_dir`` unless it is absent, empty or a tiny model written here, or ``force``: the
+    build replaces the whole directory, and ``--out models`` must not wipe every model beside it."""
+    from facelab.data.emoava import claim_output_dir
+
+    claim_output_dir(
+        Path(out_dir),
+        owned=is_tiny_lm_dir,
+        what="the tiny LM",
+        marker="config.json with facelab_label of the tiny LM",
+        force=force,
+    )
+
+
 def build_tiny_lm(
     out_dir: str | os.PathLike,
     texts: Iterable[str],
@@ -133,9 +155,14 @@ def build_tiny_lm(
     seed: int = 0,
     max_position_embeddings: int = 4096,
     embedding_std: float = 0.5,
+    force: bool = False,
 ) -> dict:
     """Train the tokenizer on ``texts`` (+ the fixed corpus), build the random-init model, save both
     to ``out_dir`` (replaced atomically). Returns a summary (sizes and the files' SHA-256).
+
+    An existing ``out_dir`` is replaced only when it is empty or a model this function wrote (its
+    ``config.json`` carries :data:`LABEL`: e.g. the DVC stage's previous output), or with ``force``;
+    any other directory is refused before any work (:func:`claim_output`).
 
     ``embedding_std``: the (tied) token embeddings are drawn from N(0, embedding_std²) instead of
     Qwen3's N(0, 0.02²). The embeddings and the output layer are frozen under LoRA, and with tied
@@ -143,9 +170,6 @@ def build_tiny_lm(
     a confident prediction (measured: the answer loss stalls near 6.0 nats at vocab 1,024, against
     2.3 after 100 steps at 0.5). A pretrained LM has no such limit; this only makes the stand-in
     learnable."""
-    import torch
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
-
     problems = [
         f"{name} must be a positive integer, got {value!r}"
         for name, value in (
@@ -166,6 +190,11 @@ def build_tiny_lm(
         problems.append(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + specials)")
     if problems:
         raise ValueError("build_tiny_lm: " + "; ".join(problems))
+    out = Path(out_dir)
+    claim_output(out, force)  # before the heavy imports and the work: a wrong --out fails at once
+
+    import torch
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
     corpus = [t for t in texts if isinstance(t, str)] + _fixed_corpus()
     tok = train_bpe_tokenizer(corpus, vocab_size)
@@ -201,7 +230,6 @@ def build_tiny_lm(
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     n_params = sum(p.numel() for p in model.parameters())
 
-    out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     os.chmod(tmp, 0o755)
@@ -259,6 +287,11 @@ def add_cli(data_subparsers) -> None:
     bt.add_argument("--params", default="params.yaml")
     bt.add_argument("--data", default="data/keyframeface", help="corpus the tokenizer is trained on")
     bt.add_argument("--out", default="models/tiny-qwen3")
+    bt.add_argument(
+        "--force", action="store_true", help="replace --out even if it is not empty and not a model this command wrote"
+    )
     bt.set_defaults(
-        data_fn=lambda args, params: build_tiny_lm(Path(args.out), tiny_lm_corpus(Path(args.data)), **params("tiny_lm"))
+        data_fn=lambda args, params: build_tiny_lm(
+            Path(args.out), tiny_lm_corpus(Path(args.data)), **params("tiny_lm"), force=args.force
+        )
     )
