@@ -341,6 +341,7 @@ def _register_variant(project: Path, name: str, version: str, alter) -> str:
     import mlflow.artifacts
 
     from facelab.core import tracking
+    from facelab.core.checkpoint import servable_dir
 
     c = tracking.client(tracking.default_tracking_uri(project))
     champ = c.get_model_version(name, version)
@@ -348,6 +349,7 @@ def _register_variant(project: Path, name: str, version: str, alter) -> str:
         local = Path(
             mlflow.artifacts.download_artifacts(artifact_uri=champ.source, dst_path=d, tracking_uri=c.tracking_uri)
         )
+        local = servable_dir(local)  # the checkpoint inside the registered pyfunc model
         alter(local)
         run = c.create_run(c.get_run(champ.run_id).info.experiment_id, run_name=f"hand-made {alter.__name__}")
         c.log_artifacts(run.info.run_id, str(local), "checkpoint")
