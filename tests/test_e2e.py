@@ -111,7 +111,7 @@ def test_resume_does_not_rerun_finished_trials(quickstart):
 def test_report_prints_table(quickstart):
     project, _ = quickstart
     out = facelab(project, "report", "quickstart").stdout
-    assert out.splitlines()[0] == ("| Variant | Cppl ↓ | DoT → | FgD → | Diversity → | MModality ↑ | Variation → |")
+    assert out.splitlines()[0] == ("| Variant | Cppl ↓ | DoT → | FgD → | Diversity ↑ | MModality ↑ | Variation → |")
     rows = {line.split("|")[1].strip(): line for line in out.splitlines()[2:] if line.startswith("|")}
     assert set(rows) == {"CTEG", "w.o. EwA"}
     assert all(line.count(" ± ") == 6 for line in rows.values()), out  # bootstrap SE on every cell

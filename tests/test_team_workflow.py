@@ -94,3 +94,22 @@ def test_dry_run_shows_the_resolved_config_and_resources(tmp_path):
     assert "jobs/lm_listener_tiny.yaml (the variant's own job file, kind lm_listener)" in out
     full = facelab(REPO, "train", "jobs/cteg_tiny.yaml", "--print-config", "--set", "optim.lr_mul=3").stdout
     assert "resolved job config:" in full and "lr_mul: 3" in full
+
+
+def test_one_trained_model_gives_its_msl64_and_shuffle_rows():
+    """CTEG Table 2: "CTEG (MSL = 64)" and "Shuffle" are rows of the same trained model (no second
+    training); the MSL-64 row has no Cppl ("–", as the paper's "/")."""
+    from facelab.report import derived_rows
+
+    six = ("cppl", "dot", "fgd", "diversity", "mmodality", "variation")
+    metrics = {f"test/{m}": 1.0 for m in six} | {f"test64/{m}": 2.0 for m in six if m != "cppl"}
+    metrics |= {f"shuffle/{m}": 3.0 for m in six} | {"test64/eval_time_s": 9.0}
+    cteg = TrialRun("r1", "CTEG", 0, "FINISHED", metrics, {}, {}, "")
+    gt = TrialRun("r2", "GT", 0, "FINISHED", {f"test/{m}": 0.5 for m in six}, {}, {}, "")
+    rows = aggregate([cteg, gt, *derived_rows([cteg, gt])], [f"test/{m}" for m in six])
+    by = {r["variant"]: r for r in rows}
+    assert set(by) == {"CTEG", "GT", "CTEG (MSL = 64)", "Shuffle"}
+    assert "test/cppl" not in by["CTEG (MSL = 64)"] and by["CTEG (MSL = 64)"]["test/dot"][0] == 2.0
+    assert by["Shuffle"]["test/cppl"][0] == 3.0
+    table = render(rows, [f"test/{m}" for m in six])
+    assert "| CTEG (MSL = 64) | – | 2.000" in table

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -58,6 +59,39 @@ def _label(metric: str) -> str:
     return LABELS.get(metric.removeprefix("test/"), metric) if metric.startswith("test/") else metric
 
 
+ROW_OF = "facelab.report.row_of"  # a derived row's source variant (ordering only)
+_EXTRA_MSL = re.compile(r"^test(\d+)/(\w+?)(_se)?$")
+
+
+def derived_rows(trials) -> list:
+    """Rows a trial carries beside its own (CTEG Table 2), as pseudo-trials with ``test/<m>`` metrics:
+
+    * ``test<N>/<m>`` → "<variant> (MSL = N)": the same trained model decoded with at most N frames
+      (an evaluation-only row; its Cppl is "–", as in the paper);
+    * ``shuffle/<m>`` → "Shuffle": the trained model scored on shuffled ground-truth sequences
+      ("Shuffle (<variant>)" when several variants carry one)."""
+    import dataclasses
+
+    out = []
+    shuffled = {t.variant for t in trials if any(k.startswith("shuffle/") for k in t.metrics)}
+    for t in trials:
+        by_msl: dict[str, dict[str, float]] = defaultdict(dict)
+        shuffle: dict[str, float] = {}
+        for k, v in t.metrics.items():
+            m = _EXTRA_MSL.match(k)
+            if m and not m.group(2).endswith("time_s"):
+                by_msl[m.group(1)][f"test/{m.group(2)}{m.group(3) or ''}"] = v
+            elif k.startswith("shuffle/") and not k.endswith("time_s"):
+                shuffle[f"test/{k.removeprefix('shuffle/')}"] = v
+        tags = {**t.tags, ROW_OF: t.variant}
+        for n, metrics in sorted(by_msl.items(), key=lambda kv: -int(kv[0])):
+            out.append(dataclasses.replace(t, variant=f"{t.variant} (MSL = {n})", metrics=metrics, tags=tags))
+        if shuffle:
+            label = "Shuffle" if len(shuffled) == 1 else f"Shuffle ({t.variant})"
+            out.append(dataclasses.replace(t, variant=label, metrics=shuffle, tags=tags))
+    return out
+
+
 def searched_keys(trials) -> list[str]:
     """Job keys a sweep's trials were overridden with that take more than one value within a variant
     (the ``parameters:`` search), in a stable order; ``train.seed`` is the seed, not a setting."""
@@ -91,7 +125,12 @@ def aggregate(trials, metrics: list[str], by: list[str] | None = None) -> list[d
         label = named.pop("variant", None)
         extra = ", ".join(f"{k}={v}" for k, v in named.items())
         variant = " | ".join(x for x in (label, extra) if x)
-        row = {"variant": variant, "n": len(ts), "_variant": ts[0].variant}
+        row = {
+            "variant": variant,
+            "n": len(ts),
+            "_variant": ts[0].variant,
+            "_base": ts[0].tags.get(ROW_OF, ts[0].variant),
+        }
         for m in metrics:
             vals = [t for t in ts if m in t.metrics and math.isfinite(t.metrics[m])]
             if not vals:
@@ -498,9 +537,11 @@ def sweep_table(
             c.log_text(parent.info.run_id, keyframe_tables(trials, "csv"), "report/tables.csv")
         return text
     metrics = table_metrics(parent, trials)
-    rows = aggregate(trials, metrics, by)
+    rows = aggregate([*trials, *derived_rows(trials)], metrics, by)
     order = json.loads(parent.data.tags.get("facelab.variants", "[]"))  # the sweep YAML's row order
-    rows.sort(key=lambda r: order.index(r["_variant"]) if r["_variant"] in order else len(order))
+    rows.sort(
+        key=lambda r: (order.index(r["_base"]) if r["_base"] in order else len(order), r["_base"] != r["_variant"])
+    )
     text = render(rows, metrics, fmt)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

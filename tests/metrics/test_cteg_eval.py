@@ -167,7 +167,7 @@ def test_directions_and_best_rows():
         "cppl": "b",  # lower
         "dot": "b",  # |9.5 - 9| < |8 - 9|
         "fgd": "a",
-        "diversity": "b",
+        "diversity": "a",  # higher (Table 2's ↑)
         "mmodality": "b",  # higher
         "variation": "a",  # b is NaN
     }
@@ -214,7 +214,7 @@ def test_shuffle_destroys_smoothness_but_keeps_variation(splits):
     sh = evaluate_baseline("shuffle", test, train, cfg)
     assert sh["variation"][0] == pytest.approx(gt["variation"][0], rel=1e-12)  # a permutation in time
     assert sh["fgd"][0] > 2.5 * gt["fgd"][0]  # adjacent frames are now unrelated
-    assert sh["cppl"][0] > 100 * gt["cppl"][0]
+    assert all(math.isnan(v) for v in sh["cppl"])  # the model's (evaluate_shuffle): no model here
     assert sh["mmodality"][0] > 0 and math.isfinite(sh["mmodality"][1])
     assert evaluate_baseline("shuffle", test, train, cfg) == sh  # seeded
     assert evaluate_baseline("shuffle", test, train, EvalConfig(seed=1, **QUICK))["fgd"] != sh["fgd"]

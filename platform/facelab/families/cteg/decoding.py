@@ -34,6 +34,10 @@ instead of a Python pass over ~80 launches. All rows run every step (a stopped r
 are computed and dropped; its own frames are unaffected); whether every row has stopped is checked
 every :data:`STOP_CHECK_EVERY` steps. On the CPU the eager cached path (stopped rows leave the
 batch) stays the default.
+
+``should_stop`` (optional, every path): a callable asked before each decoding step; when it answers
+True, decoding raises ``TimeoutError`` and returns nothing. A server passes its request deadline this
+way, so abandoned work stops within one step instead of holding the model.
 """
 
 from __future__ import annotations
@@ -47,6 +51,12 @@ from facelab.core.layers import KeyMask
 
 if TYPE_CHECKING:
     from .model import CTEG
+
+
+def _check_stop(should_stop, step: int) -> None:
+    if should_stop is not None and should_stop():
+        raise TimeoutError(f"CTEG decoding stopped at step {step}: should_stop() said so (a deadline passed)")
+
 
 NOISE_CHUNK = 16
 """Steps of noise drawn per call of the generator (see the module docstring)."""
@@ -131,10 +141,11 @@ def generate(
     generator: torch.Generator | list[torch.Generator | None] | None = None,
     use_cache: bool = True,
     static: bool | None = None,
+    should_stop=None,
 ) -> list[Tensor]:
     """One (T_i, 53) tensor per text, 1 <= T_i <= max_frames (default ``cfg.max_frames``, the
     MSL), terminator not included. Empty texts are generated unconditionally. Runs in eval mode
-    (no dropout) and restores the previous mode.
+    (no dropout) and restores the previous mode. ``should_stop``: see the module docstring.
 
     ``static`` (cached decoding only): fixed-shape caches with one step captured as a CUDA graph;
     None = on CUDA devices. ``static=True`` on the CPU runs the same fixed-shape step without a graph."""
@@ -151,21 +162,25 @@ def generate(
     model.eval()
     try:
         if use_cache and static:
-            return _sample_static(model, texts, n_max, generator, graph=device.type == "cuda")
-        return _sample(model, texts, n_max, generator, use_cache)
+            return _sample_static(model, texts, n_max, generator, graph=device.type == "cuda", should_stop=should_stop)
+        return _sample(model, texts, n_max, generator, use_cache, should_stop=should_stop)
     finally:
         model.train(was_training)
 
 
 def generate_groups(
-    model: CTEG, requests: list[tuple[list[str], int, torch.Generator | None]], static: bool | None = None
+    model: CTEG,
+    requests: list[tuple[list[str], int, torch.Generator | None]],
+    static: bool | None = None,
+    should_stop=None,
 ) -> list[list[Tensor]]:
     """Decode several requests ``(texts, max_frames, generator)`` as one batch: one list of (T, 53)
-    tensors per request. Each request's rows draw their noise from its own generator and are cut to
-    its own ``max_frames``, so the answer is the one ``generate(model, texts, max_frames, generator)``
-    gives for the request alone (same noise, same stop decisions; values equal up to the rounding of
-    batched kernels and of padding the text batch). The batch runs ``max(max_frames)`` steps, ended
-    early once every row has stopped. Used by the server's request batching."""
+        tensors per request. Each request's rows draw their noise from its own generator and are cut to
+        its own ``max_frames``, so the answer is the one ``generate(model, texts, max_frames, generator)``
+        gives for the request alone (same noise, same stop decisions; values equal up to the rounding of
+        batched kernels and of padding the text batch). The batch runs ``max(max_frames)`` steps, ended
+        early once every row has stopped. Used by the server's request batching (``should_stop``: the
+    module docstring)."""
     if not requests:
         return []
     texts: list[str] = []
@@ -174,7 +189,7 @@ def generate_groups(
         texts += req_texts
         gens += [gen] * len(req_texts)
     n_max = max(int(n) for _, n, _ in requests)
-    rows = generate(model, texts, max_frames=n_max, generator=gens, static=static)
+    rows = generate(model, texts, max_frames=n_max, generator=gens, static=static, should_stop=should_stop)
     out, i = [], 0
     for req_texts, n, _ in requests:
         out.append([r[: int(n)] for r in rows[i : i + len(req_texts)]])
@@ -182,7 +197,7 @@ def generate_groups(
     return out
 
 
-def _sample(model: CTEG, texts: list[str], n_max: int, generator, use_cache: bool) -> list[Tensor]:
+def _sample(model: CTEG, texts: list[str], n_max: int, generator, use_cache: bool, should_stop=None) -> list[Tensor]:
     cfg = model.cfg
     mean = model.mean_expression
     device, dtype = mean.device, mean.dtype
@@ -211,6 +226,7 @@ def _sample(model: CTEG, texts: list[str], n_max: int, generator, use_cache: boo
         )
 
     for p in range(n_max):
+        _check_stop(should_stop, p)
         eps = noise.step(p)
 
         if use_cache:
@@ -264,7 +280,7 @@ def _sample(model: CTEG, texts: list[str], n_max: int, generator, use_cache: boo
     return [frames[i, : int(n)].clone() for i, n in enumerate(lengths.tolist())]
 
 
-def _sample_static(model: CTEG, texts: list[str], n_max: int, generator, graph: bool) -> list[Tensor]:
+def _sample_static(model: CTEG, texts: list[str], n_max: int, generator, graph: bool, should_stop=None) -> list[Tensor]:
     """Cached decoding with fixed shapes: step 0 runs eagerly (it also warms the kernels up), the
     step is then captured once as a CUDA graph (``graph``) and replayed for steps 1..n_max-1."""
     cfg = model.cfg
@@ -319,6 +335,7 @@ def _sample_static(model: CTEG, texts: list[str], n_max: int, generator, graph: 
         run = step
     done = 1
     while done < n_max:
+        _check_stop(should_stop, done)
         run()
         done += 1
         if done % STOP_CHECK_EVERY == 0 and done < n_max and all_stopped(done):

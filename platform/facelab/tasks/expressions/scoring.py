@@ -1,6 +1,17 @@
 """What every expressions-task worker loop calls to score a model: the dev-split Cppl (Eq. 18) each
 epoch, the six test metrics of the CTEG paper after the last (Appendix D), and the §5.3 baseline rows.
 
+Metric names :func:`run_test_eval` logs (each with ``<name>_se``, its bootstrap standard error):
+
+* ``test/<metric>`` — the model's Table 2 row at ``eval.max_frames``;
+* ``test<N>/<metric>`` — the same trained model at each generation limit ``N`` of
+  ``eval.extra_max_frames`` (Table 2's "CTEG (MSL = 64)" is ``test64/``): DoT, FgD, Diversity,
+  MModality, Variation; never Cppl (the paper's "/");
+* ``shuffle/<metric>`` — with ``eval.shuffle_row``, Table 2's Shuffle row: the model's Cppl of the
+  shuffled test sequences and the other five metrics of those sequences.
+
+A value that is not finite is left out (a report shows "–"), so it cannot fail the trial's last epoch.
+
 A model of this task (CTEG, LM-Listener, a team's own) offers ``generate(texts, max_frames, generator)``,
 ``teacher_forced_means(...)``, ``cfg.max_frames`` and a ``mean_expression`` buffer; see
 :mod:`facelab.tasks.expressions.evaluate`.
@@ -8,6 +19,7 @@ A model of this task (CTEG, LM-Listener, a team's own) offers ``generate(texts, 
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +45,8 @@ def eval_config(job: dict):
         sigma=e["sigma"],
         max_texts=e["max_texts"],
         cppl_region=e["cppl_region"],
+        cppl_first_step=e.get("cppl_first_step", False),
+        cppl_output=e.get("cppl_output", "mean"),  # a CTEG-only key (CTEGEval)
     )
 
 
@@ -56,24 +70,45 @@ def val_cppl_terms(
     return float(nll.sum()), len(nll)
 
 
-def flatten_eval(results: dict[str, tuple[float, float]]) -> dict[str, float]:
+def flatten_eval(
+    results: dict[str, tuple[float, float]], prefix: str = "test", finite_only: bool = False
+) -> dict[str, float]:
+    """``{f"{prefix}/{metric}": value, f"{prefix}/{metric}_se": se}``; ``finite_only`` leaves out a
+    metric whose value is not finite (and a non-finite SE)."""
     out = {}
     for name, (value, se) in results.items():
-        out[f"test/{name}"] = value
-        out[f"test/{name}_se"] = se
+        if finite_only and not math.isfinite(value):
+            continue
+        out[f"{prefix}/{name}"] = value
+        if not finite_only or math.isfinite(se):
+            out[f"{prefix}/{name}_se"] = se
     return out
 
 
 def run_test_eval(model, job: dict, data_dir: Path, device, client, run_id) -> dict[str, float]:
-    """The six metrics on the test split (+ a trajectories plot logged to the run)."""
+    """The six metrics on the test split (+ a trajectories plot logged to the run), and the rows of
+    ``eval.extra_max_frames`` and ``eval.shuffle_row`` from the same model (module docstring)."""
+    import dataclasses
+
     from facelab.data import emoava
-    from facelab.tasks.expressions.evaluate import evaluate_model
+    from facelab.tasks.expressions.evaluate import evaluate_model, evaluate_shuffle
 
     test = emoava.load_split(data_dir, "test")
     cfg = eval_config(job)
+    e = job["eval"]
     t0 = time.time()
     metrics = flatten_eval(evaluate_model(model, test, cfg, device=device))
     metrics["test/eval_time_s"] = time.time() - t0
+    for n in e.get("extra_max_frames") or []:
+        t0 = time.time()
+        res = evaluate_model(model, test, dataclasses.replace(cfg, max_frames=int(n)), device=device, cppl=False)
+        res.pop("cppl")
+        metrics.update(flatten_eval(res, prefix=f"test{int(n)}", finite_only=True))
+        metrics[f"test{int(n)}/eval_time_s"] = time.time() - t0
+    if e.get("shuffle_row"):
+        t0 = time.time()
+        metrics.update(flatten_eval(evaluate_shuffle(model, test, cfg, device=device), "shuffle", finite_only=True))
+        metrics["shuffle/eval_time_s"] = time.time() - t0
     if client:
         log_trajectories(model, test, job, client, run_id)
     return metrics
@@ -93,9 +128,12 @@ def log_trajectories(model, test, job: dict, client, run_id: str, n: int = 3) ->
 
 
 def run_baseline_eval(job: dict, data_dir: Path) -> dict[str, float]:
+    """A model-free §5.3 row (``eval.baseline``); the Shuffle row's Cppl is NaN here (it needs the
+    trained model: ``eval.shuffle_row`` of a model's trial)."""
     from facelab.data import emoava
     from facelab.tasks.expressions.evaluate import evaluate_baseline
 
     test = emoava.load_split(data_dir, "test")
     train = emoava.load_split(data_dir, "train")
-    return flatten_eval(evaluate_baseline(job["eval"]["baseline"], test, train, eval_config(job)))
+    mean, _std = emoava.load_stats(data_dir)
+    return flatten_eval(evaluate_baseline(job["eval"]["baseline"], test, train, eval_config(job), mean_face=mean))
