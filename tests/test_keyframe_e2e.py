@@ -97,7 +97,8 @@ def test_lora_sweep_learns_and_records_everything(kf):
     assert tuned.data.metrics["val/loss"] < base.data.metrics["val/loss"]
     assert tuned.data.metrics["test/validity"] == 1.0  # constrained decoding always parses
     assert tuned.data.metrics["test/mse"] < base.data.metrics["test/mse"]
-    assert gt.data.metrics["test/mse"] == 0.0 and gt.data.metrics["test/fid"] < 1e-3
+    # the GT row: test keyframes against the val split's (two samples of real keyframes, as Table 3)
+    assert "test/mse" not in gt.data.metrics and gt.data.metrics["test/fid"] > 0 and gt.data.metrics["test/w_dist"] > 0
     for key in ("test/fid", "test/w_dist", "test/r_precision_1", "test/r_precision_3", "test/mmd", "test/diversity"):
         assert key in tuned.data.metrics
     assert tuned.data.tags["facelab.base_model_label"].startswith("tiny")

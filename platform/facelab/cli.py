@@ -251,12 +251,131 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _champion_models(c) -> list[str]:
+    return sorted(m.name for m in c.search_registered_models(max_results=1000) if "champion" in (m.aliases or {}))
+
+
+def _serving_check(c, model_name: str) -> str | None:
+    """Refuse, in one paragraph (TrackingError), a model ``facelab serve`` cannot serve: one that is not
+    registered (naming the models that have a champion) or one with neither a ``champion`` nor a
+    ``previous`` version. Returns a warning line when ``champion`` is gone but ``previous`` can stand in
+    (the replicas then fall back to it, loudly)."""
+    from mlflow.exceptions import MlflowException
+
+    from facelab.core.tracking import TrackingError
+
+    try:
+        c.get_registered_model(model_name)
+    except MlflowException:
+        names = _champion_models(c)
+        close = difflib.get_close_matches(model_name, names, n=1)
+        raise TrackingError(
+            f"--model {model_name!r}: no such registered model in {c.tracking_uri}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + (
+                f"; registered models with a champion: {', '.join(names)}"
+                if names
+                else "; no registered model has a champion yet: run `facelab promote SWEEP` first"
+            )
+        ) from None
+    try:
+        c.get_model_version_by_alias(model_name, "champion")
+        return None
+    except MlflowException:
+        pass
+    try:
+        prev = c.get_model_version_by_alias(model_name, "previous")
+    except MlflowException:
+        raise TrackingError(
+            f"models:/{model_name}@champion points at no model version (the version was deleted, or none was "
+            f"promoted) and there is no @previous to fall back to: promote one (`facelab promote SWEEP`) or "
+            f"point the alias at an existing version (MlflowClient.set_registered_model_alias({model_name!r}, "
+            f"'champion', VERSION)); versions: "
+            + (
+                ", ".join(sorted((str(v.version) for v in c.search_model_versions(f"name = '{model_name}'")), key=int))
+                or "none"
+            )
+        ) from None
+    return (
+        f"facelab: WARNING: models:/{model_name}@champion points at no model version (deleted?); falling back "
+        f"to models:/{model_name}@previous (version {prev.version}) until a champion loads"
+    )
+
+
+def _replica_count(app: str, default: int) -> int:
+    """RUNNING replicas of the app's deployment now (the drain waits for each to report)."""
+    try:
+        from ray import serve
+
+        deployments = serve.status().applications[app].deployments
+        return sum(d.replica_states.get("RUNNING", 0) for d in deployments.values()) or default
+    except Exception:  # noqa: BLE001 - best effort; the drain timeout bounds the wait anyway
+        return default
+
+
+def _stop_serve_and_ray() -> None:
+    import logging
+
+    from ray import serve
+
+    for name in ("ray", "ray.serve"):  # Serve's own shutdown chatter is not news to the user
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        serve.shutdown()
+    finally:
+        import ray
+
+        ray.shutdown()
+
+
+def _drain_and_stop(signame: str, key: str, replicas: int, timeout_s: float, again) -> str:
+    """Drain (503 for new requests, wait for those in flight up to ``timeout_s``), stop Serve and Ray;
+    → the one line to print. ``again`` (an Event) is set by a second signal: stop at once."""
+    import time
+
+    from facelab.serve.app import DRAIN_POLL_S, drain_report, end_drain, start_drain
+
+    t0 = time.monotonic()
+    expected = _replica_count("facelab", replicas)
+    print(
+        f"facelab: {signame}: draining: new requests get 503; waiting up to {timeout_s:g}s for the requests "
+        "in flight (a second Ctrl-C stops at once)",
+        flush=True,
+    )
+    first = running = None
+    try:
+        start_drain(key)
+        while True:
+            time.sleep(DRAIN_POLL_S)
+            seen, running = drain_report(key)
+            if seen and first is None:
+                first = running
+            if (seen >= expected and running == 0) or time.monotonic() - t0 > timeout_s or again.is_set():
+                break
+        end_drain(key)
+    except Exception as exc:  # noqa: BLE001 - Ray already going away: nothing left to drain
+        running = None
+        print(f"facelab: drain not possible ({type(exc).__name__}); stopping", flush=True)
+    took = time.monotonic() - t0
+    _stop_serve_and_ray()
+    if running:
+        why = "was cut short by a second signal" if again.is_set() else f"timeout ({timeout_s:g}s) passed"
+        return (
+            f"facelab: stopped on {signame} after {took:.1f}s: {running} request(s) still running when the drain {why}"
+        )
+    finished = f"the {first} request(s) in flight finished" if first else "no request was in flight"
+    return f"facelab: stopped cleanly on {signame}: drained in {took:.1f}s ({finished})"
+
+
 def cmd_serve(args) -> int:
+    import signal
+    import threading
+
     from ray import serve
 
     from facelab.core import tracking
     from facelab.runtime.sweep import init_ray
-    from facelab.serve.app import batch_size_for, build_app
+    from facelab.serve.app import batch_size_for, build_app, drain_key_for
 
     try:  # checked before Ray starts
         args.max_batch_size = batch_size_for(args.max_batch_size, args.max_ongoing_requests)
@@ -267,32 +386,64 @@ def cmd_serve(args) -> int:
     uri = _tracking_uri(root)
     c = tracking.check_reachable(uri)
     model_name = args.model or _default_model(c)
-    c.get_model_version_by_alias(model_name, "champion")  # fail fast with a clear message if absent
+    warning = _serving_check(c, model_name)  # a clear paragraph, not an MLflow traceback, before Ray starts
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     # The key is read from the environment (never from argv, where `ps` shows it) and removed from it
     # before Ray starts, so no Ray process inherits it; build_app gives the replicas only a salted digest.
     api_key = os.environ.pop(args.api_key_env, "") or None
+
+    # SIGTERM (a supervisor, `kill`) and SIGINT (Ctrl-C) drain first (see _drain_and_stop); a second one
+    # stops at once. Installed after ray.init, whose own SIGTERM handler prints a C++ stack trace and exits.
+    got: list[int] = []
+    stop, again, up = threading.Event(), threading.Event(), threading.Event()
+
+    def _on_signal(signum, frame):
+        if got and not up.is_set():  # a second one while still starting (a start that hangs): give up
+            raise KeyboardInterrupt
+        if got:
+            again.set()
+        elif not up.is_set():  # the proxy may answer before serve.run returns: drain once it has
+            print(
+                f"facelab: {signal.Signals(signum).name} during start-up: draining once started (again: stop now)",
+                flush=True,
+            )
+        got.append(signum)
+        stop.set()
+
     init_ray(args.address)
-    # request_timeout_s bounds every request (Serve answers 408 past it); generation is bounded by
-    # the request schema's max_frames / num_samples.
-    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
-    serve.run(
-        build_app(
-            model_name,
-            uri,
-            root=str(root),
-            api_key=api_key,
-            replicas=args.replicas,
-            max_ongoing_requests=args.max_ongoing_requests,
-            max_queued_requests=args.max_queued_requests,
-            watch_s=args.watch_champion,
-            max_batch_size=args.max_batch_size,
-            batch_wait_s=args.batch_wait_ms / 1000.0,
-            gpus_per_replica=args.gpus_per_replica,
-        ),
-        name="facelab",
-        route_prefix="/",
-        blocking=False,
-    )
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    drain_key = drain_key_for("facelab")
+    try:
+        # request_timeout_s bounds every request (Serve answers 408 past it); the replicas stop generating
+        # at the same deadline, and generation is bounded by the request schema and token counts.
+        serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
+        serve.run(
+            build_app(
+                model_name,
+                uri,
+                root=str(root),
+                api_key=api_key,
+                replicas=args.replicas,
+                max_ongoing_requests=args.max_ongoing_requests,
+                max_queued_requests=args.max_queued_requests,
+                watch_s=args.watch_champion,
+                max_batch_size=args.max_batch_size,
+                batch_wait_s=args.batch_wait_ms / 1000.0,
+                gpus_per_replica=args.gpus_per_replica,
+                request_timeout_s=args.request_timeout_s,
+                drain_key=drain_key,
+            ),
+            name="facelab",
+            route_prefix="/",
+            blocking=False,
+        )
+    except KeyboardInterrupt:
+        print("facelab: stopped during start-up (signal); nothing was served", flush=True)
+        _stop_serve_and_ray()
+        return 130
+    up.set()
     print(
         f"API key: {'required (X-API-Key header; from $' + args.api_key_env + ')' if api_key else 'none ($' + args.api_key_env + ' is unset)'}; "
         f"{args.replicas} replica(s) on {'CUDA' if args.gpus_per_replica > 0 else 'CPU'} x "
@@ -311,26 +462,19 @@ def cmd_serve(args) -> int:
         flush=True,
     )
     print(
-        f"serving models:/{model_name}@champion on http://{args.host}:{args.port}  (docs: /docs; Ctrl-C stops)",
+        f"serving models:/{model_name}@champion on http://{args.host}:{args.port}  (docs: /docs; Ctrl-C or "
+        f"SIGTERM drains for up to {args.drain_timeout_s:g}s, then stops)",
         flush=True,
     )
-    import signal
-    import time
-
-    def _stop(signum, frame):  # SIGTERM (a supervisor, `kill`) stops as cleanly as Ctrl-C
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _stop)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("shutting down", flush=True)
-        serve.shutdown()
-        import ray
-
-        ray.shutdown()
-    return 0
+    while not stop.wait(1.0):
+        pass
+    line = _drain_and_stop(signal.Signals(got[0]).name, drain_key, args.replicas, args.drain_timeout_s, again)
+    print(line, flush=True)
+    # Serve and Ray are stopped; the interpreter's own teardown of Ray's C++ core can take seconds more
+    # (measured: 3-6 s), which a supervisor's grace period need not pay for.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _default_model(c) -> str:
@@ -357,37 +501,90 @@ def _request_headers() -> dict[str, str]:
     return headers
 
 
-def _wait_healthy(url: str, wait: float) -> bool:
+def _wait_healthy(url: str, wait: float) -> str | None:
+    """Wait up to ``wait`` seconds for ``GET url/healthz`` to answer 200; → None when it does, else the
+    one-paragraph reason. Nothing listening (connection refused) and a server that is there but not
+    ready (starting, draining, slow) are told apart; either is retried while ``wait`` allows, with one
+    progress line the first time."""
     import time
     import urllib.error
     import urllib.request
 
-    deadline = time.time() + wait
+    deadline = time.monotonic() + wait
+    said = False
     while True:
         try:
             with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
                 if r.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.time() > deadline:
-            print(f"no healthy server at {url} after {wait}s", file=sys.stderr)
-            return False
-        time.sleep(1)
+                    return None
+                state = f"/healthz answered HTTP {r.status}"
+        except urllib.error.HTTPError as e:  # e.g. 503 while draining
+            state = f"/healthz answered HTTP {e.code}"
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            if isinstance(reason, ConnectionRefusedError):
+                state = "refused"
+            elif isinstance(reason, TimeoutError) or "timed out" in str(reason):
+                state = "/healthz did not answer within 5s"
+            else:
+                state = f"{type(reason).__name__}: {reason}"
+        left = deadline - time.monotonic()
+        if left <= 0:
+            if state == "refused":
+                return (
+                    f"nothing listens at {url} (connection refused for {wait:g}s): start a server with "
+                    "`facelab serve`, or give --url; a server that is still starting needs a longer --wait"
+                )
+            return f"the server at {url} did not become healthy within {wait:g}s ({state})"
+        if not said:
+            what = "nothing listens there yet (connection refused)" if state == "refused" else f"not ready ({state})"
+            print(f"facelab: {url}: {what}; waiting up to {wait:g}s", file=sys.stderr, flush=True)
+            said = True
+        time.sleep(min(1.0, max(left, 0.05)))
+
+
+def _post_json(url: str, body: dict, timeout: float = 120) -> tuple[bytes | None, str | None]:
+    """POST ``body``; → (the answer's bytes, None), or (None, a one-paragraph error that carries the
+    server's ``detail`` for a 4xx/5xx answer)."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=_request_headers())
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.read(), None
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            detail = json.loads(raw).get("detail")
+        except (ValueError, AttributeError):
+            detail = raw.decode("utf-8", "replace").strip()[:500] or None
+        if isinstance(detail, list):
+            parts = [
+                f"{d.get('field')}: {d.get('msg')}" if isinstance(d, dict) and d.get("field") else str(d)
+                for d in detail
+            ]
+            detail = "; ".join(parts)
+        hint = " (set FACELAB_API_KEY to the server's key)" if e.code == 401 else ""
+        return None, f"the server answered {e.code} {e.reason}: {detail or 'no detail'}{hint}"
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return None, f"no answer from {url}: {type(reason).__name__}: {reason}"
 
 
 def cmd_request(args) -> int:
-    """Send one /v1/expressions request and print a short summary (used by the Quickstart)."""
-    import urllib.request
-
-    if not _wait_healthy(args.url, args.wait):
+    """Send one /v1/expressions request and print a short summary (used by the Quickstart). A refused
+    request prints the server's detail and exits 1; no server exits 1 after --wait (default 10 s)."""
+    problem = _wait_healthy(args.url, args.wait)
+    if problem:
+        print(f"facelab: error: {problem}", file=sys.stderr)
         return 1
-    body = json.dumps(
-        {"text": args.text, "num_samples": args.num_samples, "max_frames": args.max_frames, "seed": args.seed}
-    ).encode()
-    req = urllib.request.Request(f"{args.url}/v1/expressions", data=body, headers=_request_headers())
-    with urllib.request.urlopen(req, timeout=120) as r:
-        out = json.loads(r.read())
+    body = {"text": args.text, "num_samples": args.num_samples, "max_frames": args.max_frames, "seed": args.seed}
+    payload, problem = _post_json(f"{args.url}/v1/expressions", body)
+    if problem:
+        print(f"facelab: error: POST /v1/expressions: {problem}", file=sys.stderr)
+        return 1
+    out = json.loads(payload)
     m = out["model"]
     print(f"POST /v1/expressions {{'text': {args.text!r}}} → models:/{m['name']} v{m['version']} (run {m['run_id']})")
     for i, s in enumerate(out["sequences"]):
@@ -597,20 +794,23 @@ def cmd_data(args) -> int:
     if args.data_cmd == "build-emoava":
         from facelab.data.synth import generate_emoava
 
-        summary = generate_emoava(Path(args.out), **params("emoava"))
+        summary = generate_emoava(Path(args.out), **params("emoava"), force=args.force)
     elif args.data_cmd == "build-keyframeface":
         from facelab.data.synth_keyframe import generate_keyframeface
 
-        summary = generate_keyframeface(Path(args.out), **params("keyframeface"))
+        summary = generate_keyframeface(Path(args.out), **params("keyframeface"), force=args.force)
     elif getattr(args, "data_fn", None) is not None:  # a family's own data command (Family.add_cli)
         summary = args.data_fn(args, params)
     elif args.data_cmd == "import-emoava":
-        summary = emoava.import_release(Path(args.release_dir), Path(args.out))
+        summary = emoava.import_release(Path(args.release_dir), Path(args.out), force=args.force)
     elif args.data_cmd == "import-keyframeface":
-        from facelab.data.keyframeface import import_chat_jsonl, write_dataset
+        from facelab.data.keyframeface import claim_output, import_chat_jsonl, write_dataset
 
+        claim_output(Path(args.out), args.force)  # before the import: a wrong --out fails at once
         scripts = import_chat_jsonl(Path(args.requests), Path(args.results), annotation=args.annotation)
-        summary = write_dataset(Path(args.out), {args.split: scripts}, {"source": "release (chat JSONL)"})
+        summary = write_dataset(
+            Path(args.out), {args.split: scripts}, {"source": "release (chat JSONL)"}, force=args.force
+        )
     elif (Path(args.path) / "meta.json").is_file() and "keyframeface" in (Path(args.path) / "meta.json").read_text():
         from facelab.data.keyframeface import validate_dir
 
@@ -647,16 +847,17 @@ def cmd_export(args) -> int:
 
 
 def cmd_request_keyframes(args) -> int:
-    """Send one /v1/keyframes request (JSON, or the Live Link Face CSV with --csv)."""
-    import urllib.request
-
-    if not _wait_healthy(args.url, args.wait):
+    """Send one /v1/keyframes request (JSON, or the Live Link Face CSV with --csv). A refused request
+    prints the server's detail and exits 1; no server exits 1 after --wait (default 10 s)."""
+    problem = _wait_healthy(args.url, args.wait)
+    if problem:
+        print(f"facelab: error: {problem}", file=sys.stderr)
         return 1
-    body = json.dumps({"background": args.background, "emotion": args.emotion, "keyframes": args.keyframe}).encode()
-    url = f"{args.url}/v1/keyframes" + ("?format=csv" if args.csv else "")
-    req = urllib.request.Request(url, data=body, headers=_request_headers())
-    with urllib.request.urlopen(req, timeout=120) as r:
-        payload = r.read()
+    body = {"background": args.background, "emotion": args.emotion, "keyframes": args.keyframe}
+    payload, problem = _post_json(f"{args.url}/v1/keyframes" + ("?format=csv" if args.csv else ""), body)
+    if problem:
+        print(f"facelab: error: POST /v1/keyframes: {problem}", file=sys.stderr)
+        return 1
     if args.csv:
         Path(args.csv).write_bytes(payload)
         rows = payload.count(b"\n") - 1
@@ -819,6 +1020,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="hold a lone request this long for others to batch with (default 0: batch what is "
         "already waiting, add no latency)",
     )
+    sv.add_argument(
+        "--drain-timeout-s",
+        type=_at_least(0.0, float),
+        default=20.0,
+        metavar="SECONDS",
+        help="on SIGTERM / SIGINT: answer new requests 503 and let those in flight finish for up to this "
+        "long before stopping (default 20; a second Ctrl-C stops at once)",
+    )
     sv.set_defaults(fn=cmd_serve)
 
     rq = sub.add_parser("request", help="send one expression request to a running server")
@@ -827,7 +1036,13 @@ def build_parser() -> argparse.ArgumentParser:
     rq.add_argument("--num-samples", type=int, default=1)
     rq.add_argument("--max-frames", type=int, default=256)
     rq.add_argument("--seed", type=int, default=0)
-    rq.add_argument("--wait", type=float, default=120, help="seconds to wait for /healthz")
+    rq.add_argument(
+        "--wait",
+        type=float,
+        default=10,
+        help="seconds to wait for a healthy /healthz (default 10; a server that is still starting needs more, "
+        "e.g. 180)",
+    )
     rq.set_defaults(fn=cmd_request)
 
     ls = sub.add_parser("ls", help="list sweeps, the runs of a sweep, or registered models (from MLflow)")
@@ -871,12 +1086,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="build, import and check datasets")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
+    # A writer replaces --out only when it is empty or its own earlier output (what a DVC stage re-run finds).
+    force_help = "replace --out even if it is not empty and was not written by this command"
     b = dsub.add_parser("build-emoava", help="write the synthetic EmoAva-format corpus (the DVC stage)")
     b.add_argument("--params", default="params.yaml")
     b.add_argument("--out", default="data/emoava")
+    b.add_argument("--force", action="store_true", help=force_help)
     bk = dsub.add_parser("build-keyframeface", help="write the synthetic KeyframeFace-format corpus (the DVC stage)")
     bk.add_argument("--params", default="params.yaml")
     bk.add_argument("--out", default="data/keyframeface")
+    bk.add_argument("--force", action="store_true", help=force_help)
     from facelab.families import registry
 
     for fam in registry.families().values():  # families add data commands of their own
@@ -889,9 +1108,11 @@ def build_parser() -> argparse.ArgumentParser:
     ik.add_argument("--annotation", default="original", choices=["original", "arkit", "image"])
     ik.add_argument("--split", default="test", choices=["train", "val", "test"])
     ik.add_argument("--out", default="data/keyframeface-release")
+    ik.add_argument("--force", action="store_true", help=force_help)
     i = dsub.add_parser("import-emoava", help="import the EmoAva release pickles (safe unpickler)")
     i.add_argument("release_dir")
     i.add_argument("--out", default="data/emoava")
+    i.add_argument("--force", action="store_true", help=force_help)
     v = dsub.add_parser("validate", help="validate a dataset directory and print its summary")
     v.add_argument("path")
     d.set_defaults(fn=cmd_data)
@@ -909,7 +1130,13 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--keyframe", action="append", required=True, help="a keyframe description (repeat, in order)")
     rk.add_argument("--url", default="http://127.0.0.1:8000")
     rk.add_argument("--csv", default=None, metavar="PATH", help="ask for the Live Link Face CSV and write it here")
-    rk.add_argument("--wait", type=float, default=120, help="seconds to wait for /healthz")
+    rk.add_argument(
+        "--wait",
+        type=float,
+        default=10,
+        help="seconds to wait for a healthy /healthz (default 10; a server that is still starting needs more, "
+        "e.g. 180)",
+    )
     rk.set_defaults(fn=cmd_request_keyframes)
     return p
 

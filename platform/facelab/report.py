@@ -284,6 +284,8 @@ KF_LABELS = {
     "diversity": "Diversity",
     "validity": "Valid",
     "keyframes_per_s": "Keyframes/s",
+    "train/loss": "Train loss",
+    "val/loss": "Eval loss",
 }
 KF_ARROWS = {
     "mse": "↓",
@@ -298,6 +300,8 @@ KF_ARROWS = {
     "diversity": "→",
     "validity": "↑",
     "keyframes_per_s": "↑",
+    "train/loss": "↓",
+    "val/loss": "↓",
 }
 KF_ERRORS = ["mse", "mae", "rmse"]
 KF_DISTRIBUTION = [
@@ -361,7 +365,9 @@ def _cell(ms: tuple[float, float] | None, bold: bool) -> str:
 
 
 def _pivot(trials, row_key, stages: list[str], metrics: list[str]):
-    """{row: {(stage, metric): (mean, se)}} over finished trials, seeds averaged."""
+    """{row: {(stage, metric): (mean, se)}} over finished trials, seeds averaged. A metric is read as
+    ``test/<metric>``, or by its own name when it has a prefix (``train/loss``, ``val/loss``: the
+    last epoch's)."""
     cells: dict = defaultdict(lambda: defaultdict(list))
     for t in trials:
         if t.status != "FINISHED":
@@ -372,7 +378,7 @@ def _pivot(trials, row_key, stages: list[str], metrics: list[str]):
         for m in metrics:
             if st == "GT" and m == "keyframes_per_s":
                 continue  # nothing is generated for the GT row
-            v = t.metrics.get(f"test/{m}")
+            v = t.metrics.get(m if "/" in m else f"test/{m}")
             if v is not None and math.isfinite(v):
                 # GT rows repeat once per grid point with identical values: one per seed counts.
                 key = ("gt", t.seed) if st == "GT" else ("trial", t.run_id)
@@ -444,16 +450,19 @@ def _render_pivot(
 
 
 def keyframe_tables(trials, fmt: str = "md") -> str:
-    """Tables 2, 3 and 4 of KeyframeFace in the paper's layout, from whatever rows the sweep holds.
+    """Tables 2, 3, 4 and 5 of KeyframeFace in the paper's layout, from whatever rows the sweep holds.
 
-    * Table 2 — annotation type x prompt format (rows), Base and Tuned (column groups), MSE/MAE/RMSE.
+    * Table 2 — annotation type x prompt format (rows), Base and Tuned (column groups), MSE/MAE/RMSE,
+      and the tuned model's training loss (the last epoch's ``train/loss``).
     * Table 3 — one row per method (GT first), the distribution and alignment metrics measured through
       the pinned evaluator: FID, W-Dist, R-Precision@1/2/3, MMD, Diversity (+ the validity rate).
     * Table 4 — base model (rows), Base and Tuned (column groups), MSE/MAE/RMSE and R-Precision@1.
+    * Table 5 — base model x annotation type x prompt format (rows), the tuned model's train and eval
+      loss (the last epoch's ``train/loss`` and ``val/loss``: answer-token cross-entropy).
     Means over seeds, ± the standard error of the mean when there are several; bold = best
     (↓ lowest, ↑ highest, → closest to GT). Learned baselines of other families (``keyframe_mdm``:
     Express4D-MDM) are rows of Table 3 only, with their generation speed (keyframes/s) beside the
-    LoRA model's; Tables 2 and 4 are about the LoRA-tuned LMs."""
+    LoRA model's; Tables 2, 4 and 5 are about the LoRA-tuned LMs."""
     # Tables 2 and 4 compare prompt formats and base models: their rows are the trials whose job
     # has a prompt (the LoRA-tuned LMs); other families of the task are rows of Table 3 only.
     lm_trials = [t for t in trials if "prompt.format" in t.params]
@@ -467,7 +476,7 @@ def keyframe_tables(trials, fmt: str = "md") -> str:
         lm_trials,
         lambda t, st: (t.params.get("data.annotation", ""), t.params.get("prompt.format", "")),
         stages,
-        KF_ERRORS,
+        KF_ERRORS + ["train/loss"],
     )
     t2 = dict(
         sorted(
@@ -475,7 +484,7 @@ def keyframe_tables(trials, fmt: str = "md") -> str:
             key=lambda kv: (list(ANNOTATION_LABELS).index(kv[0][0]) if kv[0][0] in ANNOTATION_LABELS else 9, kv[0][1]),
         )
     )
-    cols2 = [(st, m) for st in stages for m in KF_ERRORS if any((st, m) in v for v in t2.values())]
+    cols2 = [(st, m) for st in stages for m in KF_ERRORS + ["train/loss"] if any((st, m) in v for v in t2.values())]
     out = [
         _render_pivot(
             "Table 2 — annotation type and prompt format (test keyframes)",
@@ -512,6 +521,35 @@ def keyframe_tables(trials, fmt: str = "md") -> str:
     out.append(
         _render_pivot(
             "Table 4 — base models, Base vs Tuned", ["Base model"], t4, cols4, fmt, lambda r: [r], gt_first=False
+        )
+    )
+    losses = ["train/loss", "val/loss"]
+    t5 = _pivot(
+        lm_trials,
+        lambda t, st: (base_label(t), t.params.get("data.annotation", ""), t.params.get("prompt.format", "")),
+        ["Tuned"],
+        losses,
+    )
+    t5 = dict(
+        sorted(
+            t5.items(),
+            key=lambda kv: (
+                kv[0][0],
+                list(ANNOTATION_LABELS).index(kv[0][1]) if kv[0][1] in ANNOTATION_LABELS else 9,
+                kv[0][2],
+            ),
+        )
+    )
+    cols5 = [("Tuned", m) for m in losses if any(("Tuned", m) in v for v in t5.values())]
+    out.append(
+        _render_pivot(
+            "Table 5 — training and evaluation loss of the tuned models",
+            ["Base model", "Annotation", "Format"],
+            t5,
+            cols5,
+            fmt,
+            lambda r: [r[0], ANNOTATION_LABELS.get(r[1], r[1]), FORMAT_LABELS.get(r[2], r[2])],
+            gt_first=False,
         )
     )
     return "\n".join(out)

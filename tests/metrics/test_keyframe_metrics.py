@@ -248,7 +248,7 @@ def test_evaluate_keyframes_without_evaluator():
     gt = np.zeros((2, 61), np.float32)
     gt[0, 0] = 1.0  # one coefficient off by 1 out of 122
     out = evaluate_keyframes(pred, gt, ["a", "b"], None, n_valid=1, n_total=2)
-    assert set(out) == {"mse", "mae", "rmse", "w_dist", "validity"}
+    assert set(out) == {"mse", "mae", "rmse", "w_dist", "validity", "diversity"}  # Diversity: raw ARKit values
     assert out["mse"] == pytest.approx(1 / 122)
     assert out["mae"] == pytest.approx(1 / 122)
     assert out["rmse"] == pytest.approx(math.sqrt(1 / 122))

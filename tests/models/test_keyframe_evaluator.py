@@ -45,7 +45,7 @@ ACTIONS = {
     "head turned left": [52],
 }
 INTENSITY = {"slight": 0.25, "moderate": 0.55, "strong": 0.95}
-SMALL = EvaluatorConfig(embed_dim=32, hidden=64)  # fast, same architecture
+SMALL = EvaluatorConfig(embed_dim=32, hidden=64, finetune_encoder=False)  # fast, same architecture, frozen encoder
 
 
 def toy_pairs(n: int, seed: int) -> list[tuple[str, np.ndarray]]:
@@ -70,7 +70,9 @@ def split(pairs):
 @pytest.fixture(scope="module")
 def trained():
     train, val, test = toy_pairs(800, 1), toy_pairs(128, 2), toy_pairs(128, 3)
-    result = train_evaluator(train, val, epochs=15, batch_size=64, lr=1e-3, patience=5, seed=0)
+    frozen = EvaluatorConfig(finetune_encoder=False)  # the frozen-encoder option (fast); the paper's default
+    # (a trainable encoder) is pinned in tests/test_keyframe_protocol.py
+    result = train_evaluator(train, val, epochs=15, batch_size=64, lr=1e-3, patience=5, seed=0, cfg=frozen)
     return result, test
 
 
@@ -91,6 +93,7 @@ def test_config_round_trips_through_json():
     assert EvaluatorConfig(**json.loads(json.dumps(cfg.model_dump()))) == cfg
     assert EvaluatorConfig().model_dump() == {
         "text_encoder": "minilm",
+        "finetune_encoder": True,  # Appendix C: the text encoder is trainable
         "embed_dim": 256,
         "hidden": 512,
         "max_text_tokens": 64,

@@ -46,7 +46,18 @@ STEPS = 100  # diffusion steps of the tiny model
 def tiny_job(**eval_overrides) -> dict:
     return KeyframeMDMJob(
         data={"annotation": "arkit"},
-        model={"d_model": 32, "n_heads": 2, "n_layers": 1, "ff_dim": 64, "dropout": 0.0, "diffusion_steps": STEPS},
+        # MDM's x0 objective over whole scripts (the options; the paper's eps / per-keyframe defaults are
+        # pinned in tests/test_keyframe_protocol.py)
+        model={
+            "d_model": 32,
+            "n_heads": 2,
+            "n_layers": 1,
+            "ff_dim": 64,
+            "dropout": 0.0,
+            "diffusion_steps": STEPS,
+            "prediction": "x0",
+            "unit": "script",
+        },
         optim={"batch_size": 8, "lr": 2e-3},
         eval={"sampling_steps": 20, "guidance_scale": 2.5, "batch_size": 16, **eval_overrides},
     ).model_dump(mode="json")

@@ -99,11 +99,10 @@ def progress_reporter(spec: SweepSpec):
     from ray.tune import CLIReporter
 
     params = {"variant": "variant", "seed": "seed", **{f"params/{k}": k for k in spec.parameters}}
+    # No metric/mode here: Tune hands the reporter the TuneConfig's (Ray 2.60 refuses both at once).
     return CLIReporter(
         metric_columns={spec.metric.name: spec.metric.name, "epoch": "epoch"},
         parameter_columns=params,
-        metric=spec.metric.name,
-        mode="min" if spec.metric.goal == "minimize" else "max",
         sort_by_metric=True,
         max_report_frequency=30,
     )
@@ -149,6 +148,17 @@ def trial_overrides(ctx: SweepContext, config: dict) -> dict[str, Any]:
 def worker_loop_for(kind: str):
     """The Ray Train per-worker loop of a job's family (from the registry; an unknown kind is an error)."""
     return registry.get(kind).get_worker_loop()
+
+
+def scaling_kwargs(res: dict) -> dict[str, Any]:
+    """``ScalingConfig`` arguments of a trial: ``gpus_per_worker`` may be a fraction of one GPU
+    (several trials share a card) or whole GPUs; 0 trains on the CPU."""
+    g = float(res["gpus_per_worker"])
+    check_gpu_share(int(res["num_workers"]), g)
+    per_worker: dict[str, float] = {"CPU": float(res["cpus_per_worker"])}
+    if g > 0:
+        per_worker["GPU"] = g
+    return {"num_workers": int(res["num_workers"]), "use_gpu": g > 0, "resources_per_worker": per_worker}
 
 
 def run_trial(config: dict, ctx: SweepContext) -> None:
@@ -198,15 +208,10 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
             "data_dir": str((Path(ctx.root) / job["data"]["path"]).resolve()),
             "root": ctx.root,
             "tracking": {"uri": ctx.tracking_uri, "run_id": run_id},
+            # The worker runtime checks the GPU's free memory against this share before it starts.
+            "resources": dict(res),
         },
-        scaling_config=ScalingConfig(
-            num_workers=res["num_workers"],
-            use_gpu=res["gpus_per_worker"] > 0,
-            resources_per_worker={
-                "CPU": res["cpus_per_worker"],
-                **({"GPU": res["gpus_per_worker"]} if res["gpus_per_worker"] else {}),
-            },
-        ),
+        scaling_config=ScalingConfig(**scaling_kwargs(res)),
         run_config=RunConfig(
             name=trial_id,
             storage_path=str(Path(ctx.storage) / "train"),
@@ -224,7 +229,11 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
 
 
 def finalize_trial_run(c, run_id: str, checkpoint_dir: str | None) -> None:
-    """Log the final checkpoint (servable files only) and the loss-curve plot to the trial's run."""
+    """Log the final checkpoint (servable files only) and the loss-curve plot to the trial's run.
+
+    The files are copied in chunks (``shutil.copyfile``), never read whole into memory: a model's
+    weights can be gigabytes, on a driver that also holds Tune's state."""
+    import shutil
     import tempfile
 
     from facelab.core import checkpoint as ckpt
@@ -237,7 +246,7 @@ def finalize_trial_run(c, run_id: str, checkpoint_dir: str | None) -> None:
                 src = Path(checkpoint_dir) / f
                 if not src.is_file():
                     raise ckpt.CheckpointError(f"{src}: missing from the final checkpoint")
-                (out / f).write_bytes(src.read_bytes())
+                shutil.copyfile(src, out / f)
             c.log_artifacts(run_id, str(out), "checkpoint")
         tracking.log_missing_history(c, run_id, ckpt.load_meta(Path(checkpoint_dir)).get("history", []))
     from facelab.plots import loss_curves
@@ -348,12 +357,59 @@ def init_ray(address: str | None = None, dashboard: bool = False) -> None:
 TRIAL_CPU = 0.01  # the Tune trial function only drives the trainer (0 is rejected by Tune)
 
 
-def check_resources(spec: SweepSpec) -> None:
-    """Refuse a trial that can never be scheduled on this cluster instead of waiting forever."""
-    import ray
+GPU_SHARE_MIN = 1e-4  # Ray's resolution for fractional resources
 
-    total = ray.cluster_resources()
+
+def check_gpu_share(num_workers: int, gpus_per_worker: float) -> None:
+    """Refuse a GPU share Ray or DDP cannot honour (a message saying what to write instead).
+
+    A worker gets either a fraction of *one* GPU (``0 < g < 1``: several trials share a card, which
+    is how small trials fill a large GPU) or whole GPUs (``g >= 1``, an integer: Ray cannot give 1.5
+    cards). A fraction is for one-worker trials: the DDP ranks of one trial could land on the same
+    card, and NCCL refuses two ranks on one device."""
+    g = float(gpus_per_worker)
+    if g <= 0:
+        return
+    if g < GPU_SHARE_MIN:
+        raise SweepError(
+            f"resources.gpus_per_worker={g:g}: below Ray's resolution for fractional resources ({GPU_SHARE_MIN:g}); "
+            "use 0 to train on the CPU or a share such as 0.25"
+        )
+    if g > 1 and abs(g - round(g)) > 1e-9:
+        raise SweepError(
+            f"resources.gpus_per_worker={g:g}: more than one GPU must be a whole number (Ray gives a worker "
+            f"a fraction of one card, or whole cards); use {int(g)} or {int(g) + 1}, or a share below 1"
+        )
+    if g < 1 and num_workers > 1:
+        raise SweepError(
+            f"resources.gpus_per_worker={g:g} with num_workers={num_workers}: a fractional GPU is for one-worker "
+            "trials that share a card; the DDP ranks of one trial could be placed on the same GPU, which NCCL "
+            "refuses. Use num_workers: 1 to pack trials onto a GPU, or gpus_per_worker: 1 for a multi-worker trial"
+        )
+
+
+def trials_at_once(resources: dict, total: dict) -> dict[str, int]:
+    """How many trials of ``resources`` the cluster ``total`` (``ray.cluster_resources()``) runs at
+    once, per resource. GPU shares pack per card: a share of 0.2 fits 5 trials on each GPU."""
+    n, cpu, g = int(resources["num_workers"]), float(resources["cpus_per_worker"]), float(resources["gpus_per_worker"])
+    fit = {"CPU": int((total.get("CPU", 0) + 1e-9) // (n * cpu + TRIAL_CPU))}
+    if g > 0:
+        cards = int(total.get("GPU", 0) + 1e-9)
+        fit["GPU"] = cards * int(1 / g + 1e-9) if g < 1 else int(cards // (n * g))
+    return fit
+
+
+def check_resources(spec: SweepSpec, total: dict | None = None, log=print) -> int:
+    """Refuse a trial that can never be scheduled on this cluster instead of waiting forever, and a
+    GPU share that Ray or DDP cannot honour; say when ``max_concurrent_trials`` is more than the
+    cluster runs at once. ``total`` defaults to ``ray.cluster_resources()``. Returns how many trials
+    run at once."""
     r = spec.resources
+    check_gpu_share(r.num_workers, r.gpus_per_worker)
+    if total is None:
+        import ray
+
+        total = ray.cluster_resources()
     need = {"CPU": r.num_workers * r.cpus_per_worker + TRIAL_CPU, "GPU": r.num_workers * r.gpus_per_worker}
     short = [
         f"{k}: needs {v:g}, cluster has {total.get(k, 0):g}" for k, v in need.items() if v > total.get(k, 0) + 1e-9
@@ -364,6 +420,20 @@ def check_resources(spec: SweepSpec) -> None:
             f"+ {TRIAL_CPU} CPU for the trial driver) does not fit this Ray cluster ({'; '.join(short)}); lower "
             "resources.cpus_per_worker / num_workers / gpus_per_worker or add nodes"
         )
+    fit = trials_at_once(r.model_dump(), total)
+    at_once = min(spec.max_concurrent_trials, *fit.values())
+    if at_once < spec.max_concurrent_trials:
+        limits = ", ".join(f"{k}: {v}" for k, v in fit.items())
+        log(
+            f"resources: max_concurrent_trials is {spec.max_concurrent_trials}, but this cluster runs {at_once} trial(s) "
+            f"of this size at once ({limits}); the others wait for a slot"
+            + (
+                " (to share a GPU between trials, give each a fraction, e.g. resources.gpus_per_worker=0.2)"
+                if r.gpus_per_worker >= 1 and fit.get("GPU", 0) < fit["CPU"]
+                else ""
+            )
+        )
+    return at_once
 
 
 def job_lineage(root: Path, job: dict) -> dict[str, str]:

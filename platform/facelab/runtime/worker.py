@@ -11,7 +11,12 @@ parts that must be the same everywhere live here, once:
 * **finite check** — an epoch whose metrics hold NaN/inf fails the trial, naming them;
 * **checkpoint → report → MLflow** — rank 0 writes the checkpoint (safetensors + JSON, atomic) and
   reports it with the metrics, *then* logs to MLflow; other ranks report metrics only
-  (:meth:`EpochRuntime.end_epoch`).
+  (:meth:`EpochRuntime.end_epoch`);
+* **GPU memory headroom** — a worker given a share ``g`` of a GPU (``resources.gpus_per_worker``;
+  a fraction lets several trials share one card) refuses to start when the card has less than
+  ``FACELAB_GPU_HEADROOM`` (default 0.9) × ``g`` × its memory free: the other tenants (trials
+  packed onto the card, a Serve replica, another job) already hold this worker's share, and it
+  would run out of memory mid-epoch instead (:func:`check_gpu_headroom`).
 
 Hooks (public, for benchmarks and tooling — never a monkeypatch): :func:`add_hook` registers a
 callable for ``"phase"`` events, fired by :meth:`EpochRuntime.phase` with ``(name, seconds, epoch,
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import math
 import os
 import tempfile
@@ -61,6 +67,90 @@ def install_env_hooks(rt: EpochRuntime) -> None:
         getattr(importlib.import_module(module), attr)(rt)
 
 
+GPU_HEADROOM_ENV = "FACELAB_GPU_HEADROOM"
+GPU_TAG = "facelab.gpu"  # rank 0's headroom check, as JSON, on the trial's MLflow run
+DEFAULT_GPU_HEADROOM = 0.9  # the rest of a share covers the other tenants' CUDA contexts and rounding
+GiB = 1024**3
+
+
+class GpuHeadroomError(RuntimeError):
+    """The GPU a worker was given has too little free memory for its share (the message says what to do)."""
+
+
+def gpu_memory(device) -> tuple[int, int]:
+    """``(free, total)`` bytes of ``device``'s GPU, as the driver reports them (all processes counted)."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    return int(free), int(total)
+
+
+def gpu_headroom() -> float:
+    """The fraction of its share a worker wants free at start (``FACELAB_GPU_HEADROOM``; 0 = no check)."""
+    raw = os.environ.get(GPU_HEADROOM_ENV, "").strip()
+    if not raw:
+        return DEFAULT_GPU_HEADROOM
+    try:
+        v = float(raw)
+    except ValueError:
+        raise ValueError(f"{GPU_HEADROOM_ENV}={raw!r}: a fraction between 0 (no check) and 1") from None
+    if not 0 <= v <= 1:
+        raise ValueError(f"{GPU_HEADROOM_ENV}={raw!r}: a fraction between 0 (no check) and 1")
+    return v
+
+
+def required_free_bytes(gpus_per_worker: float, total: int, headroom: float) -> int:
+    """Bytes a worker with ``gpus_per_worker`` of a card of ``total`` bytes wants free when it starts."""
+    return int(min(float(gpus_per_worker), 1.0) * total * headroom)
+
+
+def check_gpu_headroom(
+    device,
+    gpus_per_worker: float,
+    *,
+    headroom: float | None = None,
+    query: Callable[[Any], tuple[int, int]] = gpu_memory,
+) -> dict | None:
+    """Before a worker allocates anything: is its share of the GPU free? Raises
+    :class:`GpuHeadroomError` naming the numbers and the remedies; returns what it measured
+    (``None`` on the CPU, with no GPU share, or with the check turned off)."""
+    kind = getattr(device, "type", str(device).split(":")[0])
+    g = float(gpus_per_worker or 0)
+    h = gpu_headroom() if headroom is None else float(headroom)
+    if kind != "cuda" or g <= 0 or h <= 0:
+        return None
+    free, total = query(device)
+    need = required_free_bytes(g, total, h)
+    if free < need:
+        raise GpuHeadroomError(
+            f"not enough free GPU memory to start this worker: {device} has {free / GiB:.1f} GiB free of "
+            f"{total / GiB:.1f} GiB; resources.gpus_per_worker={g:g} is {min(g, 1.0) * total / GiB:.1f} GiB of it "
+            f"and the worker wants {h:.0%} of that free ({need / GiB:.1f} GiB). Other processes on this GPU "
+            "(trials packed onto the same card, a Serve replica, another job) hold the rest. Lower "
+            "max_concurrent_trials, give each trial a larger share (resources.gpus_per_worker) so fewer share "
+            f"a card, shrink the trial (optim.batch_size, data.max_frames), or set {GPU_HEADROOM_ENV} to a "
+            "smaller fraction (0 turns the check off)"
+        )
+    return {
+        "device": str(device),
+        "name": gpu_name(device),
+        "free_gib": round(free / GiB, 2),
+        "total_gib": round(total / GiB, 2),
+        "need_gib": round(need / GiB, 2),
+        "gpus_per_worker": g,
+        "headroom": h,
+    }
+
+
+def gpu_name(device) -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    except Exception:  # noqa: BLE001 - a name is for the record only
+        return "unknown"
+
+
 class NonFiniteMetrics(FloatingPointError):
     """An epoch produced NaN/inf metrics (the message names them)."""
 
@@ -92,6 +182,7 @@ class EpochRuntime:
     client: Any = None
     run_id: str | None = None
     resumed: Resumed | None = None
+    gpu_check: dict | None = None  # what the headroom check measured at start (None: not checked)
     start_epoch: int = 0
     step: int = 0
     history: list[dict] = field(default_factory=list)
@@ -107,6 +198,8 @@ class EpochRuntime:
         rt = cls(
             config=config, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=ray.train.torch.get_device()
         )
+        # First, before the loop allocates anything on the GPU: is this worker's share of it free?
+        rt.gpu_check = check_gpu_headroom(rt.device, (config.get("resources") or {}).get("gpus_per_worker", 0))
         tr = config.get("tracking") or None
         if rt.rank == 0 and tr:
             rt.client, rt.run_id = tracking.client(tr["uri"]), tr["run_id"]
@@ -117,6 +210,8 @@ class EpochRuntime:
             rt.start_epoch, rt.step, rt.history = meta["epoch"] + 1, meta["step"], meta.get("history", [])
         if rt.client and rt.history:  # resumed: every finished epoch is on record exactly once
             tracking.log_missing_history(rt.client, rt.run_id, rt.history)
+        if rt.client and rt.gpu_check:  # which card the trial got, its share, and what was free at start
+            rt.client.set_tag(rt.run_id, GPU_TAG, json.dumps(rt.gpu_check, sort_keys=True))
         install_env_hooks(rt)
         return rt
 

@@ -11,10 +11,28 @@ newly promoted champion is probed beside the one in service and swapped in only 
 broken one is refused and the previous champion keeps serving (:class:`FacelabServer`). Bad input is answered with a 4xx whose JSON
 ``detail`` names the field; the replica never dies from a request.
 
-Limits: bodies over 64 KiB → 413 (declared or chunked); generation is bounded by the schema
-(``max_frames`` ≤ the model's trained length, ``num_samples`` ≤ 16, ≤ 5 keyframes); each request is
-bounded by the proxy's ``request_timeout_s`` (408); past ``max_ongoing_requests`` per replica plus
-``max_queued_requests`` waiting, Serve answers 503 at once instead of queueing without bound.
+Limits: bodies over 64 KiB → 413 (declared or chunked); texts are capped in characters and UTF-8
+bytes by the schema, and in tokens here: before any generation the handler asks the served model how
+many tokens the request's prompts make (``model.prompt_tokens(request)``, a small method of the
+servable; a model without one is not counted) and answers 422 naming the field when a prompt is
+longer than the model takes (a KeyframeFace LM: its job's ``prompt.max_tokens`` or the LM's maximum
+length, less the answer; a text encoder: its maximum length). Generation is bounded by the schema
+(``max_frames`` ≤ the model's trained length, ``num_samples`` ≤ 16, ≤ 5 keyframes) and by a deadline:
+``request_timeout_s`` after the replica received the request, or as soon as the client is gone, the
+decoding loop stops between two steps (``should_stop``, passed to models that take it) and the model
+lock is released — the request is answered 408 (past its deadline) or 503 (it waited for the model
+past its deadline). The proxy's ``request_timeout_s`` bounds every request too (408); past
+``max_ongoing_requests`` per replica plus ``max_queued_requests`` waiting, Serve answers 503 at once
+instead of queueing without bound.
+
+Draining (``facelab serve`` on SIGTERM / SIGINT): the driver sets a flag in Ray's internal KV store
+(:func:`start_drain`); every replica polls it, answers 503 to new requests from then on (``/healthz``
+too, so load balancers stop sending), reports how many requests it still runs, and the driver stops
+Serve once none are left or the drain timeout has passed (:func:`drain_report`).
+
+``/healthz`` (open) tells the status, the version served and only the *numbers* of refused or
+retried versions; the reasons — which can hold tracking URIs and paths — are behind the API key at
+``GET /v1/status``.
 
 Request batching: expression requests waiting in a replica are decoded together, one batch on the
 device, each with its own seed and ``max_frames`` (``max_batch_size``, ``batch_wait_s``; see
@@ -34,6 +52,7 @@ import logging
 import secrets
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -62,6 +81,29 @@ api = FastAPI(
 
 MAX_BODY_BYTES = 64 * 1024  # a request is a short text and three numbers
 OPEN_PATHS = frozenset({"/healthz"})  # answered without an API key (liveness probes)
+UNCOUNTED_PATHS = frozenset({"/healthz", "/v1/status"})  # not requests to drain: answered while draining
+DRAIN_NAMESPACE = "facelab"  # Ray internal-KV namespace of the drain flag and the replicas' reports
+DRAIN_POLL_S = 0.2
+
+
+class _DrainState:
+    """Per replica process: whether it drains, and how many requests it runs now (the middleware counts)."""
+
+    def __init__(self):
+        self.draining = False
+        self.in_flight = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+
+_DRAIN = _DrainState()
 
 # Set once per replica process by FacelabServer.__init__ (one replica per Ray actor process): the
 # salt and HMAC-SHA256 of the API key, or None when the endpoint is open. The key itself never
@@ -128,6 +170,22 @@ async def _guard(request: Request, call_next):
                 ]
             },
         )
+    state = _this_module()._DRAIN
+    counted = request.url.path not in UNCOUNTED_PATHS
+    if counted and state.draining:
+        return JSONResponse(
+            status_code=503,
+            headers={"Retry-After": "1", "Connection": "close"},
+            content={
+                "detail": [
+                    {
+                        "field": "server",
+                        "msg": "the server is shutting down (draining); retry later",
+                        "type": "draining",
+                    }
+                ]
+            },
+        )
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
         return _too_large()
@@ -138,7 +196,13 @@ async def _guard(request: Request, call_next):
             if len(body) > MAX_BODY_BYTES:
                 return _too_large()
         request._body = body  # already consumed; let FastAPI read it from here
-    return await call_next(request)
+    if not counted:
+        return await call_next(request)
+    state.enter()
+    try:
+        return await call_next(request)
+    finally:
+        state.leave()
 
 
 @api.exception_handler(RequestValidationError)
@@ -204,6 +268,88 @@ class Served:
     max_frames: int
 
 
+class ModelBusy(RuntimeError):
+    """The model lock did not come free before the request's deadline (answered 503)."""
+
+
+def _takes_should_stop(fn) -> bool:
+    """Whether a model method accepts ``should_stop`` (a plug-in family's may not: it then runs to the end)."""
+    import inspect
+
+    try:
+        return "should_stop" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _stopper(deadline: float, abandoned: threading.Event | None = None):
+    """``should_stop`` for one request: its deadline (``time.monotonic()``) passed, or its client is gone."""
+    return lambda: time.monotonic() > deadline or (abandoned is not None and abandoned.is_set())
+
+
+def _lock_until(deadline: float) -> None:
+    """Take the model lock, waiting at most until ``deadline``; :class:`ModelBusy` otherwise."""
+    if not _MODEL_LOCK.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        raise ModelBusy("the model was busy until this request's deadline passed")
+
+
+def run_locked(deadline: float, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` under the model lock, taken by ``deadline`` or :class:`ModelBusy`. (A
+    module function: Serve pickles the ingress class by value, so its methods must not name the lock.)"""
+    _lock_until(deadline)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _MODEL_LOCK.release()
+
+
+def check_tokens(model, request: dict) -> dict | None:
+    """Count the prompt tokens of ``request`` with the servable's ``prompt_tokens`` (None when it has
+    none) and refuse, with a 422 naming the longest field, a prompt longer than the model takes."""
+    count = getattr(model, "prompt_tokens", None)
+    if count is None:
+        return None
+    info = count(request)
+    if info["prompt"] > info["limit"]:
+        fields = info.get("fields") or {"body": info["prompt"]}
+        field = max(fields, key=lambda k: fields[k])
+        raise HTTPException(
+            status_code=422,
+            detail=[
+                {
+                    "field": field,
+                    "msg": f"the request makes a prompt of {info['prompt']} tokens, but this model takes at most "
+                    f"{info['limit']} ({info['why']}); {field} alone is {fields[field]} tokens — shorten it",
+                    "type": "too_many_tokens",
+                }
+            ],
+        )
+    return info
+
+
+def _timed_out(timeout_s: float) -> HTTPException:
+    return HTTPException(
+        status_code=408,
+        detail=[
+            {
+                "field": "request",
+                "msg": f"generation stopped: the request ran past its deadline ({timeout_s:g} s, --request-timeout-s)",
+                "type": "timeout",
+            }
+        ],
+    )
+
+
+def _busy() -> HTTPException:
+    return HTTPException(
+        status_code=503,
+        headers={"Retry-After": "1"},
+        detail=[
+            {"field": "request", "msg": "the model stayed busy until this request's deadline; retry", "type": "busy"}
+        ],
+    )
+
+
 @dataclass(frozen=True)
 class _Decode:
     """One ``POST /v1/expressions`` waiting for its batch."""
@@ -213,6 +359,11 @@ class _Decode:
     num_samples: int
     max_frames: int
     seed: int
+    deadline: float = float("inf")  # time.monotonic() past which nobody waits for the answer
+    abandoned: threading.Event | None = None  # set when the client has gone
+
+    def stopped(self) -> bool:
+        return time.monotonic() > self.deadline or (self.abandoned is not None and self.abandoned.is_set())
 
 
 class Batcher:
@@ -275,34 +426,143 @@ class Batcher:
                     fut.set_result((answer, len(items)))
 
 
-def _decode_jobs(jobs: list[_Decode]) -> list[list[list[list[float]]] | None]:
-    """Frames (as lists) per job, or None for a job whose frames are not all finite. Jobs are grouped
-    by the model version they were accepted under (a swap may fall between two of them); a model with
-    ``generate_groups`` (CTEG) decodes a group as one batch, others (LM-Listener) one request after the other."""
+def _decode_jobs(jobs: list[_Decode]) -> list:
+    """Frames (as lists) per job, None for a job whose frames are not all finite, or the exception
+    that ended it (``TimeoutError``: its deadline passed or its client left; :class:`ModelBusy`: the
+    model lock stayed taken until its deadline). Jobs are grouped by the model version they were
+    accepted under (a swap may fall between two of them); a model with ``generate_groups`` (CTEG)
+    decodes a group as one batch, others (LM-Listener) one request after the other. A batch stops
+    between two decoding steps once *every* job in it is stopped (``should_stop``)."""
     import math
 
     import torch
 
     out: list = [None] * len(jobs)
-    by_model: dict[int, list[int]] = {}
+    live = []
     for i, j in enumerate(jobs):
-        by_model.setdefault(id(j.served), []).append(i)
-    with _MODEL_LOCK, torch.no_grad():
-        for idx in by_model.values():
-            model = jobs[idx[0]].served.model
-            reqs = [
-                ([jobs[i].text] * jobs[i].num_samples, jobs[i].max_frames, torch.Generator().manual_seed(jobs[i].seed))
-                for i in idx
-            ]
-            if hasattr(model, "generate_groups"):
-                answers = model.generate_groups(reqs)
-            else:
-                answers = [model.generate(t, max_frames=n, generator=g) for t, n, g in reqs]
-            for i, seqs in zip(idx, answers):
-                frames = [x.float().cpu().tolist() for x in seqs]
-                finite = all(math.isfinite(v) for f in frames for row in f for v in row)
-                out[i] = frames if finite else None
+        if j.stopped():
+            out[i] = TimeoutError("the request's deadline passed before it was decoded")
+        else:
+            live.append(i)
+    if not live:
+        return out
+    try:
+        _lock_until(max(jobs[i].deadline for i in live))
+    except ModelBusy as exc:
+        for i in live:
+            out[i] = exc
+        return out
+    try:
+        by_model: dict[int, list[int]] = {}
+        for i in live:
+            by_model.setdefault(id(jobs[i].served), []).append(i)
+        with torch.no_grad():
+            for idx in by_model.values():
+                model = jobs[idx[0]].served.model
+                group = [jobs[i] for i in idx]
+                stop = lambda group=group: all(j.stopped() for j in group)  # noqa: E731
+                reqs = [([j.text] * j.num_samples, j.max_frames, torch.Generator().manual_seed(j.seed)) for j in group]
+                try:
+                    if hasattr(model, "generate_groups"):
+                        extra = {"should_stop": stop} if _takes_should_stop(model.generate_groups) else {}
+                        answers = model.generate_groups(reqs, **extra)
+                    else:
+                        extra = {"should_stop": stop} if _takes_should_stop(model.generate) else {}
+                        answers = [model.generate(t, max_frames=n, generator=g, **extra) for t, n, g in reqs]
+                except TimeoutError as exc:
+                    for i in idx:
+                        out[i] = exc
+                    continue
+                for i, seqs in zip(idx, answers):
+                    frames = [x.float().cpu().tolist() for x in seqs]
+                    finite = all(math.isfinite(v) for f in frames for row in f for v in row)
+                    out[i] = frames if finite else None
+    finally:
+        _MODEL_LOCK.release()
     return out
+
+
+def permanent_load_error(exc: BaseException) -> bool:
+    """Whether a failure to load a model version is the version's own fault, for good: its checkpoint
+    (:class:`~facelab.core.checkpoint.CheckpointError`), its health probe (:class:`ModelUnhealthy`)
+    or its family (:class:`~facelab.families.base.FamilyError`). Anything else (a network blip, a
+    registry timeout, an artifact store that does not answer) may pass, and is retried."""
+    from facelab.core.checkpoint import CheckpointError
+    from facelab.families.base import FamilyError
+
+    return isinstance(exc, (CheckpointError, ModelUnhealthy, FamilyError))
+
+
+class ChampionFollower:
+    """What a replica's watcher does each tick, apart from Ray (unit-testable): read the version the
+    alias points at; when it is new, ``load(version)`` it (download, rebuild, health probe, route
+    check) and return the result for the caller to swap in. A permanent failure
+    (:func:`permanent_load_error`) refuses the version for good: logged, kept in ``refused`` and
+    tagged in the registry (``tag(version, reason)``). Any other failure is retried on later ticks,
+    ``every`` · 2^(n−1) seconds after the n-th failure (at most :attr:`MAX_BACKOFF_S`), and not tagged."""
+
+    MAX_BACKOFF_S = 300.0
+
+    def __init__(self, model_name: str, alias: str, every: float, read_version, load, tag, clock=time.monotonic):
+        self.model_name, self.alias, self.every = model_name, alias, max(float(every), 0.1)
+        self.read_version, self.load, self.tag, self.clock = read_version, load, tag, clock
+        self.refused: dict[str, str] = {}
+        self.retrying: dict[str, dict] = {}  # version -> {"attempts", "next_at", "reason"}
+        self.log = logging.getLogger("ray.serve")
+
+    def tick(self, serving: str):
+        """One look at the alias while version ``serving`` answers; → a loaded candidate to swap in, or None."""
+        try:
+            version = str(self.read_version())
+        except Exception as exc:  # registry unreachable, alias gone: keep serving what we have, look again later
+            self.log.warning(
+                "facelab: cannot read models:/%s@%s (%s); still serving version %s",
+                self.model_name,
+                self.alias,
+                exc.__class__.__name__,
+                serving,
+            )
+            return None
+        if version == serving or version in self.refused:
+            return None
+        retry = self.retrying.get(version)
+        if retry is not None and self.clock() < retry["next_at"]:
+            return None
+        try:
+            new = self.load(version)
+        except Exception as exc:
+            reason = f"{exc.__class__.__name__}: {exc}"[:500]
+            if permanent_load_error(exc):  # refused: the version in service stays
+                self.retrying.pop(version, None)
+                self.refused[version] = reason
+                self.log.error(
+                    "facelab: refused models:/%s/%s (%s); still serving version %s",
+                    self.model_name,
+                    version,
+                    reason,
+                    serving,
+                )
+                try:
+                    self.tag(version, reason)
+                except Exception:
+                    pass
+                return None
+            attempts = (retry["attempts"] if retry else 0) + 1
+            delay = min(self.every * 2 ** (attempts - 1), self.MAX_BACKOFF_S)
+            self.retrying[version] = {"attempts": attempts, "next_at": self.clock() + delay, "reason": reason}
+            self.log.warning(
+                "facelab: could not load models:/%s/%s (%s) — not the version's fault, so not refused; "
+                "retry %d in %.0fs; still serving version %s",
+                self.model_name,
+                version,
+                reason,
+                attempts,
+                delay,
+                serving,
+            )
+            return None
+        self.retrying.pop(version, None)
+        return new
 
 
 def load_checked(
@@ -336,18 +596,24 @@ def load_checked(
     max_ongoing_requests=8,
     max_queued_requests=64,  # overload gets a quick 503 instead of an unbounded queue
     health_check_period_s=10,
-    graceful_shutdown_timeout_s=5,
+    graceful_shutdown_timeout_s=20,  # a replica Serve stops (rolling update, scale-down) finishes its requests
 )
 @serve.ingress(api)
 class FacelabServer:
     """Serves ``models:/<name>@<alias>``. With ``watch_s`` > 0 every replica checks the alias every
     ``watch_s`` seconds; a new version is downloaded, rebuilt and health-probed *beside* the one in
     service and swapped in only when it passes (requests in flight finish on the old one). A version
-    that fails — missing file, wrong shapes, NaN outputs, another endpoint family — is refused: the
-    previous champion keeps serving, the reason is logged, shown by ``/healthz`` and tagged on the
-    model version (``facelab.serve_refused``), and that version is not tried again. Serve's own
-    rolling update is not used for this: with one replica it stops the old replica before the new
-    one has started, so a broken model would leave nothing serving."""
+    that fails for good — missing file, wrong shapes, NaN outputs, another endpoint family — is refused:
+    the previous champion keeps serving, the reason is logged, listed by ``/v1/status`` (``/healthz``
+    lists the version number) and tagged on the model version (``facelab.serve_refused``), and that
+    version is not tried again. A failure that may pass (network, registry timeout) is retried with
+    backoff and not tagged (:class:`ChampionFollower`). Serve's own rolling update is not used for this:
+    with one replica it stops the old replica before the new one has started, so a broken model would
+    leave nothing serving.
+
+    A replica that cannot load ``champion`` at start (its version was deleted, its files are broken)
+    falls back to the alias ``previous``, loudly: an error in the log and ``fallback`` in
+    ``/healthz``; the watcher moves it back to champion once that loads."""
 
     def __init__(
         self,
@@ -360,6 +626,8 @@ class FacelabServer:
         max_batch_size: int = 8,
         batch_wait_s: float = 0.0,
         device: str = "cpu",
+        request_timeout_s: float = 120.0,
+        drain_key: str | None = None,
     ):
         import importlib
 
@@ -369,61 +637,120 @@ class FacelabServer:
         torch.set_num_threads(max(1, torch.get_num_threads()))
         self._batcher = Batcher(_decode_jobs, max_batch_size, batch_wait_s)
         self.model_name, self.tracking_uri, self.alias, self.root = model_name, tracking_uri, alias, root
+        self.request_timeout_s = float(request_timeout_s)
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("gpus_per_replica > 0, but this replica sees no CUDA device")
         self.device = device
-        self.served = load_checked(
-            tracking_uri, model_name, alias, "alias", root, device
-        )  # a broken first model: no replica
-        self.refused: dict[str, str] = {}
+        self.fallback: dict | None = None
+        self.served = self._load_first()  # neither champion nor previous loads: no replica
+        self._follower = ChampionFollower(
+            model_name, alias, watch_s, self._alias_version, self._load_candidate, self._tag_refused
+        )
         self._stop = threading.Event()
         self._watcher = None
         if watch_s > 0:
             self._watcher = threading.Thread(target=self._watch, args=(watch_s,), name="facelab-watch", daemon=True)
             self._watcher.start()
+        self._drain_key = drain_key
+        if drain_key:
+            threading.Thread(target=self._poll_drain, args=(drain_key,), name="facelab-drain", daemon=True).start()
 
-    def _watch(self, every: float) -> None:
+    @property
+    def refused(self) -> dict[str, str]:
+        return self._follower.refused
+
+    def _load_first(self) -> Served:
+        """``alias`` (champion), or — when it cannot be loaded — ``previous``, loudly (see the class doc)."""
+        log = logging.getLogger("ray.serve")
+        try:
+            return load_checked(self.tracking_uri, self.model_name, self.alias, "alias", self.root, self.device)
+        except Exception as exc:
+            if self.alias != "champion":
+                raise
+            if not permanent_load_error(exc):  # one more try for what may be a blip
+                time.sleep(2.0)
+                try:
+                    return load_checked(self.tracking_uri, self.model_name, self.alias, "alias", self.root, self.device)
+                except Exception as again:
+                    exc = again
+            reason = f"{exc.__class__.__name__}: {exc}"[:500]
+        try:
+            served = load_checked(self.tracking_uri, self.model_name, "previous", "alias", self.root, self.device)
+        except Exception as exc:
+            raise RuntimeError(
+                f"models:/{self.model_name}@champion cannot be loaded ({reason}), and neither can "
+                f"models:/{self.model_name}@previous ({exc.__class__.__name__}: {exc})"
+            ) from None
+        champion = None
+        try:
+            champion = self._alias_version()
+        except Exception:
+            pass  # the alias is gone (its version was deleted)
+        self.fallback = {"alias": "previous", "version": served.info.version, "champion": champion, "reason": reason}
+        log.error(
+            "facelab: FALLBACK: models:/%s@champion%s cannot be loaded (%s); serving models:/%s@previous "
+            "(version %s) instead",
+            self.model_name,
+            f" (version {champion})" if champion else " (the alias points at no version)",
+            reason,
+            self.model_name,
+            served.info.version,
+        )
+        return served
+
+    def _alias_version(self) -> str:
         from facelab.core import tracking
 
+        c = tracking.client(self.tracking_uri)
+        return str(c.get_model_version_by_alias(self.model_name, self.alias).version)
+
+    def _load_candidate(self, version: str) -> Served:
+        new = load_checked(self.tracking_uri, self.model_name, version, "version", self.root, self.device)
+        if new.route != self.served.route:
+            raise ModelUnhealthy(
+                f"a {new.kind!r} model answers {new.route}, but this endpoint serves {self.served.route}"
+            )
+        return new
+
+    def _tag_refused(self, version: str, reason: str) -> None:
+        from facelab.core import tracking
+
+        tracking.client(self.tracking_uri).set_model_version_tag(
+            self.model_name, version, "facelab.serve_refused", reason
+        )
+
+    def _watch(self, every: float) -> None:
         log = logging.getLogger("ray.serve")
         while not self._stop.wait(every):
-            try:
-                c = tracking.client(self.tracking_uri)
-                version = str(c.get_model_version_by_alias(self.model_name, self.alias).version)
-            except Exception as exc:  # registry unreachable: keep serving what we have, look again later
-                log.warning(
-                    "facelab: cannot read models:/%s@%s (%s); still serving version %s",
-                    self.model_name,
-                    self.alias,
-                    exc.__class__.__name__,
-                    self.served.info.version,
-                )
-                continue
-            if version == self.served.info.version or version in self.refused:
-                continue
-            try:
-                new = load_checked(self.tracking_uri, self.model_name, version, "version", self.root, self.device)
-                if new.route != self.served.route:
-                    raise ModelUnhealthy(
-                        f"a {new.kind!r} model answers {new.route}, but this endpoint serves {self.served.route}"
-                    )
-            except Exception as exc:  # refused: the version in service stays
-                reason = f"{exc.__class__.__name__}: {exc}"[:500]
-                self.refused[version] = reason
-                log.error(
-                    "facelab: refused models:/%s/%s (%s); still serving version %s",
-                    self.model_name,
-                    version,
-                    reason,
-                    self.served.info.version,
-                )
-                try:
-                    c.set_model_version_tag(self.model_name, version, "facelab.serve_refused", reason)
-                except Exception:
-                    pass
+            new = self._follower.tick(self.served.info.version)
+            if new is None:
                 continue
             old, self.served = self.served, new  # one reference swap: a request sees one version whole
-            log.info("facelab: now serving models:/%s/%s (was %s)", self.model_name, version, old.info.version)
+            if self.fallback is not None:
+                log.warning("facelab: champion loads again; fallback to @previous ended")
+            self.fallback = None
+            log.info("facelab: now serving models:/%s/%s (was %s)", self.model_name, new.info.version, old.info.version)
+
+    def _poll_drain(self, key: str) -> None:
+        """Follow the driver's drain flag; while draining, report this replica's requests in flight."""
+        import os
+        import socket
+
+        from ray.experimental import internal_kv
+
+        state = _this_module()._DRAIN
+        me = f"{key}:{socket.gethostname()}:{os.getpid()}"
+        while not self._stop.wait(DRAIN_POLL_S):
+            try:
+                if not state.draining and internal_kv._internal_kv_get(key, namespace=DRAIN_NAMESPACE):
+                    state.draining = True
+                    logging.getLogger("ray.serve").warning("facelab: draining: new requests get 503")
+                if state.draining:
+                    internal_kv._internal_kv_put(
+                        me, f"{state.in_flight} {time.time():.3f}", overwrite=True, namespace=DRAIN_NAMESPACE
+                    )
+            except Exception:  # the GCS is going away with the cluster: nothing left to report to
+                pass
 
     def __del__(self):
         if getattr(self, "_stop", None) is not None:
@@ -451,9 +778,43 @@ class FacelabServer:
             raise RuntimeError("the champion watcher thread died")
 
     @api.get("/healthz")
-    def healthz(self) -> dict:
-        s = self.served
-        return {"status": "ok", "model": s.info.name, "version": s.info.version, "refused": dict(self.refused)}
+    def healthz(self):
+        """Open to all (liveness probes): status, the version served and version *numbers* only — the
+        reasons are at ``GET /v1/status`` (behind the API key). 503 while draining."""
+        s, f = self.served, self.fallback
+        body = {
+            "status": "draining" if _this_module()._DRAIN.draining else "ok",
+            "model": s.info.name,
+            "version": s.info.version,
+            "refused": sorted(self._follower.refused, key=int),
+            "retrying": sorted(self._follower.retrying, key=int),
+            "fallback": None if f is None else {k: f[k] for k in ("alias", "version", "champion")},
+        }
+        return JSONResponse(status_code=503 if body["status"] == "draining" else 200, content=body)
+
+    @api.get("/v1/status")
+    def status(self) -> dict:
+        """The details (API key required when one is set): why versions were refused, what is retried
+        and when, why the replica fell back, how many requests it runs."""
+        s, f, now = self.served, self.fallback, time.monotonic()
+        return {
+            "status": "draining" if _this_module()._DRAIN.draining else "ok",
+            "model": s.info.name,
+            "version": s.info.version,
+            "alias": s.info.alias,
+            "refused": dict(self._follower.refused),
+            "retrying": {
+                v: {
+                    "attempts": r["attempts"],
+                    "next_in_s": round(max(0.0, r["next_at"] - now), 1),
+                    "reason": r["reason"],
+                }
+                for v, r in dict(self._follower.retrying).items()
+            },
+            "fallback": None if f is None else dict(f),
+            "in_flight": _this_module()._DRAIN.in_flight,
+            "request_timeout_s": self.request_timeout_s,
+        }
 
     @api.get("/v1/models", response_model=ModelInfo)
     def models(self) -> ModelInfo:
@@ -461,16 +822,36 @@ class FacelabServer:
 
     @api.post("/v1/expressions", response_model=ExpressionResponse)
     async def expressions(self, req: ExpressionRequest, response: Response) -> ExpressionResponse:
+        import asyncio
+
         s = self.served
         self._require(s, "/v1/expressions")
+        deadline, abandoned = time.monotonic() + self.request_timeout_s, threading.Event()
+        tokens = await asyncio.to_thread(check_tokens, s.model, {"text": req.text})
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31 - 1)
-        frames, batch = await self._batcher.submit(
-            _Decode(s, req.text, req.num_samples, min(req.max_frames, s.max_frames), seed)
-        )
+        job = _Decode(s, req.text, req.num_samples, min(req.max_frames, s.max_frames), seed, deadline, abandoned)
+        try:
+            frames, batch = await self._batcher.submit(job)
+        except asyncio.CancelledError:  # the client left (or the proxy timed out): stop decoding for it
+            abandoned.set()
+            raise
         response.headers["X-Facelab-Batch"] = str(batch)  # how many requests were decoded together
+        if tokens is not None and tokens.get("read") is not None and tokens["prompt"] > tokens["read"]:
+            response.headers["X-Facelab-Text-Tokens"] = (
+                f"{tokens['prompt']}; the model reads the first {tokens['read']}"
+            )
+        if isinstance(frames, TimeoutError):
+            raise _timed_out(self.request_timeout_s)
+        if isinstance(frames, ModelBusy):
+            raise _busy()
         if frames is None:
             raise HTTPException(status_code=500, detail="model produced non-finite frames")
         return ExpressionResponse(model=s.info, sequences=[{"frames": f} for f in frames])
+
+    def _keyframes_now(self, s: Served, req: KeyframeRequest, deadline: float, abandoned: threading.Event):
+        fn = s.model.keyframes
+        extra = {"should_stop": _stopper(deadline, abandoned)} if _takes_should_stop(fn) else {}
+        return run_locked(deadline, fn, req.background, req.emotion, req.keyframes, **extra)
 
     @api.post(
         "/v1/keyframes",
@@ -479,7 +860,8 @@ class FacelabServer:
             200: {"content": {"text/csv": {}}, "description": "JSON, or the Live Link Face CSV with ?format=csv"}
         },
     )
-    def keyframes(self, req: KeyframeRequest, format: Literal["json", "csv"] = Query("json")):
+    async def keyframes(self, req: KeyframeRequest, format: Literal["json", "csv"] = Query("json")):
+        import asyncio
         import io
         import math
 
@@ -489,8 +871,18 @@ class FacelabServer:
 
         s = self.served
         self._require(s, "/v1/keyframes")
-        with _MODEL_LOCK:
-            results = s.model.keyframes(req.background, req.emotion, req.keyframes)
+        deadline, abandoned = time.monotonic() + self.request_timeout_s, threading.Event()
+        request = {"background": req.background, "emotion": req.emotion, "keyframes": list(req.keyframes)}
+        await asyncio.to_thread(check_tokens, s.model, request)  # 422 before the model is touched
+        try:
+            results = await asyncio.to_thread(self._keyframes_now, s, req, deadline, abandoned)
+        except asyncio.CancelledError:  # the client left (or the proxy timed out): stop generating for it
+            abandoned.set()
+            raise
+        except ModelBusy:
+            raise _busy() from None
+        except TimeoutError:
+            raise _timed_out(self.request_timeout_s) from None
         rows = np.stack([r.values for r in results])  # (K, 61)
         if not all(math.isfinite(v) for v in rows.ravel().tolist()):
             raise HTTPException(status_code=500, detail="model produced non-finite values")
@@ -544,6 +936,8 @@ def build_app(
     max_batch_size: int | None = None,
     batch_wait_s: float = 0.0,
     gpus_per_replica: float = 0.0,
+    request_timeout_s: float = 120.0,
+    drain_key: str | None = None,
 ):
     """The bound Serve application. ``api_key`` (optional) is turned into a salted HMAC here, in the
     caller's process; replicas receive only that digest. ``replicas`` > 1 keeps answering while one
@@ -557,13 +951,18 @@ def build_app(
     first request up to that long for more to arrive (0 = take what is waiting, add no latency). A
     batch is never larger than ``max_ongoing_requests``, so that must be at least ``max_batch_size``.
     ``gpus_per_replica`` > 0: each replica reserves that share of a GPU from Ray and runs its model on
-    CUDA (CTEG then decodes with the static KV cache and CUDA-graph step); 0 = on the CPU."""
+    CUDA (CTEG then decodes with the static KV cache and CUDA-graph step); 0 = on the CPU.
+    ``request_timeout_s``: a request's generation stops this long after its replica received it (the
+    deadline; give the proxy's ``request_timeout_s``). ``drain_key``: the Ray internal-KV key the
+    replicas poll for the drain flag (:func:`start_drain`; None = no draining but Serve's own)."""
     max_batch_size = batch_size_for(max_batch_size, max_ongoing_requests)
     if batch_wait_s < 0:
         raise ValueError(f"batch_wait_s must be >= 0 (got {batch_wait_s})")
     check = api_key_check(api_key) if api_key else None
     if gpus_per_replica < 0:
         raise ValueError(f"gpus_per_replica must be >= 0 (got {gpus_per_replica})")
+    if not request_timeout_s > 0:
+        raise ValueError(f"request_timeout_s must be > 0 (got {request_timeout_s})")
     dep = FacelabServer.options(
         num_replicas=replicas,
         max_ongoing_requests=max_ongoing_requests,
@@ -580,7 +979,41 @@ def build_app(
         max_batch_size,
         batch_wait_s,
         "cuda" if gpus_per_replica > 0 else "cpu",
+        request_timeout_s,
+        drain_key,
     )
+
+
+def drain_key_for(app_name: str) -> str:
+    """The internal-KV key of one ``facelab serve``'s drain flag (unique per start)."""
+    return f"drain:{app_name}:{secrets.token_hex(6)}"
+
+
+def start_drain(key: str) -> None:
+    """Raise the drain flag (the driver, connected to Ray): replicas answer 503 to new requests from
+    their next poll (:data:`DRAIN_POLL_S`) on and report their requests in flight."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(key, f"{time.time():.3f}", overwrite=True, namespace=DRAIN_NAMESPACE)
+
+
+def drain_report(key: str) -> tuple[int, int]:
+    """(replicas that reported since the drain began, requests they still run)."""
+    from ray.experimental import internal_kv
+
+    replicas = running = 0
+    for k in internal_kv._internal_kv_list(f"{key}:", namespace=DRAIN_NAMESPACE):
+        value = internal_kv._internal_kv_get(k, namespace=DRAIN_NAMESPACE)
+        if value:
+            replicas += 1
+            running += int(value.split()[0])
+    return replicas, running
+
+
+def end_drain(key: str) -> None:
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_del(key, del_by_prefix=True, namespace=DRAIN_NAMESPACE)
 
 
 def app_from_env(args: dict[str, str]):
@@ -589,6 +1022,8 @@ def app_from_env(args: dict[str, str]):
     there comes from the environment: ``FACELAB_MODEL``, ``FACELAB_MODEL_ALIAS`` (default champion),
     ``MLFLOW_TRACKING_URI``, ``FACELAB_ROOT`` (where a project-relative base model lives),
     ``FACELAB_WATCH_S`` (how often replicas look for a new champion; default 30, 0 = never),
+    ``FACELAB_REQUEST_TIMEOUT_S`` (a request's generation deadline; default 120, as the manifests'
+    ``http_options.request_timeout_s``),
     ``FACELAB_GPUS_PER_REPLICA`` (default 0: CPU), ``FACELAB_MAX_BATCH_SIZE`` (default 8) and the API
     key in the variable named by ``api_key_env`` (default ``FACELAB_API_KEY``; unset or empty = open
     endpoint). The key is read here and never written into the Serve config."""
@@ -602,6 +1037,7 @@ def app_from_env(args: dict[str, str]):
     watch_s = float(args.get("watch_s") or os.environ.get("FACELAB_WATCH_S") or 30)
     gpus = float(args.get("gpus_per_replica") or os.environ.get("FACELAB_GPUS_PER_REPLICA") or 0)
     batch = int(args.get("max_batch_size") or os.environ.get("FACELAB_MAX_BATCH_SIZE") or 8)
+    timeout_s = float(args.get("request_timeout_s") or os.environ.get("FACELAB_REQUEST_TIMEOUT_S") or 120)
     missing = [
         n
         for n, v in (
@@ -622,4 +1058,5 @@ def app_from_env(args: dict[str, str]):
         gpus_per_replica=gpus,
         max_batch_size=batch,
         max_ongoing_requests=max(8, batch),
+        request_timeout_s=timeout_s,
     )

@@ -16,7 +16,12 @@ class EvaluatorData(Strict):
 
 class EvaluatorModel(Strict):
     text_encoder: str = Field(
-        "minilm", description="Frozen pretrained text encoder ('minilm' offline default, or a local path)."
+        "minilm", description="Pretrained text encoder ('minilm' offline default, or a local path)."
+    )
+    finetune_encoder: bool = Field(
+        True,
+        description='Train the text encoder with the heads (Appendix C: "Both the text encoder and motion '
+        'encoder are fully trainable"); false = frozen, its pooled features cached (faster).',
     )
     embed_dim: int = Field(256, ge=8, description="Joint embedding size.")
     hidden: int = Field(512, ge=8, description="Hidden width of the text projection and motion encoder MLPs.")
@@ -32,7 +37,11 @@ class EvaluatorOptim(Strict):
 
 
 class EvaluatorTrain(Strict):
-    epochs: int = Field(100, ge=1, description="Maximum epochs (cosine schedule over them).")
+    epochs: int = Field(
+        1000,
+        ge=1,
+        description='Maximum epochs (Appendix C: "up to 1000"; cosine schedule over them), early stopping ends it.',
+    )
     patience: int = Field(10, ge=1, description="Early stopping on validation R-Precision@1 (Appendix C: 10).")
     seed: int = Field(42, description="Appendix C: 42.")
     max_steps_per_epoch: int | None = Field(None, ge=1)

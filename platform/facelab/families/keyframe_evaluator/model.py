@@ -5,15 +5,17 @@ The embedding-space metrics of §5.3 (FID, R-Precision, MM-Dist "MMD", Diversity
 text-to-motion metrics of Guo et al. 2022 ("Generating Diverse and Natural 3D Human Motions from
 Text") need their co-trained text and motion encoders. Appendix C trains one contrastively:
 
-* text branch — a frozen pretrained text encoder (here :func:`facelab.core.text_encoder.load_text_encoder`,
+* text branch — a pretrained text encoder (here :func:`facelab.core.text_encoder.load_text_encoder`,
   offline default ``"minilm"``), masked mean pooling over the tokens' last hidden states, then a
-  trainable projection MLP to ``embed_dim``;
+  projection MLP to ``embed_dim``. "Both the text encoder and motion encoder are fully trainable":
+  ``finetune_encoder`` (default true) trains the encoder with the heads; false freezes it (its
+  pooled features are then cached per string, and it stays in eval mode);
 * motion branch — an MLP over the 61 ARKit coefficients, z-scored with the training split's
   per-channel mean and std (stored as buffers, so they travel with the weights);
 * both outputs L2-normalised; loss = symmetric InfoNCE with temperature τ = 0.07 over the
   in-batch similarity matrix ``S = T M^T / τ`` (B, B): ``(CE(S, I) + CE(S^T, I)) / 2``;
-* AdamW (lr 1e-4, weight decay 1e-4), cosine schedule, early stopping on validation
-  R-Precision@1 with patience 10, seed 42.
+* AdamW (lr 1e-4, weight decay 1e-4; the encoder's weights too when it is trained), cosine
+  schedule, "up to 1000" epochs with early stopping on validation R-Precision@1 (patience 10), seed 42.
 
 Choices where the appendix is silent (each is a config field or documented where it is made):
 
@@ -25,11 +27,12 @@ Choices where the appendix is silent (each is a config field or documented where
   noise — would otherwise turn tiny deviations into huge features.
 * τ is fixed (not learned), as stated.
 * Frozen-encoder text features are cached per string inside the module (texts repeat every
-  epoch); the cache is a plain dict, never part of the state dict.
+  epoch); the cache is a plain dict, never part of the state dict. A trained encoder is run on
+  every batch instead (no cache).
 * Duplicate texts inside a batch are ordinary negatives of each other (no false-negative filtering).
 
-Save/load is pickle-free: :func:`evaluator_state` (trainable weights + z-score buffers; the frozen
-encoder is rebuilt from its name) and :func:`load_evaluator` from those tensors and
+Save/load is pickle-free: :func:`evaluator_state` (trainable weights -- the encoder's too when it is
+trained -- + z-score buffers; a frozen encoder is rebuilt from its name) and :func:`load_evaluator` from those tensors and
 ``cfg.model_dump()``. :func:`train_evaluator` is the plain-PyTorch loop; the Ray Train
 worker around it lives in :mod:`facelab.families.keyframe_evaluator.loop`. Nothing happens at import.
 """
@@ -53,7 +56,7 @@ from facelab.tasks.keyframes.metrics import feature_stats as keyframe_feature_st
 N_FEATURES = 61
 """ARKit coefficients per keyframe: 52 blendshapes + 3 head + 6 eye rotations (release order)."""
 FROZEN_PREFIX = "text_encoder."
-"""State-dict prefix of the frozen pretrained encoder, left out of :func:`evaluator_state`."""
+"""State-dict prefix of the pretrained encoder, left out of :func:`evaluator_state` when it is frozen."""
 _ENCODE_CHUNK = 128  # texts per frozen-encoder forward when filling the cache
 
 
@@ -112,15 +115,31 @@ class TextMotionEvaluator(nn.Module):
             nn.Dropout(p),
             nn.Linear(h, d),
         )
-        self.text_encoder = encoder.eval()
-        self.text_encoder.requires_grad_(False)
+        self.text_encoder = encoder.train(self.training) if cfg.finetune_encoder else encoder.eval()
+        self.text_encoder.requires_grad_(cfg.finetune_encoder)
+        if getattr(encoder, "pooler", None) is not None:  # BERT's [CLS] pooler: unused (masked mean pooling)
+            encoder.pooler.requires_grad_(False)  # no gradient ever reaches it (and DDP needs none unused)
         self.tokenizer = tokenizer
         self._text_cache: dict[str, Tensor] = {}  # string -> frozen pooled feature (enc_dim,), CPU float32
 
     def train(self, mode: bool = True) -> "TextMotionEvaluator":
         super().train(mode)
-        self.text_encoder.eval()  # frozen feature extractor: never dropout
+        if not self.cfg.finetune_encoder:
+            self.text_encoder.eval()  # frozen feature extractor: never dropout
         return self
+
+    def _pooled(self, texts: list[str]) -> Tensor:
+        """The encoder's masked-mean-pooled last hidden states of ``texts``, ``(b, E)`` float32 on the
+        module's device (with gradients when the encoder is trained and grad is enabled)."""
+        device = self.feat_mean.device
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.cfg.max_text_tokens, return_tensors="pt"
+        )
+        ids = batch["input_ids"].to(device)  # (b, L)
+        mask = batch["attention_mask"].to(device)  # (b, L)
+        hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # (b, L, E)
+        w = mask.unsqueeze(-1).float()  # (b, L, 1)
+        return (hidden * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)  # (b, E) masked mean pooling
 
     # ---------------------------------------------------------------------------------------
     # text
@@ -128,20 +147,14 @@ class TextMotionEvaluator(nn.Module):
 
     @torch.no_grad()
     def cache_texts(self, texts: Sequence[str]) -> int:
-        """Run the frozen encoder on the strings of ``texts`` not cached yet; returns how many were new."""
+        """Run the frozen encoder on the strings of ``texts`` not cached yet; returns how many were new
+        (always 0 when the encoder is trained: its features change with every step, nothing is cached)."""
+        if self.cfg.finetune_encoder:
+            return 0
         new = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
-        device = self.feat_mean.device
         for i in range(0, len(new), _ENCODE_CHUNK):
             chunk = new[i : i + _ENCODE_CHUNK]
-            batch = self.tokenizer(
-                chunk, padding=True, truncation=True, max_length=self.cfg.max_text_tokens, return_tensors="pt"
-            )
-            ids = batch["input_ids"].to(device)  # (b, L)
-            mask = batch["attention_mask"].to(device)  # (b, L)
-            hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # (b, L, E)
-            w = mask.unsqueeze(-1).float()  # (b, L, 1)
-            pooled = (hidden * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)  # (b, E) masked mean pooling
-            for text, row in zip(chunk, pooled.cpu()):
+            for text, row in zip(chunk, self._pooled(chunk).cpu()):
                 self._text_cache[text] = row.clone()
         return len(new)
 
@@ -154,9 +167,16 @@ class TextMotionEvaluator(nn.Module):
         return torch.stack([self._text_cache[t] for t in texts]).to(self.feat_mean.device)  # (B, E)
 
     def encode_text(self, texts: list[str]) -> Tensor:
-        """Texts -> L2-normalised embeddings ``(B, embed_dim)``."""
-        z = self.text_proj(self.frozen_text_features(texts))  # (B, D)
-        return F.normalize(z, dim=-1)
+        """Texts -> L2-normalised embeddings ``(B, embed_dim)`` (through the trained encoder, or the
+        frozen one's cached features)."""
+        if self.cfg.finetune_encoder:
+            texts = list(texts)
+            if not all(isinstance(t, str) for t in texts):
+                raise EvaluatorError("texts must be strings")
+            feats = self._pooled(texts)  # (B, E)
+        else:
+            feats = self.frozen_text_features(texts)  # (B, E)
+        return F.normalize(self.text_proj(feats), dim=-1)
 
     # ---------------------------------------------------------------------------------------
     # motion
@@ -225,13 +245,14 @@ class TextMotionEvaluator(nn.Module):
 def evaluator_state(model: TextMotionEvaluator) -> dict[str, Tensor]:
     """Trainable weights and z-score buffers as contiguous CPU tensors (safetensors-ready).
 
-    The frozen encoder's weights (``text_encoder.*``) are left out: :func:`load_evaluator`
-    rebuilds it from ``cfg.text_encoder``.
+    A frozen encoder's weights (``text_encoder.*``) are left out: :func:`load_evaluator` rebuilds
+    it from ``cfg.text_encoder``. A trained one's are kept (``finetune_encoder``).
     """
+    keep_encoder = model.cfg.finetune_encoder
     return {
         k: v.detach().cpu().clone().contiguous()
         for k, v in model.state_dict().items()
-        if not k.startswith(FROZEN_PREFIX)
+        if keep_encoder or not k.startswith(FROZEN_PREFIX)
     }
 
 
@@ -242,6 +263,8 @@ def load_evaluator(weights: dict[str, Tensor], cfg_dict: dict) -> TextMotionEval
     implies (else :class:`EvaluatorError` naming the key). Returned in eval mode, on the CPU.
     """
     known = set(EvaluatorConfig.model_fields)
+    # An evaluator saved before ``finetune_encoder`` existed had a frozen encoder (no weights stored).
+    cfg_dict = {"finetune_encoder": False, **cfg_dict}
     unknown = sorted(set(cfg_dict) - known)
     if unknown:
         raise EvaluatorError(f"evaluator config: unknown field(s) {unknown}; known: {sorted(known)}")

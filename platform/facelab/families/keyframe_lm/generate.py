@@ -56,6 +56,11 @@ would see alone. In float32 the answers are identical (tested); in bfloat16 the 
 product depends on the batch's shape, so near-ties can break differently (on an H200 a random-init
 model -- all near-ties -- gave the same text for 2 to 28 of 62 requests; a trained model's margins
 are wider).
+
+Stopping early: ``should_stop`` (a callable, optional) is asked before every forward call of both
+modes (through a ``StoppingCriteria`` in plain mode); when it answers True, generation raises
+:class:`GenerationStopped` (a ``TimeoutError``). A server passes a request's deadline this way, so
+work nobody waits for any more stops within one decoding step instead of holding the model.
 """
 
 from __future__ import annotations
@@ -75,6 +80,17 @@ _WORD_HEAD = '{"' + _KEY_PREFIX
 
 class GenerationError(ValueError):
     """The request cannot be generated (bad mode, or a tokenizer that cannot write the answer)."""
+
+
+class GenerationStopped(TimeoutError):
+    """``should_stop()`` said True between two decoding steps (a deadline passed); nothing is returned."""
+
+
+def _check_stop(should_stop, stats: dict) -> None:
+    if should_stop is not None and should_stop():
+        raise GenerationStopped(
+            f"keyframe generation stopped after {stats.get('forward_calls', 0)} forward calls: should_stop() said so"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,7 +301,12 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
 
 
 def _constrained_batch(
-    model: Any, programs: Sequence[_Program], prompts: Sequence[Sequence[int]], pad_id: int, stats: dict
+    model: Any,
+    programs: Sequence[_Program],
+    prompts: Sequence[Sequence[int]],
+    pad_id: int,
+    stats: dict,
+    should_stop=None,
 ) -> list[str]:
     device = _device(model)
     # Only the logits of tokens that can be chosen leave the device: values' tokens and skeleton starts.
@@ -301,6 +322,7 @@ def _constrained_batch(
     n_real = mask.sum(-1).tolist()
     # The prefill needs the logits of its last position only (left padding: the same column for every
     # row); the LM head over the whole prompt would be a (B, T, vocabulary) tensor.
+    _check_stop(should_stop, stats)
     out = model(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
@@ -320,6 +342,7 @@ def _constrained_batch(
         if max_steps <= 0:
             raise GenerationError("constrained decoding did not terminate (bug)")
         max_steps -= 1
+        _check_stop(should_stop, stats)
         chunks = [[] if r.done else r.chunk for r in rows]
         width = max(len(c) for c in chunks)
         ids = torch.full((B, width), pad_id, dtype=torch.long)  # (B, L)
@@ -363,16 +386,35 @@ def _constrained_batch(
 
 
 def _plain_batch(
-    model: Any, prompts: Sequence[Sequence[int]], pad_id: int, eos_id: int, max_new_tokens: int, stats: dict
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    pad_id: int,
+    eos_id: int,
+    max_new_tokens: int,
+    stats: dict,
+    should_stop=None,
 ) -> list[list[int]]:
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
     device = _device(model)
     ids, mask = _left_pad(prompts, pad_id)  # (B, T)
     config = GenerationConfig(
         do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id
     )
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+    stopped = []
+
+    class _Deadline(StoppingCriteria):  # asked after every generated token
+        def __call__(self, input_ids, scores, **kwargs):
+            if should_stop():
+                stopped.append(True)
+                return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    _check_stop(should_stop, stats)
+    extra = {"stopping_criteria": StoppingCriteriaList([_Deadline()])} if should_stop is not None else {}
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config, **extra)
+    if stopped:
+        raise GenerationStopped(f"keyframe generation (plain) stopped after {out.shape[1] - ids.shape[1]} tokens")
     new = out[:, ids.shape[1] :].cpu()  # (B, N)
     stats["forward_calls"] += int(new.shape[1])
     answers = []
@@ -392,10 +434,12 @@ def generate_keyframes(
     max_new_tokens: int = 1024,
     batch_size: int = 16,
     stats: dict | None = None,
+    should_stop=None,
 ) -> list[list[Any]]:
     """Generate every keyframe of every script (Algorithm 1) -> ``results[s][k - 1]``, a
     :class:`~.parsing.ParseResult` per keyframe. ``stats`` (a dict, optional) receives
-    ``requests``, ``batches``, ``forward_calls`` and ``fed_tokens``."""
+    ``requests``, ``batches``, ``forward_calls`` and ``fed_tokens``. ``should_stop`` (optional, no
+    arguments): asked before every forward call; True raises :class:`GenerationStopped`."""
     from facelab.families.keyframe_lm.data import end_of_turn_id, prompt_ids
     from facelab.families.keyframe_lm.parsing import parse_answer
     from facelab.families.keyframe_lm.prompts import build_messages
@@ -430,9 +474,9 @@ def generate_keyframes(
                     programs = [
                         _program(tables, requests[i][1], len(scripts[requests[i][0]].keyframes), cfg) for i in idx
                     ]
-                    outs = _constrained_batch(model, programs, batch_prompts, pad_id, stats)
+                    outs = _constrained_batch(model, programs, batch_prompts, pad_id, stats, should_stop)
                 else:
-                    answers = _plain_batch(model, batch_prompts, pad_id, eos_id, max_new_tokens, stats)
+                    answers = _plain_batch(model, batch_prompts, pad_id, eos_id, max_new_tokens, stats, should_stop)
                     outs = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
                 for i, text in zip(idx, outs):
                     texts[i] = text

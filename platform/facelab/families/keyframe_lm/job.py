@@ -55,7 +55,7 @@ class KeyframeOptim(Strict):
 
 class KeyframeTrain(Strict):
     finetune: bool = Field(True, description="false = evaluate the base model as is (the tables' 'Base' rows).")
-    epochs: int = Field(3, ge=1, description="Training epochs.")
+    epochs: int = Field(90, ge=1, description='Training epochs (§5.2: "for 90 epochs").')
     seed: int = Field(0, description="Seed for adapter init, data order (a sweep sets it per trial).")
     max_steps_per_epoch: int | None = Field(
         None, ge=1, description="Cap on optimizer steps per epoch; null = full epoch."
@@ -73,12 +73,34 @@ class KeyframeTrain(Strict):
 class KeyframeEval(Strict):
     enabled: bool = Field(True, description="Generate the test split's keyframes after the last epoch and score them.")
     baseline: Literal["gt"] | None = Field(
-        None, description="gt = score the ground truth itself (the tables' GT row); no model."
+        None, description="gt = score the ground truth (the tables' GT row, see gt_reference); no model."
+    )
+    gt_reference: Literal["val", "halves", "self"] = Field(
+        "val",
+        description="GT row: the sample of real keyframes the test keyframes are compared with (FID, W-Dist). "
+        "val = the val split (disjoint scripts, about the test split's size: the sampling-noise floor of the "
+        "model rows; Table 3's GT row has FID 0.0115, W-Dist 0.0055, so two different samples); halves = the "
+        "test split's scripts in two random halves; self = the test keyframes themselves (FID = W-Dist = 0, "
+        "MSE reported as 0).",
     )
     decode: Literal["constrained", "plain"] = Field(
+        "plain",
+        description="How the test split is generated. plain = unconstrained greedy `generate` of the whole "
+        "answer (the release: infer.sh, temperature 0, max_new_tokens 1024); constrained = only the values are "
+        "decoded, the JSON skeleton is forced (fast, always parseable, always in range).",
+    )
+    serve_decode: Literal["constrained", "plain"] = Field(
         "constrained",
-        description="constrained = only the values are decoded, the JSON skeleton is forced (fast, always "
-        "parseable); plain = unconstrained greedy `generate` of the whole answer.",
+        description="How a promoted model decodes POST /v1/keyframes (independent of `decode`): constrained "
+        "(always parseable and in range; the serving default) or plain.",
+    )
+    parse: Literal["release", "facelab"] = Field(
+        "release",
+        description="What the metrics score of an answer. release = the release's converter (jsonl2csv.py: the "
+        "last balanced JSON object, its 61-name mapping or its first Keyframe_x object, missing names 0); an "
+        "answer it cannot read is dropped from the metrics (counted in test/validity). facelab = the lenient "
+        "parser, an unreadable answer scored as the zero keyframe. Values are scored as written in both "
+        "(never clipped).",
     )
     max_new_tokens: int = Field(1024, ge=8, description="Plain decoding: generation budget per keyframe.")
     batch_size: int = Field(8, ge=1, description="Requests generated in parallel.")
@@ -88,6 +110,11 @@ class KeyframeEval(Strict):
         "one version when the sweep starts. null = FID, R-Precision, MMD and Diversity are not computed.",
     )
     diversity_pairs: int = Field(300, ge=2, description="Pairs for Diversity (T2M protocol).")
+    diversity_space: Literal["arkit", "embedding"] = Field(
+        "arkit",
+        description="Diversity on the raw ARKit values (Table 3's 2.95 is impossible on unit vectors) or on "
+        "the evaluator's unit-norm embeddings (every distance at most 2).",
+    )
     r_precision_batch: int = Field(32, ge=2, description="R-Precision batch size (Appendix C: 32).")
 
 

@@ -9,7 +9,8 @@ rank 0 alone writes checkpoints and the MLflow record, and runs the test-split g
 metrics of §5.3 after the last epoch.
 
 ``train.finetune: false`` evaluates the base model as is (the tables' "Base" rows);
-``eval.baseline: gt`` scores the ground truth itself (the "GT" row).
+``eval.baseline: gt`` scores the ground truth against another sample of ground truth (the "GT" row:
+``eval.gt_reference``, by default the val split, so FID and W-Dist are > 0 as in Table 3).
 
 A training step (:func:`train_step`) runs its batch one example at a time, unpadded, accumulating
 gradients: no padding tokens are computed, attention takes the causal fast path (no mask), and the
@@ -143,50 +144,110 @@ def train_step(model, examples, opt, sched, params, grad_clip: float, device) ->
 def evaluate_split(model, tokenizer, scripts, job: dict, evaluator, device) -> tuple[dict, dict]:
     """Generate every test keyframe (recursive, one request per keyframe) and score it.
 
-    Returns (metrics, extras) where extras holds the arrays the plots need."""
+    Each answer is scored as :func:`~.parsing.score_answer` reads it with ``eval.parse``: the values
+    as the model wrote them, never clipped (plain decoding can write ``1.7``; constrained decoding
+    cannot), and with ``release`` an unreadable answer is dropped -- its keyframe leaves every metric
+    (prediction and ground truth) and ``test/validity`` is the scored fraction; ``test/n_scored``
+    counts the scored keyframes. Returns (metrics, extras) where extras holds the arrays the plots
+    need (the scored rows)."""
     from facelab.data.keyframeface import keyframe_text
-    from facelab.tasks.keyframes.metrics import evaluate_keyframes, per_channel_errors
+    from facelab.families.keyframe_lm.generate import generate_keyframes
+    from facelab.families.keyframe_lm.parsing import score_answer
+    from facelab.tasks.keyframes.metrics import evaluate_keyframes, per_channel_errors, validity_rate
 
     e = job["eval"]
+    cfg = prompt_config(job)
     gt = np.stack([kf.values for s in scripts for kf in s.keyframes]).astype(np.float32)  # (N, 61)
     texts = [keyframe_text(s, kf.index) for s in scripts for kf in s.keyframes]
     t0 = time.time()
-    if e["baseline"] == "gt":
-        pred, valid = gt.copy(), len(gt)
-    else:
-        from facelab.families.keyframe_lm.generate import generate_keyframes
-
-        model.eval()
-        with torch.no_grad():
-            results = generate_keyframes(
-                model,
-                tokenizer,
-                scripts,
-                prompt_config(job),
-                mode=e["decode"],
-                max_new_tokens=e["max_new_tokens"],
-                batch_size=e["batch_size"],
-            )
-        flat = [r for per_script in results for r in per_script]
-        pred = np.stack([r.values for r in flat]).astype(np.float32)
-        valid = sum(bool(r.valid) for r in flat)
+    model.eval()
+    with torch.no_grad():
+        results = generate_keyframes(
+            model,
+            tokenizer,
+            scripts,
+            cfg,
+            mode=e["decode"],
+            max_new_tokens=e["max_new_tokens"],
+            batch_size=e["batch_size"],
+        )
     gen_time = time.time() - t0
+    scored = [score_answer(r.text, cfg, e["parse"]) for per_script in results for r in per_script]
+    keep = [i for i, (values, _valid) in enumerate(scored) if values is not None]
+    valid = sum(bool(v) for _values, v in scored)
+    out = {"test/n_scored": float(len(keep)), "test/validity": validity_rate(valid, len(gt))}
+    out["test/gen_time_s"] = gen_time
+    out["test/keyframes_per_s"] = len(gt) / max(gen_time, 1e-9)
+    if not keep:  # nothing readable: only the validity (0) and the speed can be reported
+        return out, None
+    pred = np.stack([scored[i][0] for i in keep]).astype(np.float32)  # (n, 61), unclipped
+    gt, texts = gt[keep], [texts[i] for i in keep]
     metrics = evaluate_keyframes(
         pred,
         gt,
         texts,
         evaluator,
         n_valid=valid,
-        n_total=len(gt),
+        n_total=len(scored),
         seed=job["train"]["seed"],
         r_batch=e["r_precision_batch"],
         diversity_pairs=e["diversity_pairs"],
+        diversity_space=e["diversity_space"],
     )
-    out = {f"test/{k}": float(v) for k, v in metrics.items()}
-    out["test/gen_time_s"] = gen_time
-    out["test/keyframes_per_s"] = len(gt) / max(gen_time, 1e-9)
+    out.update({f"test/{k}": float(v) for k, v in metrics.items()})
     per_channel = per_channel_errors(pred, gt)
     return out, {"pred": pred, "gt": gt, "texts": texts, "per_channel": per_channel}
+
+
+def gt_reference_values(test_scripts, val_scripts, job: dict) -> tuple[np.ndarray, list, np.ndarray]:
+    """The GT row's two samples of real keyframes, ``(gt (N, 61), the scripts gt comes from, reference
+    (M, 61))``, by ``eval.gt_reference``: ``val`` -- the test keyframes and the val split's (disjoint
+    scripts); ``halves`` -- the test scripts shuffled (``train.seed``) and cut in two halves, the first
+    half against the second; ``self`` -- the test keyframes against themselves."""
+    mode = job["eval"]["gt_reference"]
+
+    def stack(scripts) -> np.ndarray:
+        return np.stack([kf.values for s in scripts for kf in s.keyframes]).astype(np.float32)
+
+    if mode == "val":
+        if not val_scripts:
+            raise ValueError("eval.gt_reference=val needs a non-empty val split")
+        return stack(test_scripts), list(test_scripts), stack(val_scripts)
+    if mode == "halves":
+        if len(test_scripts) < 2:
+            raise ValueError("eval.gt_reference=halves needs at least 2 test scripts")
+        order = np.random.default_rng(job["train"]["seed"]).permutation(len(test_scripts))
+        half = len(order) // 2
+        first = [test_scripts[i] for i in sorted(order[:half])]
+        second = [test_scripts[i] for i in sorted(order[half:])]
+        return stack(first), first, stack(second)
+    return stack(test_scripts), list(test_scripts), stack(test_scripts)
+
+
+def evaluate_gt_row(test_scripts, val_scripts, job: dict, evaluator) -> dict[str, float]:
+    """The tables' GT row (``eval.baseline: gt``): ground truth scored against another sample of ground
+    truth (:func:`gt_reference_values`, :func:`~facelab.tasks.keyframes.metrics.evaluate_reference`),
+    or, with ``eval.gt_reference: self``, against itself (every error 0, as scoring ``pred = gt``)."""
+    from facelab.data.keyframeface import keyframe_text
+    from facelab.tasks.keyframes.metrics import evaluate_keyframes, evaluate_reference
+
+    e = job["eval"]
+    gt, scripts, reference = gt_reference_values(test_scripts, val_scripts, job)
+    texts = [keyframe_text(s, kf.index) for s in scripts for kf in s.keyframes]
+    common = dict(
+        seed=job["train"]["seed"],
+        r_batch=e["r_precision_batch"],
+        diversity_pairs=e["diversity_pairs"],
+        diversity_space=e["diversity_space"],
+    )
+    if e["gt_reference"] == "self":
+        metrics = evaluate_keyframes(gt.copy(), gt, texts, evaluator, n_valid=len(gt), n_total=len(gt), **common)
+    else:
+        metrics = evaluate_reference(gt, reference, texts, evaluator, **common)
+    out = {f"test/{k}": float(v) for k, v in metrics.items()}
+    out["test/n_scored"] = float(len(gt))
+    out["test/n_reference"] = float(len(reference))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,10 +281,11 @@ def worker_loop(config: dict[str, Any]) -> None:
         metrics: dict[str, float] = {}
         if rank == 0:
             evaluator = load_registered(tr.get("uri"), eval_cfg["evaluator"], device)
-            metrics, extras = evaluate_split(None, None, test_scripts, job, evaluator, device)
+            metrics = evaluate_gt_row(test_scripts, val_scripts, job, evaluator)
             if client:
                 tracking.log_metrics(client, run_id, metrics, step=0)
                 client.set_tag(run_id, "facelab.baseline", "gt")
+                client.set_tag(run_id, "facelab.gt_reference", eval_cfg["gt_reference"])
         ray.train.report({**metrics, "epoch": 0})
         return
 

@@ -20,6 +20,28 @@ def resolve_base_model(name: str, root: Path | None) -> str:
     return name
 
 
+def missing_base_model(name: str, path: str, exc: Exception) -> str:
+    """Why ``model.base_model`` could not be loaded offline, naming what to download (runs never download)."""
+    what = exc.__class__.__name__
+    if "/" in name and not Path(path).exists():  # a Hugging Face id, absent from the local cache
+        return (
+            f"model.base_model {name!r} is not in the local Hugging Face cache ({what}); runs never download: "
+            f"fetch it first with `hf download {name}` (huggingface_hub's CLI, into the cache HF_HOME / "
+            "HF_HUB_CACHE name), or give a local model directory; the CPU grid is sweeps/keyframe_lora_tiny.yaml"
+        )
+    return (
+        f"model.base_model {name!r}: cannot load it offline ({what}); give a model directory, a Hugging Face "
+        "id already in the local cache (`hf download ID`), or run `dvc repro tiny_lm` for the default"
+    )
+
+
+def serve_decode(job: dict) -> str:
+    """How a served model decodes (``eval.serve_decode``; a checkpoint older than that key serves as its
+    ``eval.decode`` said)."""
+    e = job["eval"]
+    return e.get("serve_decode") or e["decode"]
+
+
 def _dtype(setting: str, device) -> torch.dtype:
     if setting == "bfloat16" or (setting == "auto" and torch.device(device).type == "cuda"):
         return torch.bfloat16
@@ -39,10 +61,7 @@ def build_keyframe_lm(job: dict, root: Path | None, device, trainable: bool = Tr
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=_dtype(m["dtype"], device))
     except OSError as exc:
-        raise ckpt.CheckpointError(
-            f"model.base_model {m['base_model']!r}: cannot load it offline ({exc.__class__.__name__}); give a model "
-            "directory, a Hugging Face id already in the local cache, or run `dvc repro tiny_lm` for the default"
-        ) from None
+        raise ckpt.CheckpointError(missing_base_model(m["base_model"], path, exc)) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     label = getattr(model.config, "facelab_label", None)
@@ -93,17 +112,20 @@ class ServableKeyframeLM:
     """A loaded keyframe model answering whole scripts (Algorithm 1: one request per keyframe)."""
 
     def __init__(self, model, tokenizer, job: dict):
+        import threading
+
         self.model, self.tokenizer, self.job = model, tokenizer, job
+        self._counting = threading.Lock()  # guards the counting copy of the tokenizer
+        self._count_tok = None
+        self._answer_tokens = None
 
     @property
     def label(self) -> str | None:
         base = getattr(self.model, "get_base_model", lambda: self.model)()
         return getattr(base.config, "facelab_label", None)
 
-    def keyframes(self, background: str, emotion: str, descriptions: list[str]):
-        """Generate one ParseResult per keyframe description (the descriptions fill the job's annotation type)."""
+    def _script(self, background: str, emotion: str, descriptions: list[str]):
         from facelab.data.keyframeface import Keyframe, Script
-        from facelab.families.keyframe_lm.generate import generate_keyframes
         from facelab.families.keyframe_lm.loop import prompt_config
 
         cfg = prompt_config(self.job)
@@ -111,7 +133,65 @@ class ServableKeyframeLM:
             Keyframe(index=i + 1, descriptions={"original": d, cfg.annotation: d}, values=torch.zeros(61).numpy())
             for i, d in enumerate(descriptions)
         )
-        script = Script(script_id="request", actor="unknown", background=background, emotion=emotion, keyframes=kfs)
+        return cfg, Script(script_id="request", actor="unknown", background=background, emotion=emotion, keyframes=kfs)
+
+    def prompt_tokens(self, request: dict) -> dict:
+        """How long the prompts of a ``/v1/keyframes`` request are, against what this model takes —
+        counted before any generation, without the model: ``{"prompt": tokens of the longest of its
+        per-keyframe prompts (each holds the whole script), "limit": the most a prompt may have,
+        "why": what sets the limit, "fields": tokens per request field}``. The limit is the job's
+        ``prompt.max_tokens`` (prompt + answer, as in training) or the model's maximum length, whichever
+        is smaller, less the answer's tokens (the constrained skeleton, or ``eval.max_new_tokens`` in plain
+        mode). Counted on a private copy of the tokenizer: a fast tokenizer must not serve two threads
+        at once, and generation may be using the model's."""
+        import copy
+
+        from facelab.families.keyframe_lm.data import answer_ids, prompt_ids
+        from facelab.families.keyframe_lm.prompts import answer_text, build_messages
+
+        background, emotion, descriptions = request["background"], request["emotion"], list(request["keyframes"])
+        cfg, script = self._script(background, emotion, descriptions)
+        with self._counting:
+            if self._count_tok is None:
+                self._count_tok = copy.deepcopy(self.tokenizer)
+            tok = self._count_tok
+            if self._answer_tokens is None:
+                if serve_decode(self.job) == "plain":
+                    self._answer_tokens = int(self.job["eval"]["max_new_tokens"])
+                else:  # the longest answer the skeleton allows: every value at its most characters
+                    from facelab.data.arkit import LOW
+
+                    widest = [-0.55 if lo < 0 else 0.55 for lo in LOW]
+                    self._answer_tokens = len(answer_ids(tok, answer_text(widest, 1, cfg))) + 1
+            fields = {"background": background, "emotion": emotion}
+            fields.update({f"keyframes.{i}": d for i, d in enumerate(descriptions)})
+            counts = {k: len(tok(v, add_special_tokens=False)["input_ids"]) for k, v in fields.items()}
+            prompt = max(len(prompt_ids(tok, build_messages(script, k, cfg))) for k in range(1, len(descriptions) + 1))
+        base = getattr(self.model, "get_base_model", lambda: self.model)()
+        model_max = int(getattr(base.config, "max_position_embeddings", 0) or 0)
+        tok_max = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(tok_max, int) and 0 < tok_max < 10**7:
+            model_max = min(model_max, tok_max) if model_max else tok_max
+        job_max = int(self.job["prompt"]["max_tokens"])
+        total, why = (
+            (job_max, f"prompt.max_tokens={job_max}")
+            if not model_max or job_max <= model_max
+            else (model_max, f"the model's maximum length {model_max}")
+        )
+        return {
+            "prompt": prompt,
+            "limit": total - self._answer_tokens,
+            "why": f"{why} for prompt + answer, less {self._answer_tokens} answer tokens",
+            "fields": counts,
+        }
+
+    def keyframes(self, background: str, emotion: str, descriptions: list[str], should_stop=None):
+        """Generate one ParseResult per keyframe description (the descriptions fill the job's annotation
+        type). ``should_stop`` (optional): asked between decoding steps; True stops generation with a
+        ``TimeoutError`` (:class:`~.generate.GenerationStopped`)."""
+        from facelab.families.keyframe_lm.generate import generate_keyframes
+
+        cfg, script = self._script(background, emotion, descriptions)
         e = self.job["eval"]
         with torch.no_grad():
             return generate_keyframes(
@@ -119,9 +199,10 @@ class ServableKeyframeLM:
                 self.tokenizer,
                 [script],
                 cfg,
-                mode=e["decode"],
+                mode=serve_decode(self.job),
                 max_new_tokens=e["max_new_tokens"],
                 batch_size=e["batch_size"],
+                should_stop=should_stop,
             )[0]
 
 

@@ -1,9 +1,10 @@
 """The Express4D-MDM per-worker training loop (Ray Train): setup → (resume) → train/validate → test → checkpoint.
 
 The KeyframeFace Table 3 baseline (:mod:`facelab.families.keyframe_mdm.model`): a transformer denoiser
-trained with MDM's objective (Tevet et al. 2023, §3: predict ``x_0``, MSE, condition dropped with
-probability ``model.cond_drop``) on whole scripts — one training example is one script's 1–5
-keyframes. The loop mirrors :mod:`facelab.families.keyframe_lm.loop` (the LoRA worker): plain PyTorch plus
+trained with the DDPM objective (the paper's baseline: predict ε; ``model.prediction: x0`` is MDM's
+clean-sample objective; MSE, condition dropped with probability ``model.cond_drop``) on one example
+per keyframe with its own prompt (``model.unit: keyframe``; ``script``: one script's 1–5 keyframes
+denoised jointly). The loop mirrors :mod:`facelab.families.keyframe_lm.loop` (the LoRA worker): plain PyTorch plus
 ``ray.train.report``; DDP through ``ray.train.torch.prepare_model`` when there is more than one
 worker; a DistributedSampler over the training scripts; validation sums all-reduced so every rank
 reports the same numbers; rank 0 alone writes checkpoints (safetensors, the frozen text encoder
@@ -19,9 +20,10 @@ Choices (MDM §4 where it applies):
 * ``val/loss`` — the mean per-script denoising loss on the val split, conditional (no drops),
   with timesteps and noise from a generator seeded by :data:`VAL_SEED` (and the rank): every
   epoch, and every trial of a sweep, is scored on the same noisy inputs.
-* Test keyframes are sampled with ``eval.sampling_steps`` respaced steps and guidance
-  ``eval.guidance_scale`` (MDM: 2.5), noise from a generator seeded by ``train.seed``; a diffusion
-  sample is always a valid vector, so ``test/validity`` is 1. The evaluator texts are
+* Test keyframes are sampled with ``eval.sampling_steps`` steps (the paper's baseline: all 1000;
+  fewer are respaced) and guidance ``eval.guidance_scale`` (MDM: 2.5), ``eval.batch_size`` examples
+  at a time, noise from a generator seeded by ``train.seed``; a diffusion sample is always a valid
+  vector, so ``test/validity`` is 1. Diversity is measured in ``eval.diversity_space``. The evaluator texts are
   :func:`facelab.data.keyframeface.keyframe_text` with the ``original`` annotation, as the
   ``keyframe`` loop scores them, so the two families' rows are comparable.
 """
@@ -46,7 +48,7 @@ VAL_SEED = 0
 
 
 class ScriptDataset(Dataset):
-    """Whole scripts: MDM denoises all keyframes of a script together."""
+    """The training examples: one-keyframe scripts (``model.unit: keyframe``) or whole scripts."""
 
     def __init__(self, scripts):
         self.scripts = list(scripts)
@@ -100,9 +102,11 @@ def validation_loss(
 
 
 def sample_split(model, scripts, job: dict) -> np.ndarray:
-    """Sampled keyframes of every script, stacked in script/keyframe order: float32 (N, 61)."""
+    """Sampled keyframes of every script, stacked in script/keyframe order: float32 (N, 61); batches of
+    ``eval.batch_size`` examples (keyframes with ``model.unit: keyframe``)."""
     e = job["eval"]
     gen = torch.Generator().manual_seed(job["train"]["seed"])
+    scripts = model.examples(scripts)
     out = []
     for i in range(0, len(scripts), e["batch_size"]):
         out += model.sample(
@@ -132,6 +136,7 @@ def evaluate_split(model, scripts, job: dict, evaluator) -> tuple[dict, dict]:
         seed=job["train"]["seed"],
         r_batch=e["r_precision_batch"],
         diversity_pairs=e["diversity_pairs"],
+        diversity_space=e["diversity_space"],
     )
     out = {f"test/{k}": float(v) for k, v in metrics.items()}
     out["test/gen_time_s"] = gen_time
@@ -164,10 +169,17 @@ def worker_loop(config: dict[str, Any]) -> None:
     seed_everything(train_cfg["seed"])
     train_scripts, val_scripts, test_scripts = load_scripts(data_dir, job)
     per_worker = max(1, optim_cfg["batch_size"] // world)
-    if len(train_scripts) < per_worker * world:
+    unit = job["model"]["unit"]
+    if unit == "keyframe":  # the paper's baseline: one example (and one prompt) per keyframe
+        from facelab.families.keyframe_mdm.model import keyframe_units
+
+        train_examples, val_examples = keyframe_units(train_scripts), keyframe_units(val_scripts)
+    else:
+        train_examples, val_examples = list(train_scripts), list(val_scripts)
+    if len(train_examples) < per_worker * world:
         raise ValueError(
             f"optim.batch_size {optim_cfg['batch_size']} needs at least {per_worker * world} training "
-            f"scripts; the train split has {len(train_scripts)}"
+            f"{unit}s; the train split has {len(train_examples)}"
         )
 
     # ---- setup -------------------------------------------------------------------------------
@@ -177,7 +189,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     if client:
         client.log_metric(run_id, "model/trainable_params", sum(p.numel() for p in params))
-    steps_per_epoch = len(train_scripts) // (per_worker * world)
+    steps_per_epoch = len(train_examples) // (per_worker * world)
     if train_cfg["max_steps_per_epoch"]:
         steps_per_epoch = min(steps_per_epoch, train_cfg["max_steps_per_epoch"])
     opt = torch.optim.AdamW(params, lr=optim_cfg["lr"], weight_decay=optim_cfg["weight_decay"])
@@ -191,12 +203,12 @@ def worker_loop(config: dict[str, Any]) -> None:
         if world > 1
         else model
     )
-    train_ds = ScriptDataset(train_scripts)
+    train_ds = ScriptDataset(train_examples)
     sampler = DistributedSampler(
         train_ds, num_replicas=world, rank=rank, shuffle=True, seed=train_cfg["seed"], drop_last=True
     )
     loader = DataLoader(train_ds, batch_size=per_worker, sampler=sampler, drop_last=True, collate_fn=_as_list)
-    val_mine = val_scripts[rank::world]
+    val_mine = val_examples[rank::world]
 
     epochs = train_cfg["epochs"]
     for epoch in range(rt.start_epoch, epochs):

@@ -3,16 +3,24 @@
 KeyframeFace (Wu et al. 2025, "KeyframeFace: From Text to Expressive Facial Keyframes", Table 3)
 compares against the Motion Diffusion Model (MDM; Tevet et al. 2023, "Human Motion Diffusion
 Model", ICLR) as Express4D adapted it to faces: a transformer denoiser trained with the DDPM
-objective to predict the clean sample, conditioned on a frozen text encoder, sampled with
-classifier-free guidance. This module is that model for the platform's data: a script's 1–5
-keyframes of 61 ARKit values (:mod:`facelab.data.keyframeface`).
+objective, conditioned on a frozen text encoder, sampled with classifier-free guidance. This
+module is that model for the platform's data: keyframes of 61 ARKit values
+(:mod:`facelab.data.keyframeface`).
+
+The paper's baseline (the defaults): the denoiser predicts the Gaussian noise ε
+(``model.prediction: eps``), it is trained on one prompt per keyframe -- every keyframe is its own
+example (``model.unit: keyframe``) -- and sampled with the full chain of 1000 steps
+(``eval.sampling_steps: 1000``). MDM's own choices stay options: ``prediction: x0`` (the clean
+sample), ``unit: script`` (a script's keyframes denoised jointly) and respaced sampling with fewer
+steps.
 
 What follows MDM (section numbers of Tevet et al. 2023):
 
-* §3 "Framework" — the denoiser ``G(x_t, t, c)`` predicts the clean sample ``x̂_0`` (not ε); the
-  objective is ``L_simple = E ||x_0 − G(x_t, t, c)||²`` (MDM Eq. 2), with ``x_t ~ q(x_t | x_0)``
-  of Ho et al. 2020 (Eq. 4) and ``t`` uniform in ``0..T−1``. ``model.prediction: eps`` switches to
-  Ho et al.'s ε-objective instead (for ablations).
+* §3 "Framework" — with ``model.prediction: x0`` the denoiser ``G(x_t, t, c)`` predicts the clean
+  sample ``x̂_0``, objective ``L_simple = E ||x_0 − G(x_t, t, c)||²`` (MDM Eq. 2), with
+  ``x_t ~ q(x_t | x_0)`` of Ho et al. 2020 (Eq. 4) and ``t`` uniform in ``0..T−1``; with
+  ``eps`` (the default, KeyframeFace's baseline) it predicts ε, Ho et al.'s ``E ||ε − G(x_t, t, c)||²``,
+  and ``x̂_0`` is recovered from it while sampling.
 * §3 "Model" — a transformer *encoder* ("trans_enc" of the reference code): the noise step ``t``
   goes through a sinusoidal embedding and a two-layer MLP (MDM's ``TimestepEmbedder``), the
   pooled text feature through a linear layer (``embed_text``); their sum is one extra token
@@ -29,7 +37,9 @@ What follows MDM (section numbers of Tevet et al. 2023):
 
 Adaptations to keyframes (our choices; MDM and the KeyframeFace paper do not specify them):
 
-* **The "motion" is the script's keyframe sequence.** MDM denoises ``N`` frames of a pose
+* **The "motion".** ``model.unit: keyframe`` (the default): one keyframe, alone, with its own
+  prompt (:func:`keyframe_units`: a one-keyframe script keeping the emotion and background), as the
+  paper trains its baseline. ``model.unit: script``: MDM denoises ``N`` frames of a pose
   sequence at once; here the ``K ≤ 5`` keyframes of a script (``K × 61``) are denoised jointly, so
   the keyframes of one script can agree with each other. Scripts with fewer keyframes are padded
   to the batch's longest; padding tokens are masked as attention keys and left out of the loss
@@ -119,8 +129,9 @@ class MDMError(ValueError):
 
 
 def mdm_config(job: dict) -> MDMConfig:
-    """The typed config from a resolved ``keyframe_mdm`` job dict (its ``model`` section)."""
-    return MDMConfig(**job["model"])
+    """The typed config from a resolved ``keyframe_mdm`` job dict (its ``model`` section). A checkpoint
+    saved before ``model.unit`` existed denoised whole scripts: it loads as ``unit: script``."""
+    return MDMConfig(**{"unit": "script", **job["model"]})
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,6 +278,20 @@ def keyframe_description(script: Script, k: int, annotation: str) -> str:
     if desc is None:
         raise DataError(f"script {script.script_id!r} keyframe {k}: no {annotation!r} description")
     return desc.strip()
+
+
+def keyframe_units(scripts: Sequence[Script]) -> list[Script]:
+    """Every keyframe as its own one-keyframe script (``model.unit: keyframe``, the paper's baseline: one
+    prompt per keyframe): its descriptions and values, the script's emotion and background, index 1;
+    in script / keyframe order, so their values stack like the scripts' (a one-keyframe script maps
+    to itself)."""
+    from dataclasses import replace
+
+    return [
+        s if len(s.keyframes) == 1 else replace(s, keyframes=(replace(kf, index=1),))
+        for s in scripts
+        for kf in s.keyframes
+    ]
 
 
 class KeyframeMDM(nn.Module):
@@ -450,14 +475,20 @@ class KeyframeMDM(nn.Module):
         sq = torch.where(m, (out - target) ** 2, torch.zeros_like(out))  # where, not *, so padding can't leak NaN
         return sq.sum(dim=(1, 2)) / (cond.mask.sum(dim=1) * N_CHANNELS)
 
+    def examples(self, scripts: Sequence[Script]) -> list[Script]:
+        """The examples ``scripts`` make: one per keyframe (:func:`keyframe_units`) with ``unit: keyframe``,
+        the scripts themselves with ``unit: script``."""
+        return keyframe_units(scripts) if self.cfg.unit == "keyframe" else list(scripts)
+
     def losses(self, scripts: Sequence[Script], annotation: str, generator: torch.Generator | None = None) -> dict:
-        """``{"loss": scalar, "per_script": (B,)}`` for a batch of scripts.
+        """``{"loss": scalar, "per_script": (B,)}`` for a batch of scripts, one loss per example
+        (:meth:`examples`: per keyframe with ``unit: keyframe``).
 
         ``t ~ U{0..T−1}``, ``ε ~ N(0, I)`` and, in training mode, the condition drops (probability
         ``cfg.cond_drop``) come from ``generator`` (CPU; the global RNG when None). In eval mode
         nothing is dropped: a fixed generator then gives a comparable validation loss.
         """
-        x0, cond = self.prepare(scripts, annotation)
+        x0, cond = self.prepare(self.examples(scripts), annotation)
         b = x0.shape[0]
         t = torch.randint(0, self.cfg.diffusion_steps, (b,), generator=generator).to(x0.device)
         noise = torch.randn(tuple(x0.shape), generator=generator).to(x0.device)
@@ -488,16 +519,25 @@ class KeyframeMDM(nn.Module):
 
     @torch.no_grad()
     def sample_normalised(
-        self, cond: Conditioning, steps: int, guidance_scale: float, generator: torch.Generator | None = None
+        self,
+        cond: Conditioning,
+        steps: int,
+        guidance_scale: float,
+        generator: torch.Generator | None = None,
+        should_stop=None,
     ) -> Tensor:
         """Ancestral sampling (Ho et al. Algorithm 2) over the respaced chain → z-scored ``x_0`` (B, K, 61).
 
-        Noise order: ``x_T`` first, then one draw per step ``i > 0`` (no noise at the last step)."""
+        Noise order: ``x_T`` first, then one draw per step ``i > 0`` (no noise at the last step).
+        ``should_stop`` (optional, no arguments) is asked before every denoising step; True raises
+        ``TimeoutError`` (a server's request deadline passed: nobody waits for the answer)."""
         diffusion = self.spaced(steps)
         b, k = cond.mask.shape
         device = self.feat_mean.device
         x = torch.randn(b, k, N_CHANNELS, generator=generator).to(device)
         for i in reversed(range(diffusion.num_timesteps)):
+            if should_stop is not None and should_stop():
+                raise TimeoutError(f"sampling stopped with {i + 1} of {diffusion.num_timesteps} steps left")
             idx = torch.full((b,), i, dtype=torch.long)
             x0 = self.predict_x0(x, idx, cond, guidance_scale, diffusion)
             mean, var = diffusion.q_posterior(x0, x, idx)
@@ -514,18 +554,26 @@ class KeyframeMDM(nn.Module):
         steps: int,
         guidance_scale: float,
         generator: torch.Generator | None = None,
+        should_stop=None,
     ) -> list[np.ndarray]:
         """Keyframes for each script: float32 ``(K_i, 61)`` arrays, finite and in the channel ranges.
 
-        Only the scripts' texts and keyframe counts are used (their values are ignored). Runs in
-        eval mode (the module's mode is restored)."""
+        Only the scripts' texts and keyframe counts are used (their values are ignored). With
+        ``unit: keyframe`` every keyframe is sampled alone (:meth:`examples`), all in one batch. Runs in
+        eval mode (the module's mode is restored). ``should_stop``: see :meth:`sample_normalised`."""
         if guidance_scale < 0 or not math.isfinite(guidance_scale):
             raise MDMError(f"guidance_scale must be finite and >= 0, got {guidance_scale!r}")
         space_timesteps(self.cfg.diffusion_steps, steps)  # validates steps
+        units = self.examples(scripts)
         with self._eval_mode(), torch.no_grad():
-            _x0, cond = self.prepare(scripts, annotation)
-            values = self.denormalise(self.sample_normalised(cond, steps, guidance_scale, generator)).cpu().numpy()
-        return [values[b, : len(s.keyframes)].astype(np.float32) for b, s in enumerate(scripts)]
+            _x0, cond = self.prepare(units, annotation)
+            x0 = self.sample_normalised(cond, steps, guidance_scale, generator, should_stop)
+            values = self.denormalise(x0).cpu().numpy()
+        per_unit = [values[b, : len(s.keyframes)].astype(np.float32) for b, s in enumerate(units)]
+        if self.cfg.unit != "keyframe":
+            return per_unit
+        ends = np.cumsum([len(s.keyframes) for s in scripts])
+        return [np.concatenate(per_unit[e - len(s.keyframes) : e]) for s, e in zip(scripts, ends)]
 
 
 def build_keyframe_mdm(job: dict, feat_mean, feat_std, text_encoder=None) -> KeyframeMDM:
@@ -568,13 +616,51 @@ class ServableKeyframeMDM:
     label = None  # no base-model label: the denoiser is trained from scratch
 
     def __init__(self, model: KeyframeMDM, config: dict):
+        import threading
+
         self.model, self.config = model, config
+        self._count_lock, self._count_tok = threading.Lock(), None  # prompt_tokens' own tokenizer copy
+
+    def prompt_tokens(self, request: dict) -> dict:
+        """Token counts of a ``/v1/keyframes`` request against the frozen text encoder: ``{"prompt": the
+        longest encoder input it makes ("emotion background", or a description), "limit": the encoder's
+        maximum length, "why", "read": model.max_text_tokens (inputs are truncated to that), "fields":
+        tokens per request field}``. Counted on a private copy of the tokenizer (thread safety)."""
+        import copy
+
+        fields = {"background": request["background"], "emotion": request["emotion"]}
+        fields.update({f"keyframes.{i}": d for i, d in enumerate(request["keyframes"])})
+        script = " ".join(p for p in (request["emotion"].strip(), request["background"].strip()) if p)
+        with self._count_lock:
+            if self._count_tok is None:
+                self._count_tok = copy.deepcopy(self.model.tokenizer)
+            n = lambda t: len(self._count_tok(t)["input_ids"])  # noqa: E731 - with [CLS] / [SEP], as encoded
+            counts = {k: n(v) for k, v in fields.items()}
+            prompt = max([n(script)] + [n(d.strip()) for d in request["keyframes"]])
+        enc = self.model.text_encoder.config
+        limit = int(getattr(enc, "max_position_embeddings", 0) or 0) or 512
+        tok_max = getattr(self.model.tokenizer, "model_max_length", None)
+        if isinstance(tok_max, int) and 0 < tok_max < limit:
+            limit = tok_max
+        return {
+            "prompt": prompt,
+            "limit": limit,
+            "why": f"the text encoder reads at most {limit} tokens",
+            "read": int(self.model.cfg.max_text_tokens),
+            "fields": counts,
+        }
 
     def keyframes(
-        self, background: str, emotion: str, descriptions: list[str], seed: int | None = None
+        self,
+        background: str,
+        emotion: str,
+        descriptions: list[str],
+        seed: int | None = None,
+        should_stop=None,
     ) -> list[ParseResult]:
-        """One result per keyframe description (of the job's annotation type), jointly sampled with
-        the job's ``eval.sampling_steps`` and ``eval.guidance_scale``. Deterministic: the noise
+        """One result per keyframe description (of the job's annotation type), sampled (each alone with
+        ``model.unit: keyframe``, jointly with ``script``) with the job's ``eval.sampling_steps`` and
+        ``eval.guidance_scale``. Deterministic: the noise
         comes from ``seed`` (default: the job's ``train.seed``). Always ``valid`` and nothing is
         clipped after the fact (``n_clipped = 0``): the last sampling step returns the clamped
         ``x̂_0`` itself (its posterior has ``ᾱ_prev = 1``), which is in range by construction (the final
@@ -587,7 +673,7 @@ class ServableKeyframeMDM:
         script = Script(script_id="request", actor="unknown", background=background, emotion=emotion, keyframes=kfs)
         e = self.config["eval"]
         gen = torch.Generator().manual_seed(self.config["train"]["seed"] if seed is None else seed)
-        values = self.model.sample([script], annotation, e["sampling_steps"], e["guidance_scale"], gen)[0]
+        values = self.model.sample([script], annotation, e["sampling_steps"], e["guidance_scale"], gen, should_stop)[0]
         return [
             ParseResult(values=v, valid=True, n_missing=0, n_unknown=0, n_clipped=0, error=None, keyframe=i + 1)
             for i, v in enumerate(values)

@@ -8,7 +8,10 @@ in the release's channel order (:data:`facelab.data.arkit.CHANNELS`):
   :func:`wasserstein` (W-Dist) and :func:`validity_rate`;
 * embedding space of the contrastive text–motion evaluator of Appendix C
   (the keyframe evaluator family, KeyframeFace Appendix C) — :func:`fid`, :func:`r_precision`,
-  :func:`mm_dist` ("MMD" in the paper's tables) and :func:`diversity`.
+  :func:`mm_dist` ("MMD" in the paper's tables);
+* :func:`diversity` in either space (:data:`DIVERSITY_SPACES`): by default on the raw ARKit values
+  (``"arkit"``), the space in which Table 3's values are possible (see :func:`evaluate_keyframes`),
+  or on the evaluator's unit-norm embeddings (``"embedding"``, where no distance exceeds 2).
 
 The embedding-space metrics follow the text-to-motion protocol they are named after: Guo et al.
 2022, "Generating Diverse and Natural 3D Human Motions from Text" (CVPR), §5 and its released
@@ -43,6 +46,8 @@ __all__ = [
     "diversity",
     "validity_rate",
     "evaluate_keyframes",
+    "evaluate_reference",
+    "DIVERSITY_SPACES",
 ]
 
 R_PRECISION_TOP_K = (1, 2, 3)
@@ -61,6 +66,11 @@ TEST_METRICS = (
     "diversity",
 )
 """What a keyframes-task worker loop reports as ``test/<name>`` (Tables 2-4 read them)."""
+
+DIVERSITY_SPACES = ("arkit", "embedding")
+"""Where :func:`diversity` is measured: ``arkit`` = the raw 61 ARKit values of the keyframes (the
+default: Table 3's Diversity of 2.95 is impossible on unit vectors), ``embedding`` = the evaluator's
+L2-normalised motion embeddings (the T2M protocol on this evaluator; every distance is at most 2)."""
 
 
 class KeyframeMetricError(ValueError):
@@ -292,7 +302,8 @@ def mm_dist(text_emb, motion_emb) -> float:
 def diversity(motion_emb, n_pairs: int = 300, seed: int = 0) -> float:
     """Diversity — Guo et al. 2022 (``calculate_diversity``, S_d = 300 pairs); KeyframeFace §5.3.
 
-    Two index lists of ``n = min(n_pairs, N)`` rows are drawn independently, each *without*
+    ``motion_emb`` ``(N, D)``: the vectors whose spread is measured -- raw ARKit keyframes
+    ``(N, 61)`` or evaluator embeddings (:data:`DIVERSITY_SPACES`). Two index lists of ``n = min(n_pairs, N)`` rows are drawn independently, each *without*
     replacement (``numpy.random.default_rng(seed)``), and the score is the mean Euclidean
     distance between the paired embeddings ``(1/n) sum_i ||x_{a_i} - x_{b_i}||``. As in T2M, a
     pair may pick the same row twice (distance 0), so for N points that are all ``d`` apart the
@@ -325,32 +336,50 @@ def evaluate_keyframes(
     seed: int = 0,
     r_batch: int = 32,
     diversity_pairs: int = 300,
+    diversity_space: str = "arkit",
 ) -> dict[str, float]:
     """Every §5.3 metric for predictions ``pred (N, 61)`` of ``gt (N, 61)`` described by ``texts`` (N).
 
     Keys: ``mse``, ``mae``, ``rmse`` (:func:`regression_errors`), ``w_dist`` (:func:`wasserstein`),
-    ``validity`` (:func:`validity_rate` of ``n_valid`` / ``n_total``) and, when ``evaluator`` is
-    given (anything with ``embed_texts`` and ``embed_motions``, e.g.
-    the keyframe evaluator family):
+    ``validity`` (:func:`validity_rate` of ``n_valid`` / ``n_total``), ``diversity`` when
+    ``diversity_space`` is ``"arkit"`` (:func:`diversity` of the predicted keyframes' raw values,
+    ``min(diversity_pairs, N)`` pairs; N >= 2) and, when ``evaluator`` is given (anything with
+    ``embed_texts`` and ``embed_motions``, e.g. the keyframe evaluator family) and N >= 2:
 
     * ``fid`` — :func:`fid` between the embeddings of ``pred`` and of ``gt``;
     * ``r_precision_1/2/3`` — :func:`r_precision` of the texts against the *predicted* keyframes'
       embeddings, batches of ``r_batch`` (one batch of N when ``N < r_batch``);
     * ``mmd`` — :func:`mm_dist` between the texts and the predicted keyframes' embeddings;
-    * ``diversity`` — :func:`diversity` of the predicted keyframes' embeddings, ``min(diversity_pairs, N)`` pairs.
+    * ``diversity`` when ``diversity_space`` is ``"embedding"`` — :func:`diversity` of the predicted
+      keyframes' (unit-norm) embeddings.
 
-    ``pred`` holds a row for every keyframe, valid or not (whatever the parser fell back to for
-    an invalid answer), so the error metrics include the failures; validity is reported beside
-    them. The "Real" row of the paper's tables is this function with ``pred = gt``. ``seed``
-    fixes R-Precision's shuffle and Diversity's pairs.
+    Why the raw ARKit values are the default space of Diversity: Table 3 reports a Diversity of 2.95,
+    and no two unit vectors are more than 2 apart, so it was not measured on the evaluator's
+    normalised embeddings. Nor, in all likelihood, on the unnormalised embedding FID is computed
+    in: a mean pair distance d means ``2 Tr(S) >= d^2`` (Tr(S) >= 4.35 for d = 2.95), and the
+    Fréchet distance of two independent samples of sizes a and b is at least its mean term, whose
+    expectation is ``Tr(S) (1/a + 1/b)``: 0.017 for two samples of ~500 keyframes (a 10% test split
+    against the val split) -- above the 0.0115 of Table 3's GT row before the covariance term, which
+    finite samples in 256 dimensions inflate far more (about 0.05 to 1 for simulated Gaussians of that
+    trace, even against a 4,000-keyframe sample). In ARKit units (52 values in [0, 1], 9 in
+    [-1, 1]; up to sqrt(88) ~ 9.4 apart) 2.95 is an ordinary spread. The release ships no
+    evaluation code to settle it (docs/fidelity.md).
+
+    ``pred`` holds a row for every scored keyframe (a caller that drops unparseable answers passes
+    the kept rows of both arrays), so the error metrics include whatever the parser fell back to;
+    validity is reported beside them. ``seed`` fixes R-Precision's shuffle and Diversity's pairs.
     """
+    if diversity_space not in DIVERSITY_SPACES:
+        raise KeyframeMetricError(f"diversity_space must be one of {DIVERSITY_SPACES}, got {diversity_space!r}")
     p, g = _pair(pred, gt)
     if len(texts) != p.shape[0]:
         raise KeyframeMetricError(f"{len(texts)} texts for {p.shape[0]} keyframes")
     out = dict(regression_errors(p, g))
     out["w_dist"] = wasserstein(p, g)
     out["validity"] = validity_rate(n_valid, n_total)
-    if evaluator is None:
+    if diversity_space == "arkit" and p.shape[0] >= 2:
+        out["diversity"] = diversity(p, n_pairs=diversity_pairs, seed=seed)
+    if evaluator is None or p.shape[0] < 2:
         return out
     text_emb = np.asarray(evaluator.embed_texts(list(texts)), dtype=np.float64)  # (N, D)
     pred_emb = np.asarray(evaluator.embed_motions(p.astype(np.float32)), dtype=np.float64)  # (N, D)
@@ -359,7 +388,57 @@ def evaluate_keyframes(
     for k, v in r_precision(text_emb, pred_emb, batch=r_batch, top_k=R_PRECISION_TOP_K, seed=seed).items():
         out[f"r_precision_{k}"] = v
     out["mmd"] = mm_dist(text_emb, pred_emb)
-    out["diversity"] = diversity(pred_emb, n_pairs=diversity_pairs, seed=seed)
+    if diversity_space == "embedding":
+        out["diversity"] = diversity(pred_emb, n_pairs=diversity_pairs, seed=seed)
+    return out
+
+
+def evaluate_reference(
+    gt,
+    reference,
+    texts: Sequence[str],
+    evaluator: KeyframeEmbedder | None,
+    *,
+    seed: int = 0,
+    r_batch: int = 32,
+    diversity_pairs: int = 300,
+    diversity_space: str = "arkit",
+) -> dict[str, float]:
+    """The GT ("Real") row of Table 3: ground truth scored against a *different* sample of ground truth.
+
+    ``gt (N, 61)`` are the test keyframes described by ``texts``; ``reference (M, 61)`` another
+    sample of real keyframes, disjoint from ``gt`` (e.g. the val split, or the other half of the
+    test split). The distribution metrics compare the two samples -- ``w_dist`` =
+    :func:`wasserstein` (reference, gt) and, with an evaluator, ``fid`` = :func:`fid` of their
+    embeddings -- so they are the sampling-noise floor of the model rows (> 0, as the paper's
+    0.0115 / 0.0055), not the 0 that scoring ``gt`` against itself gives. The alignment metrics are
+    those of the ground truth itself: ``r_precision_1/2/3`` and ``mmd`` of ``texts`` against the
+    embeddings of ``gt``, and ``diversity`` of ``gt`` (in ``diversity_space``). ``validity`` is 1.
+    MSE / MAE / RMSE pair row i with row i: two different samples have no such pairing, so they
+    are not reported.
+    """
+    if diversity_space not in DIVERSITY_SPACES:
+        raise KeyframeMetricError(f"diversity_space must be one of {DIVERSITY_SPACES}, got {diversity_space!r}")
+    g = _matrix(gt, "gt", 2)
+    ref = _matrix(reference, "reference", 2)
+    if ref.shape[1] != g.shape[1]:
+        raise KeyframeMetricError(f"reference has {ref.shape[1]} channels, gt {g.shape[1]}")
+    if len(texts) != g.shape[0]:
+        raise KeyframeMetricError(f"{len(texts)} texts for {g.shape[0]} keyframes")
+    out = {"w_dist": wasserstein(ref, g), "validity": 1.0}
+    if diversity_space == "arkit":
+        out["diversity"] = diversity(g, n_pairs=diversity_pairs, seed=seed)
+    if evaluator is None:
+        return out
+    text_emb = np.asarray(evaluator.embed_texts(list(texts)), dtype=np.float64)  # (N, D)
+    gt_emb = np.asarray(evaluator.embed_motions(g.astype(np.float32)), dtype=np.float64)  # (N, D)
+    ref_emb = np.asarray(evaluator.embed_motions(ref.astype(np.float32)), dtype=np.float64)  # (M, D)
+    out["fid"] = fid(ref_emb, gt_emb)
+    for k, v in r_precision(text_emb, gt_emb, batch=r_batch, top_k=R_PRECISION_TOP_K, seed=seed).items():
+        out[f"r_precision_{k}"] = v
+    out["mmd"] = mm_dist(text_emb, gt_emb)
+    if diversity_space == "embedding":
+        out["diversity"] = diversity(gt_emb, n_pairs=diversity_pairs, seed=seed)
     return out
 
 
