@@ -294,25 +294,27 @@ def test_replica_killed_under_load_is_replaced(secured, api_key):
 
     n_clients = 6
     with ThreadPoolExecutor(n_clients) as ex:
-        for i in range(n_clients):
-            ex.submit(client, i)
-        time.sleep(5)
-        victim = sorted(before)[0]
-        t_kill = time.time()
-        os.kill(victim, signal.SIGKILL)  # a replica of *this* server (found in its own session)
-        deadline = t_kill + 180
-        while time.time() < deadline:
-            now = secured.replica_pids()
-            if len(now) == 2 and victim not in now:
-                break
-            time.sleep(0.5)
-        t_new = time.time()
-        new = secured.replica_pids() - before
-        assert new, f"no replacement replica within 180 s: {secured.replica_pids()}"
-        time.sleep(15)  # the new replica loads the model and passes its health check
-        t_recovered = time.time()
-        time.sleep(8)  # post-recovery load
-        stop.set()
+        try:
+            for i in range(n_clients):
+                ex.submit(client, i)
+            time.sleep(5)
+            victim = sorted(before)[0]
+            t_kill = time.time()
+            os.kill(victim, signal.SIGKILL)  # a replica of *this* server (found in its own session)
+            deadline = t_kill + 180
+            while time.time() < deadline:
+                now = secured.replica_pids()
+                if len(now) == 2 and victim not in now:
+                    break
+                time.sleep(0.5)
+            t_new = time.time()
+            new = secured.replica_pids() - before
+            assert new, f"no replacement replica within 180 s: {secured.replica_pids()}"
+            time.sleep(15)  # the new replica loads the model and passes its health check
+            t_recovered = time.time()
+            time.sleep(8)  # post-recovery load
+        finally:
+            stop.set()
 
     kill_window = [r for r in results if r[1] >= t_kill and r[0] < t_recovered]
     errors = [r for r in kill_window if r[2] != 200]
@@ -423,22 +425,26 @@ def test_broken_promotion_is_refused_and_the_champion_keeps_serving(project, sec
 
     refused: dict[str, str] = {}
     broken: list[str] = []
+    # The clients stop on every way out of the block: a failed wait must fail the test, not leave
+    # four threads looping (the executor joins them on exit, and the interpreter at shutdown).
     with ThreadPoolExecutor(4) as ex:
-        for i in range(4):
-            ex.submit(client, i)
-        time.sleep(3)
-        for alter in (missing_file, wrong_shapes, nan_weights):
-            v = _register_variant(project, name, first["version"], alter)
-            broken.append(v)
-            h = wait_for(lambda h: v in h["refused"], f"refusal of version {v} ({alter.__name__})")
-            assert h["version"] == first["version"], h
-            refused[alter.__name__] = h["refused"][v]
-        good = _register_variant(project, name, first["version"], unchanged)
-        t_good = time.time()
-        wait_for(lambda h: h["version"] == good, f"swap to good version {good}")
-        t_swapped = time.time()
-        time.sleep(3)
-        stop.set()
+        try:
+            for i in range(4):
+                ex.submit(client, i)
+            time.sleep(3)
+            for alter in (missing_file, wrong_shapes, nan_weights):
+                v = _register_variant(project, name, first["version"], alter)
+                broken.append(v)
+                h = wait_for(lambda h: v in h["refused"], f"refusal of version {v} ({alter.__name__})")
+                assert h["version"] == first["version"], h
+                refused[alter.__name__] = h["refused"][v]
+            good = _register_variant(project, name, first["version"], unchanged)
+            t_good = time.time()
+            wait_for(lambda h: h["version"] == good, f"swap to good version {good}")
+            t_swapped = time.time()
+            time.sleep(3)
+        finally:
+            stop.set()
 
     print("\nrefused:", json.dumps(refused, indent=1))
     print(

@@ -443,6 +443,21 @@ def cmd_serve(args) -> int:
         print("facelab: stopped during start-up (signal); nothing was served", flush=True)
         _stop_serve_and_ray()
         return 130
+    except RuntimeError as exc:  # the deployment failed: no replica could load a model
+        if args.debug:
+            raise
+        import re
+
+        text = str(exc)
+        why = re.findall(r"RuntimeError: (models:/\S+ cannot be loaded .*)", text)
+        _stop_serve_and_ray()
+        print(
+            "facelab: error: no replica could start: "
+            + (why[-1].strip() if why else text.strip().splitlines()[-1][:500] + " (--debug for the traceback)"),
+            file=sys.stderr,
+            flush=True,
+        )
+        return 2
     up.set()
     print(
         f"API key: {'required (X-API-Key header; from $' + args.api_key_env + ')' if api_key else 'none ($' + args.api_key_env + ' is unset)'}; "

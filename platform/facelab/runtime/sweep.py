@@ -95,7 +95,11 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
 
 def progress_reporter(spec: SweepSpec):
     """The table Tune prints while a sweep runs: the sweep's metric, the epoch, variant, seed and the
-    searched parameters (not Ray Train's internal columns), best first."""
+    searched parameters (not Ray Train's internal columns), in trial order.
+
+    Not ``sort_by_metric``: Tune's sort compares the metric of every finished trial, and a trial that
+    ended without reporting it (a ground-truth reference row, an errored trial) makes that compare
+    ``float < None`` and kills the sweep's driver; ``facelab report`` ranks the finished sweep."""
     from ray.tune import CLIReporter
 
     params = {"variant": "variant", "seed": "seed", **{f"params/{k}": k for k in spec.parameters}}
@@ -103,7 +107,6 @@ def progress_reporter(spec: SweepSpec):
     return CLIReporter(
         metric_columns={spec.metric.name: spec.metric.name, "epoch": "epoch"},
         parameter_columns=params,
-        sort_by_metric=True,
         max_report_frequency=30,
     )
 
