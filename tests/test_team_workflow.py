@@ -3,14 +3,20 @@ per searched setting (± over seeds only)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import yaml
 
+from facelab import cli
 from facelab.core.tracking import TrialRun
 from facelab.report import aggregate, render, searched_keys
 from facelab.spec.loading import SpecError, load_sweep
 
-from conftest import REPO, facelab
+from conftest import BIN, REPO, facelab
 
 
 def _trial(variant, seed, lr, cppl, status="FINISHED"):
@@ -113,3 +119,51 @@ def test_one_trained_model_gives_its_msl64_and_shuffle_rows():
     assert by["Shuffle"]["test/cppl"][0] == 3.0
     table = render(rows, [f"test/{m}" for m in six])
     assert "| CTEG (MSL = 64) | – | 2.000" in table
+
+
+# --------------------------------------------------------------------------------------------
+# Shell completion and -q/-v, through a real bash
+# --------------------------------------------------------------------------------------------
+
+
+def _complete(script: str, words: list[str], cwd: Path) -> list[str]:
+    """What bash offers after ``words`` (the last one is being typed), with the generated script."""
+    import shlex
+
+    line = " ".join(shlex.quote(w) for w in words)
+    prog = f"{script}\nCOMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; _facelab; printf '%s\\n' \"${{COMPREPLY[@]}}\""
+    out = subprocess.run(["bash", "-c", prog], cwd=cwd, capture_output=True, text=True, check=True)
+    return sorted(x for x in out.stdout.splitlines() if x)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
+def test_bash_completion_offers_commands_options_choices_and_files(tmp_path):
+    script = subprocess.run(
+        [str(BIN / "facelab"), "completion", "bash"], capture_output=True, text=True, check=True
+    ).stdout
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "mine.yaml").write_text("x: 1\n")
+    assert _complete(script, ["facelab", "sw"], tmp_path) == ["sweep"]
+    assert _complete(script, ["facelab", "data", "imp"], tmp_path) == ["import-emoava", "import-keyframeface"]
+    assert "--dry-run" in _complete(script, ["facelab", "sweep", "--d"], tmp_path)
+    assert _complete(script, ["facelab", "cp", ""], tmp_path) == ["family", "job", "sweep"]
+    annotation = ["facelab", "data", "import-keyframeface", "a.jsonl", "--annotation", ""]
+    assert _complete(script, annotation, tmp_path) == ["arkit", "image", "original"]
+    # options given earlier do not hide the command path; positionals complete file names
+    assert _complete(script, ["facelab", "--debug", "sweep", "sweeps/m"], tmp_path) == ["sweeps/mine.yaml"]
+    zsh = subprocess.run([str(BIN / "facelab"), "completion", "zsh"], capture_output=True, text=True, check=True)
+    assert zsh.stdout.startswith("autoload -U +X bashcompinit") and "complete -o filenames -F _facelab" in zsh.stdout
+
+
+def test_quiet_and_verbose_set_the_sweep_drivers_verbosity(monkeypatch):
+    from facelab.runtime import sweep
+
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_families", lambda args: seen.setdefault("v", os.environ.get("FACELAB_VERBOSITY")))
+    monkeypatch.delenv("FACELAB_VERBOSITY", raising=False)
+    cli.main(["-q", "families"])
+    assert seen.pop("v") == "-1" and sweep.verbosity() == -1
+    cli.main(["-vvv", "families"])  # capped at DEBUG
+    assert seen.pop("v") == "2" and sweep.verbosity() == 2
+    monkeypatch.setenv("FACELAB_VERBOSITY", "loud")
+    assert sweep.verbosity() == 0  # a bad value is the default, not a crash

@@ -905,6 +905,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors (accepted anywhere on the line)")
     p.add_argument("--version", action="version", version=f"facelab {_version()}")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        dest="verbosity",
+        action="count",
+        default=0,
+        help="more output: Ray's INFO logs and Tune's trial events (-vv: DEBUG)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        dest="verbosity",
+        action="store_const",
+        const=-1,
+        help="less output: no progress table, Ray errors only (results and errors are still printed)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("sweep", help="run a sweep YAML on Ray Tune + Train")
@@ -1153,7 +1169,23 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. 180)",
     )
     rk.set_defaults(fn=cmd_request_keyframes)
+
+    cm = sub.add_parser(
+        "completion",
+        help="print a shell completion script",
+        description="Completion for commands, options, choices and files. "
+        'Add to ~/.bashrc: eval "$(facelab completion bash)"   (zsh: eval "$(facelab completion zsh)")',
+    )
+    cm.add_argument("shell", choices=["bash", "zsh"], help="the shell")
+    cm.set_defaults(fn=lambda args: cmd_completion(args, p))
     return p
+
+
+def cmd_completion(args, parser: argparse.ArgumentParser) -> int:
+    from facelab.completion import script
+
+    print(script(parser, args.shell), end="")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1164,6 +1196,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
     args.debug = args.debug or debug
+    if args.verbosity:  # read by the sweep driver (and inherited by the processes it starts)
+        os.environ["FACELAB_VERBOSITY"] = str(max(-1, min(2, args.verbosity)))
     try:
         return args.fn(args)
     except KeyboardInterrupt:

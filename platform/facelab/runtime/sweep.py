@@ -353,8 +353,20 @@ def init_ray(address: str | None = None, dashboard: bool = False) -> None:
         log_to_driver=True,
         include_dashboard=dashboard,  # off by default: a local Ray starts faster without it
         configure_logging=True,
-        logging_level="WARNING",
+        logging_level=_RAY_LOG_LEVEL[verbosity()],
     )
+
+
+# `facelab -q` / `facelab -v` (the CLI sets FACELAB_VERBOSITY): how much Ray and Tune print.
+_RAY_LOG_LEVEL = {-1: "ERROR", 0: "WARNING", 1: "INFO", 2: "DEBUG"}
+
+
+def verbosity() -> int:
+    """-1 quiet, 0 default, 1 verbose, 2 debug-level logs (from FACELAB_VERBOSITY; bad values → 0)."""
+    try:
+        return max(-1, min(2, int(os.environ.get("FACELAB_VERBOSITY", "0"))))
+    except ValueError:
+        return 0
 
 
 TRIAL_CPU = 0.01  # the Tune trial function only drives the trainer (0 is rejected by Tune)
@@ -585,7 +597,11 @@ def run_sweep(
                     max_concurrent_trials=spec.max_concurrent_trials,
                 ),
                 run_config=tune.RunConfig(
-                    name=spec.name, storage_path=str(tune_dir), verbose=1, progress_reporter=progress_reporter(spec)
+                    name=spec.name,
+                    storage_path=str(tune_dir),
+                    # quiet: no progress table (the summary is still printed); verbose: Tune's trial events too
+                    verbose={-1: 0, 0: 1, 1: 2, 2: 3}[verbosity()],
+                    progress_reporter=progress_reporter(spec) if verbosity() >= 0 else None,
                 ),
             )
         results = tuner.fit()
