@@ -23,9 +23,8 @@ def _walk(parser: argparse.ArgumentParser, path: str, out: dict[str, dict[str, l
         elif action.option_strings:
             entry["opts"].extend(o for o in action.option_strings if o.startswith("--") or len(o) == 2)
             if action.choices:
-                out.setdefault(f"{path}\t{action.option_strings[-1]}", {"choices": [str(c) for c in action.choices]})
-                for o in action.option_strings:
-                    out[f"{path}\t{o}"] = out[f"{path}\t{action.option_strings[-1]}"]
+                choices = {"choices": [str(c) for c in action.choices]}
+                out.update({f"{path}\t{o}": choices for o in action.option_strings})
         elif action.choices and not entry["positional_choices"]:
             entry["positional_choices"] = [str(c) for c in action.choices]
 
