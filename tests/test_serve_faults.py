@@ -417,16 +417,18 @@ def test_broken_promotion_is_refused_and_the_champion_keeps_serving(project, sec
     def wait_for(pred, what: str, timeout: float = 120) -> dict:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            h = httpx.get(s.base + "/healthz", timeout=10).json()
+            # /healthz gives refused version numbers only; the reasons are behind the key at /v1/status
+            h = httpx.get(s.base + "/v1/status", headers=hdr, timeout=10).json()
             if pred(h):
                 return h
             time.sleep(0.5)
-        raise AssertionError(f"{what} not seen within {timeout:.0f}s; last /healthz: {h}\n" + s.log()[-3000:])
+        raise AssertionError(f"{what} not seen within {timeout:.0f}s; last /v1/status: {h}\n" + s.log()[-3000:])
 
     refused: dict[str, str] = {}
     broken: list[str] = []
     # The clients stop on every way out of the block: a failed wait must fail the test, not leave
     # four threads looping (the executor joins them on exit, and the interpreter at shutdown).
+    swapped = False
     with ThreadPoolExecutor(4) as ex:
         try:
             for i in range(4):
@@ -442,9 +444,16 @@ def test_broken_promotion_is_refused_and_the_champion_keeps_serving(project, sec
             t_good = time.time()
             wait_for(lambda h: h["version"] == good, f"swap to good version {good}")
             t_swapped = time.time()
+            swapped = True
             time.sleep(3)
         finally:
             stop.set()
+            if not swapped:
+                # a failure left a broken version as champion: give the alias back, so the module's
+                # next server (and its fallback) starts on the model the project promoted
+                tracking.client(tracking.default_tracking_uri(project)).set_registered_model_alias(
+                    name, "champion", first["version"]
+                )
 
     print("\nrefused:", json.dumps(refused, indent=1))
     print(
