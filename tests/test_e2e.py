@@ -4,6 +4,7 @@ promote → Ray Serve → HTTP. One project is built once (session fixture) and 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -128,9 +129,6 @@ def test_report_prints_table(quickstart):
     }
 
 
-@pytest.mark.xfail(
-    reason="fails on current main (cause not yet diagnosed; see the closing note of stop 24)", strict=False
-)
 def test_ls_status_and_report_out_from_the_store(quickstart, tmp_path):
     project, _ = quickstart
     sweeps = facelab(project, "ls", "sweeps").stdout
@@ -138,7 +136,11 @@ def test_ls_status_and_report_out_from_the_store(quickstart, tmp_path):
     status = facelab(project, "status", "quickstart").stdout
     assert "sweep 'quickstart' (FINISHED" in status and status.count("epoch 2/2") == 2
     assert "best so far: " in status
-    assert facelab(project, "ls", "runs", "quickstart").stdout == status
+    # the same table, up to the clock: "started 45s ago" reads 49s a few seconds later
+    ago = re.compile(r"started [^,)]* ago")
+    assert ago.sub("started … ago", facelab(project, "ls", "runs", "quickstart").stdout) == ago.sub(
+        "started … ago", status
+    )
     typo = facelab(project, "report", "quickstrat", check=False)
     assert typo.returncode == 2 and "did you mean 'quickstart'?" in typo.stderr and "Traceback" not in typo.stderr
     facelab(project, "report", "quickstart", "--no-log", "--out", str(tmp_path / "rep"))
