@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: quickstart keyframe-quickstart test test-all lint format install data clean-runs
+.PHONY: quickstart keyframe-quickstart test test-all lint format install data check-lock clean-runs
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+
+# The committed dvc.lock is complete and current: `dvc repro` in a fresh clone of HEAD rebuilds every
+# stage's output with the same content hash and leaves `git status` clean (`.ci/run` runs it).
+check-lock: $(STAMP)
+	@set -e; d=$$(mktemp -d); trap 'rm -rf "$$d"' EXIT; \
+	git clone -q . "$$d/p"; cd "$$d/p"; \
+	PYTHONPATH="$$d/p/platform" HF_HUB_DISABLE_PROGRESS_BARS=1 dvc repro -q >/dev/null; \
+	if ! git diff --exit-code --stat dvc.lock || [ -n "$$(git status --porcelain)" ]; then \
+	  git status --short; echo "dvc.lock is stale: run 'dvc repro' and commit dvc.lock"; exit 1; fi; \
+	echo "dvc.lock: complete and current ($$(grep -c '^  [a-z_]*:$$' dvc.lock) stages)"
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -58,7 +58,8 @@ def test_dvc_stage_built_and_locked(built_project):
 
 def test_quickstart_sweep_records_parent_and_children(quickstart):
     project, proc = quickstart
-    assert "best:" in proc.stdout
+    num = r"[0-9.]+(e[+-][0-9]+)?"
+    assert re.search(rf"best: (CTEG|w\.o\. EwA) \| seed=0 \(val/mse={num}  val/cppl={num}\)", proc.stdout), proc.stdout
     c = store(project)
     runs = runs_of(c, "quickstart")
     parents = [r for r in runs if r.data.tags.get("facelab.role") == "sweep"]
@@ -132,10 +133,11 @@ def test_report_prints_table(quickstart):
 def test_ls_status_and_report_out_from_the_store(quickstart, tmp_path):
     project, _ = quickstart
     sweeps = facelab(project, "ls", "sweeps").stdout
-    assert "quickstart" in sweeps and "2 trial(s)" in sweeps and "best val/cppl=" in sweeps
+    # ranked by val/mse, with the paper's Cppl shown beside it (sweeps/quickstart.yaml `show:`)
+    assert "quickstart" in sweeps and "2 trial(s)" in sweeps and re.search(r"best val/mse=\S+  val/cppl=\S", sweeps)
     status = facelab(project, "status", "quickstart").stdout
     assert "sweep 'quickstart' (FINISHED" in status and status.count("epoch 2/2") == 2
-    assert "best so far: " in status
+    assert "best so far: " in status and status.count("val/cppl=") == 3  # two trials + the best
     # the same table, up to the clock: "started 45s ago" reads 49s a few seconds later
     ago = re.compile(r"started [^,)]* ago")
     assert ago.sub("started … ago", facelab(project, "ls", "runs", "quickstart").stdout) == ago.sub(
@@ -165,7 +167,7 @@ def test_promote_then_serve_over_http(quickstart):
     assert c.get_model_version_by_alias("cteg-tiny", "previous").version == mv.version  # noqa
     champion = c.get_model_version_by_alias("cteg-tiny", "champion")
     models = facelab(project, "ls", "models").stdout
-    assert f"champion=v{champion.version}" in models and "cteg, val/cppl=" in models
+    assert f"champion=v{champion.version}" in models and "cteg, val/mse=" in models
     _check_mlflow_tools_load_the_registered_model(project)
 
     port = free_port()

@@ -262,3 +262,14 @@ def test_error_summary_puts_the_innermost_cause_first():
     assert rest.startswith("WorkerGroupError: Training failed") and "[Rank 0]" in rest
     assert error_summary(ValueError("plain")) == "ValueError: plain"
     assert len(error_summary(ValueError("x" * 9000))) == 5000
+
+
+def test_show_lists_reported_metrics_only(proj):
+    """``show:`` prints metrics beside the sweep's own; each must be one the job reports, named by index."""
+    ok = sweep(proj, metric={"name": "val/mse", "goal": "minimize"}, show=["val/cppl", "val/kl"])
+    assert load_sweep(ok, root=proj).spec.show == ["val/cppl", "val/kl"]
+    bad = sweep(proj, metric={"name": "val/mse", "goal": "minimize"}, show=["val/cppl", "val/cpl"])
+    with pytest.raises(SpecError) as ei:
+        load_sweep(bad, root=proj)
+    assert "show[1]: 'val/cpl' is not reported by the cteg job" in str(ei.value)
+    assert "show[0]" not in str(ei.value)

@@ -70,7 +70,8 @@ def print_plan(loaded, full: bool = False) -> None:
     s, r = loaded.spec, loaded.spec.resources
     print(
         f"sweep '{s.name}': job {s.job} (kind {loaded.job_dict['kind']}), method {s.method}, metric "
-        f"{s.metric.name} ({s.metric.goal}), {len(loaded.trials)} trial(s)"
+        f"{s.metric.name} ({s.metric.goal}){' (shown beside it: ' + ', '.join(s.show) + ')' if s.show else ''}, "
+        f"{len(loaded.trials)} trial(s)"
     )
     print(
         f"resources per trial: {r.num_workers} worker(s) x ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU) "
@@ -110,6 +111,23 @@ def print_plan(loaded, full: bool = False) -> None:
         print("       resolved vs job file: " + ("; ".join(changes) if changes else "(as written in the job file)"))
 
 
+def _metrics_text(values, names: list[str]) -> str:
+    """``val/mse=0.91  val/cppl=5.7e+09``: the sweep's metric first, then those its YAML asks to ``show``."""
+    return "  ".join(f"{n}={_fmt(values.get(n))}" for n in names)
+
+
+def _shown(parent) -> list[str]:
+    """The metrics a sweep's YAML asked to show beside its own (logged as the parent run's param)."""
+    import ast
+
+    raw = parent.data.params.get("sweep.show", "[]")
+    try:  # our own param: str() of a list of metric names
+        names = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return []
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
 def _run_and_summarize(loaded, root: Path, resume: bool, address: str | None, dashboard: bool = False) -> int:
     from facelab.runtime.sweep import run_sweep
 
@@ -117,14 +135,12 @@ def _run_and_summarize(loaded, root: Path, resume: bool, address: str | None, da
     out = run_sweep(loaded, root, resume=resume, address=address, dashboard=dashboard)
     print()
     print(f"sweep '{out.sweep}': {len(out.trials)} trial(s)")
+    names = [loaded.spec.metric.name, *loaded.spec.show]
     for t in out.trials:
-        val = t.get(loaded.spec.metric.name)
-        print(
-            f"  {t['status']:9s} {t['variant']} seed={t['seed']}  {loaded.spec.metric.name}="
-            f"{'%.5g' % val if isinstance(val, (int, float)) else '-'}  run {t['run_id']}"
-        )
+        print(f"  {t['status']:9s} {t['variant']} seed={t['seed']}  {_metrics_text(t, names)}  run {t['run_id']}")
     if out.best:
-        print(f"best: {out.best['name']} ({loaded.spec.metric.name}={out.best[loaded.spec.metric.name]:.5g})")
+        best = next((t for t in out.trials if t["run_id"] == out.best["run_id"]), out.best)
+        print(f"best: {out.best['name']} ({_metrics_text(best, names)})")
     print(f"MLflow: experiment '{out.sweep}' (id {out.experiment_id}), parent run {out.parent_run_id}")
     print(f"  browse: mlflow ui --backend-store-uri {out.tracking_uri}   (then open http://127.0.0.1:5000)")
     print(f"Ray results and checkpoints: {out.storage}")
@@ -639,10 +655,13 @@ def cmd_ls(args) -> int:
             print(f"no sweeps in {c.tracking_uri}")
         for exp, parent in rows:
             metric = parent.data.params.get("sweep.metric.name", "val/loss")
-            best = parent.data.metrics.get(f"best/{metric}")
-            n = len(tracking.trial_runs(c, exp.experiment_id, parent.info.run_id))
+            trials = tracking.trial_runs(c, exp.experiment_id, parent.info.run_id)
+            best = tracking.best_trial(
+                trials, metric, parent.data.params.get("sweep.metric.goal", "minimize")
+            )  # the finished trial the sweep ranks first, with what the YAML shows beside it
+            shown = _metrics_text(best.metrics, [metric, *_shown(parent)]) if best else f"{metric}=-"
             print(
-                f"{exp.name:<32} {parent.info.status:<9} {n:>3} trial(s)  best {metric}={_fmt(best)}  "
+                f"{exp.name:<32} {parent.info.status:<9} {len(trials):>3} trial(s)  best {shown}  "
                 f"started {_ago(parent.info.start_time)}"
             )
         return 0
@@ -671,19 +690,20 @@ def _print_trials(sweep: str) -> int:
     c, exp, parent, trials = _sweep_runs(sweep)
     metric = parent.data.params.get("sweep.metric.name", "val/loss")
     goal = parent.data.params.get("sweep.metric.goal", "minimize")
+    names = [metric, *_shown(parent)]
     print(f"sweep '{sweep}' ({parent.info.status}, started {_ago(parent.info.start_time)}), metric {metric} ({goal})")
     for t in sorted(trials, key=lambda t: t.name):
         epoch = t.metrics.get("epoch")
         ep = f"epoch {int(epoch) + 1}/{t.params.get('train.epochs', '?')}" if epoch is not None else "not started"
         flag = " (stopped early)" if t.tags.get(tracking.TAG_STOPPED_EARLY) == "true" else ""
-        print(f"  {t.status:<9} {t.name:<40} {ep:<14} {metric}={_fmt(t.metrics.get(metric))}{flag}  run {t.run_id}")
+        print(f"  {t.status:<9} {t.name:<40} {ep:<14} {_metrics_text(t.metrics, names)}{flag}  run {t.run_id}")
     done = [t for t in trials if t.status in ("RUNNING", "FINISHED")]
     import dataclasses
 
     # best so far: finished trials and the latest epoch of running ones
     best = tracking.best_trial([dataclasses.replace(t, status="FINISHED") for t in done], metric, goal)
     if best is not None:
-        print(f"best so far: {best.name} ({metric}={best.metrics[metric]:.5g})")
+        print(f"best so far: {best.name} ({_metrics_text(best.metrics, names)})")
     return 0
 
 

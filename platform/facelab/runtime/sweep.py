@@ -105,7 +105,7 @@ def progress_reporter(spec: SweepSpec):
     params = {"variant": "variant", "seed": "seed", **{f"params/{k}": k for k in spec.parameters}}
     # No metric/mode here: Tune hands the reporter the TuneConfig's (Ray 2.60 refuses both at once).
     return CLIReporter(
-        metric_columns={spec.metric.name: spec.metric.name, "epoch": "epoch"},
+        metric_columns={m: m for m in (spec.metric.name, *spec.show)} | {"epoch": "epoch"},
         parameter_columns=params,
         max_report_frequency=30,
     )
@@ -609,7 +609,7 @@ def run_sweep(
         c.set_terminated(parent_id, "FAILED")
         raise
 
-    trials = reconcile(c, ctx, results, spec.metric.name)
+    trials = reconcile(c, ctx, results, spec.metric.name, tuple(spec.show))
     best = tracking.best_trial(tracking.trial_runs(c, exp_id, parent_id), spec.metric.name, spec.metric.goal)
     best_info = None
     if best is not None:
@@ -637,7 +637,7 @@ def error_summary(err: BaseException, limit: int = 5000) -> str:
     return (head if head == full else f"{head}\n\n{full}")[:limit]
 
 
-def reconcile(c, ctx: SweepContext, results, metric: str) -> list[dict]:
+def reconcile(c, ctx: SweepContext, results, metric: str, show: tuple[str, ...] = ()) -> list[dict]:
     """Bring every child run in line with what Tune says happened to its trial.
 
     * TERMINATED but the run still RUNNING: ASHA stopped the trial inside ``fit()``; the run is
@@ -686,7 +686,7 @@ def reconcile(c, ctx: SweepContext, results, metric: str) -> list[dict]:
                 "status": status,
                 "variant": trial.config.get("variant"),
                 "seed": trial.config.get("seed"),
-                metric: last.get(metric),
+                **{m: last.get(m) for m in (*show, metric)},
             }
         )
     return out

@@ -137,6 +137,11 @@ class SweepSpec(Strict):
     job: str = Field(..., description="Path of the job YAML, relative to the project root.")
     description: str = ""
     metric: Metric
+    show: list[str] = Field(
+        default_factory=list,
+        description="Metrics printed beside the sweep's metric (the summary, `status`, `ls sweeps`): e.g. the "
+        "paper's headline metric when the sweep ranks trials by another one.",
+    )
     method: str = Field("grid", description="grid | random | optuna.")
     variants: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"default": {}})
     parameters: dict[str, Parameter] = Field(default_factory=dict)
@@ -487,6 +492,14 @@ def load_sweep(path: str | Path, sets: list[str] | None = None, root: Path | Non
                     f"metric.name: {name!r} is not reported by the {vcls.model_fields['kind'].default} job"
                     + (f" of variant {vname!r}" if vcls is not cls else "")
                     + f"; choose one of {sorted(reported)}"
+                )
+        shown = raw.get("show") if isinstance(raw.get("show"), list) else []
+        for i, name in enumerate(shown):
+            if reported and isinstance(name, str) and name not in reported:
+                problems.append(
+                    f"show[{i}]: {name!r} is not reported by the {vcls.model_fields['kind'].default} job"
+                    + (f" of variant {vname!r}" if vcls is not cls else "")
+                    + f"; choose among {sorted(reported)}"
                 )
         if vjob is None:
             continue
