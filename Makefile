@@ -35,7 +35,8 @@ quickstart: data
 	facelab request "I am so happy to see you again!" --url http://127.0.0.1:$(PORT) --wait 180 \
 	  || { cat .serve.log; exit 1; }; \
 	echo; echo "Review the runs in MLflow:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns.db"; \
-	echo "  then open http://127.0.0.1:5000 → experiment 'quickstart' (parent run + one child run per trial)."
+	echo "  then open the experiment link the sweep printed (…/#/experiments/ID?workflowType=machine_learning):"; \
+	echo "  the 'quickstart' training runs (parent run + one child run per trial)."
 
 # KeyframeFace: train + promote the text–motion evaluator, the LoRA quickstart sweep scored through
 # it, Tables 2–4, promote the adapter, serve it and ask for two keyframes.

@@ -19,6 +19,7 @@ BIN = Path(sys.executable).parent
 # Small but real: the DVC stage builds this corpus in a second.
 TINY_PARAMS = {
     "emoava": {"n_train": 240, "n_dev": 48, "n_test": 48, "seed": 0},
+    "lm_listener": {"n_train": 4, "n_val": 2, "seed": 0},  # the `lm_listener` stage (CTEG Table 5's data)
     "keyframeface": {"n_scripts": 400, "split": [0.8, 0.1, 0.1], "seed": 0},
     "tiny_lm": {
         "vocab_size": 1024,

@@ -148,7 +148,7 @@ def test_ls_status_and_report_out_from_the_store(quickstart, tmp_path):
     facelab(project, "report", "quickstart", "--no-log", "--out", str(tmp_path / "rep"))
     assert (tmp_path / "rep" / "table.md").read_text().startswith("| Variant |")
     assert (tmp_path / "rep" / "table.csv").read_text().startswith("variant,n_seeds,")
-    # MLflow's UI opens the experiment on its training runs
+    # MLflow's experiment kind: training runs (the UI link facelab prints also says so: see below)
     assert store(project).get_experiment_by_name("quickstart").tags["mlflow.experimentKind"] == (
         "custom_model_development"
     )
@@ -560,3 +560,139 @@ def test_lm_listener_baseline_learns_reports_and_serves(built_project):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_mlflow_ui_opens_sweep_on_training_runs(quickstart, tmp_path):
+    """`mlflow ui` on the finished quickstart sweep, in headless Chromium: the experiment link facelab
+    prints opens on its training runs, not an empty GenAI overview, and the trials' names,
+    the sweep's metric, variant and seed can be read in the runs table."""
+    import os
+
+    browser_bin = _chromium()
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright (the dev extra) drives the browser")
+    import mlflow
+
+    from facelab.core import tracking
+
+    project, proc = quickstart
+    c = store(project)
+    exp = c.get_experiment_by_name("quickstart")
+    assert tracking.ui_experiment_url("http://127.0.0.1:5000", exp.experiment_id) in proc.stdout  # printed
+    runs = runs_of(c, "quickstart")
+    parent = next(r for r in runs if r.data.tags.get("facelab.role") == "sweep")
+    children = [r for r in runs if r.data.tags.get("facelab.role") == "trial"]
+    metric = parent.data.params["sweep.metric.name"]  # val/mse (sweeps/quickstart.yaml)
+    assert len(children) == 2 and all(metric in r.data.metrics for r in children)
+
+    t0 = time.time()
+    port = free_port()
+    log = open(tmp_path / "mlflow-ui.log", "w")
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{project / 'mlruns.db'}"]
+        + ["--host", "127.0.0.1", "--port", str(port)],
+        cwd=project,
+        env=env_for(project),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own session: stopped below by killing that session only
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ok(base + "/health", server, tmp_path / "mlflow-ui.log", timeout=120)
+        print(f"\nmlflow ui up after {time.time() - t0:.1f}s")
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=browser_bin, headless=True)
+            try:
+                page = browser.new_page(viewport={"width": 2400, "height": 1200})  # wide: no column is virtualised
+                page.set_default_timeout(90_000)
+                t1 = time.time()
+                # the link `facelab sweep` prints; MLflow 3's UI ignores mlflow.experimentKind when it
+                # picks a page (a fresh browser lands on the empty GenAI overview) but obeys workflowType
+                page.goto(tracking.ui_experiment_url(base, exp.experiment_id))
+                page.wait_for_function(
+                    "id => new RegExp(`/experiments/${id}/(runs|overview|traces)`).test(location.hash)",
+                    arg=exp.experiment_id,
+                )
+                opened = page.url
+                if "/runs" in opened:
+                    page.get_by_text(parent.info.run_name, exact=True).wait_for()
+                shot = tmp_path / "mlflow-ui-opened.png"
+                page.screenshot(path=str(shot))
+                print(f"experiment page rendered after {time.time() - t1:.1f}s: {opened}\nscreenshot: {shot}")
+                assert "/runs" in opened, (
+                    f"MLflow {mlflow.__version__}'s UI opened the link facelab prints on {opened}, not on the "
+                    f"training runs; see {shot}"
+                )
+                close = page.get_by_role("button", name="Close")  # the assistant panel takes a third of the page
+                if close.count() == 1:
+                    close.click()
+
+                # the trials are nested under the sweep's parent run: expand it as a user would
+                name_col = '[col-id="attributes.`Run Name`"]'
+                page.locator(f'[role=row][row-id="{parent.info.run_id}"] {name_col} button').first.click()
+                for r in children:
+                    page.get_by_text(r.info.run_name, exact=True).wait_for(state="visible")
+                # the sweep's metric, variant and seed: columns picked in the table's "Columns" menu
+                page.get_by_test_id("column-selection-dropdown").first.click()
+                menu = page.get_by_test_id("column-selector-tree")
+                for name in (metric, "facelab.variant", "facelab.seed"):
+                    menu.get_by_title(name, exact=True).click()
+                page.keyboard.press("Escape")
+                cols = {
+                    "metric": f'[col-id="metrics.`{metric}`"]',
+                    "variant": '[col-id="tags.`facelab.variant`"]',
+                    "seed": '[col-id="tags.`facelab.seed`"]',
+                }
+                page.locator(f"[role=columnheader]{cols['metric']}").get_by_text(metric, exact=True).wait_for()
+                shot = tmp_path / "mlflow-ui-runs.png"
+                page.screenshot(path=str(shot))
+                print(f"runs table with {metric}, variant, seed after {time.time() - t1:.1f}s\nscreenshot: {shot}")
+                for r in children:
+                    row = f'[role=row][row-id="{r.info.run_id}"]'
+                    cell = {k: page.locator(f"{row} {sel}").first.inner_text().strip() for k, sel in cols.items()}
+                    name = page.locator(f"{row} {name_col}").first.inner_text()
+                    print(f"  {name.splitlines()[-1]}: {cell}")
+                    assert r.info.run_name in name  # "CTEG | seed=0"
+                    assert (
+                        cell["variant"] == r.data.tags["facelab.variant"]
+                        and cell["seed"] == r.data.tags["facelab.seed"]
+                    )
+                    assert float(cell["metric"]) == pytest.approx(r.data.metrics[metric], rel=1e-6)
+            finally:
+                browser.close()
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+        log.close()
+        print(f"mlflow ui test took {time.time() - t0:.1f}s")
+
+
+def _chromium() -> str:
+    """The system Chromium (Debian's `chromium`, installed by .ci/run), or skip saying so."""
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip("no chromium, chromium-browser or google-chrome on PATH (apt-get install chromium)")
+
+
+def _wait_ok(url: str, proc, log: Path, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited:\n{log.read_text()[-5000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=3) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{url} never answered:\n{log.read_text()[-5000:]}")

@@ -56,6 +56,7 @@ class Server:
         for other in list(_RUNNING):
             other.stop()
         _RUNNING.append(self)
+        self.project = project
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = project / f"serve-{name}.log"
@@ -191,6 +192,31 @@ def test_api_key_required_except_healthz(secured, api_key):
         time.sleep(1)
     log = secured.log()
     assert "API key: required" in log and api_key not in log  # the key is never logged
+
+
+def test_st_cli_finds_no_openapi_contract_failure_over_http(secured, api_key, tmp_path):
+    """`st run --checks all` (Schemathesis' CLI) over HTTP against server A, with its API key: the
+    document the replicas serve is the contract they keep (the fast, in-process tier is in
+    tests/test_openapi_contract.py, whose one failure filter the CLI loads through SCHEMATHESIS_HOOKS)."""
+    import test_openapi_contract
+
+    b, key = secured.base, api_key
+    assert httpx.get(f"{b}/openapi.json", timeout=30).status_code == 401
+    doc = httpx.get(f"{b}/openapi.json", headers=_h(key), timeout=30).json()
+    assert doc["paths"]["/v1/expressions"]["post"]["security"]  # the replica's document asks for the key
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(test_openapi_contract.ST_CONFIG.format(max_examples=20))
+    here = Path(__file__).parent
+    env = env_for(secured.project, SCHEMATHESIS_HOOKS=str(here / "test_openapi_contract.py"), PYTHONPATH=str(here))
+    cmd = [str(BIN / "st"), "--config-file", str(config), "--no-color", "run", f"{b}/openapi.json"]
+    cmd += ["--checks", "all", "-H", f"X-API-Key: {key}", "--max-examples", "20"]
+    cmd += ["--generation-deterministic", "--workers", "1"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    print(f"\nst run --checks all over HTTP: exit {proc.returncode} in {time.perf_counter() - t0:.0f}s\n{out[-3000:]}")
+    assert proc.returncode == 0, out[-12000:]
+    assert "No issues found" in out and " generated, " in out, out[-6000:]
 
 
 def _chunked(data: bytes, size: int = 8192):

@@ -142,7 +142,10 @@ def _run_and_summarize(loaded, root: Path, resume: bool, address: str | None, da
         best = next((t for t in out.trials if t["run_id"] == out.best["run_id"]), out.best)
         print(f"best: {out.best['name']} ({_metrics_text(best, names)})")
     print(f"MLflow: experiment '{out.sweep}' (id {out.experiment_id}), parent run {out.parent_run_id}")
-    print(f"  browse: mlflow ui --backend-store-uri {out.tracking_uri}   (then open http://127.0.0.1:5000)")
+    print(f"  browse: mlflow ui --backend-store-uri {out.tracking_uri}")
+    from facelab.core.tracking import ui_experiment_url
+
+    print(f"          then open {ui_experiment_url('http://127.0.0.1:5000', out.experiment_id)}")
     print(f"Ray results and checkpoints: {out.storage}")
     if any(t["status"] == "INTERRUPTED" for t in out.trials):
         print(f"interrupted: continue with `facelab sweep {loaded.source} --resume` (finished trials are not re-run)")
@@ -822,6 +825,7 @@ def cmd_data(args) -> int:
     import yaml
 
     from facelab.data import emoava
+    from facelab.data.lm_listener_data import is_lm_listener_dir as lm_listener_dir
 
     def params(section: str) -> dict:
         return (yaml.safe_load(Path(args.params).read_text()) or {}).get(section, {}) if args.params else {}
@@ -834,10 +838,24 @@ def cmd_data(args) -> int:
         from facelab.data.synth_keyframe import generate_keyframeface
 
         summary = generate_keyframeface(Path(args.out), **params("keyframeface"), force=args.force)
+    elif args.data_cmd == "describe":  # KeyframeFace Figures 8-11 + summary.json / summary.md
+        from facelab.data.describe import describe, format_report
+
+        print(format_report(describe(Path(args.path), Path(args.out), force=args.force), args.out))
+        return 0
     elif getattr(args, "data_fn", None) is not None:  # a family's own data command (Family.add_cli)
         summary = args.data_fn(args, params)
     elif args.data_cmd == "import-emoava":
         summary = emoava.import_release(Path(args.release_dir), Path(args.out), force=args.force)
+    elif args.data_cmd == "build-lm-listener":  # CTEG Table 5's data: synthetic release, then imported
+        from facelab.data.synth_lm_listener import build_lm_listener
+
+        release = Path(args.release_out) if args.release_out else None
+        summary = build_lm_listener(Path(args.out), release_dir=release, **params("lm_listener"), force=args.force)
+    elif args.data_cmd == "import-lm-listener":
+        from facelab.data.lm_listener_data import import_release as import_lm_listener
+
+        summary = import_lm_listener(Path(args.release_dir), Path(args.out), force=args.force)
     elif args.data_cmd == "import-keyframeface":
         from facelab.data.keyframeface import claim_output, import_chat_jsonl, write_dataset
 
@@ -850,6 +868,10 @@ def cmd_data(args) -> int:
         from facelab.data.keyframeface import validate_dir
 
         summary = validate_dir(Path(args.path))
+    elif lm_listener_dir(Path(args.path)):  # an LM-Listener dataset: also its speaker frames
+        from facelab.data.lm_listener_data import summarize as summarize_lm_listener
+
+        summary = summarize_lm_listener(Path(args.path))
     else:
         summary = emoava.summarize(Path(args.path))
     print(json.dumps(summary, indent=2, default=str))
@@ -1164,8 +1186,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("release_dir")
     i.add_argument("--out", default="data/emoava")
     i.add_argument("--force", action="store_true", help=force_help)
+    bl = dsub.add_parser(
+        "build-lm-listener", help="write the synthetic LM-Listener-format corpus and import it (the DVC stage)"
+    )
+    bl.add_argument("--params", default="params.yaml")
+    bl.add_argument("--out", default="data/lm_listener")
+    bl.add_argument("--release-out", default=None, help="where the release-format files go (default: OUT_release)")
+    bl.add_argument("--force", action="store_true", help=force_help)
+    il = dsub.add_parser(
+        "import-lm-listener", help="import an LM-Listener release directory (segments_{train,val}.pth; safe loader)"
+    )
+    il.add_argument("release_dir")
+    il.add_argument("--out", default="data/lm_listener")
+    il.add_argument("--force", action="store_true", help=force_help)
     v = dsub.add_parser("validate", help="validate a dataset directory and print its summary")
     v.add_argument("path")
+    de = dsub.add_parser("describe", help="statistics and the KeyframeFace paper's Figures 8-11 of a dataset")
+    de.add_argument("path", help="a KeyframeFace-format dataset directory (built or imported)")
+    de.add_argument("--out", required=True, help="directory for summary.json, summary.md and the figures")
+    de.add_argument("--force", action="store_true", help=force_help)
     d.set_defaults(fn=cmd_data)
 
     ex = sub.add_parser("export", help="keyframes → a 60 Hz Live Link Face animation CSV (interpolated)")

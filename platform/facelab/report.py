@@ -4,7 +4,8 @@
   and ± SE. When the trials carry the test-split evaluation (``test/<metric>`` and
   ``test/<metric>_se``, the CTEG paper's six metrics of Appendix D), the columns are those six in the
   paper's order (Table 2); otherwise the validation metrics. The KL term over training steps
-  (Figure 5) is plotted beside it.
+  (Figure 5) is plotted beside it. Trials evaluated with ``eval.protocol: listener`` give CTEG's
+  Table 5 instead: L2 ↓, FD ↓, Variation →, P-FD ↓ (LM-Listener's evaluation).
 * **Keyframes task** (the KeyframeFace LoRA LM, Express4D-MDM, plug-ins): KeyframeFace Tables 2, 3
   and 4 (:func:`keyframe_tables`); a family may name its own Table 3 rows (``Family.report_label``).
 
@@ -36,14 +37,20 @@ LABELS = {
     "diversity": "Diversity",
     "mmodality": "MModality",
     "variation": "Variation",
+    # eval.protocol: listener — CTEG Table 5, LM-Listener's evaluation (L2, FD, Variation, P-FD)
+    "l2": "L2",
+    "fd": "FD",
+    "pfd": "P-FD",
 }
+LISTENER_TABLE = ["l2", "fd", "variation", "pfd"]
 
 
 def directions() -> dict[str, str]:
     try:
         from facelab.tasks.expressions.evaluate import DIRECTIONS
+        from facelab.tasks.expressions.listener import DIRECTIONS as LISTENER
 
-        return dict(DIRECTIONS)
+        return {**DIRECTIONS, **LISTENER}
     except ImportError:  # pragma: no cover - the metrics module ships with the package
         return {"cppl": "↓"}
 
@@ -198,6 +205,8 @@ def render(rows: list[dict], metrics: list[str], fmt: str = "md") -> str:
 
 def table_metrics(parent, trials) -> list[str]:
     have = {k for t in trials for k in t.metrics}
+    if have & {"test/l2", "test/fd", "test/pfd"}:  # the LM-Listener protocol: Table 5's columns and order
+        return [f"test/{m}" for m in LISTENER_TABLE if f"test/{m}" in have]
     test = [f"test/{m}" for m in TEST_METRICS if f"test/{m}" in have]
     if test:
         return test

@@ -34,6 +34,13 @@ class TrackingError(RuntimeError):
     """The tracking store cannot be used (unreachable, or a run/model it should hold is missing)."""
 
 
+def ui_experiment_url(base: str, experiment_id: str) -> str:
+    """The MLflow UI link of an experiment's *training runs*. MLflow 3.x's UI ignores the experiment
+    tag ``mlflow.experimentKind`` when it picks a page (a fresh browser lands on the GenAI traces
+    overview, empty for facelab); the ``workflowType`` query parameter is what it obeys."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
 def default_tracking_uri(root: Path) -> str:
     return f"sqlite:///{(root / 'mlruns.db').resolve()}"
 

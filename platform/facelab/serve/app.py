@@ -11,6 +11,12 @@ newly promoted champion is probed beside the one in service and swapped in only 
 broken one is refused and the previous champion keeps serving (:class:`FacelabServer`). Bad input is answered with a 4xx whose JSON
 ``detail`` names the field; the replica never dies from a request.
 
+The OpenAPI document (``/openapi.json``) is the contract: every error body is an
+:class:`~facelab.serve.schemas.ErrorResponse`, each route lists each status it answers with its body and
+examples, and what JSON Schema can state of the request rules (non-blank, lengths, ranges) is stated
+there as constraints. :func:`asgi_app` builds this app in-process, without Ray, on a loaded model
+(:func:`served_from`) — the contract test runs Schemathesis against it.
+
 Limits: bodies over 64 KiB → 413 (declared or chunked); texts are capped in characters and UTF-8
 bytes by the schema, and in tokens here: before any generation the handler asks the served model how
 many tokens the request's prompts make (``model.prompt_tokens(request)``, a small method of the
@@ -46,6 +52,7 @@ HMAC-SHA256(salt, key) as init arguments, compare with ``hmac.compare_digest``, 
 store the key itself.
 """
 
+import copy
 import hashlib
 import hmac
 import logging
@@ -55,28 +62,60 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Body, FastAPI, HTTPException, Query, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from facelab.serve.schemas import (
+    BLANK_MSG,
+    NON_BLANK,
     ExpressionRequest,
     ExpressionResponse,
+    Health,
     KeyframeOut,
     KeyframeRequest,
     KeyframeResponse,
     ModelInfo,
+    ServerStatus,
+    error_responses,
 )
 from facelab.tasks import ROUTES as TASK_ROUTES
 from facelab.tasks import ModelUnhealthy  # noqa: F401 - re-exported: the probe's error
 
-api = FastAPI(
+API_KEY_SCHEMES = {
+    "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    "Bearer": {"type": "http", "scheme": "bearer"},
+}
+"""How a client presents the API key (either one); the document requires one only when a key is set."""
+
+
+class _Api(FastAPI):
+    """The ingress app. Its OpenAPI document is the contract (``/openapi.json``): every route lists each
+    status it answers with its body (:func:`~facelab.serve.schemas.error_responses`); the API key's
+    security requirement is stated when this process holds a key (a replica of ``facelab serve`` with
+    ``FACELAB_API_KEY`` set) — without one, no route asks for it."""
+
+    def openapi(self) -> dict:
+        doc = super().openapi()  # built once, cached by FastAPI
+        doc.setdefault("components", {})["securitySchemes"] = API_KEY_SCHEMES
+        if _this_module()._API_KEY_CHECK is None:
+            return doc
+        doc = copy.deepcopy(doc)
+        for path, ops in doc["paths"].items():
+            if path not in OPEN_PATHS:
+                for op in ops.values():
+                    op["security"] = [{name: []} for name in API_KEY_SCHEMES]
+        return doc
+
+
+api = _Api(
     title="facelab",
     version="1",
-    description="Text → facial expression sequences (CTEG, FLAME 53-d) and script → ARKit keyframes (KeyframeFace, 61 channels).",
+    description="Text → facial expression sequences (CTEG, FLAME 53-d) and script → ARKit keyframes (KeyframeFace, "
+    "61 channels). Every error body is an `ErrorResponse`: `detail` lists the problems, each naming its `field`.",
 )
 
 MAX_BODY_BYTES = 64 * 1024  # a request is a short text and three numbers
@@ -207,10 +246,19 @@ async def _guard(request: Request, call_next):
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError):
+    """422 with an :class:`~facelab.serve.schemas.ErrorResponse`: one ``{field, msg, type}`` per problem."""
     detail = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        detail.append({"field": loc, "msg": err.get("msg", "invalid"), "type": err.get("type")})
+        kind = str(err.get("type") or "invalid")
+        loc = [p for p in err.get("loc", ()) if p != "body"]
+        msg = str(err.get("msg") or "invalid")
+        if kind == "json_invalid":  # its loc is the character offset of the JSON error, not a field
+            where = f" at character {loc[0]}" if loc else ""
+            msg, loc = f"{msg}: {(err.get('ctx') or {}).get('error', 'not JSON')}{where}", []
+        field = ".".join(str(p) for p in loc) or "body"
+        if kind == "string_pattern_mismatch" and (err.get("ctx") or {}).get("pattern") == NON_BLANK:
+            msg = f"{field} {BLANK_MSG}"
+        detail.append({"field": field, "msg": msg, "type": kind})
     return JSONResponse(status_code=422, content={"detail": detail})
 
 
@@ -230,6 +278,25 @@ def kinds_for(route: str) -> list[str]:
     from facelab.families import registry
 
     return [k for k, f in registry.families().items() if TASK_ROUTES.get(f.task) == route]
+
+
+EXPRESSION_EXAMPLES = {
+    "one sample": {
+        "summary": "One reproducible sample",
+        "value": {"text": "I am so happy to see you again!", "num_samples": 1, "max_frames": 64, "seed": 0},
+    },
+    "defaults": {"summary": "Only the text (1 sample, up to 256 frames, random seed)", "value": {"text": "What?"}},
+}
+KEYFRAME_EXAMPLES = {
+    "two keyframes": {
+        "summary": "A short script",
+        "value": {
+            "background": "A student waits outside the interview room.",
+            "emotion": "nervous but hopeful",
+            "keyframes": ["a tight, anxious smile", "eyes wide, a deep breath"],
+        },
+    }
+}
 
 
 # One model call at a time per replica process: the decoding batches, keyframe requests and the health
@@ -576,6 +643,14 @@ def load_checked(
     with tempfile.TemporaryDirectory(prefix="facelab-serve-") as tmp:  # weights are in memory after loading
         local, info = tracking.download_model(tracking.client(tracking_uri), model_name, ref, Path(tmp), by=by)
         model, config = registry.load_servable(local, device=device, root=Path(root) if root else None)
+    return served_from(model, config, info)
+
+
+def served_from(model, config: dict, info: dict) -> Served:
+    """A loaded model (and its resolved job config) as the routes serve it, once it passed its health
+    probe; ``info`` is what ``GET /v1/models`` tells (name, version, alias, run id, job kind, ...)."""
+    from facelab.families import registry
+
     kind = config.get("kind")
     health_probe(model, kind)
     extra = registry.get(kind).hook("servable_info")
@@ -777,7 +852,13 @@ class FacelabServer:
         if self._watcher is not None and not self._watcher.is_alive():
             raise RuntimeError("the champion watcher thread died")
 
-    @api.get("/healthz")
+    @api.get(
+        "/healthz",
+        response_model=Health,
+        responses={
+            503: {"model": Health, "description": "Draining (shutting down): the same body, `status: draining`."}
+        },
+    )
     def healthz(self):
         """Open to all (liveness probes): status, the version served and version *numbers* only — the
         reasons are at ``GET /v1/status`` (behind the API key). 503 while draining."""
@@ -792,7 +873,7 @@ class FacelabServer:
         }
         return JSONResponse(status_code=503 if body["status"] == "draining" else 200, content=body)
 
-    @api.get("/v1/status")
+    @api.get("/v1/status", response_model=ServerStatus, responses=error_responses(401))
     def status(self) -> dict:
         """The details (API key required when one is set): why versions were refused, what is retried
         and when, why the replica fell back, how many requests it runs."""
@@ -816,12 +897,36 @@ class FacelabServer:
             "request_timeout_s": self.request_timeout_s,
         }
 
-    @api.get("/v1/models", response_model=ModelInfo)
+    @api.get("/v1/models", response_model=ModelInfo, responses=error_responses(401, 503))
     def models(self) -> ModelInfo:
         return self.served.info
 
-    @api.post("/v1/expressions", response_model=ExpressionResponse)
-    async def expressions(self, req: ExpressionRequest, response: Response) -> ExpressionResponse:
+    @api.post(
+        "/v1/expressions",
+        response_model=ExpressionResponse,
+        responses={
+            200: {
+                "description": "One sequence per sample.",
+                "headers": {
+                    "X-Facelab-Batch": {
+                        "description": "How many requests were decoded together with this one.",
+                        "schema": {"type": "string"},
+                    },
+                    "X-Facelab-Text-Tokens": {
+                        "description": "Set when the text has more tokens than the model reads: "
+                        "`<tokens>; the model reads the first <n>`.",
+                        "schema": {"type": "string"},
+                    },
+                },
+            },
+            **error_responses(400, 401, 408, 409, 413, 422, 500, 503),
+        },
+    )
+    async def expressions(
+        self,
+        req: Annotated[ExpressionRequest, Body(openapi_examples=EXPRESSION_EXAMPLES)],
+        response: Response,
+    ) -> ExpressionResponse:
         import asyncio
 
         s = self.served
@@ -857,10 +962,26 @@ class FacelabServer:
         "/v1/keyframes",
         response_model=KeyframeResponse,
         responses={
-            200: {"content": {"text/csv": {}}, "description": "JSON, or the Live Link Face CSV with ?format=csv"}
+            200: {
+                "content": {
+                    "text/csv": {
+                        "schema": {"type": "string"},
+                        "example": "Timecode,BlendshapeCount,EyeBlinkLeft,...\n00:00:00:00.000,61,0.0,...\n",
+                    }
+                },
+                "description": "JSON, or the Live Link Face CSV with ?format=csv (one row per keyframe, one "
+                "second apart)",
+            },
+            **error_responses(400, 401, 408, 409, 413, 422, 500, 503),
         },
     )
-    async def keyframes(self, req: KeyframeRequest, format: Literal["json", "csv"] = Query("json")):
+    async def keyframes(
+        self,
+        req: Annotated[KeyframeRequest, Body(openapi_examples=KEYFRAME_EXAMPLES)],
+        format: Literal["json", "csv"] = Query(
+            "json", description="`csv`: the Live Link Face CSV of the KeyframeFace release instead of JSON."
+        ),
+    ):
         import asyncio
         import io
         import math
@@ -904,6 +1025,57 @@ class FacelabServer:
 
 
 ExpressionServer = FacelabServer  # the name of the first release
+
+
+def _route_params(routes, name: str):
+    """The parameter ``name`` of every endpoint under ``routes`` (included routers too)."""
+    import inspect
+
+    for r in routes:
+        endpoint = getattr(r, "endpoint", None)
+        if endpoint is not None and name in inspect.signature(endpoint).parameters:
+            yield inspect.signature(endpoint).parameters[name]
+        sub = getattr(r, "original_router", None)  # FastAPI >= 0.137 nests an included router
+        if sub is not None:
+            yield from _route_params(sub.routes, name)
+
+
+def asgi_app(
+    served: Served,
+    *,
+    request_timeout_s: float = 120.0,
+    max_batch_size: int = 8,
+    batch_wait_s: float = 0.0,
+    api_key: str | None = None,
+) -> FastAPI:
+    """The HTTP app of one replica serving ``served`` (:func:`served_from`), in this process and without
+    Ray: the same routes, middleware, error handlers and OpenAPI document as ``facelab serve``, bound to
+    a :class:`FacelabServer` object that holds ``served`` (no registry, no champion watcher, no
+    draining). A copy of the ingress app, as Serve makes one per replica; for tests and tools (the
+    OpenAPI contract test runs Schemathesis on it). ``api_key``: as a replica, the process then
+    requires it on every route but ``/healthz`` (one key check per process: it replaces any other)."""
+    from ray import cloudpickle
+
+    app = cloudpickle.loads(cloudpickle.dumps(api))  # what @serve.ingress hands each replica
+    cls = next(c for c in FacelabServer.func_or_class.__mro__ if "expressions" in vars(c))  # as written
+    server = object.__new__(cls)  # Serve's wrapper subclass has an async __init__; ours loads from MLflow
+    server.model_name, server.tracking_uri, server.alias, server.root = served.info.name, None, served.info.alias, None
+    server.request_timeout_s = float(request_timeout_s)
+    server.device, server.fallback, server.served = "cpu", None, served
+    if max_batch_size < 1 or batch_wait_s < 0:
+        raise ValueError(f"max_batch_size must be >= 1 and batch_wait_s >= 0 (got {max_batch_size}, {batch_wait_s})")
+    server._batcher = Batcher(_decode_jobs, max_batch_size, batch_wait_s)
+    server._follower = ChampionFollower(
+        served.info.name, served.info.alias, 0.0, lambda: served.info.version, None, lambda *_: None
+    )
+    server._stop, server._watcher, server._drain_key = threading.Event(), None, None
+    _this_module()._API_KEY_CHECK = api_key_check(api_key) if api_key else None
+    # Serve's class-based view gives each route's ``self`` a dependency that returns the replica object
+    injects = {p.default.dependency for p in _route_params(app.routes, "self") if isinstance(p.default, params.Depends)}
+    if len(injects) != 1:
+        raise RuntimeError(f"cannot find how Serve injects the replica into the routes ({len(injects)} candidates)")
+    app.dependency_overrides[injects.pop()] = lambda: server
+    return app
 
 
 def batch_size_for(max_batch_size: int | None, max_ongoing_requests: int) -> int:

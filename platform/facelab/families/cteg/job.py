@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from facelab.core.config import Strict, Train
-from facelab.tasks.expressions.config import ExpressionData, ExpressionEval
+from facelab.tasks.expressions.config import LISTENER_METRICS, ExpressionData, ExpressionEval
 
 
 class CTEGModel(Strict):
@@ -195,6 +195,7 @@ METRICS = frozenset(
         "train/kl",
         "train/lg",
         *(f"test/{m}" for m in ("cppl", "dot", "fgd", "diversity", "mmodality", "variation")),
+        *(f"test/{m}" for m in LISTENER_METRICS),  # eval.protocol: listener (CTEG Table 5)
         # eval.shuffle_row: the Shuffle row of Table 2 scored with this trained model
         *(f"shuffle/{m}" for m in ("cppl", "dot", "fgd", "diversity", "mmodality", "variation")),
         # train.select: the selected epoch and its select_metric value (best so far, every epoch)

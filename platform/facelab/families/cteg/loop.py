@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Sampler
 from facelab.core import tracking
 from facelab.core.distributed import allreduce, seed_everything, worker_nodes
 from facelab.tasks.expressions.data import collate, load_splits
-from facelab.tasks.expressions.scoring import run_baseline_eval, run_test_eval, val_cppl_terms
+from facelab.tasks.expressions.scoring import check_eval_data, run_baseline_eval, run_test_eval, val_cppl_terms
 
 LOSS_TERMS = ("loss", "mse", "kl", "lg")
 
@@ -176,6 +176,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     # ---- setup -------------------------------------------------------------------------------
     seed_everything(train_cfg["seed"])  # same initial weights on every rank
     train_ds, dev_ds, mean = load_splits(rt.data_dir, job["data"])
+    check_eval_data(job, rt.data_dir)  # eval.protocol: listener needs speaker frames: fail now, not after training
     model = build_cteg(job, mean).to(device)
     keep_encoder = bool(job["model"]["finetune_encoder"])
     d_model = job["model"]["d_model"]

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from facelab.core.config import Strict, Train
-from facelab.tasks.expressions.config import ExpressionData, ExpressionEval
+from facelab.tasks.expressions.config import LISTENER_METRICS, ExpressionData, ExpressionEval
 
 
 class LMListenerModel(Strict):
@@ -106,5 +106,6 @@ METRICS = frozenset(
         "val/code_perplexity",
         "val/cppl",
         *(f"test/{m}" for m in ("cppl", "dot", "fgd", "diversity", "mmodality", "variation")),
+        *(f"test/{m}" for m in LISTENER_METRICS),  # eval.protocol: listener (CTEG Table 5)
     }
 )

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from facelab.core.distributed import allreduce, seed_everything, worker_nodes
 from facelab.tasks.expressions.data import collate, load_splits
-from facelab.tasks.expressions.scoring import run_test_eval, val_cppl_terms
+from facelab.tasks.expressions.scoring import check_eval_data, run_test_eval, val_cppl_terms
 
 TRAIN_TERMS = {1: ("loss", "recon_mse", "commit", "perplexity"), 2: ("loss", "code_ce", "code_acc")}
 """Per-batch terms averaged into ``train/*`` (and logged per step as ``step/*``)."""
@@ -164,6 +164,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     # ---- setup -------------------------------------------------------------------------------
     seed_everything(train_cfg["seed"])  # same initial weights on every rank
     train_ds, dev_ds, mean = load_splits(Path(config["data_dir"]), job["data"])
+    check_eval_data(job, Path(config["data_dir"]))  # eval.protocol: listener: fail now, not after training
     model = build_lm_listener(job, mean).to(device)
 
     resume_state = None

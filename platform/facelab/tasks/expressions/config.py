@@ -8,6 +8,9 @@ from pydantic import Field, model_validator
 
 from facelab.core.config import Strict
 
+LISTENER_METRICS = ("l2", "fd", "variation", "pfd")
+"""The ``test/<metric>`` names of ``eval.protocol: listener``, in Table 5's order (L2, FD, Variation, P-FD)."""
+
 
 class ExpressionData(Strict):
     path: str = Field("data/emoava", description="Dataset directory (DVC output), relative to the project root.")
@@ -43,6 +46,15 @@ class ExpressionEval(Strict):
         "cdf_difference", description="Cppl probability: the reference's CDF difference F(x+δ)−F(x−δ), or the box mass."
     )
     enabled: bool = Field(True, description="Run the test-split evaluation after the last epoch.")
+    protocol: Literal["cteg", "listener"] = Field(
+        "cteg",
+        description=(
+            "Which test metrics: 'cteg' = the six of CTEG Appendix D (Table 2: Cppl, DoT, FgD, Diversity, "
+            "MModality, Variation); 'listener' = LM-Listener's evaluate_listener.py (CTEG Table 5: L2, FD, "
+            "Variation, P-FD), which needs the speaker frames of an LM-Listener dataset (`facelab data "
+            "build-lm-listener` / `import-lm-listener`). Baseline rows follow the same protocol."
+        ),
+    )
     extra_max_frames: list[int] = Field(
         [],
         description=(
@@ -68,6 +80,15 @@ class ExpressionEval(Strict):
             "terminator are predicted steps (Eq. 18 over the sequence)."
         ),
     )
+
+    @model_validator(mode="after")
+    def _listener_rows(self) -> "ExpressionEval":
+        if self.protocol == "listener" and (self.extra_max_frames or self.shuffle_row):
+            raise ValueError(
+                "extra_max_frames and shuffle_row are rows of the cteg protocol (Table 2); with protocol "
+                "'listener' leave them empty / false"
+            )
+        return self
 
     @model_validator(mode="after")
     def _extra_limits(self) -> "ExpressionEval":

@@ -5,6 +5,8 @@ Xu et al., "When Words Smile: Generating Diverse Emotional Facial Expressions fr
 Eq. 15 (DoT), Eq. 16-18 (continuous perplexity, Cppl). Their ground-truth row on the EmoAva test set
 (Table 2) is DoT 9.24, FgD 1.26, Variation 0.28. :mod:`facelab.tasks.expressions.evaluate` runs the whole
 evaluation (model and baselines) on top of these functions.
+The last section holds the evaluation of the LM-Listener release (L2, FD, P-FD; with Variation, CTEG's
+Table 5), which :mod:`facelab.tasks.expressions.listener` runs.
 
 Provenance of the definitions — read this before comparing numbers with the paper:
 
@@ -511,3 +513,143 @@ def expression_metrics(
         "fgd": fgd(seqs),
         "variation": variation(seqs),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# LM-Listener's evaluation: L2, FD, Variation, P-FD (CTEG Appendix C, Table 5)
+# --------------------------------------------------------------------------------------------
+#
+# Ng et al., "Can Language Models Learn to Listen?" (ICCV 2023), as its release computes them:
+# github.com/sanjayss34/lm-listener ``evaluate_listener.py`` (``main``, with its helpers
+# ``calculate_activation_statistics`` and ``calculate_frechet_distance``). Everything is per item --
+# one generated sequence against the ground-truth sequence of the same test window, frames aligned
+# from the start -- and the reported number is the plain mean over items. Variation is
+# :func:`variation` above (``np.mean(np.var(pred, axis=0))`` per sequence).
+
+
+def activation_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(D,)`` and covariance ``(D, D)`` of the rows of ``features`` ``(T, D)``.
+
+    ``evaluate_listener.py`` ``calculate_activation_statistics``: ``np.mean(axis=0)`` and
+    ``np.cov(rowvar=False)`` (the unbiased estimate, divided by ``T - 1``), here in float64.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"need (T, D) features with T >= 2 for a covariance, got shape {x.shape}")
+    return x.mean(axis=0), np.atleast_2d(np.cov(x, rowvar=False))
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
+    """Fréchet distance of two Gaussians: ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2})``.
+
+    ``evaluate_listener.py`` ``calculate_frechet_distance``, step for step: the matrix square root of
+    ``S1 S2`` by ``scipy.linalg.sqrtm``; if it is not finite, ``eps`` (1e-6) is added to both
+    diagonals and the root taken again; an imaginary part is dropped when the diagonal's imaginary
+    parts are within 1e-3 of zero, else :class:`ValueError` (the release raises there too). (The
+    release calls ``sqrtm(..., disp=False)``, whose second output it ignores; SciPy >= 1.16
+    deprecates ``disp``, and the root is the same.)
+    """
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(
+            f"mean shapes {mu1.shape} / {mu2.shape} or covariance shapes {sigma1.shape} / {sigma2.shape} differ"
+        )
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in the covariance root")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def _aligned(gt: Sequence[np.ndarray], pred: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Pairs ``(gt_i[:L], pred_i[:L])``, ``L = min(T_gt, T_pred)``, float64; checks counts and widths."""
+    if len(gt) != len(pred):
+        raise ValueError(f"{len(gt)} ground-truth sequences but {len(pred)} predicted ones")
+    out = []
+    for i, (g, p) in enumerate(zip(gt, pred)):
+        g, p = np.asarray(g, dtype=np.float64), np.asarray(p, dtype=np.float64)
+        if g.ndim != 2 or p.ndim != 2 or g.shape[1] != p.shape[1] or min(len(g), len(p)) < 1:
+            raise ValueError(f"item {i}: ground truth {g.shape} and prediction {p.shape} are not (T, D) with one D")
+        n = min(len(g), len(p))
+        out.append((g[:n], p[:n]))
+    return out
+
+
+def listener_l2_per_item(gt: Sequence[np.ndarray], pred: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-item L2 of ``evaluate_listener.py``: ``((gt - pred) ** 2).mean()`` over the aligned frames and
+    all dimensions (a mean squared error, despite the name), float64 ``(n,)``.
+
+    The release takes the ground truth of the predicted window (``gt`` has ``pred``'s length); here
+    both are cut to the common length ``min(T_gt, T_pred)`` (a prediction longer than its window
+    would be skipped by the release's "NOT FOUND" branch)."""
+    return np.array([float(np.mean(np.square(g - p))) for g, p in _aligned(gt, pred)])
+
+
+def _fd_item(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 2:
+        return float("nan")  # np.cov of one frame is undefined (the release would print NaN)
+    try:
+        return frechet_distance(*activation_statistics(a), *activation_statistics(b))
+    except (ValueError, np.linalg.LinAlgError):
+        return float("nan")
+
+
+def listener_fd_per_item(gt: Sequence[np.ndarray], pred: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-item FD of ``evaluate_listener.py`` ("1. fid"): :func:`frechet_distance` between the Gaussians
+    fitted (:func:`activation_statistics`) to the ground truth's and the prediction's frames of one
+    window, each frame a sample; float64 ``(n,)``. NaN where fewer than 2 frames align, or where the
+    covariance root has a large imaginary part (the release raises there); :func:`listener_fd` leaves
+    those out."""
+    return np.array([_fd_item(g, p) for g, p in _aligned(gt, pred)])
+
+
+def listener_pfd_per_item(
+    gt: Sequence[np.ndarray], pred: Sequence[np.ndarray], speaker: Sequence[np.ndarray]
+) -> np.ndarray:
+    """Per-item P-FD (paired FD) of ``evaluate_listener.py`` ("2. paired fid"): the FD of the joint
+    frames ``[speaker | listener]`` -- the speaker's frames of the window concatenated with the ground
+    truth's, against the same speaker frames concatenated with the prediction's. It scores whether the
+    listener moves *with* the speaker, not only like a listener. ``speaker[i]`` must cover the aligned
+    frames (``T_speaker >= min(T_gt, T_pred)``); NaN as in :func:`listener_fd_per_item`."""
+    pairs = _aligned(gt, pred)
+    if len(speaker) != len(pairs):
+        raise ValueError(f"{len(speaker)} speaker sequences for {len(pairs)} items")
+    out = []
+    for i, ((g, p), s) in enumerate(zip(pairs, speaker)):
+        s = np.asarray(s, dtype=np.float64)
+        if s.ndim != 2 or len(s) < len(g):
+            raise ValueError(f"item {i}: speaker frames {s.shape} do not cover the {len(g)} aligned frames")
+        out.append(_fd_item(np.concatenate([s[: len(g)], g], 1), np.concatenate([s[: len(p)], p], 1)))
+    return np.array(out)
+
+
+def _finite_mean(values: np.ndarray, what: str) -> float:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        raise ValueError(f"{what}: no item has a finite value")
+    return float(finite.mean())
+
+
+def listener_l2(gt: Sequence[np.ndarray], pred: Sequence[np.ndarray]) -> float:
+    """L2 of the LM-Listener evaluation (CTEG Table 5, lower is better): mean of :func:`listener_l2_per_item`."""
+    return _finite_mean(listener_l2_per_item(gt, pred), "L2")
+
+
+def listener_fd(gt: Sequence[np.ndarray], pred: Sequence[np.ndarray]) -> float:
+    """FD of the LM-Listener evaluation (lower is better): mean of the finite :func:`listener_fd_per_item`."""
+    return _finite_mean(listener_fd_per_item(gt, pred), "FD")
+
+
+def listener_pfd(gt: Sequence[np.ndarray], pred: Sequence[np.ndarray], speaker: Sequence[np.ndarray]) -> float:
+    """P-FD of the LM-Listener evaluation (lower is better): mean of the finite :func:`listener_pfd_per_item`."""
+    return _finite_mean(listener_pfd_per_item(gt, pred, speaker), "P-FD")

@@ -9,6 +9,8 @@ Metric names :func:`run_test_eval` logs (each with ``<name>_se``, its bootstrap 
   MModality, Variation; never Cppl (the paper's "/");
 * ``shuffle/<metric>`` — with ``eval.shuffle_row``, Table 2's Shuffle row: the model's Cppl of the
   shuffled test sequences and the other five metrics of those sequences.
+* with ``eval.protocol: listener`` instead, CTEG Table 5: ``test/l2``, ``test/fd``, ``test/variation``,
+  ``test/pfd`` -- LM-Listener's evaluation (:mod:`facelab.tasks.expressions.listener`).
 
 A value that is not finite is left out (a report shows "–"), so it cannot fail the trial's last epoch.
 
@@ -96,6 +98,11 @@ def run_test_eval(model, job: dict, data_dir: Path, device, client, run_id) -> d
     test = emoava.load_split(data_dir, "test")
     cfg = eval_config(job)
     e = job["eval"]
+    if e.get("protocol") == "listener":  # CTEG Table 5: LM-Listener's L2, FD, Variation, P-FD
+        metrics = run_listener_eval(model, test, cfg, data_dir, device)
+        if client:
+            log_trajectories(model, test, job, client, run_id)
+        return metrics
     t0 = time.time()
     metrics = flatten_eval(evaluate_model(model, test, cfg, device=device))
     metrics["test/eval_time_s"] = time.time() - t0
@@ -135,5 +142,35 @@ def run_baseline_eval(job: dict, data_dir: Path) -> dict[str, float]:
 
     test = emoava.load_split(data_dir, "test")
     train = emoava.load_split(data_dir, "train")
+    if job["eval"].get("protocol") == "listener":
+        return run_listener_eval(None, test, eval_config(job), data_dir, baseline=job["eval"]["baseline"], train=train)
     mean, _std = emoava.load_stats(data_dir)
     return flatten_eval(evaluate_baseline(job["eval"]["baseline"], test, train, eval_config(job), mean_face=mean))
+
+
+def check_eval_data(job: dict, data_dir: Path) -> None:
+    """Before training: the data the test evaluation will need is there (``eval.protocol: listener``
+    needs the speaker frames of the test split), so a long run cannot fail at its last step."""
+    if job["eval"].get("protocol") == "listener" and job["eval"].get("enabled", True):
+        from facelab.data.lm_listener_data import load_speaker
+
+        load_speaker(data_dir, "test")
+
+
+def run_listener_eval(
+    model, test, cfg, data_dir: Path, device="cpu", *, baseline: str | None = None, train=None
+) -> dict[str, float]:
+    """``eval.protocol: listener`` (CTEG Table 5): ``test/{l2,fd,variation,pfd}`` and their ``_se`` for a
+    trained ``model`` or a model-free ``baseline`` row (:mod:`facelab.tasks.expressions.listener`)."""
+    from facelab.data.lm_listener_data import load_speaker
+    from facelab.tasks.expressions.listener import evaluate_listener_baseline, evaluate_listener_model
+
+    speaker = load_speaker(data_dir, "test")
+    t0 = time.time()
+    if baseline:
+        results = evaluate_listener_baseline(baseline, test, speaker, train, cfg)
+    else:
+        results = evaluate_listener_model(model, test, speaker, cfg, device=device)
+    metrics = flatten_eval(results, finite_only=True)
+    metrics["test/eval_time_s"] = time.time() - t0
+    return metrics
