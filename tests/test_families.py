@@ -92,7 +92,9 @@ def test_no_module_outside_families_names_a_family():
     pkg = REPO / "platform" / "facelab"
     offenders = []
     for f in pkg.rglob("*.py"):
-        if "families" in f.relative_to(pkg).parts:
+        if f.relative_to(pkg).parts[0] in ("families", "data"):
+            # data/ holds dataset formats: LM-Listener's *dataset* shares the family's name (its
+            # builder, importer and DVC params section say "lm_listener"), which dispatches on nothing
             continue
         for i, line in enumerate(f.read_text().splitlines(), 1):
             code = line.split("#", 1)[0]

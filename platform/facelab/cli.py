@@ -848,10 +848,11 @@ def cmd_data(args) -> int:
     elif args.data_cmd == "import-emoava":
         summary = emoava.import_release(Path(args.release_dir), Path(args.out), force=args.force)
     elif args.data_cmd == "build-lm-listener":  # CTEG Table 5's data: synthetic release, then imported
+        from facelab.data.lm_listener_data import DATASET
         from facelab.data.synth_lm_listener import build_lm_listener
 
         release = Path(args.release_out) if args.release_out else None
-        summary = build_lm_listener(Path(args.out), release_dir=release, **params("lm_listener"), force=args.force)
+        summary = build_lm_listener(Path(args.out), release_dir=release, **params(DATASET), force=args.force)
     elif args.data_cmd == "import-lm-listener":
         from facelab.data.lm_listener_data import import_release as import_lm_listener
 

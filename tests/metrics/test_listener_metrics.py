@@ -220,9 +220,9 @@ def test_tiny_cteg_row_and_scoring_entry_points(data_dir):
 
 
 def test_listener_protocol_refuses_table2_rows():
-    with pytest.raises(ValueError, match="rows of the cteg protocol"):
+    with pytest.raises(ValueError, match="rows of the emoava protocol"):
         CTEGJob.model_validate({"eval": {"protocol": "listener", "shuffle_row": True}})
-    assert CTEGJob().eval.protocol == "cteg"
+    assert CTEGJob().eval.protocol == "emoava"
 
 
 def test_samples_and_truth_counts_must_agree():

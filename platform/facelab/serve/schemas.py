@@ -74,7 +74,7 @@ class ModelInfo(BaseModel):
                     "version": "3",
                     "alias": "champion",
                     "run_id": "5f0c8d1e2a9b4c7d8e6f1a2b3c4d5e6f",
-                    "job_kind": "cteg",
+                    "job_kind": "my_family",  # a placeholder: the served family's kind
                     "metric": "val/cppl",
                     "metric_value": "4.21",
                     "base_model": None,
@@ -240,7 +240,7 @@ class KeyframeResponse(BaseModel):
                     "model": dict(
                         ModelInfo.model_config["json_schema_extra"]["examples"][0],
                         name="keyframe-tiny",
-                        job_kind="keyframe",
+                        job_kind="my_keyframe_family",
                         metric="val/loss",
                     ),
                     "keyframes": [{"index": 1, "valid": True, "blendshapes": {c: 0.0 for c in CHANNELS}}],
@@ -397,7 +397,7 @@ _ERRORS: dict[int, dict] = {
         "examples": {
             "other task": _err(
                 "model",
-                "the served model is a 'keyframe' model; /v1/expressions needs a 'cteg' or 'lm_listener' "
+                "the served model is a 'my_keyframe_family' model; /v1/expressions needs a 'my_family' "
                 "model (this one answers /v1/keyframes)",
                 "wrong_model_kind",
             )

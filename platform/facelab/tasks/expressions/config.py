@@ -46,10 +46,10 @@ class ExpressionEval(Strict):
         "cdf_difference", description="Cppl probability: the reference's CDF difference F(x+δ)−F(x−δ), or the box mass."
     )
     enabled: bool = Field(True, description="Run the test-split evaluation after the last epoch.")
-    protocol: Literal["cteg", "listener"] = Field(
-        "cteg",
+    protocol: Literal["emoava", "listener"] = Field(
+        "emoava",
         description=(
-            "Which test metrics: 'cteg' = the six of CTEG Appendix D (Table 2: Cppl, DoT, FgD, Diversity, "
+            "Which test metrics: 'emoava' = the six of CTEG Appendix D (Table 2: Cppl, DoT, FgD, Diversity, "
             "MModality, Variation); 'listener' = LM-Listener's evaluate_listener.py (CTEG Table 5: L2, FD, "
             "Variation, P-FD), which needs the speaker frames of an LM-Listener dataset (`facelab data "
             "build-lm-listener` / `import-lm-listener`). Baseline rows follow the same protocol."
@@ -85,7 +85,7 @@ class ExpressionEval(Strict):
     def _listener_rows(self) -> "ExpressionEval":
         if self.protocol == "listener" and (self.extra_max_frames or self.shuffle_row):
             raise ValueError(
-                "extra_max_frames and shuffle_row are rows of the cteg protocol (Table 2); with protocol "
+                "extra_max_frames and shuffle_row are rows of the emoava protocol (Table 2); with protocol "
                 "'listener' leave them empty / false"
             )
         return self
