@@ -144,7 +144,11 @@ def test_bash_completion_offers_commands_options_choices_and_files(tmp_path):
     (tmp_path / "sweeps").mkdir()
     (tmp_path / "sweeps" / "mine.yaml").write_text("x: 1\n")
     assert _complete(script, ["facelab", "sw"], tmp_path) == ["sweep"]
-    assert _complete(script, ["facelab", "data", "imp"], tmp_path) == ["import-emoava", "import-keyframeface", "import-lm-listener"]
+    assert _complete(script, ["facelab", "data", "imp"], tmp_path) == [
+        "import-emoava",
+        "import-keyframeface",
+        "import-lm-listener",
+    ]
     assert "--dry-run" in _complete(script, ["facelab", "sweep", "--d"], tmp_path)
     assert _complete(script, ["facelab", "cp", ""], tmp_path) == ["family", "job", "sweep"]
     annotation = ["facelab", "data", "import-keyframeface", "a.jsonl", "--annotation", ""]
