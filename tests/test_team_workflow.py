@@ -33,13 +33,17 @@ def test_report_has_one_row_per_searched_setting_and_se_over_seeds_only():
     assert searched_keys(trials) == ["optim.lr_mul"]
     rows = aggregate(trials, ["val/cppl"])
     assert [r["variant"] for r in rows] == [
-        "CTEG | optim.lr_mul=0.1",
-        "CTEG | optim.lr_mul=1.0",
-        "CTEG | optim.lr_mul=10.0",
+        "CTEG (optim.lr_mul=0.1)",
+        "CTEG (optim.lr_mul=1.0)",
+        "CTEG (optim.lr_mul=10.0)",
     ]
     assert [r["val/cppl"][0] for r in rows] == [91, 21, 402]
     assert rows[1]["val/cppl"][1] == pytest.approx(1.0)  # SE over the two seeds: std 1.414 / sqrt(2)
     assert "**21.000 ± 1.000**" in render(rows, ["val/cppl"])  # the best setting is visible and bold
+    table = render(rows, ["val/cppl"]).splitlines()  # one Markdown cell per column on every row
+    assert {line.count(" | ") for line in table if not line.startswith("|---")} == {table[0].count(" | ")}
+    piped = render([{**rows[0], "variant": "a | b"}], ["val/cppl"]).splitlines()[-1]
+    assert piped.startswith("| a \\| b | ") and piped.count(" | ") == table[0].count(" | ")
     merged = aggregate(trials, ["val/cppl"], by=["variant"])  # the old view, on request
     assert len(merged) == 1 and merged[0]["n"] == 6
     by_lr = aggregate(trials, ["val/cppl"], by=["optim.lr_mul"])

@@ -62,6 +62,11 @@ def _arrow(metric: str) -> str:
     return "↓" if name in ("loss", "mse", "kl", "lg", "cppl") else ""
 
 
+def _md(text: str) -> str:
+    """A Markdown table cell: a ``|`` in a user's variant name would start a new column."""
+    return str(text).replace("|", "\\|")
+
+
 def _label(metric: str) -> str:
     return LABELS.get(metric.removeprefix("test/"), metric) if metric.startswith("test/") else metric
 
@@ -131,7 +136,7 @@ def aggregate(trials, metrics: list[str], by: list[str] | None = None) -> list[d
         named = dict(zip(keys, g))
         label = named.pop("variant", None)
         extra = ", ".join(f"{k}={v}" for k, v in named.items())
-        variant = " | ".join(x for x in (label, extra) if x)
+        variant = f"{label} ({extra})" if label and extra else (label or extra)  # no "|": a Markdown cell
         row = {
             "variant": variant,
             "n": len(ts),
@@ -199,7 +204,7 @@ def render(rows: list[dict], metrics: list[str], fmt: str = "md") -> str:
             mean, se = r[m]
             txt = _num(mean) + ("" if math.isnan(se) else f" ± {_num(se)}")
             cells.append(f"**{txt}**" if best.get(m) == r["variant"] else txt)
-        lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_md(r['variant'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
