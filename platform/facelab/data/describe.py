@@ -44,8 +44,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -560,28 +558,14 @@ def describe(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, *, forc
 
 
 def _write_atomically(out: Path, summary: dict, draws: list) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    old: Path | None = None
-    try:
-        os.chmod(tmp, 0o755)
+    def fill(tmp: Path) -> None:
         for key, fn, args in draws:
             fn(*args, tmp / FIGURES[key][1])
         text = json.dumps(summary, ensure_ascii=False, indent=1, allow_nan=False) + "\n"  # insertion order: stable
         (tmp / SUMMARY_FILE).write_bytes(text.encode("utf-8"))
         (tmp / MARKDOWN_FILE).write_bytes(_markdown(summary).encode("utf-8"))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-            os.replace(out, old / "out")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / "out").exists() and not out.exists():
-            os.replace(old / "out", out)  # put the previous output back
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+
+    emoava.replace_dir(out, fill)
 
 
 def format_report(summary: dict, out_dir: str | os.PathLike) -> str:

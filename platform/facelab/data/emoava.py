@@ -37,6 +37,7 @@ import math
 import os
 import pickle
 import pickletools
+import shutil
 import struct
 import tempfile
 import zipfile
@@ -223,6 +224,31 @@ def claim_output_dir(
         f"this command (no {marker}), so replacing it could destroy other files. Choose another --out, "
         "or pass --force (force=True) to replace it anyway"
     )
+
+
+def replace_dir(out_dir: Path, fill: Callable[[Path], None]) -> None:
+    """Write a whole output directory at once: ``fill`` writes into a temporary sibling, which then
+    replaces ``out_dir``. If anything fails, the temporary directory goes and the previous
+    ``out_dir`` (if any) is put back, so a reader never sees a half-written output."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    old: Path | None = None
+    try:
+        os.chmod(tmp, 0o755)
+        fill(tmp)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
+            os.replace(out_dir, old / "previous")
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / "previous").exists() and not out_dir.exists():
+            os.replace(old / "previous", out_dir)  # put the previous output back
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def is_emoava_dir(data_dir: Path) -> bool:

@@ -36,8 +36,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -443,28 +441,15 @@ def write_dataset(
         raise DataError(f"{out_dir / META_FILE}: extra_meta is not JSON-serialisable: {exc}") from None
 
     claim_output(out_dir, force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    old: Path | None = None
-    try:
-        os.chmod(tmp, 0o755)
+
+    def fill(tmp: Path) -> None:
         for name, scripts in checked.items():
             lines = "".join(_dumps_line(script_to_json(s)) + "\n" for s in scripts)
             (tmp / f"{name}.jsonl").write_bytes(lines.encode("utf-8"))
         (tmp / META_FILE).write_bytes(meta_text.encode("utf-8"))
         validate_dir(tmp)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
-            os.replace(out_dir, old / "data")
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / "data").exists() and not out_dir.exists():
-            os.replace(old / "data", out_dir)  # put the previous dataset back
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+
+    emoava.replace_dir(out_dir, fill)
     return summarize(checked)
 
 
