@@ -92,9 +92,10 @@ def make_project(dst: Path, params: dict | None = None) -> Path:
     return dst
 
 
-def dvc_repro(project: Path) -> subprocess.CompletedProcess:
+def dvc_repro(project: Path, *stages: str) -> subprocess.CompletedProcess:
+    """`dvc repro` of ``stages`` (all of dvc.yaml's when none is named) in ``project``."""
     return subprocess.run(
-        [str(BIN / "dvc"), "repro"],
+        [str(BIN / "dvc"), "repro", *stages],
         cwd=project,
         env=env_for(project),
         check=True,

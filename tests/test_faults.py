@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, TINY_PARAMS, env_for, free_port, make_project
+from conftest import BIN, TINY_PARAMS, dvc_repro, env_for, free_port, make_project
 
 EPOCHS = 3
 STEPS = 240
@@ -237,15 +237,7 @@ def project(tmp_path_factory) -> Path:
     p = make_project(
         tmp_path_factory.mktemp("faults"), {**TINY_PARAMS, "emoava": {**TINY_PARAMS["emoava"], "n_train": 1200}}
     )
-    subprocess.run(
-        [str(BIN / "dvc"), "repro", "emoava"],
-        cwd=p,
-        env=env_for(p),
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    dvc_repro(p, "emoava")
     common = (
         "job: jobs/cteg_tiny.yaml\nmetric: {name: val/loss, goal: minimize}\nmethod: grid\nseeds: [0]\n"
         "resources: {num_workers: 1, gpus_per_worker: 0, cpus_per_worker: 0.5}\nmax_concurrent_trials: 1\n"

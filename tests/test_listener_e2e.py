@@ -4,11 +4,9 @@ MLflow → `facelab report` in Table 5's layout (L2 ↓, FD ↓, Variation →, 
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
-from conftest import BIN, env_for, facelab, make_project
+from conftest import dvc_repro, facelab, make_project
 
 pytestmark = pytest.mark.slow
 
@@ -38,15 +36,7 @@ TINY = [
 
 def test_table5_sweep_reports_l2_fd_variation_pfd(tmp_path):
     p = make_project(tmp_path / "project")
-    subprocess.run(
-        [str(BIN / "dvc"), "repro", "lm_listener"],
-        cwd=p,
-        env=env_for(p),
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    dvc_repro(p, "lm_listener")
     lock = (p / "dvc.lock").read_text()
     assert "data/lm_listener" in lock and "data/lm_listener_release" in lock
     (p / "sweeps" / "listener_tiny.yaml").write_text(SWEEP)
