@@ -121,59 +121,16 @@ def per_channel_errors_plot(per_channel: dict, out: Path, metric: str = "mae") -
 
 
 def draw_face(ax, v, title: str = "") -> None:
-    """A simple schematic face from 61 ARKit values: eyelids (blink/wide), gaze (eye yaw/pitch),
-    brows (inner up, outer up, down), mouth (jaw open, smile/frown, pucker/funnel, stretch), cheek
-    puff, head roll. Enough to see at a glance what a keyframe does; not a renderer."""
-    import numpy as np
-    from matplotlib.patches import Ellipse
+    """The schematic face of 61 ARKit values on a matplotlib axis: every channel moves its part (brows,
+    lids, gaze, cheeks, nose, every mouth shape, jaw, tongue, head and eye pose), drawn by the same rig
+    as the HTML viewer (:func:`facelab.viewer.rig.draw_face`), with the strongest channels under it."""
+    from facelab.viewer.rig import draw_face as draw
 
-    from facelab.data.arkit import INDEX
-
-    g = lambda n: float(v[INDEX[n]])  # noqa: E731
-    roll = g("HeadRoll") * 25.0
-    t = np.deg2rad(roll)
-    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
-
-    def P(x, y):
-        x, y = rot @ np.array([np.asarray(x, float), np.asarray(y, float)])
-        return x + g("HeadYaw") * 0.25, y + g("HeadPitch") * 0.2
-
-    puff = g("CheekPuff") * 0.12
-    ax.add_patch(Ellipse(P(0, 0), 2.0 + puff, 2.6, angle=roll, fill=False, lw=2, color="#333333"))
-    for side, sx in (("Left", -1), ("Right", 1)):
-        cx, cy = 0.42 * sx, 0.35
-        open_ = max(0.05, 1.0 - g(f"EyeBlink{side}") + 0.5 * g(f"EyeWide{side}") - 0.4 * g(f"EyeSquint{side}"))
-        ax.add_patch(Ellipse(P(cx, cy), 0.34, 0.16 * open_, angle=roll, fill=False, lw=1.5, color="#333333"))
-        yaw, pitch = g(f"{side}EyeYaw"), g(f"{side}EyePitch")
-        if open_ > 0.2:
-            ax.plot(*P(cx + 0.1 * yaw, cy + 0.05 * pitch), "o", ms=3, color="#333333")
-        inner = 0.12 * g("BrowInnerUp") - 0.1 * g(f"BrowDown{side}")
-        outer = 0.12 * g(f"BrowOuterUp{side}") - 0.05 * g(f"BrowDown{side}")
-        xs = [cx - 0.2 * sx, cx + 0.2 * sx]
-        ax.plot(*P(xs, [cy + 0.2 + inner, cy + 0.2 + outer]), lw=2, color="#774422")
-    smile = 0.5 * (g("MouthSmileLeft") + g("MouthSmileRight")) - 0.5 * (g("MouthFrownLeft") + g("MouthFrownRight"))
-    width = (
-        0.5
-        + 0.25 * 0.5 * (g("MouthStretchLeft") + g("MouthStretchRight"))
-        - 0.25 * g("MouthPucker")
-        - 0.15 * g("MouthFunnel")
-    )
-    openness = 0.5 * g("JawOpen") + 0.1 * g("MouthFunnel")
-    xs = np.linspace(-width / 2, width / 2, 21)
-    upper = -0.55 + 0.18 * smile * (xs / (width / 2)) ** 2
-    lower = upper - openness * (1 - (xs / (width / 2)) ** 2)
-    ax.plot(*P(xs, upper), lw=2, color="#aa3333")
-    ax.plot(*P(xs, lower), lw=2, color="#aa3333")
-    ax.set_xlim(-1.4, 1.4)
-    ax.set_ylim(-1.5, 1.5)
-    ax.set_aspect("equal")
-    ax.axis("off")
-    if title:
-        ax.set_title(title, fontsize=7)
+    draw(ax, v, title)
 
 
 def keyframe_preview(gt, pred, texts: list[str], out: Path) -> Path:
-    """Ground truth (top) and generated (bottom) keyframes drawn as schematic faces."""
+    """Ground truth (top) and generated (bottom) keyframes drawn as schematic faces (:func:`draw_face`)."""
     import textwrap
 
     import matplotlib
@@ -182,7 +139,7 @@ def keyframe_preview(gt, pred, texts: list[str], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     n = max(1, len(gt))
-    fig, axes = plt.subplots(2, n, figsize=(2.6 * n, 5.6), squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(2.6 * n, 7.0), squeeze=False)
     for i in range(len(gt)):
         draw_face(axes[0][i], gt[i], "\n".join(textwrap.wrap(texts[i], 34)[:3]) + "\n(ground truth)")
         draw_face(axes[1][i], pred[i], "generated")

@@ -1,0 +1,367 @@
+/* facelab viewer: the schematic ARKit face, per-channel bars and expression heatmaps/curves.
+ *
+ * Inlined into every page by facelab.viewer.html (no network, no modules). It reads the page's
+ * <script type="application/json" id="facelab-data"> ({rig, channels, regions, page}) and draws into
+ * <main id="facelab-root">. The face is facelab/viewer/rig.py's rig evaluated the same way:
+ * geometry() = neutral + sum(value * move), then the rotations in rig.rotation_order; segments()
+ * is the same Catmull-Rom construction; fmt() the same two-decimal text. tests/test_viewer.py checks
+ * that the coordinates written here equal rig.face_svg's.
+ */
+(function () {
+  "use strict";
+  var SVGNS = "http://www.w3.org/2000/svg";
+
+  function fmt(x) {
+    var s = x.toFixed(2);
+    return s === "-0.00" ? "0.00" : s;
+  }
+
+  function clip(values, rig) {
+    return rig.channels.map(function (ch, c) {
+      var v = Number(values[c]);
+      if (!isFinite(v)) v = v > 0 ? ch.hi : v < 0 ? ch.lo : 0;
+      return Math.min(ch.hi, Math.max(ch.lo, v));
+    });
+  }
+
+  function geometry(rig, values) {
+    var v = clip(values, rig);
+    var pts = rig.neutral.map(function (p) { return [p[0], p[1]]; });
+    rig.channels.forEach(function (ch, c) {
+      if (v[c] === 0) return;
+      ch.move.forEach(function (m) {
+        pts[m[0]][0] += v[c] * m[1];
+        pts[m[0]][1] += v[c] * m[2];
+      });
+    });
+    rig.rotation_order.forEach(function (c) {
+      if (v[c] === 0) return;
+      rig.channels[c].rotate.forEach(function (r) {
+        var t = (v[c] * r[2] * Math.PI) / 180, cos = Math.cos(t), sin = Math.sin(t);
+        var px = pts[r[1]][0], py = pts[r[1]][1];
+        r[0].forEach(function (i) {
+          var dx = pts[i][0] - px, dy = pts[i][1] - py;
+          pts[i][0] = px + cos * dx - sin * dy;
+          pts[i][1] = py + sin * dx + cos * dy;
+        });
+      });
+    });
+    return pts;
+  }
+
+  function segments(p, closed, smooth) {
+    var n = p.length, out = [[p[0]]], count = closed ? n : n - 1;
+    for (var i = 0; i < count; i++) {
+      var a = p[i], b = p[(i + 1) % n];
+      if (!smooth || n < 3) { out.push([b]); continue; }
+      var prev = closed || i > 0 ? p[(i - 1 + n) % n] : a;
+      var nxt = closed || i + 2 < n ? p[(i + 2) % n] : b;
+      var c1 = [a[0] + (b[0] - prev[0]) / 6, a[1] + (b[1] - prev[1]) / 6];
+      var c2 = [b[0] - (nxt[0] - a[0]) / 6, b[1] - (nxt[1] - a[1]) / 6];
+      out.push([c1, c2, b]);
+    }
+    return out;
+  }
+
+  function pathD(p, closed, smooth) {
+    var parts = segments(p, closed, smooth).map(function (seg, k) {
+      var cmd = k === 0 ? "M" : seg.length === 1 ? "L" : "C";
+      return cmd + " " + seg.map(function (q) { return fmt(q[0]) + " " + fmt(q[1]); }).join(" ");
+    });
+    if (closed) parts.push("Z");
+    return parts.join(" ");
+  }
+
+  function el(tag, attrs, parent, ns) {
+    var e = ns ? document.createElementNS(ns, tag) : document.createElement(tag);
+    Object.keys(attrs || {}).forEach(function (k) { e.setAttribute(k, attrs[k]); });
+    if (parent) parent.appendChild(e);
+    return e;
+  }
+
+  function text(tag, cls, s, parent) {
+    var e = el(tag, cls ? { class: cls } : {}, parent);
+    e.textContent = s;
+    return e;
+  }
+
+  /* One face as an <svg class="face" data-drawn="js">; prefix keeps clip ids unique on the page. */
+  function faceSVG(rig, values, prefix) {
+    var pts = geometry(rig, values);
+    var pick = function (ids) { return ids.map(function (i) { return pts[i]; }); };
+    var svg = el("svg", { class: "face", viewBox: rig.viewBox.map(fmt).join(" "), "data-drawn": "js",
+                          "data-prefix": prefix }, null, SVGNS);
+    var defs = el("defs", {}, svg, SVGNS);
+    var byId = {};
+    rig.shapes.forEach(function (s) { byId[s.id] = s; });
+    var clips = {};
+    rig.shapes.forEach(function (s) { if (s.clip) clips[s.clip] = true; });
+    Object.keys(clips).sort().forEach(function (cid) {
+      var cp = el("clipPath", { id: prefix + "-" + cid }, defs, SVGNS);
+      el("path", { d: pathD(pick(byId[cid].points), true, byId[cid].smooth) }, cp, SVGNS);
+    });
+    rig.shapes.forEach(function (s) {
+      var a = { "data-shape": s.id, fill: s.fill, stroke: s.stroke, "stroke-width": String(s.width),
+                "stroke-linecap": s.cap, "stroke-linejoin": "round" };
+      if (s.clip) a["clip-path"] = "url(#" + prefix + "-" + s.clip + ")";
+      if (s.kind === "circle") {
+        var c = pts[s.points[0]];
+        a.cx = fmt(c[0]); a.cy = fmt(c[1]); a.r = fmt(s.r);
+        el("circle", a, svg, SVGNS);
+      } else {
+        a.d = pathD(pick(s.points), s.closed, s.smooth);
+        el("path", a, svg, SVGNS);
+      }
+    });
+    return svg;
+  }
+
+  /* 61 rows: channel name, then one bar and value per column (ground truth, generated, ...).
+     Blendshapes fill from 0 to 1; pose channels ([-1, 1]) from the middle. */
+  function bars(data, columns, root) {
+    var table = el("table", { class: "bars" }, root);
+    var head = el("tr", {}, el("thead", {}, table));
+    text("th", "", "channel", head);
+    columns.forEach(function (c) { text("th", "", c.label, head); });
+    var body = el("tbody", {}, table);
+    var regionOf = {};
+    Object.keys(data.regions).forEach(function (r) { data.regions[r].forEach(function (n) { regionOf[n] = r; }); });
+    data.channels.forEach(function (name, i) {
+      var ch = data.rig.channels[i];
+      var tr = el("tr", { class: "bar", "data-channel": name, "data-region": regionOf[name] || "" }, body);
+      text("td", "name", name, tr);
+      columns.forEach(function (col) {
+        var v = Number(col.values[i]);
+        var td = el("td", { class: "cell " + col.cls, "data-value": fmt(v) }, tr);
+        var track = el("span", { class: "track" + (ch.lo < 0 ? " signed" : "") }, td);
+        var clipped = Math.min(ch.hi, Math.max(ch.lo, isFinite(v) ? v : 0));
+        var fill = el("span", { class: "fill" }, track);
+        if (ch.lo < 0) {
+          var w = Math.abs(clipped) * 50;
+          fill.style.left = (clipped < 0 ? 50 - w : 50) + "%";
+          fill.style.width = w + "%";
+        } else {
+          fill.style.left = "0%";
+          fill.style.width = clipped * 100 + "%";
+        }
+        text("span", "value", fmt(v), td);
+        if (Math.abs(v) >= 0.3) tr.classList.add("strong");
+      });
+    });
+    return table;
+  }
+
+  function topList(data, values, k) {
+    var idx = data.channels.map(function (_, i) { return i; });
+    idx.sort(function (a, b) { return Math.abs(values[b]) - Math.abs(values[a]) || a - b; });
+    return idx.slice(0, k).filter(function (i) { return Math.abs(values[i]) >= 0.05; })
+      .map(function (i) { return data.channels[i] + " " + fmt(values[i]); });
+  }
+
+  function faceFigure(data, values, label, cls, prefix, parent) {
+    var fig = el("figure", { class: "face-figure " + cls }, parent);
+    fig.appendChild(faceSVG(data.rig, values, prefix));
+    var cap = el("figcaption", {}, fig);
+    text("strong", "", label, cap);
+    var top = topList(data, values, 4);
+    text("span", "top", top.length ? top.join(", ") : "(neutral)", cap);
+    return fig;
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Expressions: a (T, D) sequence as a heatmap (time across, coefficient down) and a few curves
+  // ---------------------------------------------------------------------------------------------
+
+  function colour(v, scale) {
+    var t = Math.max(-1, Math.min(1, v / scale));
+    var r, g, b;
+    if (t >= 0) { r = 255; g = Math.round(255 * (1 - t * 0.85)); b = Math.round(255 * (1 - t)); }
+    else { r = Math.round(255 * (1 + t)); g = Math.round(255 * (1 + t * 0.55)); b = 255; }
+    return "rgb(" + r + "," + g + "," + b + ")";
+  }
+
+  function heatmap(seq, tmax, scale, parent) {
+    var d = seq.length ? seq[0].length : 0, cw = 2, chh = 3;
+    var canvas = el("canvas", { class: "heatmap", width: String(tmax * cw), height: String(d * chh),
+                                "data-frames": String(seq.length), "data-dims": String(d) }, parent);
+    var ctx = canvas.getContext("2d");
+    ctx.fillStyle = "#eeeeee";
+    ctx.fillRect(0, 0, tmax * cw, d * chh);
+    for (var t = 0; t < seq.length; t++) {
+      for (var j = 0; j < d; j++) {
+        ctx.fillStyle = colour(seq[t][j], scale);
+        ctx.fillRect(t * cw, j * chh, cw, chh);
+      }
+    }
+    return canvas;
+  }
+
+  var CURVE_COLOURS = ["#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377"];
+
+  function curves(seq, tmax, dims, labels, range, parent) {
+    var w = 300, h = 110, svg = el("svg", { class: "curves", viewBox: "0 0 " + w + " " + h,
+                                              preserveAspectRatio: "none" }, parent, SVGNS);
+    var y = function (v) { return h / 2 - (v / range) * (h / 2 - 4); };
+    var x = function (t) { return (t / Math.max(1, tmax - 1)) * w; };
+    el("line", { x1: "0", x2: String(w), y1: String(h / 2), y2: String(h / 2), class: "axis" }, svg, SVGNS);
+    dims.forEach(function (dim, k) {
+      var pts = seq.map(function (f, t) { return fmt(x(t)) + "," + fmt(y(f[dim])); }).join(" ");
+      var line = el("polyline", { points: pts, fill: "none", stroke: CURVE_COLOURS[k % CURVE_COLOURS.length],
+                                  "stroke-width": "1.4", "data-dim": String(dim),
+                                  "vector-effect": "non-scaling-stroke" }, svg, SVGNS);
+      text("title", "", labels[dim], line);
+    });
+    var stop = Math.max(0, seq.length - 1);
+    el("line", { class: "stop", x1: fmt(x(stop)), x2: fmt(x(stop)), y1: "0", y2: String(h),
+                 "data-frame": String(seq.length), "vector-effect": "non-scaling-stroke" }, svg, SVGNS);
+    el("line", { class: "cursor", x1: "0", x2: "0", y1: "0", y2: String(h),
+                 "vector-effect": "non-scaling-stroke" }, svg, SVGNS);
+    return svg;
+  }
+
+  function seqPanel(data, seq, label, cls, tmax, scale, range, parent) {
+    var fig = el("figure", { class: "seq " + cls, "data-frames": String(seq.length) }, parent);
+    var cap = el("figcaption", {}, fig);
+    text("strong", "", label, cap);
+    text("span", "stop-label", " stops at frame " + seq.length + " (" + (seq.length / data.page.fps).toFixed(2) + " s)", cap);
+    var wrap = el("div", { class: "heat-wrap" }, fig);
+    heatmap(seq, tmax, scale, wrap);
+    var mark = el("div", { class: "stop-mark", title: "stop frame " + seq.length }, wrap);
+    mark.style.left = (seq.length / tmax) * 100 + "%";
+    var cursor = el("div", { class: "cursor-mark" }, wrap);
+    cursor.style.left = "0%";
+    curves(seq, tmax, data.page.curves, data.page.dims, range, fig);
+    return fig;
+  }
+
+  function seqStats(seqs) {
+    var tmax = 1, scale = 1e-6;
+    seqs.forEach(function (s) {
+      tmax = Math.max(tmax, s.length);
+      s.forEach(function (f) { f.forEach(function (v) { scale = Math.max(scale, Math.abs(v)); }); });
+    });
+    return { tmax: tmax, scale: scale };
+  }
+
+  function legend(data, parent) {
+    var p = el("p", { class: "legend" }, parent);
+    text("span", "", "curves: ", p);
+    data.page.curves.forEach(function (dim, k) {
+      var s = text("span", "swatch", data.page.dims[dim], p);
+      s.style.borderColor = CURVE_COLOURS[k % CURVE_COLOURS.length];
+    });
+    text("span", "", " · heatmap: one row per coefficient (" + data.page.dims.length +
+         "), time across, blue < 0 < red · | stop frame", p);
+  }
+
+  function animate(root, fps) {
+    var button = root.querySelector("button.play");
+    if (!button) return;
+    var playing = false, t0 = 0;
+    function frame(now) {
+      if (!playing) return;
+      var t = ((now - t0) / 1000) * fps;
+      root.querySelectorAll(".heat-wrap").forEach(function (w) {
+        var c = w.querySelector("canvas"), tmax = c.width / 2;
+        var pos = Math.min(1, (t % (tmax + fps)) / tmax);
+        w.querySelector(".cursor-mark").style.left = pos * 100 + "%";
+      });
+      root.querySelectorAll("svg.curves .cursor").forEach(function (line) {
+        var svg = line.ownerSVGElement, wrap = svg.parentNode.querySelector("canvas"), tmax = wrap.width / 2;
+        var x = Math.min(1, (t % (tmax + fps)) / tmax) * 300;
+        line.setAttribute("x1", fmt(x)); line.setAttribute("x2", fmt(x));
+      });
+      requestAnimationFrame(frame);
+    }
+    button.addEventListener("click", function () {
+      playing = !playing;
+      button.textContent = playing ? "pause" : "play over time";
+      if (playing) { t0 = performance.now(); requestAnimationFrame(frame); }
+    });
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Pages
+  // ---------------------------------------------------------------------------------------------
+
+  function keyframesPage(data, root) {
+    data.page.items.forEach(function (item, i) {
+      var sec = el("section", { class: "item", "data-item": String(i) }, root);
+      text("h2", "", (i + 1) + ". " + item.text, sec);
+      var body = el("div", { class: "item-body" }, sec);
+      var row = el("div", { class: "side-by-side" }, body);
+      var cols = [{ label: "ground truth", cls: "gt", values: item.gt }];
+      (item.samples || []).forEach(function (s, k) {
+        cols.push({ label: item.samples.length > 1 ? "generated " + (k + 1) : "generated", cls: "gen", values: s });
+      });
+      cols.forEach(function (c, k) { faceFigure(data, c.values, c.label, c.cls, "f" + i + "-" + k, row); });
+      var det = el("details", { class: "bars-box", open: "" }, body);
+      text("summary", "", "61 channels", det);
+      bars(data, cols, det);
+    });
+  }
+
+  function expressionsPage(data, root) {
+    el("button", { class: "play", type: "button" }, root).textContent = "play over time";
+    legend(data, root);
+    data.page.items.forEach(function (item, i) {
+      var sec = el("section", { class: "item", "data-item": String(i) }, root);
+      text("h2", "", (i + 1) + ". " + item.text, sec);
+      var row = el("div", { class: "side-by-side" }, sec);
+      var all = [item.gt].concat(item.samples || []);
+      var st = seqStats(all);
+      seqPanel(data, item.gt, "ground truth", "gt", st.tmax, st.scale, st.scale, row);
+      (item.samples || []).forEach(function (s, k) {
+        seqPanel(data, s, item.samples.length > 1 ? "generated " + (k + 1) : "generated", "gen",
+                 st.tmax, st.scale, st.scale, row);
+      });
+    });
+    animate(root, data.page.fps);
+  }
+
+  /* One row per variant (the ground truth first), one column per test item. */
+  function sweepPage(data, root) {
+    var page = data.page;
+    if (page.task === "expressions") {
+      el("button", { class: "play", type: "button" }, root).textContent = "play over time";
+      legend(data, root);
+    }
+    var table = el("table", { class: "sweep" }, root);
+    var head = el("tr", {}, el("thead", {}, table));
+    text("th", "", "variant", head);
+    page.columns.forEach(function (c, j) { text("th", "", (j + 1) + ". " + c, head); });
+    var body = el("tbody", {}, table);
+    var stats = page.columns.map(function (_, j) {
+      var seqs = [];
+      page.rows.forEach(function (r) { if (r.cells[j]) seqs.push(r.cells[j]); });
+      return page.task === "expressions" ? seqStats(seqs) : null;
+    });
+    page.rows.forEach(function (r, i) {
+      var tr = el("tr", { class: "variant-row" + (r.truth ? " gt" : ""), "data-variant": r.label }, body);
+      var th = text("th", "", r.label, tr);
+      if (r.note) text("small", "", r.note, th);
+      r.cells.forEach(function (cell, j) {
+        var td = el("td", {}, tr);
+        if (!cell) { text("span", "missing", "–", td); return; }
+        if (page.task === "keyframes") faceFigure(data, cell, "", r.truth ? "gt" : "gen", "s" + i + "-" + j, td);
+        else seqPanel(data, cell, "", r.truth ? "gt" : "gen", stats[j].tmax, stats[j].scale, stats[j].scale, td);
+      });
+    });
+    if (page.task === "expressions") animate(root, page.fps);
+  }
+
+  function boot() {
+    var node = document.getElementById("facelab-data"), root = document.getElementById("facelab-root");
+    if (!node || !root) return;
+    var data = JSON.parse(node.textContent);
+    var kind = data.page.kind;
+    if (kind === "keyframes") keyframesPage(data, root);
+    else if (kind === "expressions") expressionsPage(data, root);
+    else if (kind === "sweep") sweepPage(data, root);
+    root.setAttribute("data-ready", "1");
+  }
+
+  window.FaceLab = { geometry: geometry, segments: segments, pathD: pathD, faceSVG: faceSVG, fmt: fmt, boot: boot };
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", boot);
+  else boot();
+})();

@@ -1,0 +1,267 @@
+"""The face viewer (facelab.viewer): every ARKit channel moves the schematic face, the PNG preview and
+the browser draw the same geometry, and a run's HTML page opens from disk in headless Chromium with
+its faces, 61 channel bars, heatmaps and stop frames -- and asks the network for nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from facelab.data.arkit import CHANNELS, HIGH, INDEX, LOW
+from facelab.viewer import html, rig
+
+AUDIT = {  # issue #20: "narrows the eyes and sneers, furious" -- nearly neutral in the old 28-channel face
+    "NoseSneerLeft": 0.75,
+    "NoseSneerRight": 0.69,
+    "MouthUpperUpLeft": 0.38,
+    "MouthUpperUpRight": 0.38,
+    "CheekSquintLeft": 0.31,
+    "CheekSquintRight": 0.31,
+}
+NUM = re.compile(r"-?\d+\.\d+")
+
+
+def vec(**values: float) -> np.ndarray:
+    v = np.zeros(len(CHANNELS), dtype=np.float32)
+    for name, x in values.items():
+        v[INDEX[name]] = x
+    return v
+
+
+NEUTRAL = vec()
+
+
+@pytest.mark.parametrize("name", CHANNELS)
+def test_every_channel_moves_the_drawing(name):
+    """Each channel alone at its extreme moves at least one drawn point by 2+ units (of a 200-wide
+    face) and changes the rendered SVG; pose channels ([-1, 1]) in both directions."""
+    neutral_xy, neutral_svg = rig.geometry(NEUTRAL), rig.face_svg(NEUTRAL)
+    for extreme in {float(HIGH[INDEX[name]]), float(LOW[INDEX[name]])} - {0.0}:
+        v = vec(**{name: extreme})
+        moved = np.abs(rig.geometry(v) - neutral_xy).max()
+        assert moved >= 2.0, f"{name}={extreme} moves the face by only {moved:.2f} units"
+        assert rig.face_svg(v) != neutral_svg
+
+
+def test_right_channels_mirror_left_ones():
+    """The table defines one side; the other is its mirror image (x -> -x, _l <-> _r points)."""
+    names = rig.compiled()["points"]
+    mirror = [names.index(n[:-2] + ("_r" if n.endswith("_l") else "_l")) if n[-2:] in ("_l", "_r") else i
+              for i, n in enumerate(names)]  # fmt: skip
+    for left in ("EyeBlinkLeft", "BrowOuterUpLeft", "MouthSmileLeft", "NoseSneerLeft", "MouthLeft", "JawLeft"):
+        right = left.replace("Left", "Right")
+        a, b = rig.geometry(vec(**{left: 0.8})), rig.geometry(vec(**{right: 0.8}))
+        np.testing.assert_allclose(b[mirror] * [-1, 1], a, atol=1e-9)
+
+
+def test_values_are_clipped_to_channel_ranges():
+    over = vec(JawOpen=3.0, HeadRoll=-7.0)
+    np.testing.assert_allclose(rig.geometry(over), rig.geometry(vec(JawOpen=1.0, HeadRoll=-1.0)))
+    assert np.isfinite(rig.geometry(vec(JawOpen=float("nan")))).all()
+
+
+def _face_pixels(values, tmp_path, name):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2.6, 3.0), dpi=100)
+    rig.draw_face(ax, values)
+    fig.canvas.draw()
+    box = ax.get_window_extent()  # the face only: the caption of top channels is below the axes
+    img = np.asarray(fig.canvas.buffer_rgba())[:, :, :3].astype(int)
+    h = img.shape[0]
+    crop = img[int(h - box.y1) : int(h - box.y0), int(box.x0) : int(box.x1)]
+    fig.savefig(tmp_path / name)
+    plt.close(fig)
+    return crop
+
+
+def test_audit_example_png_differs_visibly_from_neutral(tmp_path):
+    """The issue's example (NoseSneer 0.75/0.69, MouthUpperUp 0.38, CheekSquint 0.31): the PNG face
+    differs from the neutral one in hundreds of pixels (lifted nostrils, sneer creases, raised upper
+    lip showing the teeth, raised cheeks), and keyframe_preview still draws ground truth vs generated."""
+    from facelab.plots import keyframe_preview
+
+    audit, neutral = _face_pixels(vec(**AUDIT), tmp_path, "audit.png"), _face_pixels(NEUTRAL, tmp_path, "neutral.png")
+    changed = int((np.abs(audit - neutral).sum(axis=2) > 60).sum())
+    assert changed > 300, f"only {changed} pixels differ from the neutral face"
+    out = keyframe_preview(np.stack([vec(**AUDIT)]), np.stack([NEUTRAL]), ["narrows the eyes and sneers, furious"],
+                           tmp_path / "keyframe_preview.png")  # fmt: skip
+    assert out.stat().st_size > 5000
+
+
+def _keyframe_items():
+    """Items whose faces the browser test compares with Python's: the audit example, and single
+    channels that exercise rotations, mirrored channels, clips and collapsed features."""
+    singles = [{"HeadRoll": 0.7, "HeadYaw": -0.4}, {"JawOpen": 0.8, "TongueOut": 1.0}, {"EyeLookInLeft": 1.0,
+               "RightEyeRoll": -0.6, "EyeBlinkRight": 0.5}, {"MouthSmileRight": 0.9, "MouthDimpleLeft": 1.0}]  # fmt: skip
+    gts = [vec(**AUDIT), *(vec(**s) for s in singles)]
+    rng = np.random.default_rng(0)
+    preds = [np.clip(g + rng.normal(0, 0.08, g.shape), LOW, HIGH).astype(np.float32) for g in gts]
+    texts = ["narrows the eyes and sneers, furious", "tilts the head </script> <b>not bold</b>", "laughs, tongue out",
+             "glances aside, winks", "a lopsided smile"]  # fmt: skip
+    return np.stack(gts), np.stack(preds), texts
+
+
+def test_pages_are_self_contained(tmp_path):
+    gt, pred, texts = _keyframe_items()
+    text = html.render_page(html.keyframe_payload(gt, pred, texts, title="kf", n=5))
+    head, _, _ = text.partition('<script type="application/json"')
+    assert "</script> <b>" not in text  # the data cannot end its own script element
+    for fetch in ("<link", " src=", "@import", "url(http", "fetch(", "XMLHttpRequest"):
+        assert fetch not in text, fetch
+    assert "<style>" in head and "FaceLab" in text
+    data = json.loads(re.search(r'id="facelab-data">(.*?)</script>', text, re.S).group(1))
+    assert data["channels"] == list(CHANNELS) and data["page"]["items"][1]["text"] == texts[1]
+
+
+def test_sweep_payload_rows():
+    gt, pred, texts = _keyframe_items()
+    a = html.keyframe_payload(gt, pred, texts, title="a", n=3)
+    b = html.keyframe_payload(gt[1:], pred[1:], texts[1:], title="b", n=3)
+    page = html.sweep_payload([("Tuned", "seed 0", a), ("Base", "seed 0", b)], title="s")
+    assert [r["label"] for r in page["rows"]] == ["ground truth", "Tuned", "Base"]
+    assert page["columns"] == texts[:3]
+    assert page["rows"][2]["cells"][0] is None and page["rows"][2]["cells"][1] == b["items"][0]["samples"][0]
+
+
+def _expression_items():
+    rng = np.random.default_rng(1)
+    t = np.linspace(0, 4 * np.pi, 90)[:, None]
+    truth = [np.sin(t + np.arange(53) / 9.0) * 0.8, np.cos(t[:60] * 2 + np.arange(53) / 5.0)]
+    generated = [
+        [truth[0][:70] + rng.normal(0, 0.1, (70, 53)), truth[0][:85] * 0.7],
+        [truth[1][:40] + rng.normal(0, 0.2, (40, 53)), truth[1][:60] * 1.1],
+    ]
+    return ["smiles warmly, then laughs", "frowns in disbelief"], generated, truth
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip("no chromium, chromium-browser or google-chrome on PATH (apt-get install chromium)")
+
+
+def _open(page, path, requests):
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(path.as_uri())
+    page.wait_for_selector("#facelab-root[data-ready='1']", timeout=10_000)
+    assert not errors, errors
+    assert all(u.startswith("file:") for u in requests), requests  # nothing from the network
+
+
+def _svg_numbers(shapes: list[tuple[str, str]]) -> dict[str, list[float]]:
+    return {sid: [float(x) for x in NUM.findall(geo)] for sid, geo in shapes}
+
+
+def _python_shapes(values) -> list[tuple[str, str]]:
+    svg = rig.face_svg(values, prefix="py")
+    out = [(m.group(1), m.group(2)) for m in re.finditer(r'<path data-shape="([^"]+)" d="([^"]+)"', svg)]
+    out += [(m.group(1), f"{m.group(2)} {m.group(3)}") for m in re.finditer(
+        r'<circle data-shape="([^"]+)" cx="([^"]+)" cy="([^"]+)"', svg)]  # fmt: skip
+    return out
+
+
+def test_browser_opens_run_pages_from_disk(tmp_path):
+    """Headless Chromium opens a keyframe run's, an expression run's and a sweep's HTML artifact from
+    disk: the faces are drawn by the page (JS), gt beside generated, 61 bars with values per item, the
+    JS geometry equals the Python renderer's (the PNG previews' rules) to the SVG's 0.01, heatmaps and
+    curves carry their stop frames; no request leaves file://. Screenshots are saved in tmp_path."""
+    browser_bin = _chromium()
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright (the dev extra) drives the browser")
+    gt, pred, texts = _keyframe_items()
+    kf_payload = html.keyframe_payload(gt, pred, texts, title="keyframe run", n=len(texts))
+    kf = html.write_page(kf_payload, tmp_path / "keyframes" / "preview.html")
+    ex_texts, generated, truth = _expression_items()
+    ex = html.write_page(html.expression_payload(ex_texts, generated, truth, title="expression run"),
+                         tmp_path / "expressions" / "preview.html")  # fmt: skip
+    other = html.keyframe_payload(pred, gt, texts, title="other", n=len(texts))
+    sweep = html.write_page(
+        html.sweep_payload([("LoRA-Tuned", "seed 0", kf_payload), ("Base", "seed 0", other)], title="sweep"),
+        tmp_path / "sweep.html",
+    )
+
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=browser_bin, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            requests: list[str] = []
+            page.on("request", lambda r: requests.append(r.url))
+
+            # -- keyframes: faces side by side, 61 bars with values, JS geometry == Python geometry
+            _open(page, kf, requests)
+            items = page.locator("section.item")
+            assert items.count() == len(texts)
+            for i in range(len(texts)):
+                sec = items.nth(i)
+                assert texts[i] in sec.locator("h2").inner_text()
+                row = sec.locator(".side-by-side > figure")
+                assert row.count() == 2
+                assert row.nth(0).get_attribute("class").endswith("gt")
+                assert row.nth(1).get_attribute("class").endswith("gen")
+                boxes = [row.nth(k).bounding_box() for k in range(2)]
+                assert abs(boxes[0]["y"] - boxes[1]["y"]) < 1 and boxes[1]["x"] > boxes[0]["x"]  # side by side
+                assert sec.locator('svg.face[data-drawn="js"]').count() == 2
+                bars = sec.locator("table.bars tr.bar")
+                assert bars.count() == 61
+                cells = sec.evaluate(
+                    """s => [...s.querySelectorAll('tr.bar')].map(r => [r.dataset.channel,
+                         [...r.querySelectorAll('td.cell')].map(td => td.querySelector('.value').textContent)])"""
+                )
+                assert [c for c, _ in cells] == list(CHANNELS)
+                assert [v for _, v in cells] == [[rig.fmt(gt[i][c]), rig.fmt(pred[i][c])] for c in range(61)]
+                for k, values in enumerate((gt[i], pred[i])):
+                    js = sec.evaluate(
+                        """(s, k) => [...s.querySelectorAll('svg.face')[k].querySelectorAll('[data-shape]')].map(
+                             e => [e.dataset.shape, e.getAttribute('d') || (e.getAttribute('cx') + ' ' +
+                                   e.getAttribute('cy'))])""",
+                        k,
+                    )
+                    got, want = _svg_numbers(js), _svg_numbers(_python_shapes(values))
+                    assert got.keys() == want.keys()
+                    for sid in want:
+                        np.testing.assert_allclose(got[sid], want[sid], atol=0.011, err_msg=f"item {i} {sid}")
+            page.screenshot(path=str(tmp_path / "keyframes.png"), full_page=True)
+
+            # -- expressions: gt and samples side by side, heatmaps, curves, stop frames marked
+            _open(page, ex, requests)
+            items = page.locator("section.item")
+            assert items.count() == 2
+            for i in range(2):
+                panels = items.nth(i).locator("figure.seq")
+                assert panels.count() == 3 and "gt" in panels.nth(0).get_attribute("class")
+                lengths = [len(truth[i]), *(len(g) for g in generated[i])]
+                assert [int(panels.nth(k).get_attribute("data-frames")) for k in range(3)] == lengths
+                for k in range(3):
+                    p = panels.nth(k)
+                    assert int(p.locator("canvas.heatmap").get_attribute("data-dims")) == 53
+                    assert p.locator("svg.curves polyline").count() == 4
+                    assert int(p.locator("svg.curves line.stop").get_attribute("data-frame")) == lengths[k]
+                    assert f"stops at frame {lengths[k]}" in p.locator("figcaption").inner_text()
+            page.locator("button.play").click()  # the time cursor runs
+            page.wait_for_function("() => document.querySelector('.cursor-mark').style.left !== '0%'")
+            page.screenshot(path=str(tmp_path / "expressions.png"), full_page=True)
+
+            # -- sweep: one row per variant, ground truth first, a face per test item
+            _open(page, sweep, requests)
+            rows = page.locator("tr.variant-row")
+            assert [rows.nth(k).get_attribute("data-variant") for k in range(3)] == [
+                "ground truth",
+                "LoRA-Tuned",
+                "Base",
+            ]
+            assert page.locator('tr.variant-row svg.face[data-drawn="js"]').count() == 3 * len(texts)
+            page.screenshot(path=str(tmp_path / "sweep.png"), full_page=True)
+        finally:
+            browser.close()
+    for name in ("keyframes.png", "expressions.png", "sweep.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
