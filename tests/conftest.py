@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -124,9 +125,51 @@ def clone_built(src: Path, dst: Path) -> Path:
     return dst
 
 
+def clone_with_runs(src: Path, dst: Path) -> Path:
+    """A project of its own with everything ``src`` holds, its MLflow store included: the files are
+    copied and every absolute path of ``src`` in the store (experiments' artifact locations, runs'
+    artifact URIs, model versions' sources) is rewritten to ``dst``, so the clone's runs, artifacts and
+    registry are its own and changing them leaves ``src`` as it was."""
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("*.log", "__pycache__"))
+    db = dst / "mlruns.db"
+    if db.is_file():
+        old, new = str(src), str(dst)
+        con = sqlite3.connect(db)
+        try:
+            tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            for t in tables:
+                for col in [r[1] for r in con.execute(f'PRAGMA table_info("{t}")')]:
+                    q = f'UPDATE "{t}" SET "{col}" = REPLACE("{col}", ?, ?) WHERE typeof("{col}") = ? AND instr("{col}", ?)'
+                    con.execute(q, (old, new, "text", old))
+            con.commit()
+        finally:
+            con.close()
+    return dst
+
+
+# The quickstart sweep at the tests' size: 2 tiny CTEG trials, a few steps each.
+QUICKSTART_FAST = [
+    "train.epochs=2",
+    "train.max_steps_per_epoch=6",
+    "train.max_val_batches=2",
+    "data.train_subset=160",
+    "data.dev_subset=32",
+    "data.max_frames=48",
+]
+
+
 @pytest.fixture(scope="session")
 def built_project(tmp_path_factory) -> Path:
     """A project whose data was built by `dvc repro` (shared by the end-to-end tests)."""
     p = make_project(tmp_path_factory.mktemp("project"))
     dvc_repro(p)
     return p
+
+
+@pytest.fixture(scope="session")
+def quickstart_runs(tmp_path_factory, built_project) -> tuple[Path, subprocess.CompletedProcess]:
+    """The quickstart sweep run once for the session, in a project nobody changes: each module that needs
+    trained quickstart runs takes its own :func:`clone_with_runs` of it (and the sweep's output)."""
+    p = clone_built(built_project, tmp_path_factory.mktemp("quickstart-runs") / "p")
+    proc = facelab(p, "sweep", "sweeps/quickstart.yaml", *[x for s in QUICKSTART_FAST for x in ("--set", s)])
+    return p, proc

@@ -15,18 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BIN, env_for, facelab, free_port
+from conftest import BIN, QUICKSTART_FAST, clone_with_runs, env_for, facelab, free_port
 
 pytestmark = pytest.mark.slow
 
-FAST = [
-    "train.epochs=2",
-    "train.max_steps_per_epoch=6",
-    "train.max_val_batches=2",
-    "data.train_subset=160",
-    "data.dev_subset=32",
-    "data.max_frames=48",
-]
+FAST = QUICKSTART_FAST
 
 
 def store(project: Path):
@@ -44,10 +37,10 @@ def runs_of(c, experiment: str):
 
 
 @pytest.fixture(scope="module")
-def quickstart(built_project):
-    args = ["sweep", "sweeps/quickstart.yaml"] + [x for s in FAST for x in ("--set", s)]
-    proc = facelab(built_project, *args)
-    return built_project, proc
+def quickstart(tmp_path_factory, quickstart_runs):
+    """The session's quickstart sweep (conftest.quickstart_runs), in a clone this module may change."""
+    src, proc = quickstart_runs
+    return clone_with_runs(src, tmp_path_factory.mktemp("e2e-quickstart") / "p"), proc
 
 
 def test_dvc_stage_built_and_locked(built_project):

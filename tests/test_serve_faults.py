@@ -20,27 +20,19 @@ import httpx
 import psutil
 import pytest
 
-from conftest import BIN, clone_built, env_for, facelab, free_port
+from conftest import BIN, QUICKSTART_FAST, clone_with_runs, env_for, facelab, free_port
 
 pytestmark = pytest.mark.slow
 
-FAST = [
-    "train.epochs=2",
-    "train.max_steps_per_epoch=6",
-    "train.max_val_batches=2",
-    "data.train_subset=160",
-    "data.dev_subset=32",
-    "data.max_frames=48",
-]
+FAST = QUICKSTART_FAST
 SLOW_TEXT = " ".join(["wonderful surprising terrible"] * 60)[:1990]  # the longest text the schema allows
 SLOW = {"text": SLOW_TEXT, "num_samples": 16, "max_frames": 1024}  # the most work one request may ask for
 OK = {"text": "I am so happy to see you!", "num_samples": 1, "max_frames": 16, "seed": 3}
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, built_project) -> Path:
-    p = clone_built(built_project, tmp_path_factory.mktemp("serve-faults") / "p")
-    facelab(p, "sweep", "sweeps/quickstart.yaml", *[x for s in FAST for x in ("--set", s)])
+def project(tmp_path_factory, quickstart_runs) -> Path:
+    p = clone_with_runs(quickstart_runs[0], tmp_path_factory.mktemp("serve-faults") / "p")
     facelab(p, "promote", "quickstart")
     return p
 
