@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,3 +266,63 @@ def test_browser_opens_run_pages_from_disk(tmp_path):
             browser.close()
     for name in ("keyframes.png", "expressions.png", "sweep.png"):
         assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_runs_log_their_page_and_the_sweep_page_has_a_row_per_variant(tmp_path):
+    """The scoring functions the worker loops call log ``viewer/preview.html`` (+ its payload) beside
+    the PNG previews, and ``report.sweep_html`` builds the sweep's page from them: the ground truth,
+    then one row per variant in the sweep YAML's order (the first seed of each), the variant's own
+    generated values in its cells. A real MLflow store (sqlite) in tmp_path."""
+    import types
+
+    import torch
+    from mlflow import MlflowClient
+
+    from facelab.core import tracking
+    from facelab.report import sweep_html
+    from facelab.tasks.expressions.scoring import log_trajectories
+    from facelab.tasks.keyframes.scoring import log_eval_artifacts
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = c.create_experiment("kf-sweep", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = c.create_run(exp, run_name="kf-sweep", tags={tracking.TAG_ROLE: "sweep", tracking.TAG_SWEEP: "kf-sweep",
+                                                          "facelab.variants": json.dumps(["Tuned", "Base"])})  # fmt: skip
+    gt, pred, texts = _keyframe_items()
+    per_channel = {"mae": np.abs(pred - gt).mean(0), "mse": ((pred - gt) ** 2).mean(0)}
+    for variant, seed, offset in (("Base", 0, 0.3), ("Tuned", 1, 0.1), ("Tuned", 0, 0.0)):
+        run = c.create_run(exp, run_name=f"{variant} seed={seed}", tags={
+            tracking.PARENT_TAG: parent.info.run_id, tracking.TAG_ROLE: "trial", tracking.TAG_VARIANT: variant,
+            tracking.TAG_SEED: str(seed), tracking.TAG_JOB_KIND: "keyframe_lm"})  # fmt: skip
+        p = np.clip(pred + offset, LOW, HIGH)
+        log_eval_artifacts(c, run.info.run_id, {"gt": gt, "pred": p, "texts": texts, "per_channel": per_channel})
+        c.set_terminated(run.info.run_id)
+        arts = {a.path for a in c.list_artifacts(run.info.run_id, "viewer")}
+        assert arts == {"viewer/preview.html", "viewer/preview.json"}
+    trials = tracking.trial_runs(c, exp, parent.info.run_id)
+    page = sweep_html(c, c.get_run(parent.info.run_id), trials, tmp_path / "sweep.html", log=True)
+    data = json.loads(re.search(r'id="facelab-data">(.*?)</script>', page.read_text(), re.S).group(1))["page"]
+    assert [(r["label"], r["note"]) for r in data["rows"]] == [("ground truth", ""), ("Tuned", "seed 0"),
+                                                               ("Base", "seed 0")]  # fmt: skip
+    assert data["columns"] == texts[:4]
+    np.testing.assert_allclose(data["rows"][0]["cells"][0], gt[0], atol=1e-4)
+    np.testing.assert_allclose(data["rows"][2]["cells"][0], np.clip(pred[0] + 0.3, LOW, HIGH), atol=1e-4)
+    assert "report/sweep.html" in {a.path for a in c.list_artifacts(parent.info.run_id, "report")}
+
+    # an expressions run: n texts x 2 samples beside the ground truth, from the model's generate()
+    class Model:
+        mean_expression = torch.zeros(53)
+        cfg = types.SimpleNamespace(max_frames=40)
+
+        def generate(self, texts, max_frames, generator):
+            return [torch.randn(20 + 5 * i, 53, generator=generator) for i in range(len(texts))]
+
+    test = types.SimpleNamespace(texts=["a", "b", "c", "d"], sequences=[np.zeros((30, 53), np.float32)] * 4)
+    run = c.create_run(exp, run_name="cteg")
+    log_trajectories(Model(), test, {"train": {"seed": 0}, "eval": {"max_frames": 64}}, c, run.info.run_id)
+    arts = {a.path for a in c.list_artifacts(run.info.run_id, "viewer")}
+    assert arts == {"viewer/preview.html", "viewer/preview.json"}
+    local = c.download_artifacts(run.info.run_id, "viewer/preview.json", str(tmp_path))
+    payload = json.loads(Path(local).read_text())
+    assert [len(it["samples"]) for it in payload["items"]] == [2, 2, 2]
+    assert [len(s) for s in payload["items"][1]["samples"]] == [25, 25] and len(payload["items"][0]["gt"]) == 30

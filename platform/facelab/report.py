@@ -120,6 +120,14 @@ def group_of(t, by: list[str]) -> tuple[str, ...]:
     return tuple(t.variant if k == "variant" else t.params.get(f"override.{k}", t.params.get(k, "?")) for k in by)
 
 
+def group_label(keys: list[str], group: tuple[str, ...]) -> str:
+    """A row's name: the variant, then the other grouping keys' values, ``CTEG (optim.lr_mul=0.5)``."""
+    named = dict(zip(keys, group))
+    label = named.pop("variant", None)
+    extra = ", ".join(f"{k}={v}" for k, v in named.items())
+    return f"{label} ({extra})" if label and extra else (label or extra)  # no "|": a Markdown cell
+
+
 def aggregate(trials, metrics: list[str], by: list[str] | None = None) -> list[dict]:
     """Mean and standard error per group, in the order the groups first appear.
 
@@ -133,12 +141,8 @@ def aggregate(trials, metrics: list[str], by: list[str] | None = None) -> list[d
             groups[group_of(t, keys)].append(t)
     rows = []
     for g, ts in groups.items():
-        named = dict(zip(keys, g))
-        label = named.pop("variant", None)
-        extra = ", ".join(f"{k}={v}" for k, v in named.items())
-        variant = f"{label} ({extra})" if label and extra else (label or extra)  # no "|": a Markdown cell
         row = {
-            "variant": variant,
+            "variant": group_label(keys, g),
             "n": len(ts),
             "_variant": ts[0].variant,
             "_base": ts[0].tags.get(ROW_OF, ts[0].variant),
@@ -610,3 +614,60 @@ def sweep_table(
                 c.log_artifact(run_id, str(png), "report")
             copy_trajectories(c, trials, run_id, Path(d))
     return text
+
+
+# ------------------------------------------------------------------------------------------------
+# The sweep's viewer page (facelab.viewer): one row per variant
+# ------------------------------------------------------------------------------------------------
+
+
+def sweep_html(c, parent, trials, out: Path, by: list[str] | None = None, log: bool = False) -> Path | None:
+    """The sweep's HTML page (self-contained, :mod:`facelab.viewer`): one row per variant -- the table's
+    rows (the variant and the searched settings, or ``by``), each drawn from its first finished seed
+    -- and one column per test item, the ground truth in the first row; keyframe sweeps as faces,
+    expression sweeps as heatmaps and curves. Built from each trial's ``viewer/preview.json`` (trials
+    without one, such as model-free baseline rows, are left out). Written to ``out``; logged to the
+    parent run under ``report/`` when ``log``. None when no trial has a preview."""
+    import json
+    import os
+
+    import mlflow.artifacts
+
+    from facelab.viewer.html import ARTIFACT_DIR, sweep_payload, write_page
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    keys = by or ["variant", *searched_keys(trials)]
+    order = json.loads(parent.data.tags.get("facelab.variants", "[]"))
+    finished = [t for t in trials if t.status == "FINISHED"]
+    finished.sort(key=lambda t: (order.index(t.variant) if t.variant in order else len(order), t.seed))
+    runs, seen = [], set()
+    with tempfile.TemporaryDirectory() as d:
+        for t in finished:
+            g = group_of(t, keys)
+            if g in seen or f"{ARTIFACT_DIR}/preview.json" not in {
+                a.path for a in c.list_artifacts(t.run_id, ARTIFACT_DIR)
+            }:
+                continue
+            local = mlflow.artifacts.download_artifacts(
+                run_id=t.run_id,
+                artifact_path=f"{ARTIFACT_DIR}/preview.json",
+                dst_path=str(Path(d) / t.run_id),
+                tracking_uri=c.tracking_uri,
+            )
+            runs.append((group_label(keys, g), f"seed {t.seed}", json.loads(Path(local).read_text())))
+            seen.add(g)
+    if not runs:
+        return None
+    name = parent.data.tags.get("facelab.sweep", parent.info.run_name or "sweep")
+    kinds = {p["kind"] for _, _, p in runs}
+    if len(kinds) > 1:  # a mixed sweep: the page shows the task of the first row's run
+        runs = [r for r in runs if r[2]["kind"] == runs[0][2]["kind"]]
+    page = sweep_payload(
+        runs,
+        title=f"{name}: generated vs ground truth, one row per variant",
+        subtitle="The first test items of each variant's first finished seed; the ground truth on top.",
+    )
+    path = write_page(page, Path(out))
+    if log:
+        c.log_artifact(parent.info.run_id, str(path), "report")
+    return path

@@ -121,17 +121,35 @@ def run_test_eval(model, job: dict, data_dir: Path, device, client, run_id) -> d
     return metrics
 
 
-def log_trajectories(model, test, job: dict, client, run_id: str, n: int = 3) -> None:
+def log_trajectories(model, test, job: dict, client, run_id: str, n: int = 3, n_samples: int = 2) -> None:
+    """The first ``n`` test texts generated and logged beside their ground truth: ``plots/trajectories.png``
+    (one sample) and ``viewer/preview.html`` (``n_samples`` samples per text as heatmaps and curves,
+    stop frames marked; :mod:`facelab.viewer`). The extra samples are drawn after the first, from the
+    same generator, so the PNG is the one a single-sample run draws."""
     from facelab.plots import trajectories
+    from facelab.viewer.html import expression_payload, log_run_preview
 
     gen = torch.Generator(device=model.mean_expression.device).manual_seed(job["train"]["seed"])
     texts = test.texts[:n]
-    out = model.generate(texts, max_frames=min(job["eval"]["max_frames"], model.cfg.max_frames), generator=gen)
+    max_frames = min(job["eval"]["max_frames"], model.cfg.max_frames)
+    out = model.generate(texts, max_frames=max_frames, generator=gen)
+    samples = [[o.float().cpu().numpy()] for o in out]
     with tempfile.TemporaryDirectory() as d:
-        png = trajectories(
-            texts, [o.float().cpu().numpy() for o in out], test.sequences[:n], Path(d) / "trajectories.png"
-        )
+        png = trajectories(texts, [s[0] for s in samples], test.sequences[:n], Path(d) / "trajectories.png")
         client.log_artifact(run_id, str(png), "plots")
+    for _ in range(n_samples - 1):
+        for per_text, o in zip(samples, model.generate(texts, max_frames=max_frames, generator=gen)):
+            per_text.append(o.float().cpu().numpy())
+    payload = expression_payload(
+        texts,
+        samples,
+        test.sequences[:n],
+        title=f"{client.get_run(run_id).info.run_name}: generated vs ground truth",
+        subtitle=f"First test texts: {n_samples} generated sample(s) beside the ground truth, "
+        "each coefficient over time; the black line is where the sequence stops.",
+        n=n,
+    )
+    log_run_preview(client, run_id, payload)
 
 
 def run_baseline_eval(job: dict, data_dir: Path) -> dict[str, float]:
