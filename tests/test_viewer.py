@@ -115,8 +115,10 @@ def test_pages_are_self_contained(tmp_path):
     text = html.render_page(html.keyframe_payload(gt, pred, texts, title="kf", n=5))
     head, _, _ = text.partition('<script type="application/json"')
     assert "</script> <b>" not in text  # the data cannot end its own script element
-    for fetch in ("<link", " src=", "@import", "url(http", "fetch(", "XMLHttpRequest"):
+    for fetch in ("<link", " src=", "@import", "XMLHttpRequest"):
         assert fetch not in text, fetch
+    urls = set(re.findall(r"(?:https?:)?//[\w.-]+\.\w+[^\s\"')]*", text))
+    assert urls <= {"http://www.w3.org/2000/svg"}, urls  # the SVG namespace is a name, not a request
     assert "<style>" in head and "FaceLab" in text
     data = json.loads(re.search(r'id="facelab-data">(.*?)</script>', text, re.S).group(1))
     assert data["channels"] == list(CHANNELS) and data["page"]["items"][1]["text"] == texts[1]
@@ -326,3 +328,61 @@ def test_runs_log_their_page_and_the_sweep_page_has_a_row_per_variant(tmp_path):
     payload = json.loads(Path(local).read_text())
     assert [len(it["samples"]) for it in payload["items"]] == [2, 2, 2]
     assert [len(s) for s in payload["items"][1]["samples"]] == [25, 25] and len(payload["items"][0]["gt"]) == 30
+
+
+def test_browser_served_page_asks_the_endpoint_and_draws_the_answer(tmp_path):
+    """The served model's page (serve_payload): the form POSTs the request the API expects to the same
+    server and draws the answer -- a face and 61 bars per keyframe; heatmaps per expression sample.
+    The server is played by Playwright's router (no socket, no network)."""
+    browser_bin = _chromium()
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright (the dev extra) drives the browser")
+    from facelab.data.arkit import mapping_from_vector
+
+    pages = {t: html.render_page(html.serve_payload(t, title=f"served {t}")) for t in ("keyframes", "expressions")}
+    answers = {
+        "keyframes": {"model": {"name": "kf", "version": "3"}, "keyframes": [
+            {"index": 1, "blendshapes": mapping_from_vector(vec(**AUDIT))},
+            {"index": 2, "blendshapes": mapping_from_vector(vec(JawOpen=0.6, MouthStretchLeft=0.5))}]},
+        "expressions": {"model": {"name": "cteg"}, "fps": 25,
+                        "sequences": [{"frames": np.full((n, 53), 0.1).tolist()} for n in (30, 44)]},
+    }  # fmt: skip
+    sent = []
+
+    def handle(route):
+        url = route.request.url
+        task = url.rsplit("/", 1)[-1] if "/v1/" in url else url.rsplit("/", 1)[-1].split("-", 1)[-1]
+        if route.request.method == "POST":
+            sent.append((url, route.request.headers.get("x-api-key"), json.loads(route.request.post_data)))
+            route.fulfill(status=200, content_type="application/json", body=json.dumps(answers[task]))
+        else:
+            route.fulfill(status=200, content_type="text/html", body=pages[task])
+
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=browser_bin, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.route("http://facelab.test/**", handle)
+            page.goto("http://facelab.test/viewer-keyframes")
+            page.wait_for_selector("#facelab-root[data-ready='1']")
+            page.fill("input[name=key]", "s3cret")
+            page.click("form.ask button[type=submit]")
+            page.wait_for_selector(".answer[data-answered='1']")
+            url, key, body = sent[-1]
+            assert url == "http://facelab.test/v1/keyframes" and key == "s3cret"
+            assert body == {**html.SERVE_EXAMPLES["keyframes"]}
+            assert page.locator('.answer svg.face[data-drawn="js"]').count() == 2
+            assert page.locator(".answer section.item").nth(0).locator("tr.bar").count() == 61
+            sneer = page.locator(".answer section.item").nth(0).locator('tr[data-channel="NoseSneerLeft"] .value')
+            assert sneer.inner_text() == "0.75"
+            page.screenshot(path=str(tmp_path / "served-keyframes.png"), full_page=True)
+
+            page.goto("http://facelab.test/viewer-expressions")
+            page.wait_for_selector("#facelab-root[data-ready='1']")
+            page.click("form.ask button[type=submit]")
+            page.wait_for_selector(".answer[data-answered='1']")
+            assert sent[-1][2] == html.SERVE_EXAMPLES["expressions"] and sent[-1][1] is None
+            frames = page.locator(".answer figure.seq").evaluate_all("fs => fs.map(f => f.dataset.frames)")
+            assert frames == ["30", "44"]
+            page.screenshot(path=str(tmp_path / "served-expressions.png"), full_page=True)
+        finally:
+            browser.close()

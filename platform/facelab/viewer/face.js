@@ -2,7 +2,8 @@
  *
  * Inlined into every page by facelab.viewer.html (no network, no modules). It reads the page's
  * <script type="application/json" id="facelab-data"> ({rig, channels, regions, page}) and draws into
- * <main id="facelab-root">. The face is facelab/viewer/rig.py's rig evaluated the same way:
+ * <main id="facelab-root">: a keyframes run, an expressions run, a sweep, or the served model's page
+ * (a form that POSTs to the same server's endpoint and draws the answer). The face is facelab/viewer/rig.py's rig evaluated the same way:
  * geometry() = neutral + sum(value * move), then the rotations in rig.rotation_order; segments()
  * is the same Catmull-Rom construction; fmt() the same two-decimal text. tests/test_viewer.py checks
  * that the coordinates written here equal rig.face_svg's.
@@ -350,6 +351,97 @@
     if (page.task === "expressions") animate(root, page.fps);
   }
 
+  // ---------------------------------------------------------------------------------------------
+  // The served model's page: a form that asks this server's endpoint (same origin) and draws the answer
+  // ---------------------------------------------------------------------------------------------
+
+  function field(form, label, name, value, kind) {
+    var row = el("label", { class: "field" }, form);
+    text("span", "", label, row);
+    var input = kind === "textarea" ? el("textarea", { name: name, rows: "4" }, row)
+      : el("input", { name: name, type: kind || "text" }, row);
+    input.value = value;
+    return input;
+  }
+
+  function servePage(data, root) {
+    var page = data.page, form = el("form", { class: "ask" }, root);
+    var inputs = {};
+    if (page.task === "keyframes") {
+      inputs.background = field(form, "background", "background", page.example.background || "");
+      inputs.emotion = field(form, "emotion", "emotion", page.example.emotion || "");
+      inputs.keyframes = field(form, "keyframes (one per line)", "keyframes",
+                               (page.example.keyframes || []).join("\n"), "textarea");
+    } else {
+      inputs.text = field(form, "text", "text", page.example.text || "");
+      inputs.num_samples = field(form, "samples", "num_samples", String(page.example.num_samples || 2), "number");
+      inputs.max_frames = field(form, "max frames", "max_frames", String(page.example.max_frames || 128), "number");
+      inputs.seed = field(form, "seed", "seed", String(page.example.seed === undefined ? 0 : page.example.seed), "number");
+    }
+    inputs.key = field(form, "API key (if the server needs one)", "key", "", "password");
+    el("button", { type: "submit" }, form).textContent = "generate";
+    var status = el("p", { class: "status" }, root), out = el("div", { class: "answer" }, root);
+
+    form.addEventListener("submit", function (ev) {
+      ev.preventDefault();
+      var body;
+      if (page.task === "keyframes") {
+        body = { background: inputs.background.value, emotion: inputs.emotion.value,
+                 keyframes: inputs.keyframes.value.split("\n").map(function (s) { return s.trim(); })
+                   .filter(function (s) { return s; }) };
+      } else {
+        body = { text: inputs.text.value, num_samples: Number(inputs.num_samples.value),
+                 max_frames: Number(inputs.max_frames.value),
+                 seed: inputs.seed.value === "" ? null : Number(inputs.seed.value) };
+      }
+      var headers = { "Content-Type": "application/json" };
+      if (inputs.key.value) headers["X-API-Key"] = inputs.key.value;
+      status.textContent = "asking " + page.endpoint + " …";
+      status.className = "status";
+      fetch(page.endpoint, { method: "POST", headers: headers, body: JSON.stringify(body) })
+        .then(function (r) { return r.json().then(function (j) { return { ok: r.ok, code: r.status, json: j }; }); })
+        .then(function (r) {
+          out.textContent = "";
+          if (!r.ok) {
+            status.className = "status error";
+            status.textContent = r.code + ": " + JSON.stringify(r.json.detail || r.json);
+            return;
+          }
+          status.textContent = (r.json.model ? (r.json.model.name || "") + " " + (r.json.model.version || "") : "");
+          if (page.task === "keyframes") {
+            var items = r.json.keyframes.map(function (kf, i) {
+              return { text: "keyframe " + kf.index + ": " + (body.keyframes[i] || ""),
+                       values: data.channels.map(function (n) { return kf.blendshapes[n]; }) };
+            });
+            items.forEach(function (it, i) {
+              var sec = el("section", { class: "item", "data-item": String(i) }, out);
+              text("h2", "", it.text, sec);
+              var b = el("div", { class: "item-body" }, sec), row = el("div", { class: "side-by-side" }, b);
+              faceFigure(data, it.values, "generated", "gen", "a" + i, row);
+              var det = el("details", { class: "bars-box", open: "" }, b);
+              text("summary", "", "61 channels", det);
+              bars(data, [{ label: "generated", cls: "gen", values: it.values }], det);
+            });
+          } else {
+            var seqs = r.json.sequences.map(function (s) { return s.frames; });
+            var d = { rig: data.rig, channels: data.channels, regions: data.regions,
+                      page: { fps: r.json.fps || page.fps, dims: page.dims, curves: page.curves } };
+            el("button", { class: "play", type: "button" }, out).textContent = "play over time";
+            legend(d, out);
+            var sec = el("section", { class: "item" }, out);
+            text("h2", "", body.text, sec);
+            var row = el("div", { class: "side-by-side" }, sec), st = seqStats(seqs);
+            seqs.forEach(function (s, k) {
+              seqPanel(d, s, "sample " + (k + 1), "gen", st.tmax, st.scale, st.scale, row);
+            });
+            animate(out, d.page.fps);
+          }
+          out.setAttribute("data-answered", "1");
+        })
+        .catch(function (e) { status.className = "status error"; status.textContent = String(e); });
+    });
+  }
+
   function boot() {
     var node = document.getElementById("facelab-data"), root = document.getElementById("facelab-root");
     if (!node || !root) return;
@@ -358,6 +450,7 @@
     if (kind === "keyframes") keyframesPage(data, root);
     else if (kind === "expressions") expressionsPage(data, root);
     else if (kind === "sweep") sweepPage(data, root);
+    else if (kind === "serve") servePage(data, root);
     root.setAttribute("data-ready", "1");
   }
 

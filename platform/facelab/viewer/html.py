@@ -12,7 +12,9 @@ Three pages, each built from a JSON-ready *payload* (the page keeps it in
   heatmap (coefficient x time) and a few curves of the ground truth and of each generated sample,
   the stop frame (the sequence's length) marked, with a play-over-time cursor;
 * :func:`sweep_payload` -- a sweep: one row per variant (the ground truth first), one column per test
-  item, from the runs' payloads.
+  item, from the runs' payloads;
+* :func:`serve_payload` -- the served model's page: a form that asks the same server's endpoint and
+  draws the answer.
 
 :func:`render_page` turns a payload into the HTML text, :func:`write_page` writes it.
 """
@@ -146,6 +148,37 @@ def sweep_payload(runs: Sequence[tuple[str, str, dict]], *, title: str, subtitle
     if first["kind"] == "expressions":
         page.update({k: first[k] for k in ("fps", "dims", "curves")})
     return page
+
+
+SERVE_EXAMPLES = {
+    "keyframes": {
+        "background": "A quiet office late at night.",
+        "emotion": "furious",
+        "keyframes": ["narrows the eyes and sneers", "bares the teeth, jaw clenched"],
+    },
+    "expressions": {"text": "I am so happy to see you again!", "num_samples": 2, "max_frames": 128, "seed": 0},
+}
+
+
+def serve_payload(task: str, *, title: str, endpoint: str | None = None, example: dict | None = None) -> dict:
+    """Payload of the served model's page (``GET /viewer``): a form that POSTs to ``endpoint`` on the same
+    server (default ``/v1/keyframes`` or ``/v1/expressions``; an ``X-API-Key`` field for a server that
+    needs one) and draws the answer -- faces and 61 bars per keyframe, or heatmaps and curves per
+    sample with the stop frame marked. ``example`` fills the form (:data:`SERVE_EXAMPLES`)."""
+    if task not in SERVE_EXAMPLES:
+        raise ValueError(f"serve_payload: task must be one of {sorted(SERVE_EXAMPLES)}, got {task!r}")
+    return {
+        "version": VERSION,
+        "kind": "serve",
+        "task": task,
+        "title": title,
+        "subtitle": "Ask the served model; the page draws its answer (nothing leaves this server).",
+        "endpoint": endpoint or f"/v1/{task}",
+        "example": example or SERVE_EXAMPLES[task],
+        "fps": 25,
+        "dims": coefficient_labels(53),
+        "curves": [0, 1, 2, 50],
+    }
 
 
 def _asset(name: str) -> str:
