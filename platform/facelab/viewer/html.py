@@ -88,21 +88,22 @@ def expression_payload(
     curves: Sequence[int] | None = None,
 ) -> dict:
     """Payload of an expressions run: the first ``n`` texts, each with its ground-truth sequence
-    ``(T, D)`` and its generated one(s): ``generated[i]`` is one ``(T', D)`` array or a list of them
-    (several samples side by side). ``curves``: the coefficients drawn as curves (default: the first
+    ``(T, D)`` and its generated one(s): ``generated[i]`` is one ``(T', D)`` array, or a list of them
+    (several samples side by side; lengths may differ -- each ends at its stop frame). Values are
+    rounded to 3 decimals. ``curves``: the coefficients drawn as curves (default: the first
     three FLAME expression coefficients and the jaw opening, dim 50, as :func:`facelab.plots.trajectories`)."""
     items = []
     d = None
     for i in range(min(n, len(texts))):
         gt = np.asarray(truth[i], dtype=np.float64)
         gen = generated[i]
-        samples = [gen] if np.asarray(gen[0] if len(gen) else gen).ndim == 1 else list(gen)
+        samples = list(gen) if isinstance(gen, (list, tuple)) else [gen]
         d = gt.shape[-1]
         items.append(
             {
                 "text": str(texts[i]),
-                "gt": _clean(_rows(gt, d), 4),
-                "samples": [_clean(_rows(s, d), 4) for s in samples],
+                "gt": _clean(_rows(gt, d), 3),
+                "samples": [_clean(_rows(s, d), 3) for s in samples],
             }
         )
     d = d or 53
