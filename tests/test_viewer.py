@@ -71,8 +71,10 @@ def _face_pixels(values, tmp_path, name):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from facelab.plots import draw_face  # what keyframe_preview draws each face with
+
     fig, ax = plt.subplots(figsize=(2.6, 3.0), dpi=100)
-    rig.draw_face(ax, values)
+    draw_face(ax, values)
     fig.canvas.draw()
     box = ax.get_window_extent()  # the face only: the caption of top channels is below the axes
     img = np.asarray(fig.canvas.buffer_rgba())[:, :, :3].astype(int)
