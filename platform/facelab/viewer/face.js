@@ -203,7 +203,7 @@
     var w = 300, h = 110, svg = el("svg", { class: "curves", viewBox: "0 0 " + w + " " + h,
                                               preserveAspectRatio: "none" }, parent, SVGNS);
     var y = function (v) { return h / 2 - (v / range) * (h / 2 - 4); };
-    var x = function (t) { return (t / Math.max(1, tmax - 1)) * w; };
+    var x = function (t) { return (t / tmax) * w; };  // frame t's left edge, as in the heatmap
     el("line", { x1: "0", x2: String(w), y1: String(h / 2), y2: String(h / 2), class: "axis" }, svg, SVGNS);
     dims.forEach(function (dim, k) {
       var pts = seq.map(function (f, t) { return fmt(x(t)) + "," + fmt(y(f[dim])); }).join(" ");
@@ -212,7 +212,7 @@
                                   "vector-effect": "non-scaling-stroke" }, svg, SVGNS);
       text("title", "", labels[dim], line);
     });
-    var stop = Math.max(0, seq.length - 1);
+    var stop = seq.length;  // the frame after the last: where the heatmap's stop mark is
     el("line", { class: "stop", x1: fmt(x(stop)), x2: fmt(x(stop)), y1: "0", y2: String(h),
                  "data-frame": String(seq.length), "vector-effect": "non-scaling-stroke" }, svg, SVGNS);
     el("line", { class: "cursor", x1: "0", x2: "0", y1: "0", y2: String(h),
