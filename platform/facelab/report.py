@@ -10,7 +10,8 @@
   and 4 (:func:`keyframe_tables`); a family may name its own Table 3 rows (``Family.report_label``).
 
 Markdown (paste into a paper draft or a PR) or CSV. The tables and plots are logged to the sweep's
-parent MLflow run under ``report/``.
+parent MLflow run under ``report/``. :func:`sweep_html` writes the sweep's viewer page (faces or
+heatmaps, one row per variant; :mod:`facelab.viewer`).
 
 Standard errors: with one seed per variant, the bootstrap SE of the test metric (1,000 resamples,
 computed at evaluation); with several seeds, the standard error of the mean over seeds.
