@@ -212,7 +212,6 @@ def run_loop(monkeypatch, job: dict, data: Path, out: Path, resume_from=None) ->
     monkeypatch.setattr(ray.train, "report", report)
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(ray.train.torch, "prepare_model", lambda model, **kw: model)
-    monkeypatch.setattr(loop, "worker_nodes", lambda: ["local"])
     loop.worker_loop({"job": job, "data_dir": str(data), "root": str(out), "tracking": None})
     return reports
 

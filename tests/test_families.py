@@ -181,3 +181,37 @@ def test_cteg_config_is_the_job_schema():
     assert cteg_config(job).max_frames == job["data"]["max_frames"]
     with pytest.raises(ValueError, match="no_such_key"):
         cteg_config({**job, "model": {**job["model"], "no_such_key": 1}})
+
+
+def test_node_record_keeps_every_attempts_nodes():
+    """A worker group restarted elsewhere (its node was lost) adds to the run's node record: every
+    node of every attempt in ``facelab.nodes``, one ``facelab.node_history`` entry per attempt."""
+    import json
+
+    first = [{"node_id": "w", "ip": "10.0.0.2", "hostname": "gpu-1"}]
+    t1 = worker.node_record({}, first, 0, 0.0)
+    assert t1[worker.NODES_TAG] == "w" and json.loads(t1[worker.WORKER_NODES_TAG]) == ["w"]
+    second = [
+        {"node_id": "h", "ip": "10.0.0.1", "hostname": "head"},
+        {"node_id": "w", "ip": "10.0.0.2", "hostname": "gpu-1"},
+        {"node_id": "h", "ip": "10.0.0.1", "hostname": "head"},
+    ]
+    t2 = worker.node_record({**t1, "other": "x"}, second, 3, 60.0)
+    assert t2[worker.NODES_TAG] == "w,h"  # first use first
+    assert json.loads(t2[worker.WORKER_NODES_TAG]) == ["h", "w", "h"]  # this attempt, by rank
+    history = json.loads(t2[worker.NODE_HISTORY_TAG])
+    assert [(h["attempt"], h["start_epoch"]) for h in history] == [(0, 0), (1, 3)]
+    assert history[1]["started"] == "1970-01-01T00:01:00Z"
+    assert history[1]["nodes"] == {
+        "h": {"ip": "10.0.0.1", "hostname": "head", "ranks": [0, 2]},
+        "w": {"ip": "10.0.0.2", "hostname": "gpu-1", "ranks": [1]},
+    }
+    # Many restarts of a wide group: the history keeps MLflow's tag limit by dropping its oldest entries.
+    wide = [{"node_id": f"{i:056x}", "ip": f"10.0.{i}.1", "hostname": f"node-{i}"} for i in range(16)]
+    tags: dict[str, str] = {}
+    for attempt in range(12):
+        tags = worker.node_record(tags, wide, attempt, 0.0)
+    assert all(len(v) <= worker.MAX_TAG_CHARS for v in tags.values())
+    kept = json.loads(tags[worker.NODE_HISTORY_TAG])
+    assert kept[-1]["attempt"] == 11 and 1 <= len(kept) < 12
+    assert tags[worker.NODES_TAG].split(",") == [h["node_id"] for h in wide]

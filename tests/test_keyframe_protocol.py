@@ -5,7 +5,6 @@ the evaluator's trainable text encoder, the Express4D-MDM baseline's defaults, a
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -343,8 +342,6 @@ def test_gt_row_of_the_worker_loop_uses_the_val_split(monkeypatch, tmp_path):
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
     monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None: reports.append(dict(metrics)))
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
-    with contextlib.suppress(AttributeError):
-        monkeypatch.setattr(loop, "worker_nodes", lambda: ["local"])
     loop.worker_loop({"job": job, "data_dir": str(data), "root": str(tmp_path), "tracking": None})
     (m,) = reports
     from facelab.data.keyframeface import load_split

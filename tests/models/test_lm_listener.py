@@ -544,7 +544,6 @@ def run_in_process(monkeypatch, job: dict, data, out, resume_from=None) -> list[
     monkeypatch.setattr(ray.train, "report", report)
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(ray.train.torch, "prepare_model", lambda model, **kw: model)
-    monkeypatch.setattr(wl, "worker_nodes", lambda: ["local"])
     wl.worker_loop({"job": job, "data_dir": str(data), "root": str(out), "tracking": None})
     return reports
 

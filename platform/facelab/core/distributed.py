@@ -29,13 +29,23 @@ def allreduce(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def worker_nodes() -> list[str]:
-    """The Ray node id of every rank, ordered by rank (where a DDP trial's workers ran)."""
+def worker_hosts() -> list[dict[str, str]]:
+    """Where every rank runs, ordered by rank: ``{"node_id", "ip", "hostname"}`` (the Ray node id, the
+    node's IP address and the host's name). A collective: every rank of the process group calls it."""
+    import socket
+
     import ray
 
-    own = ray.get_runtime_context().get_node_id()
+    node_id = ray.get_runtime_context().get_node_id()
+    # The address the node registered with (`ray start --node-ip-address`), as `ray status` shows it.
+    info = next((n for n in ray.nodes() if n.get("NodeID") == node_id), {})
+    own = {
+        "node_id": node_id,
+        "ip": info.get("NodeManagerAddress") or ray.util.get_node_ip_address(),
+        "hostname": info.get("NodeManagerHostname") or socket.gethostname(),
+    }
     if not (dist.is_available() and dist.is_initialized()):
         return [own]
-    nodes: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(nodes, own)
-    return nodes
+    hosts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, own)
+    return hosts

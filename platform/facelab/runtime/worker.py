@@ -8,6 +8,11 @@ parts that must be the same everywhere live here, once:
   and ``meta.json`` (epoch, step, metrics history) (:attr:`EpochRuntime.resumed`);
 * **history replay** — a resumed run re-logs to MLflow every finished epoch the crash kept off the
   record (the history travels inside the checkpoint), exactly once per (metric, step);
+* **node record** — rank 0 records where the worker group runs on the trial's MLflow run, kept
+  across restarts and resumes: ``facelab.worker_nodes`` (this attempt: the Ray node id of every rank),
+  ``facelab.nodes`` (every node any attempt ran on, first use first) and ``facelab.node_history``
+  (one entry per worker-group start: the epoch it started from, each node's IP, host name and ranks),
+  so a trial that lost a node and resumed elsewhere names both (:func:`node_record`);
 * **finite check** — an epoch whose metrics hold NaN/inf fails the trial, naming them;
 * **checkpoint → report → MLflow** — rank 0 writes the checkpoint (safetensors + JSON, atomic) and
   reports it with the metrics, *then* logs to MLflow; other ranks report metrics only
@@ -45,6 +50,7 @@ from typing import Any
 
 from facelab.core import checkpoint as ckpt
 from facelab.core import tracking
+from facelab.core.distributed import worker_hosts
 
 _HOOKS: dict[str, list[Callable[..., None]]] = {"phase": []}
 
@@ -151,6 +157,56 @@ def gpu_name(device) -> str:
         return "unknown"
 
 
+WORKER_NODES_TAG = "facelab.worker_nodes"  # this attempt: the Ray node id of every rank (JSON list)
+NODES_TAG = "facelab.nodes"  # every node any attempt ran on, first use first (comma-separated node ids)
+NODE_HISTORY_TAG = "facelab.node_history"  # one entry per worker-group start (JSON list)
+MAX_TAG_CHARS = 8000  # MLflow's limit on a tag value
+
+
+def node_record(tags: dict[str, str], hosts: list[dict[str, str]], start_epoch: int, started: float) -> dict[str, str]:
+    """The node tags of a run after a worker group started on ``hosts`` (one ``{"node_id", "ip",
+    "hostname"}`` per rank, by rank) at ``start_epoch`` (0, or the epoch after the checkpoint it
+    resumed from), at time ``started``; ``tags`` are the run's tags so far (earlier attempts).
+
+    ``facelab.nodes`` keeps every node of every attempt, in order of first use; ``facelab.node_history``
+    gains one entry (``attempt`` counts from 0). When the history outgrows MLflow's tag limit, its
+    oldest entries are dropped (the attempt numbers still say how many there were)."""
+    try:
+        history = json.loads(tags.get(NODE_HISTORY_TAG) or "[]")
+    except ValueError:
+        history = []
+    nodes: dict[str, dict] = {}
+    for rank, h in enumerate(hosts):
+        n = nodes.setdefault(h["node_id"], {"ip": h["ip"], "hostname": h["hostname"], "ranks": []})
+        n["ranks"].append(rank)
+    attempt = history[-1]["attempt"] + 1 if history else 0
+    history.append(
+        {
+            "attempt": attempt,
+            "start_epoch": int(start_epoch),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "nodes": nodes,
+        }
+    )
+    while len(history) > 1 and len(json.dumps(history)) > MAX_TAG_CHARS:
+        history.pop(0)
+    seen = [x for x in (tags.get(NODES_TAG) or "").split(",") if x]
+    seen += [n for n in nodes if n not in seen]
+    return {
+        WORKER_NODES_TAG: json.dumps([h["node_id"] for h in hosts]),
+        NODES_TAG: ",".join(seen)[:MAX_TAG_CHARS],
+        NODE_HISTORY_TAG: json.dumps(history)[:MAX_TAG_CHARS],
+    }
+
+
+def record_nodes(client, run_id: str, hosts: list[dict[str, str]], start_epoch: int) -> dict[str, str]:
+    """Add this worker group's nodes to the run's node tags (:func:`node_record`); returns the tags."""
+    tags = node_record(client.get_run(run_id).data.tags, hosts, start_epoch, time.time())
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+    return tags
+
+
 class NonFiniteMetrics(FloatingPointError):
     """An epoch produced NaN/inf metrics (the message names them)."""
 
@@ -210,6 +266,10 @@ class EpochRuntime:
             rt.start_epoch, rt.step, rt.history = meta["epoch"] + 1, meta["step"], meta.get("history", [])
         if rt.client and rt.history:  # resumed: every finished epoch is on record exactly once
             tracking.log_missing_history(rt.client, rt.run_id, rt.history)
+        if tr:  # where this worker group runs (a collective: every rank has the same config and takes part)
+            hosts = worker_hosts()
+            if rt.client:
+                record_nodes(rt.client, rt.run_id, hosts, rt.start_epoch)
         if rt.client and rt.gpu_check:  # which card the trial got, its share, and what was free at start
             rt.client.set_tag(rt.run_id, GPU_TAG, json.dumps(rt.gpu_check, sort_keys=True))
         install_env_hooks(rt)

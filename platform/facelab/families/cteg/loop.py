@@ -25,7 +25,6 @@ Speed (the same maths on every device):
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -37,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from facelab.core import tracking
-from facelab.core.distributed import allreduce, seed_everything, worker_nodes
+from facelab.core.distributed import allreduce, seed_everything
 from facelab.tasks.expressions.data import collate, load_splits
 from facelab.tasks.expressions.scoring import check_eval_data, run_baseline_eval, run_test_eval, val_cppl_terms
 
@@ -215,10 +214,6 @@ def worker_loop(config: dict[str, Any]) -> None:
     dev_loader = DataLoader(
         torch.utils.data.Subset(dev_ds, dev_order), batch_size=per_worker, collate_fn=collate, pin_memory=pin
     )
-
-    nodes = worker_nodes()  # collective: every rank takes part
-    if rt.client:
-        rt.client.set_tag(rt.run_id, "facelab.worker_nodes", json.dumps(nodes))
 
     # ---- train -------------------------------------------------------------------------------
     for epoch in range(rt.start_epoch, train_cfg["epochs"]):

@@ -26,7 +26,6 @@ the last checkpoint with the optimizer of the stage it is in.
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from facelab.core.distributed import allreduce, seed_everything, worker_nodes
+from facelab.core.distributed import allreduce, seed_everything
 from facelab.tasks.expressions.data import collate, load_splits
 from facelab.tasks.expressions.scoring import check_eval_data, run_test_eval, val_cppl_terms
 
@@ -181,10 +180,6 @@ def worker_loop(config: dict[str, Any]) -> None:
     dev_loader = DataLoader(Subset(dev_ds, dev_idx), batch_size=per_worker, collate_fn=collate)
 
     client, run_id = rt.client, rt.run_id
-    nodes = worker_nodes()  # collective: every rank takes part
-    if client:
-        client.set_tag(run_id, "facelab.worker_nodes", json.dumps(nodes))
-
     # ---- train -------------------------------------------------------------------------------
     stage = opt = params = ddp_model = None
     for epoch in range(rt.start_epoch, total_epochs):
