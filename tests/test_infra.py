@@ -312,6 +312,22 @@ def test_rayservice_import_path_is_module_colon_builder():
         assert ports.get("serve") == port, f"{group}: container port 'serve' must be the Serve HTTP port {port}"
 
 
+def test_rayservice_applications_agree_with_plan_models():
+    """Several models: every application lists the same models, and its name and route prefix are the
+    ones `facelab serve` gives that model (facelab.serve.app.plan_models)."""
+    from facelab.serve.app import plan_models
+
+    spec = one(KUBERAY / "rayservice.yaml", "RayService")["spec"]
+    apps = yaml.safe_load(spec["serveConfigV2"])["applications"]
+    listed = {app["args"].get("models") for app in apps}
+    assert len(listed) == 1 and None not in listed, listed
+    entries = {e.name: e for e in plan_models(listed.pop().split(","), apps[0]["args"].get("default_model"))}
+    assert sorted(entries) == sorted(app["args"]["model"] for app in apps)
+    for app in apps:
+        e = entries[app["args"]["model"]]
+        assert (app["name"], app["route_prefix"]) == (e.app_name, e.route_prefix), app["name"]
+
+
 def module_file(module: str) -> Path:
     return ROOT / "platform" / (module.replace(".", "/") + ".py")
 

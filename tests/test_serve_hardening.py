@@ -526,3 +526,138 @@ def test_client_commands_fail_fast_when_nothing_listens(project):
         assert proc.stderr.count("waiting up to") == 1  # progress said once
         _no_traceback(proc.stderr)
         assert took < 40  # the default --wait is 10 s (was 120)
+
+
+# ---------------------------------------------------------------------------------------------
+# several models in one `facelab serve` (issue #22)
+# ---------------------------------------------------------------------------------------------
+
+
+def _broken_model(project: Path, name: str) -> tuple[str, str]:
+    """A registered model ``name`` whose champion cannot load (its weights file is missing) and with no
+    @previous; → (the good version, the broken champion)."""
+    c = store(project)
+    src = c.get_model_version_by_alias("cteg-tiny", "champion")
+    c.create_registered_model(name)
+    good = c.create_model_version(name, source=src.source, run_id=src.run_id, tags=dict(src.tags)).version
+    return str(good), _register_variant(project, name, str(good), missing_weights)
+
+
+def test_one_server_answers_several_models_each_on_its_route(project, api_key):
+    """`facelab serve --model cteg-tiny --model keyframe-tiny --model cteg-broken`: one Ray, one port;
+    each model at /models/<name>/v1/..., the first also at /v1/...; /v1/models lists all three; the one
+    that cannot load answers 503 (reported in /healthz, its reason at its /v1/status) while the others
+    serve, and is served once a loadable version becomes champion (its own watcher); SIGINT drains all."""
+    good, broken = _broken_model(project, "cteg-broken")
+    s = Server(
+        project,
+        "hardening-multi",
+        *("--model", "cteg-tiny", "--model", "keyframe-tiny@champion", "--model", "cteg-broken"),
+        *("--watch-champion", "1", "--cpus-per-replica", "0.5"),
+        FACELAB_API_KEY=api_key,
+    )
+    h = {"X-API-Key": api_key}
+    b = s.base
+    try:
+        s.wait_healthy()
+        deadline = time.time() + 120  # the start-up lines follow once every model's replicas started
+        while "models:/keyframe-tiny@champion at" not in s.log():
+            assert time.time() < deadline and s.proc.poll() is None, s.log()[-3000:]
+            time.sleep(0.5)
+        log = s.log()
+        assert "ERROR: models:/cteg-broken@champion could not be loaded" in log, log[-3000:]
+        assert "models:/keyframe-tiny@champion at http://127.0.0.1:" in log, log[-3000:]
+        health = httpx.get(b + "/healthz", timeout=10).json()  # open, version numbers only
+        print("\n/healthz:", health)
+        assert health["status"] == "ok" and health["model"] == "cteg-tiny"
+        models = health["models"]
+        assert list(models) == ["cteg-tiny", "keyframe-tiny", "cteg-broken"], models
+        assert (
+            models["keyframe-tiny"]["status"] == "ok"
+            and models["keyframe-tiny"]["route_prefix"] == "/models/keyframe-tiny"
+        )
+        assert models["cteg-broken"] == {"status": "failed", "version": None, "route_prefix": "/models/cteg-broken"}
+        assert "model.safetensors" not in json.dumps(health)
+
+        # each model on its own route; the default (the first) at the plain routes too
+        for url in (b + "/v1/expressions", b + "/models/cteg-tiny/v1/expressions"):
+            r = httpx.post(url, json=OK, headers=h, timeout=60)
+            assert r.status_code == 200 and r.json()["model"]["name"] == "cteg-tiny", (url, r.text)
+        r = httpx.post(b + "/models/keyframe-tiny/v1/keyframes", json=SMALL_SCRIPT, headers=h, timeout=60)
+        assert r.status_code == 200 and r.json()["model"]["name"] == "keyframe-tiny", r.text
+        csv = httpx.post(b + "/models/keyframe-tiny/v1/keyframes?format=csv", json=SMALL_SCRIPT, headers=h, timeout=60)
+        assert csv.status_code == 200 and csv.text.startswith("Timecode,BlendshapeCount"), csv.text[:200]
+        r = httpx.post(b + "/v1/keyframes", json=SMALL_SCRIPT, headers=h, timeout=60)
+        assert r.status_code == 409 and "/models/" not in r.text, r.text  # the plain routes are the default's
+        r = httpx.post(b + "/models/keyframe-tiny/v1/expressions", json=OK, headers=h, timeout=60)
+        assert r.status_code == 409, r.text
+
+        listed = httpx.get(b + "/v1/models", headers=h, timeout=10).json()
+        assert listed["name"] == "cteg-tiny" and listed["job_kind"] == "cteg"  # as before: the default's info
+        rows = {m["name"]: m for m in listed["models"]}
+        assert [m["name"] for m in listed["models"]] == ["cteg-tiny", "keyframe-tiny", "cteg-broken"]
+        assert rows["cteg-tiny"]["default"] and not rows["keyframe-tiny"]["default"]
+        assert rows["keyframe-tiny"]["status"] == "ok" and rows["cteg-broken"]["status"] == "failed"
+        kf = httpx.get(b + "/models/keyframe-tiny/v1/models", headers=h, timeout=10).json()
+        assert kf["name"] == "keyframe-tiny" and len(kf["models"]) == 3
+
+        # the API key holds on every route of every model but /healthz
+        assert httpx.get(b + "/models/keyframe-tiny/healthz", timeout=10).status_code == 200
+        assert httpx.get(b + "/models/cteg-tiny/healthz", timeout=10).status_code == 200
+        assert httpx.get(b + "/models/keyframe-tiny/v1/models", timeout=10).status_code == 401
+        assert httpx.get(b + "/models/cteg-tiny/v1/models", timeout=10).status_code == 401
+        r = httpx.get(b + "/models/nosuch/v1/models", headers=h, timeout=10)
+        assert r.status_code == 404 and r.json()["detail"][0]["type"] == "unknown_model", r.text
+        assert "keyframe-tiny" in r.text and httpx.get(b + "/models/nosuch/v1/models", timeout=10).status_code == 401
+
+        # the model that failed: 503 naming it, the reason behind the key
+        r = httpx.get(b + "/models/cteg-broken/healthz", timeout=10)
+        assert r.status_code == 503 and r.json()["status"] == "failed", r.text
+        r = httpx.post(b + "/models/cteg-broken/v1/expressions", json=OK, headers=h, timeout=30)
+        assert r.status_code == 503 and r.json()["detail"][0]["type"] == "model_unavailable", r.text
+        status = httpx.get(b + "/models/cteg-broken/v1/status", headers=h, timeout=10).json()
+        assert status["status"] == "failed" and "model.safetensors" in status["load_error"], status
+
+        # the client commands take a model's route as their --url
+        proc = facelab(
+            project,
+            "request-keyframes",
+            *("--url", b + "/models/keyframe-tiny", "--background", "A student waits."),
+            *("--emotion", "joy", "--keyframe", "a smile"),
+            timeout=60,
+            FACELAB_API_KEY=api_key,
+        )
+        assert "keyframe 1 (valid=True)" in proc.stdout, proc.stdout
+
+        # its own watcher serves it once a loadable version is champion
+        store(project).set_registered_model_alias("cteg-broken", "champion", good)
+        deadline = time.time() + 120
+        while httpx.get(b + "/models/cteg-broken/healthz", timeout=10).status_code != 200:
+            assert time.time() < deadline, s.log()[-3000:]
+            time.sleep(0.5)
+        r = httpx.post(b + "/models/cteg-broken/v1/expressions", json=OK, headers=h, timeout=60)
+        assert r.status_code == 200 and r.json()["model"]["version"] == good, r.text
+        assert broken in httpx.get(b + "/models/cteg-broken/healthz", timeout=10).json()["refused"]
+        deadline = time.time() + 30  # the others see it within a few seconds
+        while httpx.get(b + "/healthz", timeout=10).json()["models"]["cteg-broken"]["status"] != "ok":
+            assert time.time() < deadline
+            time.sleep(0.5)
+    finally:
+        if s.proc.poll() is None:
+            _stop_and_check(s)
+        else:
+            s.stop()
+
+
+def test_several_models_refuse_bad_options_in_one_paragraph(project):
+    for args, want in (
+        (("--model", "cteg-tiny", "--model", "cteg-tiny"), "given twice"),
+        (("--model", "cteg-tiny", "--default", "keyframe-tiny"), "--default 'keyframe-tiny' is not one of"),
+        (("--model", "cteg-tiny@"), "alias after '@'"),
+        (("--model", "a/b"), "route prefix"),
+        (("--model", "cteg-tiny", "--model", "keyframe-tiny@nosuch"), "keyframe-tiny@nosuch: the alias points at no"),
+    ):
+        proc = facelab(project, "serve", *args, "--port", str(free_port()), check=False, timeout=120)
+        print(f"\n{args}: {proc.returncode} {proc.stderr.strip()}")
+        assert proc.returncode == 2 and want in proc.stderr, proc.stderr
+        _no_traceback(proc.stderr + proc.stdout)

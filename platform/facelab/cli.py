@@ -274,11 +274,12 @@ def _champion_models(c) -> list[str]:
     return sorted(m.name for m in c.search_registered_models(max_results=1000) if "champion" in (m.aliases or {}))
 
 
-def _serving_check(c, model_name: str) -> str | None:
+def _serving_check(c, model_name: str, alias: str = "champion") -> str | None:
     """Refuse, in one paragraph (TrackingError), a model ``facelab serve`` cannot serve: one that is not
     registered (naming the models that have a champion) or one with neither a ``champion`` nor a
-    ``previous`` version. Returns a warning line when ``champion`` is gone but ``previous`` can stand in
-    (the replicas then fall back to it, loudly)."""
+    ``previous`` version (for another ``alias``: one whose alias points at no version). Returns a
+    warning line when ``champion`` is gone but ``previous`` can stand in (the replicas then fall back to
+    it, loudly)."""
     from mlflow.exceptions import MlflowException
 
     from facelab.core.tracking import TrackingError
@@ -298,10 +299,13 @@ def _serving_check(c, model_name: str) -> str | None:
             )
         ) from None
     try:
-        c.get_model_version_by_alias(model_name, "champion")
+        c.get_model_version_by_alias(model_name, alias)
         return None
     except MlflowException:
-        pass
+        if alias != "champion":  # only the champion falls back
+            raise TrackingError(
+                f"--model {model_name}@{alias}: the alias points at no model version of {model_name!r}"
+            ) from None
     try:
         prev = c.get_model_version_by_alias(model_name, "previous")
     except MlflowException:
@@ -321,13 +325,14 @@ def _serving_check(c, model_name: str) -> str | None:
     )
 
 
-def _replica_count(app: str, default: int) -> int:
-    """RUNNING replicas of the app's deployment now (the drain waits for each to report)."""
+def _replica_count(apps: list[str], default: int) -> int:
+    """RUNNING replicas of the apps' deployments now (the drain waits for each to report)."""
     try:
         from ray import serve
 
-        deployments = serve.status().applications[app].deployments
-        return sum(d.replica_states.get("RUNNING", 0) for d in deployments.values()) or default
+        applications = serve.status().applications
+        deployments = [d for app in apps for d in applications[app].deployments.values()]
+        return sum(d.replica_states.get("RUNNING", 0) for d in deployments) or default
     except Exception:  # noqa: BLE001 - best effort; the drain timeout bounds the wait anyway
         return default
 
@@ -347,7 +352,7 @@ def _stop_serve_and_ray() -> None:
         ray.shutdown()
 
 
-def _drain_and_stop(signame: str, key: str, replicas: int, timeout_s: float, again) -> str:
+def _drain_and_stop(signame: str, key: str, replicas: int, timeout_s: float, again, apps: list[str]) -> str:
     """Drain (503 for new requests, wait for those in flight up to ``timeout_s``), stop Serve and Ray;
     → the one line to print. ``again`` (an Event) is set by a second signal: stop at once."""
     import time
@@ -355,7 +360,7 @@ def _drain_and_stop(signame: str, key: str, replicas: int, timeout_s: float, aga
     from facelab.serve.app import DRAIN_POLL_S, drain_report, end_drain, start_drain
 
     t0 = time.monotonic()
-    expected = _replica_count("facelab", replicas)
+    expected = _replica_count(apps, replicas)
     print(
         f"facelab: {signame}: draining: new requests get 503; waiting up to {timeout_s:g}s for the requests "
         "in flight (a second Ctrl-C stops at once)",
@@ -394,20 +399,30 @@ def cmd_serve(args) -> int:
 
     from facelab.core import tracking
     from facelab.runtime.sweep import init_ray
-    from facelab.serve.app import batch_size_for, build_app, drain_key_for
+    from facelab.serve.app import batch_size_for, build_app, drain_key_for, peer, plan_models
 
     try:  # checked before Ray starts
         args.max_batch_size = batch_size_for(args.max_batch_size, args.max_ongoing_requests)
     except ValueError as exc:
         print(f"facelab: error: --max-batch-size: {exc}", file=sys.stderr)
         return 2
+    if args.default is not None and not args.model:
+        print("facelab: error: --default names one of the --model names; give them", file=sys.stderr)
+        return 2
+    try:
+        entries = plan_models(args.model, args.default) if args.model else None
+    except ValueError as exc:
+        print(f"facelab: error: {exc}", file=sys.stderr)
+        return 2
     root = _root()
     uri = _tracking_uri(root)
     c = tracking.check_reachable(uri)
-    model_name = args.model or _default_model(c)
-    warning = _serving_check(c, model_name)  # a clear paragraph, not an MLflow traceback, before Ray starts
-    if warning:
-        print(warning, file=sys.stderr, flush=True)
+    entries = entries or plan_models([_default_model(c)])
+    model_name = entries[0].name
+    for e in entries:  # a clear paragraph, not an MLflow traceback, before Ray starts
+        warning = _serving_check(c, e.name, e.alias)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     # The key is read from the environment (never from argv, where `ps` shows it) and removed from it
     # before Ray starts, so no Ray process inherits it; build_app gives the replicas only a salted digest.
     api_key = os.environ.pop(args.api_key_env, "") or None
@@ -434,30 +449,46 @@ def cmd_serve(args) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     drain_key = drain_key_for("facelab")
+    several = len(entries) > 1
+    board_key = f"board:{drain_key}" if several else None
+    peers = tuple(peer(e.name, e.alias, e.default) for e in entries)
+
+    def app_of(e):
+        return build_app(
+            e.name,
+            uri,
+            alias=e.alias,
+            root=str(root),
+            api_key=api_key,
+            replicas=args.replicas,
+            max_ongoing_requests=args.max_ongoing_requests,
+            max_queued_requests=args.max_queued_requests,
+            watch_s=args.watch_champion,
+            max_batch_size=args.max_batch_size,
+            batch_wait_s=args.batch_wait_ms / 1000.0,
+            gpus_per_replica=args.gpus_per_replica,
+            cpus_per_replica=args.cpus_per_replica,
+            request_timeout_s=args.request_timeout_s,
+            drain_key=drain_key,
+            **(
+                {"strict": False, "peers": peers, "board_key": board_key, "route_prefix": e.route_prefix}
+                if several
+                else {}
+            ),
+        )
+
     try:
         # request_timeout_s bounds every request (Serve answers 408 past it); the replicas stop generating
         # at the same deadline, and generation is bounded by the request schema and token counts.
         serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
-        serve.run(
-            build_app(
-                model_name,
-                uri,
-                root=str(root),
-                api_key=api_key,
-                replicas=args.replicas,
-                max_ongoing_requests=args.max_ongoing_requests,
-                max_queued_requests=args.max_queued_requests,
-                watch_s=args.watch_champion,
-                max_batch_size=args.max_batch_size,
-                batch_wait_s=args.batch_wait_ms / 1000.0,
-                gpus_per_replica=args.gpus_per_replica,
-                request_timeout_s=args.request_timeout_s,
-                drain_key=drain_key,
-            ),
-            name="facelab",
-            route_prefix="/",
-            blocking=False,
-        )
+        # One Serve application per model, deployed together (each loads its model in its own replicas).
+        serve.run_many([serve.RunTarget(app_of(e), name=e.app_name, route_prefix=e.route_prefix) for e in entries])
+        failed = _failed_models(board_key, entries) if several else {}
+        if several and len(failed) == len(entries):
+            raise RuntimeError(
+                "no model could be loaded: "
+                + "; ".join(f"models:/{e.name}@{e.alias}: {failed[e.name]}" for e in entries)
+            )
     except KeyboardInterrupt:
         print("facelab: stopped during start-up (signal); nothing was served", flush=True)
         _stop_serve_and_ray()
@@ -468,7 +499,9 @@ def cmd_serve(args) -> int:
         import re
 
         text = str(exc)
-        why = re.findall(r"RuntimeError: (models:/\S+ cannot be loaded .*)", text)
+        why = re.findall(r"RuntimeError: (models:/\S+ cannot be loaded .*)", text) or re.findall(
+            r"^(no model could be loaded: .*)", text
+        )
         _stop_serve_and_ray()
         print(
             "facelab: error: no replica could start: "
@@ -480,7 +513,7 @@ def cmd_serve(args) -> int:
     up.set()
     print(
         f"API key: {'required (X-API-Key header; from $' + args.api_key_env + ')' if api_key else 'none ($' + args.api_key_env + ' is unset)'}; "
-        f"{args.replicas} replica(s) on {'CUDA' if args.gpus_per_replica > 0 else 'CPU'} x "
+        f"{args.replicas} replica(s){' per model' if several else ''} on {'CUDA' if args.gpus_per_replica > 0 else 'CPU'} x "
         f"{args.max_ongoing_requests} concurrent + {args.max_queued_requests} queued, "
         f"timeout {args.request_timeout_s:g}s; "
         + (
@@ -496,19 +529,52 @@ def cmd_serve(args) -> int:
         flush=True,
     )
     print(
-        f"serving models:/{model_name}@champion on http://{args.host}:{args.port}  (docs: /docs; Ctrl-C or "
+        f"serving models:/{model_name}@{entries[0].alias} on http://{args.host}:{args.port}  (docs: /docs; Ctrl-C or "
         f"SIGTERM drains for up to {args.drain_timeout_s:g}s, then stops)",
         flush=True,
     )
+    for e in entries if several else ():
+        where = f"http://{args.host}:{args.port}{e.route_prefix.rstrip('/')}/v1/..."
+        if e.default:
+            where = f"http://{args.host}:{args.port}/models/{e.name}/v1/... and (the default) {where}"
+        if e.name in failed:
+            print(
+                f"facelab: ERROR: models:/{e.name}@{e.alias} could not be loaded ({failed[e.name]}); it answers "
+                f"503 at {where} (/healthz says failed) while the other models serve"
+                + (", and is served once a loadable version is promoted" if args.watch_champion > 0 else ""),
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            print(f"  models:/{e.name}@{e.alias} at {where}", flush=True)
     while not stop.wait(1.0):
         pass
-    line = _drain_and_stop(signal.Signals(got[0]).name, drain_key, args.replicas, args.drain_timeout_s, again)
+    apps = [e.app_name for e in entries]
+    line = _drain_and_stop(signal.Signals(got[0]).name, drain_key, args.replicas, args.drain_timeout_s, again, apps)
     print(line, flush=True)
     # Serve and Ray are stopped; the interpreter's own teardown of Ray's C++ core can take seconds more
     # (measured: 3-6 s), which a supervisor's grace period need not pay for.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _failed_models(board_key: str, entries, wait_s: float = 10.0) -> dict[str, str]:
+    """Models whose replicas could load no version (name → why), once every model's replicas have
+    reported their state (they do so as soon as they start; waits at most ``wait_s``)."""
+    import time
+
+    from facelab.serve.app import BOARD_PUBLISH_S, read_states
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        states = read_states(board_key)
+        if all(e.name in states for e in entries) or time.monotonic() > deadline:
+            break
+        time.sleep(BOARD_PUBLISH_S / 4)
+    return {
+        name: st.get("error") or "no version could be loaded" for name, st in states.items() if st["status"] == "failed"
+    }
 
 
 def _default_model(c) -> str:
@@ -1032,7 +1098,21 @@ def build_parser() -> argparse.ArgumentParser:
 
         return parse
 
-    sv.add_argument("--model", default=None, help="registered model name (default: the only one with a champion)")
+    sv.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        metavar="NAME[@ALIAS]",
+        help="registered model to serve, following ALIAS (default champion); repeat it to serve several "
+        "models at once, each at /models/NAME/v1/... and the first (or --default) also at /v1/... "
+        "(default: the only model with a champion)",
+    )
+    sv.add_argument(
+        "--default",
+        default=None,
+        metavar="NAME",
+        help="with several --model: the one that also answers the plain /v1/... routes (default: the first)",
+    )
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--address", default=None)
@@ -1086,6 +1166,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_at_least(0.0, float),
         default=0.0,
         help="GPUs each replica reserves from Ray; > 0 runs the model on CUDA (default 0: CPU)",
+    )
+    sv.add_argument(
+        "--cpus-per-replica",
+        type=_at_least(0.01, float),
+        default=1.0,
+        help="CPUs each replica reserves from Ray (default 1); several small models on a small machine "
+        "may take less, e.g. 0.5",
     )
     sv.add_argument(
         "--batch-wait-ms",

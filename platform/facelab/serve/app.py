@@ -79,6 +79,7 @@ from facelab.serve.schemas import (
     KeyframeRequest,
     KeyframeResponse,
     ModelInfo,
+    ModelList,
     ServerStatus,
     error_responses,
 )
@@ -123,6 +124,8 @@ OPEN_PATHS = frozenset({"/healthz"})  # answered without an API key (liveness pr
 UNCOUNTED_PATHS = frozenset({"/healthz", "/v1/status"})  # not requests to drain: answered while draining
 DRAIN_NAMESPACE = "facelab"  # Ray internal-KV namespace of the drain flag and the replicas' reports
 DRAIN_POLL_S = 0.2
+BOARD_PUBLISH_S = 1.0  # how often each replica publishes its model's state for the server's other models
+BOARD_STALE_S = 10.0  # a state older than this is not believed (its replica is gone or stuck)
 
 
 class _DrainState:
@@ -148,6 +151,22 @@ _DRAIN = _DrainState()
 # salt and HMAC-SHA256 of the API key, or None when the endpoint is open. The key itself never
 # reaches the replica, the Serve config or a log — only this salted digest travels in the init args.
 _API_KEY_CHECK: tuple[bytes, bytes] | None = None
+
+# Set once per replica process by FacelabServer.__init__: (the registered model it serves, whether its
+# application answers at "/" (the default model), every model name of this `facelab serve`). The
+# default application also answers ``/models/<its name>/...``; any other ``/models/<x>`` reaching it is
+# a model this server does not serve (404 naming those it does).
+_ROUTING: tuple[str, bool, tuple[str, ...]] | None = None
+MODELS_PREFIX = "/models/"
+
+
+def route_path(scope: dict) -> str:
+    """The request path below the application's route prefix (``scope["root_path"]``, set by Serve's
+    proxy to the route prefix): ``/healthz`` for ``/models/<name>/healthz`` too."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root) :] or "/"
+    return path
 
 
 def api_key_check(key: str) -> tuple[bytes, bytes]:
@@ -175,7 +194,7 @@ def _this_module():
 
 def _authorized(request: Request) -> bool:
     check = _this_module()._API_KEY_CHECK
-    if check is None or request.url.path in OPEN_PATHS:
+    if check is None or route_path(request.scope) in OPEN_PATHS:
         return True
     key = _presented_key(request)
     if key is None:
@@ -194,7 +213,10 @@ def _too_large() -> JSONResponse:
 @api.middleware("http")
 async def _guard(request: Request, call_next):
     """API key first (401 before any body is read), then refuse oversized bodies with 413 before they
-    are parsed (declared Content-Length, or counted while a chunked body streams in)."""
+    are parsed (declared Content-Length, or counted while a chunked body streams in). Before both, the
+    default application maps ``/models/<its name>/...`` onto its own routes (:func:`_own_prefix`); a
+    request for a model not served here is answered 404 once its key was checked."""
+    unknown = _own_prefix(request)
     if not _authorized(request):
         return JSONResponse(
             status_code=401,
@@ -209,8 +231,10 @@ async def _guard(request: Request, call_next):
                 ]
             },
         )
+    if unknown is not None:
+        return unknown
     state = _this_module()._DRAIN
-    counted = request.url.path not in UNCOUNTED_PATHS
+    counted = route_path(request.scope) not in UNCOUNTED_PATHS
     if counted and state.draining:
         return JSONResponse(
             status_code=503,
@@ -242,6 +266,36 @@ async def _guard(request: Request, call_next):
         return await call_next(request)
     finally:
         state.leave()
+
+
+def _own_prefix(request: Request) -> JSONResponse | None:
+    """In the application at ``/`` (the default model): a request to ``/models/<its name>/...`` is
+    routed as ``/...`` (its ``root_path`` becomes that prefix, as Serve's proxy does for the other
+    models' applications); one to ``/models/<another name>`` — a model this server does not serve, since
+    each served model's own prefix is matched first by the proxy — gets the 404 to answer (naming the
+    models served). None: route the request as it is."""
+    routing = _this_module()._ROUTING
+    path = route_path(request.scope)
+    if routing is None or not routing[1] or not path.startswith(MODELS_PREFIX):
+        return None
+    own, _, served = routing
+    name = path[len(MODELS_PREFIX) :].split("/", 1)[0]
+    if name == own:
+        request.scope["root_path"] = request.scope.get("root_path", "") + MODELS_PREFIX + name
+        return None
+    return JSONResponse(
+        status_code=404,
+        content={
+            "detail": [
+                {
+                    "field": "model",
+                    "msg": f"no model {name!r} is served here; served: {', '.join(served)} "
+                    f"(each at {MODELS_PREFIX}<name>/v1/..., the default {own!r} also at /v1/...)",
+                    "type": "unknown_model",
+                }
+            ]
+        },
+    )
 
 
 @api.exception_handler(RequestValidationError)
@@ -402,6 +456,21 @@ def _timed_out(timeout_s: float) -> HTTPException:
                 "field": "request",
                 "msg": f"generation stopped: the request ran past its deadline ({timeout_s:g} s, --request-timeout-s)",
                 "type": "timeout",
+            }
+        ],
+    )
+
+
+def _unavailable(name: str, alias: str) -> HTTPException:
+    return HTTPException(
+        status_code=503,
+        headers={"Retry-After": "30"},
+        detail=[
+            {
+                "field": "model",
+                "msg": f"models:/{name}@{alias} could not be loaded (see /v1/status); the server's other models "
+                "keep serving",
+                "type": "model_unavailable",
             }
         ],
     )
@@ -688,7 +757,16 @@ class FacelabServer:
 
     A replica that cannot load ``champion`` at start (its version was deleted, its files are broken)
     falls back to the alias ``previous``, loudly: an error in the log and ``fallback`` in
-    ``/healthz``; the watcher moves it back to champion once that loads."""
+    ``/healthz``; the watcher moves it back to champion once that loads.
+
+    Several models in one ``facelab serve`` (:func:`plan_models`): each is its own Serve application
+    and deployment of this class (route prefix ``/models/<name>``; the default one at ``/``, answering
+    ``/models/<its name>`` too). There, ``strict=False``: a replica that can load neither champion nor
+    previous still starts, answers 503 (``/healthz`` ``status: failed``, the reason at ``/v1/status``)
+    and keeps following the alias, so that the other models serve on and this one recovers once a
+    loadable version is promoted. ``peers`` lists every model of the server; each replica publishes its
+    state in Ray's internal KV under ``board_key`` (:func:`publish_state`), from which ``/healthz`` and
+    ``/v1/models`` tell every model's state."""
 
     def __init__(
         self,
@@ -703,12 +781,21 @@ class FacelabServer:
         device: str = "cpu",
         request_timeout_s: float = 120.0,
         drain_key: str | None = None,
+        strict: bool = True,
+        peers: tuple[dict, ...] | None = None,
+        board_key: str | None = None,
+        route_prefix: str = "/",
     ):
         import importlib
 
         import torch
 
-        importlib.import_module("facelab.serve.app")._API_KEY_CHECK = api_key_check
+        module = importlib.import_module("facelab.serve.app")
+        module._API_KEY_CHECK = api_key_check
+        self.route_prefix, self.strict, self._board_key = route_prefix, strict, board_key
+        self.peers = list(peers or (_this_module().peer(model_name, alias, default=route_prefix == "/"),))
+        module._ROUTING = (model_name, route_prefix == "/", tuple(p["name"] for p in self.peers))
+        self._board_cache: tuple[float, dict] = (0.0, {})
         torch.set_num_threads(max(1, torch.get_num_threads()))
         self._batcher = Batcher(_decode_jobs, max_batch_size, batch_wait_s)
         self.model_name, self.tracking_uri, self.alias, self.root = model_name, tracking_uri, alias, root
@@ -717,7 +804,20 @@ class FacelabServer:
             raise RuntimeError("gpus_per_replica > 0, but this replica sees no CUDA device")
         self.device = device
         self.fallback: dict | None = None
-        self.served = self._load_first()  # neither champion nor previous loads: no replica
+        self.load_error: str | None = None
+        try:
+            self.served: Served | None = self._load_first()  # neither champion nor previous: no replica ...
+        except Exception as exc:
+            if strict:
+                raise
+            self.served, self.load_error = None, f"{exc.__class__.__name__}: {exc}"[:1000]  # ... or a 503 one
+            logging.getLogger("ray.serve").error(
+                "facelab: models:/%s@%s cannot be loaded (%s); it answers 503 while the other models serve%s",
+                model_name,
+                alias,
+                self.load_error,
+                "; looking for a new version every %gs" % watch_s if watch_s > 0 else " (--watch-champion 0)",
+            )
         self._follower = ChampionFollower(
             model_name, alias, watch_s, self._alias_version, self._load_candidate, self._tag_refused
         )
@@ -729,6 +829,8 @@ class FacelabServer:
         self._drain_key = drain_key
         if drain_key:
             threading.Thread(target=self._poll_drain, args=(drain_key,), name="facelab-drain", daemon=True).start()
+        if board_key:
+            threading.Thread(target=self._publish, args=(board_key,), name="facelab-board", daemon=True).start()
 
     @property
     def refused(self) -> dict[str, str]:
@@ -781,7 +883,7 @@ class FacelabServer:
 
     def _load_candidate(self, version: str) -> Served:
         new = load_checked(self.tracking_uri, self.model_name, version, "version", self.root, self.device)
-        if new.route != self.served.route:
+        if self.served is not None and new.route != self.served.route:
             raise ModelUnhealthy(
                 f"a {new.kind!r} model answers {new.route}, but this endpoint serves {self.served.route}"
             )
@@ -797,14 +899,62 @@ class FacelabServer:
     def _watch(self, every: float) -> None:
         log = logging.getLogger("ray.serve")
         while not self._stop.wait(every):
-            new = self._follower.tick(self.served.info.version)
+            old = self.served
+            new = self._follower.tick(old.info.version if old is not None else "")
             if new is None:
                 continue
-            old, self.served = self.served, new  # one reference swap: a request sees one version whole
+            self.served = new  # one reference swap: a request sees one version whole
             if self.fallback is not None:
                 log.warning("facelab: champion loads again; fallback to @previous ended")
-            self.fallback = None
-            log.info("facelab: now serving models:/%s/%s (was %s)", self.model_name, new.info.version, old.info.version)
+            self.fallback, self.load_error = None, None
+            was = old.info.version if old is not None else "none: it could not be loaded"
+            log.info("facelab: now serving models:/%s/%s (was %s)", self.model_name, new.info.version, was)
+
+    def _state(self) -> dict:
+        """This replica's model as ``/healthz`` tells it: status and version."""
+        s = self.served
+        status = "draining" if _this_module()._DRAIN.draining else ("failed" if s is None else "ok")
+        return {"status": status, "version": None if s is None else s.info.version}
+
+    def _report(self) -> dict:
+        """What this replica publishes (:func:`publish_state`): its state, and why it could load no
+        version (for the ``facelab serve`` driver's start-up lines; never answered over HTTP but at
+        ``/v1/status``)."""
+        return {**self._state(), "error": self.load_error}
+
+    def _publish(self, key: str) -> None:
+        """Publish this replica's state for the server's other models (:func:`publish_state`)."""
+        import os
+        import socket
+
+        me, said = f"{key}:{socket.gethostname()}:{os.getpid()}", False
+        while True:
+            try:
+                _this_module().publish_state(me, self.model_name, self._report())
+            except Exception as exc:  # the GCS is going away with the cluster
+                if not said:
+                    logging.getLogger("ray.serve").warning("facelab: cannot publish this model's state (%r)", exc)
+                    said = True
+            if self._stop.wait(BOARD_PUBLISH_S):
+                return
+
+    def _models(self) -> list[dict]:
+        """Every model of this server, the default first: name, alias, route prefix, whether it is the
+        default, and its state (this replica's own, the others' from the board: ``unknown`` when none
+        of their replicas reported lately)."""
+        now = time.monotonic()
+        if self._board_key and now - self._board_cache[0] > 1.0:
+            try:
+                self._board_cache = (now, _this_module().read_states(self._board_key))
+            except Exception:  # noqa: BLE001 - the GCS is going away: tell what is known here
+                self._board_cache = (now, {})
+        board = self._board_cache[1]
+        out = []
+        for p in self.peers:
+            state = self._state() if p["name"] == self.model_name else board.get(p["name"])
+            state = state or {"status": "unknown", "version": None}
+            out.append({**p, "status": state["status"], "version": state["version"]})
+        return out
 
     def _poll_drain(self, key: str) -> None:
         """Follow the driver's drain flag; while draining, report this replica's requests in flight."""
@@ -831,7 +981,9 @@ class FacelabServer:
         if getattr(self, "_stop", None) is not None:
             self._stop.set()
 
-    def _require(self, s: Served, route: str) -> None:
+    def _require(self, s: Served | None, route: str) -> None:
+        if s is None:
+            raise _unavailable(self.model_name, self.alias)
         if s.route != route:
             needs = " or ".join(repr(k) for k in kinds_for(route))
             raise HTTPException(
@@ -847,7 +999,7 @@ class FacelabServer:
             )
 
     def check_health(self) -> None:  # Serve restarts a replica whose model or watcher is gone
-        if self.served is None:
+        if self.served is None and self.strict:
             raise RuntimeError("model not loaded")
         if self._watcher is not None and not self._watcher.is_alive():
             raise RuntimeError("the champion watcher thread died")
@@ -862,27 +1014,30 @@ class FacelabServer:
     def healthz(self):
         """Open to all (liveness probes): status, the version served and version *numbers* only — the
         reasons are at ``GET /v1/status`` (behind the API key). 503 while draining."""
-        s, f = self.served, self.fallback
+        f = self.fallback
         body = {
-            "status": "draining" if _this_module()._DRAIN.draining else "ok",
-            "model": s.info.name,
-            "version": s.info.version,
+            **self._state(),
+            "model": self.model_name,
             "refused": sorted(self._follower.refused, key=int),
             "retrying": sorted(self._follower.retrying, key=int),
             "fallback": None if f is None else {k: f[k] for k in ("alias", "version", "champion")},
+            "models": {
+                m["name"]: {"status": m["status"], "version": m["version"], "route_prefix": m["route_prefix"]}
+                for m in self._models()
+            },
         }
-        return JSONResponse(status_code=503 if body["status"] == "draining" else 200, content=body)
+        return JSONResponse(status_code=200 if body["status"] == "ok" else 503, content=body)
 
     @api.get("/v1/status", response_model=ServerStatus, responses=error_responses(401))
     def status(self) -> dict:
         """The details (API key required when one is set): why versions were refused, what is retried
-        and when, why the replica fell back, how many requests it runs."""
+        and when, why the replica fell back or could load no version, how many requests it runs."""
         s, f, now = self.served, self.fallback, time.monotonic()
         return {
-            "status": "draining" if _this_module()._DRAIN.draining else "ok",
-            "model": s.info.name,
-            "version": s.info.version,
-            "alias": s.info.alias,
+            **self._state(),
+            "model": self.model_name,
+            "alias": self.alias if s is None else s.info.alias,
+            "load_error": self.load_error,
             "refused": dict(self._follower.refused),
             "retrying": {
                 v: {
@@ -897,9 +1052,14 @@ class FacelabServer:
             "request_timeout_s": self.request_timeout_s,
         }
 
-    @api.get("/v1/models", response_model=ModelInfo, responses=error_responses(401, 503))
-    def models(self) -> ModelInfo:
-        return self.served.info
+    @api.get("/v1/models", response_model=ModelList, responses=error_responses(401, 503))
+    def models(self) -> ModelList:
+        """The model of these routes (name, version, alias, run id, job kind, ...) and, in ``models``,
+        every model this server serves with its route prefix and state."""
+        s = self.served
+        if s is None:
+            raise _unavailable(self.model_name, self.alias)
+        return ModelList(**s.info.model_dump(), models=self._models())
 
     @api.post(
         "/v1/expressions",
@@ -1061,7 +1221,9 @@ def asgi_app(
     server = object.__new__(cls)  # Serve's wrapper subclass has an async __init__; ours loads from MLflow
     server.model_name, server.tracking_uri, server.alias, server.root = served.info.name, None, served.info.alias, None
     server.request_timeout_s = float(request_timeout_s)
-    server.device, server.fallback, server.served = "cpu", None, served
+    server.device, server.fallback, server.served, server.load_error = "cpu", None, served, None
+    server.strict, server.route_prefix, server._board_key, server._board_cache = True, "/", None, (0.0, {})
+    server.peers = [peer(served.info.name, served.info.alias)]
     if max_batch_size < 1 or batch_wait_s < 0:
         raise ValueError(f"max_batch_size must be >= 1 and batch_wait_s >= 0 (got {max_batch_size}, {batch_wait_s})")
     server._batcher = Batcher(_decode_jobs, max_batch_size, batch_wait_s)
@@ -1110,6 +1272,11 @@ def build_app(
     gpus_per_replica: float = 0.0,
     request_timeout_s: float = 120.0,
     drain_key: str | None = None,
+    cpus_per_replica: float = 1.0,
+    strict: bool = True,
+    peers: tuple[dict, ...] | None = None,
+    board_key: str | None = None,
+    route_prefix: str = "/",
 ):
     """The bound Serve application. ``api_key`` (optional) is turned into a salted HMAC here, in the
     caller's process; replicas receive only that digest. ``replicas`` > 1 keeps answering while one
@@ -1124,22 +1291,31 @@ def build_app(
     batch is never larger than ``max_ongoing_requests``, so that must be at least ``max_batch_size``.
     ``gpus_per_replica`` > 0: each replica reserves that share of a GPU from Ray and runs its model on
     CUDA (CTEG then decodes with the static KV cache and CUDA-graph step); 0 = on the CPU.
+    ``cpus_per_replica``: the CPUs each replica reserves from Ray (several small models on a small
+    machine: less than 1).
     ``request_timeout_s``: a request's generation stops this long after its replica received it (the
     deadline; give the proxy's ``request_timeout_s``). ``drain_key``: the Ray internal-KV key the
-    replicas poll for the drain flag (:func:`start_drain`; None = no draining but Serve's own)."""
+    replicas poll for the drain flag (:func:`start_drain`; None = no draining but Serve's own).
+
+    One model of several (:func:`plan_models`): ``route_prefix`` is its application's (``/`` for the
+    default), ``peers`` every model of the server (:func:`peer`), ``board_key`` where the replicas
+    publish their state (:func:`publish_state`), and ``strict=False`` lets a replica that can load no
+    version start anyway and answer 503 (see :class:`FacelabServer`)."""
     max_batch_size = batch_size_for(max_batch_size, max_ongoing_requests)
     if batch_wait_s < 0:
         raise ValueError(f"batch_wait_s must be >= 0 (got {batch_wait_s})")
     check = api_key_check(api_key) if api_key else None
     if gpus_per_replica < 0:
         raise ValueError(f"gpus_per_replica must be >= 0 (got {gpus_per_replica})")
+    if not cpus_per_replica > 0:
+        raise ValueError(f"cpus_per_replica must be > 0 (got {cpus_per_replica})")
     if not request_timeout_s > 0:
         raise ValueError(f"request_timeout_s must be > 0 (got {request_timeout_s})")
     dep = FacelabServer.options(
         num_replicas=replicas,
         max_ongoing_requests=max_ongoing_requests,
         max_queued_requests=max_queued_requests,
-        ray_actor_options={"num_cpus": 1, "num_gpus": gpus_per_replica},
+        ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
     )
     return dep.bind(
         model_name,
@@ -1153,7 +1329,109 @@ def build_app(
         "cuda" if gpus_per_replica > 0 else "cpu",
         request_timeout_s,
         drain_key,
+        strict,
+        tuple(peers) if peers else None,
+        board_key,
+        route_prefix,
     )
+
+
+def peer(name: str, alias: str = "champion", default: bool = True) -> dict:
+    """One model of a ``facelab serve`` as its replicas know the others: name, alias followed, route
+    prefix (``/models/<name>``) and whether it is the default (also at ``/``)."""
+    return {"name": name, "alias": alias, "route_prefix": MODELS_PREFIX + name, "default": default}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model to serve: the registered ``name`` and ``alias`` to follow, its Serve application
+    (``app_name``) and that application's ``route_prefix`` (``/`` for the default model)."""
+
+    name: str
+    alias: str
+    app_name: str
+    route_prefix: str
+    default: bool
+
+
+DEFAULT_APP = "facelab"  # the default model's Serve application (the only one when one model is served)
+_NAME_CHARS = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+
+
+def plan_models(specs: list[str], default: str | None = None) -> list[ModelEntry]:
+    """``--model NAME[@ALIAS]`` entries (in order; ``default``: the one also answering the plain
+    ``/v1/...`` routes, else the first) → one :class:`ModelEntry` each, the default first: the default
+    in application :data:`DEFAULT_APP` at ``/`` (so one model serves exactly as before), each other in
+    ``facelab-<name>`` at ``/models/<name>``. ValueError naming the option: an empty or malformed name
+    (letters, digits, ``.``, ``_``, ``-``: it is a URL path segment), an empty alias, a model given
+    twice, a ``default`` that is not one of them."""
+    import re
+
+    if not specs:
+        raise ValueError("--model: give at least one registered model name")
+    parsed: list[tuple[str, str]] = []
+    for spec in specs:
+        name, at, alias = spec.strip().partition("@")
+        if not re.fullmatch(_NAME_CHARS, name):
+            raise ValueError(
+                f"--model {spec!r}: NAME[@ALIAS] with a name of letters, digits, '.', '_' and '-' (it becomes "
+                f"the route prefix /models/NAME)"
+            )
+        if at and not re.fullmatch(_NAME_CHARS, alias):
+            raise ValueError(f"--model {spec!r}: the alias after '@' must be a non-empty alias name")
+        if any(n == name for n, _ in parsed):
+            raise ValueError(f"--model {name!r} is given twice: each registered model is served once")
+        parsed.append((name, alias or "champion"))
+    names = [n for n, _ in parsed]
+    if default is not None and default not in names:
+        raise ValueError(f"--default {default!r} is not one of the --model names ({', '.join(names)})")
+    default = default or names[0]
+    parsed.sort(key=lambda na: na[0] != default)  # stable: the default first, the others in order
+    return [
+        ModelEntry(
+            name=n,
+            alias=a,
+            app_name=DEFAULT_APP if n == default else f"{DEFAULT_APP}-{n}",
+            route_prefix="/" if n == default else MODELS_PREFIX + n,
+            default=n == default,
+        )
+        for n, a in parsed
+    ]
+
+
+def publish_state(key: str, name: str, state: dict) -> None:
+    """Write one replica's state (``{"status", "version"}``) of model ``name`` to Ray's internal KV
+    under ``key`` (``<board_key>:<host>:<pid>``), stamped with the time (:func:`read_states`)."""
+    import json
+
+    from ray.experimental import internal_kv
+
+    value = json.dumps({"name": name, **state, "t": time.time()})
+    internal_kv._internal_kv_put(key, value, overwrite=True, namespace=DRAIN_NAMESPACE)
+
+
+def read_states(board_key: str) -> dict[str, dict]:
+    """Every model's state from its replicas' reports under ``board_key`` (those of the last
+    :data:`BOARD_STALE_S` seconds): ``ok`` when one of its replicas serves (with that version), else
+    ``draining`` or ``failed`` (with the ``error`` its replica reported)."""
+    import json
+
+    from ray.experimental import internal_kv
+
+    rank = {"ok": 0, "draining": 1, "failed": 2}
+    out: dict[str, dict] = {}
+    for k in internal_kv._internal_kv_list(f"{board_key}:", namespace=DRAIN_NAMESPACE):
+        raw = internal_kv._internal_kv_get(k, namespace=DRAIN_NAMESPACE)
+        try:
+            v = json.loads(raw)
+        except (TypeError, ValueError):
+            continue
+        if time.time() - float(v.get("t", 0)) > BOARD_STALE_S or v.get("status") not in rank:
+            continue
+        best = out.get(v["name"])
+        if best is None or rank[v["status"]] < rank[best["status"]]:
+            out[v["name"]] = {"status": v["status"], "version": v.get("version"), "error": v.get("error")}
+    return out
 
 
 def drain_key_for(app_name: str) -> str:
@@ -1198,7 +1476,14 @@ def app_from_env(args: dict[str, str]):
     ``http_options.request_timeout_s``),
     ``FACELAB_GPUS_PER_REPLICA`` (default 0: CPU), ``FACELAB_MAX_BATCH_SIZE`` (default 8) and the API
     key in the variable named by ``api_key_env`` (default ``FACELAB_API_KEY``; unset or empty = open
-    endpoint). The key is read here and never written into the Serve config."""
+    endpoint). The key is read here and never written into the Serve config.
+
+    Several models (one RayService application each, ``rayservice.yaml``): ``args.models`` (or
+    ``FACELAB_MODELS``) lists them all, comma-separated ``NAME[@ALIAS]``, and ``args.default_model``
+    (``FACELAB_DEFAULT_MODEL``; default: the first) names the one at ``/``; ``args.model`` is the one
+    this application serves, at the ``route_prefix`` :func:`plan_models` gives it (``/models/<name>``)
+    — the config's ``route_prefix`` must say the same. The applications then know each other (``GET
+    /v1/models``, ``/healthz``), and one that can load no version answers 503 while the others serve."""
     import os
 
     model = args.get("model") or os.environ.get("FACELAB_MODEL")
@@ -1220,6 +1505,23 @@ def app_from_env(args: dict[str, str]):
     ]
     if missing:
         raise ValueError("facelab.serve.app:app_from_env needs " + " and ".join(missing))
+    several: dict = {}
+    listed = args.get("models") or os.environ.get("FACELAB_MODELS")
+    if listed:
+        entries = plan_models(
+            [m for m in listed.split(",") if m.strip()],
+            args.get("default_model") or os.environ.get("FACELAB_DEFAULT_MODEL") or None,
+        )
+        mine = next((e for e in entries if e.name == model), None)
+        if mine is None:
+            raise ValueError(f"model {model!r} is not one of models ({listed})")
+        alias = mine.alias
+        several = {
+            "strict": False,
+            "peers": tuple(peer(e.name, e.alias, e.default) for e in entries),
+            "board_key": f"board:{DEFAULT_APP}",
+            "route_prefix": mine.route_prefix,
+        }
     return build_app(
         model,
         uri,
@@ -1231,4 +1533,5 @@ def app_from_env(args: dict[str, str]):
         max_batch_size=batch,
         max_ongoing_requests=max(8, batch),
         request_timeout_s=timeout_s,
+        **several,
     )

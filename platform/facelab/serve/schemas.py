@@ -95,6 +95,25 @@ class ModelInfo(BaseModel):
     note: str | None = None  # e.g. "tiny random-init Qwen3-architecture model — not a pretrained LM"
 
 
+class ServedModel(BaseModel):
+    """One model of a (multi-model) `facelab serve`, as `GET /v1/models` lists it."""
+
+    name: str = Field(..., description="Registered model name.")
+    alias: str = Field(..., description="The alias it follows (`champion` unless `--model NAME@ALIAS`).")
+    route_prefix: str = Field(..., description="Its routes: `<route_prefix>/v1/...`.")
+    default: bool = Field(..., description="Whether it also answers the plain `/v1/...` routes.")
+    status: Literal["ok", "draining", "failed", "unknown"]
+    version: str | None = Field(None, description="The version it serves (null: none loaded, or not known).")
+
+
+class ModelList(ModelInfo):
+    """`GET /v1/models`: the model of these routes (as before), and every model the server serves."""
+
+    models: list[ServedModel] = Field(
+        default_factory=list, description="Every model this `facelab serve` serves, the default first."
+    )
+
+
 class ExpressionRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -259,8 +278,22 @@ class Fallback(BaseModel):
     champion: str | None = Field(None, description="The version the champion alias points at (null: none).")
 
 
+class PeerHealth(BaseModel):
+    """One model of the server in `GET /healthz` (`models`): its state and the version it serves."""
+
+    status: Literal["ok", "draining", "failed", "unknown"] = Field(
+        ...,
+        description="`failed`: no version of it could be loaded (it answers 503; the reason is at its "
+        "`/v1/status`); `unknown`: no replica of it has reported for a while (starting, or gone).",
+    )
+    version: str | None = None
+    route_prefix: str = Field(..., description="Where it answers: `/models/<name>` (the default also at `/`).")
+
+
 class Health(BaseModel):
-    """`GET /healthz`: 200 while serving, 503 (same body, `status: draining`) while shutting down."""
+    """`GET /healthz`: 200 while serving, 503 (same body, `status: draining`) while shutting down, or
+    (`status: failed`) while no version of this model could be loaded — the other models of a
+    multi-model server keep serving; `models` tells the state of each."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -277,12 +310,16 @@ class Health(BaseModel):
         }
     )
 
-    status: Literal["ok", "draining"]
+    status: Literal["ok", "draining", "failed"]
     model: str
-    version: str
+    version: str | None = Field(..., description="The version served (null: none could be loaded).")
     refused: list[str] = Field(..., description="Versions refused for good (the reasons: `GET /v1/status`).")
     retrying: list[str] = Field(..., description="Versions that failed to load for a reason that may pass.")
     fallback: Fallback | None = Field(None, description="Set while the champion cannot load and @previous serves.")
+    models: dict[str, PeerHealth] = Field(
+        default_factory=dict,
+        description="Every model this `facelab serve` serves (this one included), by registered name.",
+    )
 
 
 class Retry(BaseModel):
@@ -312,10 +349,11 @@ class ServerStatus(BaseModel):
         }
     )
 
-    status: Literal["ok", "draining"]
+    status: Literal["ok", "draining", "failed"]
     model: str
-    version: str
+    version: str | None = Field(..., description="The version served (null: none could be loaded).")
     alias: str
+    load_error: str | None = Field(None, description="Why no version could be loaded (status `failed`).")
     refused: dict[str, str] = Field(..., description="Refused version → why.")
     retrying: dict[str, Retry] = Field(..., description="Version retried with backoff → when and why.")
     fallback: dict[str, str | None] | None = Field(None, description="alias, version, champion, reason.")
@@ -343,7 +381,7 @@ class FieldError(BaseModel):
         description="What is wrong, for a program: pydantic's error type (`missing`, `string_too_long`, "
         "`string_pattern_mismatch`, `int_type`, `extra_forbidden`, `json_invalid`, ...) or facelab's "
         "(`too_many_bytes`, `too_many_tokens`, `too_large`, `unauthorized`, `wrong_model_kind`, `timeout`, "
-        "`busy`, `draining`).",
+        "`busy`, `draining`, `model_unavailable`, `unknown_model`).",
     )
 
 
@@ -431,13 +469,19 @@ _ERRORS: dict[int, dict] = {
         "examples": {"non-finite": {"value": {"detail": "model produced non-finite frames"}}},
     },
     503: {
-        "description": "The server is draining (shutting down), or the model stayed busy until the request's "
-        "deadline; retry after `Retry-After` seconds. The Ray Serve proxy answers 503 itself, as plain text, "
+        "description": "The server is draining (shutting down), the model stayed busy until the request's "
+        "deadline, or no version of this model could be loaded (a multi-model server); retry after `Retry-After` seconds. The Ray Serve proxy answers 503 itself, as plain text, "
         "when every replica's queue is full.",
         "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "string"}}},
         "examples": {
             "draining": _err("server", "the server is shutting down (draining); retry later", "draining"),
             "busy": _err("request", "the model stayed busy until this request's deadline; retry", "busy"),
+            "unavailable": _err(
+                "model",
+                "models:/keyframe-tiny@champion could not be loaded (see /v1/status); the server's other models "
+                "keep serving",
+                "model_unavailable",
+            ),
         },
         "plain": True,
     },
