@@ -7,6 +7,12 @@ registry by the job's ``kind``) and calls ``fit()``; the workers' metrics reach 
 sweep; each trial function gets-or-creates its child run (keyed by Tune's trial id, so a restarted
 or resumed trial never duplicates it); rank 0 logs per-epoch metrics; the trial function logs the
 final checkpoint, config and plots once ``fit()`` returns.
+
+Lost nodes: a worker group that loses a worker (its node died) is restarted by Ray Train from the
+last checkpoint (the job's ``train.max_failures``); a trial whose *driver* died with its node (the
+Tune trial function and the Train controller it runs) is restarted by Tune (the sweep's
+``max_trial_failures``) and resumes from the same checkpoint, which lives on ``FACELAB_STORAGE``.
+A trial whose ``fit()`` failed for good is not restarted by Tune (:data:`TAG_FIT_FAILED`).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +33,9 @@ from facelab.families import registry
 from facelab.spec.loading import LoadedSweep, SweepSpec, apply_overrides, validate_job
 
 SWEEP_STATE = "facelab_sweep.json"
+# Set on a trial's run when its ``fit()`` raised: Ray Train already spent the job's restarts on it,
+# so a Tune restart in the same sweep run (meant for a trial whose driver died) fails at once.
+TAG_FIT_FAILED = "facelab.fit_failed"
 
 
 class SweepError(RuntimeError):
@@ -49,6 +59,7 @@ class SweepContext:
     storage: str
     lineage_tags: dict[str, str]
     git_tags: dict[str, str]
+    session: str = ""  # one id per `facelab sweep` process (a --resume is a new one)
 
 
 def storage_root(root: Path) -> Path:
@@ -223,10 +234,21 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
             callbacks=[TuneReportCallback()],
         ),
     )
+    session, _, cause = c.get_run(run_id).data.tags.get(TAG_FIT_FAILED, "").partition("\n")
+    if ctx.session and session == ctx.session:
+        raise SweepError(
+            "not restarted: this trial's training already failed in this sweep run, after the job's "
+            "train.max_failures worker-group restarts (max_trial_failures restarts a trial whose driver died, "
+            f"e.g. with its node). The failure:\n{cause}"
+        )
     # An exception here is either a real failure or Tune stopping the trial (ASHA removes its
     # placement group, so the TrainController dies under fit()); only the driver can tell the
     # two apart, so it closes the run in reconcile() rather than this function.
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as err:
+        c.set_tag(run_id, TAG_FIT_FAILED, f"{ctx.session}\n{error_summary(err, 4000)}")
+        raise
     finalize_trial_run(c, run_id, result.checkpoint.path if result.checkpoint else None)
     c.set_terminated(run_id, "FINISHED")
 
@@ -573,6 +595,7 @@ def run_sweep(
         storage=str(sweep_dir),
         lineage_tags=lineage,
         git_tags=tracking.git_state(root),
+        session=uuid.uuid4().hex,
     )
 
     from ray import tune
@@ -600,6 +623,8 @@ def run_sweep(
                     name=spec.name,
                     storage_path=str(tune_dir),
                     # quiet: no progress table (the summary is still printed); verbose: Tune's trial events too
+                    # a trial whose driver died (e.g. with its node) is restarted from its last checkpoint
+                    failure_config=tune.FailureConfig(max_failures=spec.max_trial_failures),
                     verbose={-1: 0, 0: 1, 1: 2, 2: 3}[verbosity()],
                     progress_reporter=progress_reporter(spec) if verbosity() >= 0 else None,
                 ),

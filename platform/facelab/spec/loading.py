@@ -152,6 +152,14 @@ class SweepSpec(Strict):
     early_terminate: EarlyTerminate | None = None
     resources: Resources = Resources()
     max_concurrent_trials: int = Field(1, ge=1)
+    max_trial_failures: int = Field(
+        1,
+        ge=-1,
+        description="Restarts of a trial whose driver died (the Tune trial function and the Ray Train controller "
+        "it runs, e.g. with their node); the restarted trial resumes from its last checkpoint. A trial whose "
+        "training failed for good (the job's train.max_failures worker-group restarts used up) is not restarted. "
+        "-1: no limit.",
+    )
 
     @field_validator("method")
     @classmethod
