@@ -32,6 +32,7 @@ from pathlib import Path
 from unittest import mock
 
 import httpx
+import psutil
 import pytest
 
 from test_serve_faults import FAST, OK, Server, _register_variant
@@ -543,16 +544,53 @@ def _broken_model(project: Path, name: str) -> tuple[str, str]:
     return str(good), _register_variant(project, name, str(good), missing_weights)
 
 
+def flip_adapter(d: Path) -> None:
+    """Another adapter of the same base: keyframe-tiny's LoRA update negated (B → −B), no training."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(d / "model.safetensors")
+    save_file({k: -v if "lora_B" in k else v for k, v in weights.items()}, d / "model.safetensors")
+
+
+def _adapter_model(project: Path, name: str) -> str:
+    """A registered model ``name``: keyframe-tiny's champion with its adapter flipped (:func:`flip_adapter`)."""
+    c = store(project)
+    src = c.get_model_version_by_alias("keyframe-tiny", "champion")
+    c.create_registered_model(name)
+    first = c.create_model_version(name, source=src.source, run_id=src.run_id, tags=dict(src.tags)).version
+    return _register_variant(project, name, str(first), flip_adapter)
+
+
+def _alone(project: Path, name: str) -> list[dict]:
+    """What models:/name@champion answers SMALL_SCRIPT with when it is loaded alone (as `facelab serve
+    --model name` loads it: its adapter merged into its own copy of the base)."""
+    from facelab.data.arkit import mapping_from_vector
+    from facelab.serve.app import load_checked
+
+    served = load_checked(store(project).tracking_uri, name, "champion", "alias", str(project))
+    answer = served.model.keyframes(SMALL_SCRIPT["background"], SMALL_SCRIPT["emotion"], SMALL_SCRIPT["keyframes"])
+    return [mapping_from_vector(r.values) for r in answer]
+
+
+def _close(got: list[dict], want: list[dict]) -> bool:
+    return all(abs(g["blendshapes"][k] - w[k]) < 1e-4 for g, w in zip(got, want, strict=True) for k in w)
+
+
 def test_one_server_answers_several_models_each_on_its_route(project, api_key):
-    """`facelab serve --model cteg-tiny --model keyframe-tiny --model cteg-broken`: one Ray, one port;
-    each model at /models/<name>/v1/..., the first also at /v1/...; /v1/models lists all three; the one
-    that cannot load answers 503 (reported in /healthz, its reason at its /v1/status) while the others
-    serve, and is served once a loadable version becomes champion (its own watcher); SIGINT drains all."""
+    """`facelab serve --model cteg-tiny --model keyframe-tiny+keyframe-tiny-b --model cteg-broken`: one
+    Ray, one port; each model at /models/<name>/v1/..., the first also at /v1/...; the two adapters of
+    the tiny base share one replica (the base once) and each answers as it does alone; /v1/models lists
+    all four; the one that cannot load answers 503 (reported in /healthz, its reason at its /v1/status)
+    while the others serve, and is served once a loadable version becomes champion (its own watcher);
+    SIGINT drains all."""
     good, broken = _broken_model(project, "cteg-broken")
+    _adapter_model(project, "keyframe-tiny-b")
+    alone = {n: _alone(project, n) for n in ("keyframe-tiny", "keyframe-tiny-b")}
+    assert not _close([{"blendshapes": b} for b in alone["keyframe-tiny"]], alone["keyframe-tiny-b"])
     s = Server(
         project,
         "hardening-multi",
-        *("--model", "cteg-tiny", "--model", "keyframe-tiny@champion", "--model", "cteg-broken"),
+        *("--model", "cteg-tiny", "--model", "keyframe-tiny@champion+keyframe-tiny-b", "--model", "cteg-broken"),
         *("--watch-champion", "1", "--cpus-per-replica", "0.5"),
         FACELAB_API_KEY=api_key,
     )
@@ -571,7 +609,8 @@ def test_one_server_answers_several_models_each_on_its_route(project, api_key):
         print("\n/healthz:", health)
         assert health["status"] == "ok" and health["model"] == "cteg-tiny"
         models = health["models"]
-        assert list(models) == ["cteg-tiny", "keyframe-tiny", "cteg-broken"], models
+        assert list(models) == ["cteg-tiny", "keyframe-tiny", "keyframe-tiny-b", "cteg-broken"], models
+        assert models["keyframe-tiny-b"]["status"] == "ok", models
         assert (
             models["keyframe-tiny"]["status"] == "ok"
             and models["keyframe-tiny"]["route_prefix"] == "/models/keyframe-tiny"
@@ -585,6 +624,22 @@ def test_one_server_answers_several_models_each_on_its_route(project, api_key):
             assert r.status_code == 200 and r.json()["model"]["name"] == "cteg-tiny", (url, r.text)
         r = httpx.post(b + "/models/keyframe-tiny/v1/keyframes", json=SMALL_SCRIPT, headers=h, timeout=60)
         assert r.status_code == 200 and r.json()["model"]["name"] == "keyframe-tiny", r.text
+
+        # two adapters of one base in one replica, the adapter picked per request, each as it is alone
+        for name in ("keyframe-tiny-b", "keyframe-tiny", "keyframe-tiny-b"):
+            hh = {**h, "X-Facelab-Model": name}
+            r = httpx.post(b + "/models/keyframe-tiny/v1/keyframes", json=SMALL_SCRIPT, headers=hh, timeout=60)
+            assert r.status_code == 200 and r.json()["model"]["name"] == name, r.text
+            assert _close(r.json()["keyframes"], alone[name]), (name, r.json()["keyframes"], alone[name])
+        assert len([p for p in s.replica_pids() if "keyframe" in " ".join(psutil.Process(p).cmdline())]) == 1
+        r = httpx.post(
+            b + "/models/keyframe-tiny/v1/keyframes", json=SMALL_SCRIPT, headers={**h, "X-Facelab-Model": "cteg-tiny"}
+        )
+        assert r.status_code == 404 and r.json()["detail"][0]["type"] == "unknown_model", r.text
+        st = httpx.get(
+            b + "/models/keyframe-tiny/v1/status", headers={**h, "X-Facelab-Model": "keyframe-tiny-b"}
+        ).json()
+        assert st["model"] == "keyframe-tiny-b" and st["status"] == "ok", st
         csv = httpx.post(b + "/models/keyframe-tiny/v1/keyframes?format=csv", json=SMALL_SCRIPT, headers=h, timeout=60)
         assert csv.status_code == 200 and csv.text.startswith("Timecode,BlendshapeCount"), csv.text[:200]
         r = httpx.post(b + "/v1/keyframes", json=SMALL_SCRIPT, headers=h, timeout=60)
@@ -595,11 +650,13 @@ def test_one_server_answers_several_models_each_on_its_route(project, api_key):
         listed = httpx.get(b + "/v1/models", headers=h, timeout=10).json()
         assert listed["name"] == "cteg-tiny" and listed["job_kind"] == "cteg"  # as before: the default's info
         rows = {m["name"]: m for m in listed["models"]}
-        assert [m["name"] for m in listed["models"]] == ["cteg-tiny", "keyframe-tiny", "cteg-broken"]
+        assert [m["name"] for m in listed["models"]] == ["cteg-tiny", "keyframe-tiny", "keyframe-tiny-b", "cteg-broken"]
+        assert rows["keyframe-tiny-b"]["route_prefix"] == "/models/keyframe-tiny"
+        assert rows["keyframe-tiny-b"]["header"] == "X-Facelab-Model: keyframe-tiny-b"
         assert rows["cteg-tiny"]["default"] and not rows["keyframe-tiny"]["default"]
         assert rows["keyframe-tiny"]["status"] == "ok" and rows["cteg-broken"]["status"] == "failed"
         kf = httpx.get(b + "/models/keyframe-tiny/v1/models", headers=h, timeout=10).json()
-        assert kf["name"] == "keyframe-tiny" and len(kf["models"]) == 3
+        assert kf["name"] == "keyframe-tiny" and len(kf["models"]) == 4
 
         # the API key holds on every route of every model but /healthz
         assert httpx.get(b + "/models/keyframe-tiny/healthz", timeout=10).status_code == 200

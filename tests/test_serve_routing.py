@@ -58,7 +58,7 @@ def test_default_application_answers_its_own_prefix_and_refuses_other_names(tmp_
     from facelab.serve import app as serve_app
 
     app = serve_app.asgi_app(_cteg_served(tmp_path), api_key="k3y")
-    serve_app._ROUTING = ("cteg-tiny", True, ("cteg-tiny", "kf"))
+    serve_app._ROUTING = (("cteg-tiny",), True, ("cteg-tiny", "kf"))
     try:
         c, h = TestClient(app), {"X-API-Key": "k3y"}
         assert c.get("/models/cteg-tiny/healthz").status_code == 200  # open, as /healthz

@@ -399,7 +399,7 @@ def cmd_serve(args) -> int:
 
     from facelab.core import tracking
     from facelab.runtime.sweep import init_ray
-    from facelab.serve.app import batch_size_for, build_app, drain_key_for, peer, plan_models
+    from facelab.serve.app import batch_size_for, build_app, drain_key_for, peers_of, plan_models
 
     try:  # checked before Ray starts
         args.max_batch_size = batch_size_for(args.max_batch_size, args.max_ongoing_requests)
@@ -411,6 +411,12 @@ def cmd_serve(args) -> int:
         return 2
     try:
         entries = plan_models(args.model, args.default) if args.model else None
+        for e in entries or ():
+            if args.max_adapters < 1 + len(e.adapters):
+                raise ValueError(
+                    f"--max-adapters {args.max_adapters} is smaller than the adapter group --model "
+                    f"{'+'.join([e.name, *(n for n, _ in e.adapters)])} ({1 + len(e.adapters)} models)"
+                )
     except ValueError as exc:
         print(f"facelab: error: {exc}", file=sys.stderr)
         return 2
@@ -419,8 +425,8 @@ def cmd_serve(args) -> int:
     c = tracking.check_reachable(uri)
     entries = entries or plan_models([_default_model(c)])
     model_name = entries[0].name
-    for e in entries:  # a clear paragraph, not an MLflow traceback, before Ray starts
-        warning = _serving_check(c, e.name, e.alias)
+    for name, alias in ((n, a) for e in entries for n, a in ((e.name, e.alias), *e.adapters)):
+        warning = _serving_check(c, name, alias)  # a clear paragraph, not an MLflow traceback, before Ray starts
         if warning:
             print(warning, file=sys.stderr, flush=True)
     # The key is read from the environment (never from argv, where `ps` shows it) and removed from it
@@ -449,9 +455,9 @@ def cmd_serve(args) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     drain_key = drain_key_for("facelab")
-    several = len(entries) > 1
+    several = len(entries) > 1 or bool(entries[0].adapters)
     board_key = f"board:{drain_key}" if several else None
-    peers = tuple(peer(e.name, e.alias, e.default) for e in entries)
+    peers = peers_of(entries)
 
     def app_of(e):
         return build_app(
@@ -471,7 +477,14 @@ def cmd_serve(args) -> int:
             request_timeout_s=args.request_timeout_s,
             drain_key=drain_key,
             **(
-                {"strict": False, "peers": peers, "board_key": board_key, "route_prefix": e.route_prefix}
+                {
+                    "strict": False,
+                    "peers": peers,
+                    "board_key": board_key,
+                    "route_prefix": e.route_prefix,
+                    "adapters": e.adapters,
+                    "max_adapters": args.max_adapters,
+                }
                 if several
                 else {}
             ),
@@ -483,11 +496,11 @@ def cmd_serve(args) -> int:
         serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
         # One Serve application per model, deployed together (each loads its model in its own replicas).
         serve.run_many([serve.RunTarget(app_of(e), name=e.app_name, route_prefix=e.route_prefix) for e in entries])
-        failed = _failed_models(board_key, entries) if several else {}
-        if several and len(failed) == len(entries):
+        every = [(p["name"], p["alias"]) for p in peers]
+        failed = _failed_models(board_key, [n for n, _ in every]) if several else {}
+        if several and len(failed) == len(every):
             raise RuntimeError(
-                "no model could be loaded: "
-                + "; ".join(f"models:/{e.name}@{e.alias}: {failed[e.name]}" for e in entries)
+                "no model could be loaded: " + "; ".join(f"models:/{n}@{a}: {failed[n]}" for n, a in every)
             )
     except KeyboardInterrupt:
         print("facelab: stopped during start-up (signal); nothing was served", flush=True)
@@ -533,20 +546,22 @@ def cmd_serve(args) -> int:
         f"SIGTERM drains for up to {args.drain_timeout_s:g}s, then stops)",
         flush=True,
     )
-    for e in entries if several else ():
-        where = f"http://{args.host}:{args.port}{e.route_prefix.rstrip('/')}/v1/..."
-        if e.default:
-            where = f"http://{args.host}:{args.port}/models/{e.name}/v1/... and (the default) {where}"
-        if e.name in failed:
+    for p in peers if several else ():
+        where = f"http://{args.host}:{args.port}{p['route_prefix']}/v1/..." + (
+            f" with '{p['header']}'" if p["header"] else ""
+        )
+        if p["default"]:
+            where += f" and (the default) http://{args.host}:{args.port}/v1/..."
+        if p["name"] in failed:
             print(
-                f"facelab: ERROR: models:/{e.name}@{e.alias} could not be loaded ({failed[e.name]}); it answers "
-                f"503 at {where} (/healthz says failed) while the other models serve"
+                f"facelab: ERROR: models:/{p['name']}@{p['alias']} could not be loaded ({failed[p['name']]}); it "
+                f"answers 503 at {where} (/healthz says failed) while the other models serve"
                 + (", and is served once a loadable version is promoted" if args.watch_champion > 0 else ""),
                 file=sys.stderr,
                 flush=True,
             )
         else:
-            print(f"  models:/{e.name}@{e.alias} at {where}", flush=True)
+            print(f"  models:/{p['name']}@{p['alias']} at {where}", flush=True)
     while not stop.wait(1.0):
         pass
     apps = [e.app_name for e in entries]
@@ -559,7 +574,7 @@ def cmd_serve(args) -> int:
     os._exit(0)
 
 
-def _failed_models(board_key: str, entries, wait_s: float = 10.0) -> dict[str, str]:
+def _failed_models(board_key: str, names: list[str], wait_s: float = 10.0) -> dict[str, str]:
     """Models whose replicas could load no version (name → why), once every model's replicas have
     reported their state (they do so as soon as they start; waits at most ``wait_s``)."""
     import time
@@ -569,7 +584,7 @@ def _failed_models(board_key: str, entries, wait_s: float = 10.0) -> dict[str, s
     deadline = time.monotonic() + wait_s
     while True:
         states = read_states(board_key)
-        if all(e.name in states for e in entries) or time.monotonic() > deadline:
+        if all(n in states for n in names) or time.monotonic() > deadline:
             break
         time.sleep(BOARD_PUBLISH_S / 4)
     return {
@@ -1104,8 +1119,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAME[@ALIAS]",
         help="registered model to serve, following ALIAS (default champion); repeat it to serve several "
-        "models at once, each at /models/NAME/v1/... and the first (or --default) also at /v1/... "
-        "(default: the only model with a champion)",
+        "models at once, each at /models/NAME/v1/... and the first (or --default) also at /v1/...; "
+        "NAME+NAME...: LoRA adapters of one base model served by one deployment holding the base once "
+        "(the others picked with the X-Facelab-Model header) (default: the only model with a champion)",
     )
     sv.add_argument(
         "--default",
@@ -1166,6 +1182,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_at_least(0.0, float),
         default=0.0,
         help="GPUs each replica reserves from Ray; > 0 runs the model on CUDA (default 0: CPU)",
+    )
+    sv.add_argument(
+        "--max-adapters",
+        type=_at_least(1),
+        default=8,
+        help="an adapter group (--model A+B): LoRA adapters one replica holds at once on the shared base "
+        "(at least the group's size; one more lets a new champion be probed beside the one in service; default 8)",
     )
     sv.add_argument(
         "--cpus-per-replica",

@@ -73,6 +73,10 @@ class Family:
     add_cli: str | Callable[[Any], None] | None = None
     """Optional ``(data_subparsers) -> None``: ``facelab data`` subcommands of its own (each sets
     ``func``)."""
+    shared_base: str | Callable[..., Any] | None = None
+    """Optional ``(config, root, device, max_adapters) -> set``: serve several registered models of this
+    family that share a base model from one copy of it (LoRA adapters): the set's ``add(name,
+    checkpoint_dir)`` returns a servable of one of them (``facelab serve --model A+B``)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

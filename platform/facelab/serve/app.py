@@ -52,6 +52,7 @@ HMAC-SHA256(salt, key) as init arguments, compare with ``hmac.compare_digest``, 
 store the key itself.
 """
 
+import contextvars
 import copy
 import hashlib
 import hmac
@@ -152,12 +153,17 @@ _DRAIN = _DrainState()
 # reaches the replica, the Serve config or a log — only this salted digest travels in the init args.
 _API_KEY_CHECK: tuple[bytes, bytes] | None = None
 
-# Set once per replica process by FacelabServer.__init__: (the registered model it serves, whether its
-# application answers at "/" (the default model), every model name of this `facelab serve`). The
-# default application also answers ``/models/<its name>/...``; any other ``/models/<x>`` reaching it is
-# a model this server does not serve (404 naming those it does).
-_ROUTING: tuple[str, bool, tuple[str, ...]] | None = None
+# Set once per replica process by FacelabServer.__init__: (the registered models it serves — one, or
+# the adapters of a group, the first being its default —, whether its application answers at "/" (the
+# default model), every model name of this `facelab serve`). The default application also answers
+# ``/models/<each of its names>/...``; any other ``/models/<x>`` reaching it is a model this server does
+# not serve (404 naming those it does).
+_ROUTING: tuple[tuple[str, ...], bool, tuple[str, ...]] | None = None
 MODELS_PREFIX = "/models/"
+MODEL_HEADER = "x-facelab-model"  # names the adapter of a group a request is for (else the route's model)
+# The model of the request being handled in this replica (a member of an adapter group), set by the
+# middleware from the route prefix or the header; None: the replica's first model.
+_CURRENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("facelab_model", default=None)
 
 
 def route_path(scope: dict) -> str:
@@ -268,34 +274,39 @@ async def _guard(request: Request, call_next):
         state.leave()
 
 
+def _unknown_model(msg: str) -> JSONResponse:
+    return JSONResponse(status_code=404, content={"detail": [{"field": "model", "msg": msg, "type": "unknown_model"}]})
+
+
 def _own_prefix(request: Request) -> JSONResponse | None:
-    """In the application at ``/`` (the default model): a request to ``/models/<its name>/...`` is
-    routed as ``/...`` (its ``root_path`` becomes that prefix, as Serve's proxy does for the other
-    models' applications); one to ``/models/<another name>`` — a model this server does not serve, since
-    each served model's own prefix is matched first by the proxy — gets the 404 to answer (naming the
-    models served). None: route the request as it is."""
+    """Which of this replica's models a request is for. In the application at ``/`` (the default
+    model): a request to ``/models/<a name of its own>/...`` is routed as ``/...`` (its ``root_path``
+    becomes that prefix, as Serve's proxy does for the other models' applications); one to
+    ``/models/<another name>`` — a model this server does not serve, since each served model's own
+    prefix is matched first by the proxy — gets a 404 to answer (naming the models served). The
+    ``X-Facelab-Model`` header picks an adapter of a group on any of the group's routes (404 for a name
+    it does not serve). The choice is left in :data:`_CURRENT`. None: route the request."""
     routing = _this_module()._ROUTING
-    path = route_path(request.scope)
-    if routing is None or not routing[1] or not path.startswith(MODELS_PREFIX):
+    if routing is None:
         return None
-    own, _, served = routing
-    name = path[len(MODELS_PREFIX) :].split("/", 1)[0]
-    if name == own:
+    own, at_root, served = routing
+    path, name = route_path(request.scope), None
+    if at_root and path.startswith(MODELS_PREFIX):
+        name = path[len(MODELS_PREFIX) :].split("/", 1)[0]
+        if name not in own:
+            return _unknown_model(
+                f"no model {name!r} is served here; served: {', '.join(served)} (each at {MODELS_PREFIX}<name>/v1/..., "
+                f"the default {own[0]!r} also at /v1/...)"
+            )
         request.scope["root_path"] = request.scope.get("root_path", "") + MODELS_PREFIX + name
-        return None
-    return JSONResponse(
-        status_code=404,
-        content={
-            "detail": [
-                {
-                    "field": "model",
-                    "msg": f"no model {name!r} is served here; served: {', '.join(served)} "
-                    f"(each at {MODELS_PREFIX}<name>/v1/..., the default {own!r} also at /v1/...)",
-                    "type": "unknown_model",
-                }
-            ]
-        },
-    )
+    header = request.headers.get(MODEL_HEADER)
+    if header is not None and (header not in own or (name is not None and header != name)):
+        return _unknown_model(
+            f"X-Facelab-Model {header!r} is not served at this route (it serves {', '.join(own)}); every "
+            f"model is at {MODELS_PREFIX}<name>/v1/..., an adapter of a group also with this header on the group's route"
+        )
+    _this_module()._CURRENT.set(header or name)
+    return None
 
 
 @api.exception_handler(RequestValidationError)
@@ -702,17 +713,42 @@ class ChampionFollower:
 
 
 def load_checked(
-    tracking_uri: str, model_name: str, ref: str, by: str, root: str | None, device: str = "cpu"
+    tracking_uri: str,
+    model_name: str,
+    ref: str,
+    by: str,
+    root: str | None,
+    device: str = "cpu",
+    shared: dict | None = None,
 ) -> Served:
     """Download ``models:/name@alias`` (or ``name/version``), rebuild it on ``device`` and pass the
-    health probe."""
+    health probe. ``shared`` (an adapter group's, else None): the model is added, as adapter
+    ``<name>/<version>``, to the group's one base model — ``shared["set"]``, made by the family's
+    ``shared_base`` hook at the first load (at most ``shared["max_adapters"]`` adapters at once) — instead
+    of being loaded with a base of its own; a model of another base or family is refused for good."""
+    from facelab.core import checkpoint as ckpt
     from facelab.core import tracking
     from facelab.families import registry
 
     with tempfile.TemporaryDirectory(prefix="facelab-serve-") as tmp:  # weights are in memory after loading
         local, info = tracking.download_model(tracking.client(tracking_uri), model_name, ref, Path(tmp), by=by)
-        model, config = registry.load_servable(local, device=device, root=Path(root) if root else None)
-    return served_from(model, config, info)
+        if shared is None:
+            model, config = registry.load_servable(local, device=device, root=Path(root) if root else None)
+        else:
+            d = ckpt.servable_dir(local)
+            config = ckpt.load_config(d)
+            make = registry.get(config.get("kind")).hook("shared_base")
+            if make is None:
+                raise ModelUnhealthy(f"a {config.get('kind')!r} model has no adapters that could share a base model")
+            if shared.get("set") is None:
+                shared["set"] = make(config, Path(root) if root else None, device, shared["max_adapters"])
+            model = shared["set"].add(f"{model_name}/{info['version']}", d, pinned=True)
+    try:
+        return served_from(model, config, info)
+    except Exception:
+        if shared is not None:  # never served: its slot may go
+            shared["set"].release(f"{model_name}/{info['version']}")
+        raise
 
 
 def served_from(model, config: dict, info: dict) -> Served:
@@ -734,6 +770,19 @@ def served_from(model, config: dict, info: dict) -> Served:
         info=ModelInfo(**{k: (str(v) if v is not None else None) for k, v in info.items()}),
         max_frames=int(config["data"]["max_frames"]) if route == "/v1/expressions" else 0,
     )
+
+
+class Member:
+    """One registered model of a replica — its only one, or an adapter of a group: the alias it follows,
+    the version in service (``served``; None while none could be loaded, with ``load_error``), the
+    fallback to ``@previous`` and its :class:`ChampionFollower`."""
+
+    def __init__(self, name: str, alias: str):
+        self.name, self.alias = name, alias
+        self.served: Served | None = None
+        self.fallback: dict | None = None
+        self.load_error: str | None = None
+        self.follower: ChampionFollower | None = None
 
 
 @serve.deployment(
@@ -785,6 +834,8 @@ class FacelabServer:
         peers: tuple[dict, ...] | None = None,
         board_key: str | None = None,
         route_prefix: str = "/",
+        adapters: tuple[tuple[str, str], ...] = (),
+        max_adapters: int = 8,
     ):
         import importlib
 
@@ -792,35 +843,47 @@ class FacelabServer:
 
         module = importlib.import_module("facelab.serve.app")
         module._API_KEY_CHECK = api_key_check
+        members = [(model_name, alias), *adapters]
         self.route_prefix, self.strict, self._board_key = route_prefix, strict, board_key
-        self.peers = list(peers or (_this_module().peer(model_name, alias, default=route_prefix == "/"),))
-        module._ROUTING = (model_name, route_prefix == "/", tuple(p["name"] for p in self.peers))
+        self.peers = list(
+            peers or (module.peer(n, a, default=route_prefix == "/" and i == 0) for i, (n, a) in enumerate(members))
+        )
+        module._ROUTING = (tuple(n for n, _ in members), route_prefix == "/", tuple(p["name"] for p in self.peers))
         self._board_cache: tuple[float, dict] = (0.0, {})
         torch.set_num_threads(max(1, torch.get_num_threads()))
         self._batcher = Batcher(_decode_jobs, max_batch_size, batch_wait_s)
-        self.model_name, self.tracking_uri, self.alias, self.root = model_name, tracking_uri, alias, root
+        self.tracking_uri, self.root = tracking_uri, root
         self.request_timeout_s = float(request_timeout_s)
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("gpus_per_replica > 0, but this replica sees no CUDA device")
         self.device = device
-        self.fallback: dict | None = None
-        self.load_error: str | None = None
-        try:
-            self.served: Served | None = self._load_first()  # neither champion nor previous: no replica ...
-        except Exception as exc:
-            if strict:
-                raise
-            self.served, self.load_error = None, f"{exc.__class__.__name__}: {exc}"[:1000]  # ... or a 503 one
-            logging.getLogger("ray.serve").error(
-                "facelab: models:/%s@%s cannot be loaded (%s); it answers 503 while the other models serve%s",
-                model_name,
-                alias,
-                self.load_error,
-                "; looking for a new version every %gs" % watch_s if watch_s > 0 else " (--watch-champion 0)",
+        # An adapter group shares one base model (the family's ``shared_base``), made by the first load.
+        self._shared = {"max_adapters": max_adapters} if adapters else None
+        self.primary = model_name
+        self._members: dict[str, Member] = {}
+        for name, member_alias in members:
+            m = self._members[name] = module.Member(name, member_alias)
+            try:
+                m.served = self._load_first(m)  # neither champion nor previous: no replica ...
+            except Exception as exc:
+                if strict:
+                    raise
+                m.load_error = f"{exc.__class__.__name__}: {exc}"[:1000]  # ... or a 503 one
+                logging.getLogger("ray.serve").error(
+                    "facelab: models:/%s@%s cannot be loaded (%s); it answers 503 while the other models serve%s",
+                    name,
+                    member_alias,
+                    m.load_error,
+                    "; looking for a new version every %gs" % watch_s if watch_s > 0 else " (--watch-champion 0)",
+                )
+            m.follower = ChampionFollower(
+                name,
+                member_alias,
+                watch_s,
+                lambda m=m: self._alias_version(m),
+                lambda v, m=m: self._load_candidate(m, v),
+                lambda v, r, m=m: self._tag_refused(m, v, r),
             )
-        self._follower = ChampionFollower(
-            model_name, alias, watch_s, self._alias_version, self._load_candidate, self._tag_refused
-        )
         self._stop = threading.Event()
         self._watcher = None
         if watch_s > 0:
@@ -832,109 +895,139 @@ class FacelabServer:
         if board_key:
             threading.Thread(target=self._publish, args=(board_key,), name="facelab-board", daemon=True).start()
 
+    # The model a request is for: the replica's only one, or the member of an adapter group its route
+    # prefix or ``X-Facelab-Model`` header named (``_CURRENT``, set by the middleware).
+    @property
+    def _member(self) -> "Member":
+        return self._members.get(_this_module()._CURRENT.get() or self.primary) or self._members[self.primary]
+
+    @property
+    def model_name(self) -> str:
+        return self._member.name
+
+    @property
+    def alias(self) -> str:
+        return self._member.alias
+
+    @property
+    def served(self) -> Served | None:
+        return self._member.served
+
+    @property
+    def fallback(self) -> dict | None:
+        return self._member.fallback
+
+    @property
+    def load_error(self) -> str | None:
+        return self._member.load_error
+
+    @property
+    def _follower(self) -> ChampionFollower:
+        return self._member.follower
+
     @property
     def refused(self) -> dict[str, str]:
         return self._follower.refused
 
-    def _load_first(self) -> Served:
+    def _load(self, name: str, ref: str, by: str) -> Served:
+        return load_checked(self.tracking_uri, name, ref, by, self.root, self.device, shared=self._shared)
+
+    def _load_first(self, m: "Member") -> Served:
         """``alias`` (champion), or — when it cannot be loaded — ``previous``, loudly (see the class doc)."""
         log = logging.getLogger("ray.serve")
         try:
-            return load_checked(self.tracking_uri, self.model_name, self.alias, "alias", self.root, self.device)
+            return self._load(m.name, m.alias, "alias")
         except Exception as exc:
-            if self.alias != "champion":
+            if m.alias != "champion":
                 raise
             if not permanent_load_error(exc):  # one more try for what may be a blip
                 time.sleep(2.0)
                 try:
-                    return load_checked(self.tracking_uri, self.model_name, self.alias, "alias", self.root, self.device)
+                    return self._load(m.name, m.alias, "alias")
                 except Exception as again:
                     exc = again
             reason = f"{exc.__class__.__name__}: {exc}"[:500]
         try:
-            served = load_checked(self.tracking_uri, self.model_name, "previous", "alias", self.root, self.device)
+            served = self._load(m.name, "previous", "alias")
         except Exception as exc:
             raise RuntimeError(
-                f"models:/{self.model_name}@champion cannot be loaded ({reason}), and neither can "
-                f"models:/{self.model_name}@previous ({exc.__class__.__name__}: {exc})"
+                f"models:/{m.name}@champion cannot be loaded ({reason}), and neither can "
+                f"models:/{m.name}@previous ({exc.__class__.__name__}: {exc})"
             ) from None
         champion = None
         try:
-            champion = self._alias_version()
+            champion = self._alias_version(m)
         except Exception:
             pass  # the alias is gone (its version was deleted)
-        self.fallback = {"alias": "previous", "version": served.info.version, "champion": champion, "reason": reason}
+        m.fallback = {"alias": "previous", "version": served.info.version, "champion": champion, "reason": reason}
         log.error(
             "facelab: FALLBACK: models:/%s@champion%s cannot be loaded (%s); serving models:/%s@previous "
             "(version %s) instead",
-            self.model_name,
+            m.name,
             f" (version {champion})" if champion else " (the alias points at no version)",
             reason,
-            self.model_name,
+            m.name,
             served.info.version,
         )
         return served
 
-    def _alias_version(self) -> str:
+    def _alias_version(self, m: "Member") -> str:
         from facelab.core import tracking
 
         c = tracking.client(self.tracking_uri)
-        return str(c.get_model_version_by_alias(self.model_name, self.alias).version)
+        return str(c.get_model_version_by_alias(m.name, m.alias).version)
 
-    def _load_candidate(self, version: str) -> Served:
-        new = load_checked(self.tracking_uri, self.model_name, version, "version", self.root, self.device)
-        if self.served is not None and new.route != self.served.route:
-            raise ModelUnhealthy(
-                f"a {new.kind!r} model answers {new.route}, but this endpoint serves {self.served.route}"
-            )
+    def _load_candidate(self, m: "Member", version: str) -> Served:
+        new = self._load(m.name, version, "version")
+        if m.served is not None and new.route != m.served.route:
+            raise ModelUnhealthy(f"a {new.kind!r} model answers {new.route}, but this endpoint serves {m.served.route}")
         return new
 
-    def _tag_refused(self, version: str, reason: str) -> None:
+    def _tag_refused(self, m: "Member", version: str, reason: str) -> None:
         from facelab.core import tracking
 
-        tracking.client(self.tracking_uri).set_model_version_tag(
-            self.model_name, version, "facelab.serve_refused", reason
-        )
+        tracking.client(self.tracking_uri).set_model_version_tag(m.name, version, "facelab.serve_refused", reason)
 
     def _watch(self, every: float) -> None:
         log = logging.getLogger("ray.serve")
         while not self._stop.wait(every):
-            old = self.served
-            new = self._follower.tick(old.info.version if old is not None else "")
-            if new is None:
-                continue
-            self.served = new  # one reference swap: a request sees one version whole
-            if self.fallback is not None:
-                log.warning("facelab: champion loads again; fallback to @previous ended")
-            self.fallback, self.load_error = None, None
-            was = old.info.version if old is not None else "none: it could not be loaded"
-            log.info("facelab: now serving models:/%s/%s (was %s)", self.model_name, new.info.version, was)
+            for m in list(self._members.values()):
+                old = m.served
+                new = m.follower.tick(old.info.version if old is not None else "")
+                if new is None:
+                    continue
+                m.served = new  # one reference swap: a request sees one version whole
+                if old is not None and self._shared is not None:  # its adapter may be evicted once others need room
+                    self._shared["set"].release(f"{m.name}/{old.info.version}")
+                if m.fallback is not None:
+                    log.warning("facelab: champion of %s loads again; fallback to @previous ended", m.name)
+                m.fallback, m.load_error = None, None
+                was = old.info.version if old is not None else "none: it could not be loaded"
+                log.info("facelab: now serving models:/%s/%s (was %s)", m.name, new.info.version, was)
 
-    def _state(self) -> dict:
-        """This replica's model as ``/healthz`` tells it: status and version."""
-        s = self.served
+    def _state(self, m: "Member | None" = None) -> dict:
+        """A model of this replica (the request's) as ``/healthz`` tells it: status and version."""
+        s = (m or self._member).served
         status = "draining" if _this_module()._DRAIN.draining else ("failed" if s is None else "ok")
         return {"status": status, "version": None if s is None else s.info.version}
 
-    def _report(self) -> dict:
-        """What this replica publishes (:func:`publish_state`): its state, and why it could load no
-        version (for the ``facelab serve`` driver's start-up lines; never answered over HTTP but at
-        ``/v1/status``)."""
-        return {**self._state(), "error": self.load_error}
-
     def _publish(self, key: str) -> None:
-        """Publish this replica's state for the server's other models (:func:`publish_state`)."""
+        """Publish the state of each model of this replica for the server's other models
+        (:func:`publish_state`), with why it could load no version (for the ``facelab serve`` driver's
+        start-up lines; over HTTP only at ``/v1/status``)."""
         import os
         import socket
 
-        me, said = f"{key}:{socket.gethostname()}:{os.getpid()}", False
+        said = False
         while True:
-            try:
-                _this_module().publish_state(me, self.model_name, self._report())
-            except Exception as exc:  # the GCS is going away with the cluster
-                if not said:
-                    logging.getLogger("ray.serve").warning("facelab: cannot publish this model's state (%r)", exc)
-                    said = True
+            for m in list(self._members.values()):
+                try:
+                    me = f"{key}:{socket.gethostname()}:{os.getpid()}:{m.name}"
+                    _this_module().publish_state(me, m.name, {**self._state(m), "error": m.load_error})
+                except Exception as exc:  # the GCS is going away with the cluster
+                    if not said:
+                        logging.getLogger("ray.serve").warning("facelab: cannot publish the models' state (%r)", exc)
+                        said = True
             if self._stop.wait(BOARD_PUBLISH_S):
                 return
 
@@ -951,7 +1044,8 @@ class FacelabServer:
         board = self._board_cache[1]
         out = []
         for p in self.peers:
-            state = self._state() if p["name"] == self.model_name else board.get(p["name"])
+            mine = self._members.get(p["name"])
+            state = self._state(mine) if mine is not None else board.get(p["name"])
             state = state or {"status": "unknown", "version": None}
             out.append({**p, "status": state["status"], "version": state["version"]})
         return out
@@ -1219,17 +1313,20 @@ def asgi_app(
     app = cloudpickle.loads(cloudpickle.dumps(api))  # what @serve.ingress hands each replica
     cls = next(c for c in FacelabServer.func_or_class.__mro__ if "expressions" in vars(c))  # as written
     server = object.__new__(cls)  # Serve's wrapper subclass has an async __init__; ours loads from MLflow
-    server.model_name, server.tracking_uri, server.alias, server.root = served.info.name, None, served.info.alias, None
+    server.tracking_uri, server.root, server.primary, server._shared = None, None, served.info.name, None
     server.request_timeout_s = float(request_timeout_s)
-    server.device, server.fallback, server.served, server.load_error = "cpu", None, served, None
-    server.strict, server.route_prefix, server._board_key, server._board_cache = True, "/", None, (0.0, {})
+    server.device, server.strict, server.route_prefix = "cpu", True, "/"
+    server._board_key, server._board_cache = None, (0.0, {})
     server.peers = [peer(served.info.name, served.info.alias)]
     if max_batch_size < 1 or batch_wait_s < 0:
         raise ValueError(f"max_batch_size must be >= 1 and batch_wait_s >= 0 (got {max_batch_size}, {batch_wait_s})")
     server._batcher = Batcher(_decode_jobs, max_batch_size, batch_wait_s)
-    server._follower = ChampionFollower(
+    member = Member(served.info.name, served.info.alias)
+    member.served = served
+    member.follower = ChampionFollower(
         served.info.name, served.info.alias, 0.0, lambda: served.info.version, None, lambda *_: None
     )
+    server._members = {member.name: member}
     server._stop, server._watcher, server._drain_key = threading.Event(), None, None
     _this_module()._API_KEY_CHECK = api_key_check(api_key) if api_key else None
     # Serve's class-based view gives each route's ``self`` a dependency that returns the replica object
@@ -1277,6 +1374,8 @@ def build_app(
     peers: tuple[dict, ...] | None = None,
     board_key: str | None = None,
     route_prefix: str = "/",
+    adapters: tuple[tuple[str, str], ...] = (),
+    max_adapters: int = 8,
 ):
     """The bound Serve application. ``api_key`` (optional) is turned into a salted HMAC here, in the
     caller's process; replicas receive only that digest. ``replicas`` > 1 keeps answering while one
@@ -1300,7 +1399,16 @@ def build_app(
     One model of several (:func:`plan_models`): ``route_prefix`` is its application's (``/`` for the
     default), ``peers`` every model of the server (:func:`peer`), ``board_key`` where the replicas
     publish their state (:func:`publish_state`), and ``strict=False`` lets a replica that can load no
-    version start anyway and answer 503 (see :class:`FacelabServer`)."""
+    version start anyway and answer 503 (see :class:`FacelabServer`).
+
+    ``adapters`` (an adapter group: ``(name, alias)`` of the models beside ``model_name``): every model
+    of the group is a LoRA adapter of one base model, held once per replica, the adapter picked per
+    request; at most ``max_adapters`` adapters are loaded at once (each model's version in service,
+    plus a new champion while it is probed), so it must be at least the group's size."""
+    if adapters and max_adapters < 1 + len(adapters):
+        raise ValueError(
+            f"max_adapters ({max_adapters}) is smaller than the adapter group ({1 + len(adapters)} models)"
+        )
     max_batch_size = batch_size_for(max_batch_size, max_ongoing_requests)
     if batch_wait_s < 0:
         raise ValueError(f"batch_wait_s must be >= 0 (got {batch_wait_s})")
@@ -1333,13 +1441,22 @@ def build_app(
         tuple(peers) if peers else None,
         board_key,
         route_prefix,
+        tuple(adapters),
+        max_adapters,
     )
 
 
-def peer(name: str, alias: str = "champion", default: bool = True) -> dict:
+def peer(name: str, alias: str = "champion", default: bool = True, group: str | None = None) -> dict:
     """One model of a ``facelab serve`` as its replicas know the others: name, alias followed, route
-    prefix (``/models/<name>``) and whether it is the default (also at ``/``)."""
-    return {"name": name, "alias": alias, "route_prefix": MODELS_PREFIX + name, "default": default}
+    prefix (``/models/<name>``; an adapter of the group ``group``: the group's, with the
+    ``X-Facelab-Model: <name>`` header) and whether it is the default (also at ``/``)."""
+    return {
+        "name": name,
+        "alias": alias,
+        "route_prefix": MODELS_PREFIX + (group or name),
+        "header": None if group is None else f"X-Facelab-Model: {name}",
+        "default": default,
+    }
 
 
 @dataclass(frozen=True)
@@ -1352,6 +1469,7 @@ class ModelEntry:
     app_name: str
     route_prefix: str
     default: bool
+    adapters: tuple[tuple[str, str], ...] = ()  # an adapter group's other models: (name, alias)
 
 
 DEFAULT_APP = "facelab"  # the default model's Serve application (the only one when one model is served)
@@ -1359,44 +1477,68 @@ _NAME_CHARS = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 
 
 def plan_models(specs: list[str], default: str | None = None) -> list[ModelEntry]:
-    """``--model NAME[@ALIAS]`` entries (in order; ``default``: the one also answering the plain
-    ``/v1/...`` routes, else the first) → one :class:`ModelEntry` each, the default first: the default
-    in application :data:`DEFAULT_APP` at ``/`` (so one model serves exactly as before), each other in
-    ``facelab-<name>`` at ``/models/<name>``. ValueError naming the option: an empty or malformed name
-    (letters, digits, ``.``, ``_``, ``-``: it is a URL path segment), an empty alias, a model given
-    twice, a ``default`` that is not one of them."""
+    """``--model`` entries (in order; ``default``: the one also answering the plain ``/v1/...`` routes,
+    else the first) → one :class:`ModelEntry` each, the default first: the default in application
+    :data:`DEFAULT_APP` at ``/`` (so one model serves exactly as before), each other in
+    ``facelab-<name>`` at ``/models/<name>``. An entry is ``NAME[@ALIAS]``, or an adapter group
+    ``NAME[@ALIAS]+NAME[@ALIAS]...``: LoRA models of one base served by one deployment that holds the
+    base once (named after its first model; the others in :attr:`ModelEntry.adapters`). ValueError
+    naming the option: an empty or malformed name (letters, digits, ``.``, ``_``, ``-``: it is a URL
+    path segment), an empty alias, a model given twice, a ``default`` that is not an entry's name."""
     import re
 
     if not specs:
         raise ValueError("--model: give at least one registered model name")
-    parsed: list[tuple[str, str]] = []
+    parsed: list[list[tuple[str, str]]] = []
+    seen: set[str] = set()
     for spec in specs:
-        name, at, alias = spec.strip().partition("@")
-        if not re.fullmatch(_NAME_CHARS, name):
-            raise ValueError(
-                f"--model {spec!r}: NAME[@ALIAS] with a name of letters, digits, '.', '_' and '-' (it becomes "
-                f"the route prefix /models/NAME)"
-            )
-        if at and not re.fullmatch(_NAME_CHARS, alias):
-            raise ValueError(f"--model {spec!r}: the alias after '@' must be a non-empty alias name")
-        if any(n == name for n, _ in parsed):
-            raise ValueError(f"--model {name!r} is given twice: each registered model is served once")
-        parsed.append((name, alias or "champion"))
-    names = [n for n, _ in parsed]
+        group = []
+        for part in spec.strip().split("+"):
+            name, at, alias = part.strip().partition("@")
+            if not re.fullmatch(_NAME_CHARS, name):
+                raise ValueError(
+                    f"--model {spec!r}: NAME[@ALIAS] (or NAME[@ALIAS]+NAME[@ALIAS]... for adapters of one base) "
+                    "with names of letters, digits, '.', '_' and '-' (a name becomes the route prefix /models/NAME)"
+                )
+            if at and not re.fullmatch(_NAME_CHARS, alias):
+                raise ValueError(f"--model {spec!r}: the alias after '@' must be a non-empty alias name")
+            if name in seen:
+                raise ValueError(f"--model {name!r} is given twice: each registered model is served once")
+            seen.add(name)
+            group.append((name, alias or "champion"))
+        parsed.append(group)
+    names = [g[0][0] for g in parsed]
     if default is not None and default not in names:
-        raise ValueError(f"--default {default!r} is not one of the --model names ({', '.join(names)})")
+        member = next((g for g in parsed if default in (n for n, _ in g)), None)
+        raise ValueError(
+            f"--default {default!r} is not one of the --model names ({', '.join(names)})"
+            + (f": it is an adapter of the group {member[0][0]!r}, whose first model is its default" if member else "")
+        )
     default = default or names[0]
-    parsed.sort(key=lambda na: na[0] != default)  # stable: the default first, the others in order
+    parsed.sort(key=lambda g: g[0][0] != default)  # stable: the default first, the others in order
     return [
         ModelEntry(
-            name=n,
-            alias=a,
-            app_name=DEFAULT_APP if n == default else f"{DEFAULT_APP}-{n}",
-            route_prefix="/" if n == default else MODELS_PREFIX + n,
-            default=n == default,
+            name=g[0][0],
+            alias=g[0][1],
+            app_name=DEFAULT_APP if g[0][0] == default else f"{DEFAULT_APP}-{g[0][0]}",
+            route_prefix="/" if g[0][0] == default else MODELS_PREFIX + g[0][0],
+            default=g[0][0] == default,
+            adapters=tuple(g[1:]),
         )
-        for n, a in parsed
+        for g in parsed
     ]
+
+
+def peers_of(entries: list[ModelEntry]) -> tuple[dict, ...]:
+    """Every model of the server as its replicas list it (:func:`peer`): an adapter of a group that is
+    not the default is reached on its group's route with the ``X-Facelab-Model`` header; the default
+    group's adapters also at ``/models/<name>``."""
+    out = []
+    for e in entries:
+        out.append(peer(e.name, e.alias, e.default))
+        for name, alias in e.adapters:
+            out.append(peer(name, alias, False, None if e.default else e.name))
+    return tuple(out)
 
 
 def publish_state(key: str, name: str, state: dict) -> None:
@@ -1518,7 +1660,8 @@ def app_from_env(args: dict[str, str]):
         alias = mine.alias
         several = {
             "strict": False,
-            "peers": tuple(peer(e.name, e.alias, e.default) for e in entries),
+            "peers": peers_of(entries),
+            "adapters": mine.adapters,
             "board_key": f"board:{DEFAULT_APP}",
             "route_prefix": mine.route_prefix,
         }

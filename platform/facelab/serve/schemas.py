@@ -101,6 +101,11 @@ class ServedModel(BaseModel):
     name: str = Field(..., description="Registered model name.")
     alias: str = Field(..., description="The alias it follows (`champion` unless `--model NAME@ALIAS`).")
     route_prefix: str = Field(..., description="Its routes: `<route_prefix>/v1/...`.")
+    header: str | None = Field(
+        None,
+        description="An adapter of a group (one base model, several LoRA adapters) that is not the default: "
+        "send this header with the requests to `route_prefix`.",
+    )
     default: bool = Field(..., description="Whether it also answers the plain `/v1/...` routes.")
     status: Literal["ok", "draining", "failed", "unknown"]
     version: str | None = Field(None, description="The version it serves (null: none loaded, or not known).")

@@ -27,6 +27,7 @@ FAMILY = Family(
     load_servable="facelab.families.keyframe_lm.servable:load",
     lineage="facelab.families.keyframe_lm.servable:lineage",
     servable_info="facelab.families.keyframe_lm.servable:servable_info",
+    shared_base="facelab.families.keyframe_lm.adapters:AdapterSet",
     add_cli="facelab.families.keyframe_lm.tiny:add_cli",
     description="KeyframeFace: LoRA-tuned causal LM writing 61 ARKit values per keyframe as JSON (2025)",
 )
