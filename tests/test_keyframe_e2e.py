@@ -105,6 +105,8 @@ def test_lora_sweep_learns_and_records_everything(kf):
     assert tuned.data.tags["facelab.base_model.md5"].endswith(".dir")
     arts = {a.path for a in c.list_artifacts(tuned.info.run_id, "plots")}
     assert {"plots/per_channel_error.png", "plots/keyframe_preview.png", "plots/loss_curve.png"} <= arts
+    viewer = {a.path for a in c.list_artifacts(tuned.info.run_id, "viewer")}
+    assert viewer == {"viewer/preview.html", "viewer/preview.json"}  # the page MLflow's artifact view opens
     ck = {a.path for a in c.list_artifacts(tuned.info.run_id, "checkpoint")}
     assert {"checkpoint/model.safetensors", "checkpoint/config.json"} <= ck
 
@@ -121,6 +123,25 @@ def test_report_renders_tables_2_3_4(kf):
     assert "Express4D-MDM" not in out[out.index("Table 4") :]  # Tables 2 and 4 are about the LoRA LMs
     csv_out = facelab(project, "report", "keyframe-quickstart", "--format", "csv").stdout
     assert "Tuned MSE" in csv_out
+
+
+def test_sweep_viewer_page_has_a_row_per_variant(kf, tmp_path):
+    """report.sweep_html on the finished sweep (what `facelab report --html` writes): the ground truth,
+    then one row of faces per variant that logged a preview, one column per test keyframe."""
+    from facelab.core import tracking
+    from facelab.report import sweep_html
+
+    project, _ = kf
+    c = store(project)
+    exp = c.get_experiment_by_name("keyframe-quickstart")
+    parent = tracking.sweep_parent(c, exp.experiment_id, "keyframe-quickstart")
+    trials = tracking.trial_runs(c, exp.experiment_id, parent.info.run_id)
+    page = sweep_html(c, parent, trials, tmp_path / "sweep.html")
+    data = json.loads(page.read_text().split('id="facelab-data">', 1)[1].split("</script>", 1)[0])["page"]
+    labels = [r["label"] for r in data["rows"]]
+    assert labels[0] == "ground truth" and data["task"] == "keyframes"
+    assert {"Base", "Tuned", "Express4D-MDM"} <= {label.split(" (")[0] for label in labels}
+    assert all(len(r["cells"]) == len(data["columns"]) >= 1 for r in data["rows"])
 
 
 def _post(url: str, body: bytes, timeout: float = 120):
