@@ -73,6 +73,11 @@ def test_default_application_answers_its_own_prefix_and_refuses_other_names(tmp_
         (d,) = r.json()["detail"]
         assert r.status_code == 404 and d["type"] == "unknown_model" and d["field"] == "model"
         assert "'nosuch'" in d["msg"] and "cteg-tiny, kf" in d["msg"]
+        r = c.get("/v1/models", headers={**h, "X-Facelab-Model": "kf"})  # the header names a model of this route
+        assert r.status_code == 404 and "X-Facelab-Model 'kf' is not served at this route" in r.text, r.text
+        assert c.get("/v1/models", headers={**h, "X-Facelab-Model": "cteg-tiny"}).status_code == 200
+        r = c.get("/models/cteg-tiny/v1/models", headers={**h, "X-Facelab-Model": "kf"})
+        assert r.status_code == 404, r.text  # route and header disagree
         health = c.get("/healthz").json()
         assert health["models"] == {"cteg-tiny": {"status": "ok", "version": "1", "route_prefix": "/models/cteg-tiny"}}
     finally:

@@ -44,6 +44,15 @@ Request batching: expression requests waiting in a replica are decoded together,
 device, each with its own seed and ``max_frames`` (``max_batch_size``, ``batch_wait_s``; see
 :func:`build_app`). Keyframe requests run one at a time.
 
+Several models in one ``facelab serve`` (issue #22): each ``--model`` entry is its own Serve
+application (:func:`plan_models`) with its own replicas, watcher, probe, batching and limits, at
+``/models/<name>``; the default one is at ``/`` and also answers ``/models/<its name>`` (the
+middleware, :func:`_own_prefix`). A model that cannot load answers 503 while the others serve; the
+replicas publish their models' state in Ray's internal KV (:func:`publish_state`), so ``/healthz`` and
+``GET /v1/models`` of any model tell every model's. An entry ``A+B+...`` is an adapter group: LoRA
+models of one base served by one deployment that holds the base once (the family's ``shared_base``
+hook), the adapter chosen per request by route or the ``X-Facelab-Model`` header (:class:`Member`).
+
 API key (optional): when one is configured, every route except ``/healthz`` needs ``X-API-Key: <key>``
 (or ``Authorization: Bearer <key>``), else 401. The key is given to ``build_app`` by the caller
 (``facelab serve`` reads it from an environment variable and drops it from its environment before Ray
