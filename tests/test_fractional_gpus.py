@@ -104,6 +104,14 @@ def test_a_share_on_a_cluster_without_gpus_does_not_fit():
         check_resources(spec, total={"CPU": 16.0})
 
 
+def test_driver_resources_the_cluster_lacks_are_refused_before_anything_starts():
+    """resources.driver_resources (where trial drivers may run) is checked like the workers' share."""
+    spec = depth("resources.gpus_per_worker=0", "resources.driver_resources={stable: 0.01}")
+    with pytest.raises(SweepError, match="stable: needs 0.01, cluster has 0"):
+        check_resources(spec, total={"CPU": 16.0})
+    assert check_resources(spec, total={"CPU": 16.0, "stable": 1.0}, log=lambda _: None) >= 1
+
+
 # ---- the worker: free memory headroom before it starts -------------------------------------------------
 
 

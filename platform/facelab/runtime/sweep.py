@@ -9,10 +9,11 @@ or resumed trial never duplicates it); rank 0 logs per-epoch metrics; the trial 
 final checkpoint, config and plots once ``fit()`` returns.
 
 Lost nodes: a worker group that loses a worker (its node died) is restarted by Ray Train from the
-last checkpoint (the job's ``train.max_failures``); a trial whose *driver* died with its node (the
-Tune trial function and the Train controller it runs) is restarted by Tune (the sweep's
-``max_trial_failures``) and resumes from the same checkpoint, which lives on ``FACELAB_STORAGE``.
-A trial whose ``fit()`` failed for good is not restarted by Tune (:data:`TAG_FIT_FAILED`).
+last checkpoint (the job's ``train.max_failures``), which lives on ``FACELAB_STORAGE``. The trial's
+*driver* (the Tune trial function and the Train controller it runs) can be kept on stable nodes
+(``resources.driver_resources``); a trial whose driver died with its node is restarted by Tune only
+with the sweep's ``max_trial_failures`` (off by default), and a trial whose ``fit()`` failed for
+good is never restarted by Tune (:data:`TAG_FIT_FAILED`).
 """
 
 from __future__ import annotations
@@ -447,7 +448,11 @@ def check_resources(spec: SweepSpec, total: dict | None = None, log=print) -> in
         import ray
 
         total = ray.cluster_resources()
-    need = {"CPU": r.num_workers * r.cpus_per_worker + TRIAL_CPU, "GPU": r.num_workers * r.gpus_per_worker}
+    need = {
+        "CPU": r.num_workers * r.cpus_per_worker + TRIAL_CPU,
+        "GPU": r.num_workers * r.gpus_per_worker,
+        **r.driver_resources,
+    }
     short = [
         f"{k}: needs {v:g}, cluster has {total.get(k, 0):g}" for k, v in need.items() if v > total.get(k, 0) + 1e-9
     ]
@@ -600,7 +605,9 @@ def run_sweep(
 
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": TRIAL_CPU})
+    # The trial's driver: the trial function and the Train controller it runs (placed on its node).
+    driver = {"cpu": TRIAL_CPU, **spec.resources.driver_resources}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), driver)
     tune_dir = sweep_dir / "tune"
     try:
         if resume:
@@ -623,7 +630,7 @@ def run_sweep(
                     name=spec.name,
                     storage_path=str(tune_dir),
                     # quiet: no progress table (the summary is still printed); verbose: Tune's trial events too
-                    # a trial whose driver died (e.g. with its node) is restarted from its last checkpoint
+                    # max_trial_failures: a trial whose driver died (e.g. with its node) is restarted
                     failure_config=tune.FailureConfig(max_failures=spec.max_trial_failures),
                     verbose={-1: 0, 0: 1, 1: 2, 2: 3}[verbosity()],
                     progress_reporter=progress_reporter(spec) if verbosity() >= 0 else None,

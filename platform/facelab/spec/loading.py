@@ -130,6 +130,20 @@ class Resources(Strict):
     num_workers: int = Field(1, ge=1, le=512, description="Ray Train workers (DDP ranks) per trial.")
     gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker; 0 trains on CPU (gloo).")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    driver_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray resources each trial's driver (the Tune trial function and the Ray Train controller it "
+        "runs) asks for besides its 0.01 CPU, e.g. a custom resource only the stable nodes offer "
+        "(`ray start --resources`): a lost worker node then costs a worker-group restart, never the driver.",
+    )
+
+    @field_validator("driver_resources")
+    @classmethod
+    def _driver_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: x for k, x in v.items() if not x > 0}
+        if bad:
+            raise ValueError(f"amounts must be > 0: {bad}")
+        return v
 
 
 class SweepSpec(Strict):
@@ -153,12 +167,13 @@ class SweepSpec(Strict):
     resources: Resources = Resources()
     max_concurrent_trials: int = Field(1, ge=1)
     max_trial_failures: int = Field(
-        1,
+        0,
         ge=-1,
         description="Restarts of a trial whose driver died (the Tune trial function and the Ray Train controller "
         "it runs, e.g. with their node); the restarted trial resumes from its last checkpoint. A trial whose "
         "training failed for good (the job's train.max_failures worker-group restarts used up) is not restarted. "
-        "-1: no limit.",
+        "-1: no limit. Off by default: Ray 2.60 can leave the lost controller's worker reservation in place, "
+        "which a small cluster may never free; prefer resources.driver_resources.",
     )
 
     @field_validator("method")
