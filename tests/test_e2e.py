@@ -83,6 +83,8 @@ def test_quickstart_sweep_records_parent_and_children(quickstart):
             "plots/loss_curve.png",
             "plots/trajectories.png",
         }
+        viewer = {a.path for a in c.list_artifacts(r.info.run_id, "viewer")}
+        assert viewer == {"viewer/preview.html", "viewer/preview.json"}  # heatmaps and curves, gt vs generated
         for m in ("cppl", "dot", "fgd", "diversity", "mmodality", "variation"):
             assert r.data.metrics[f"test/{m}"] >= 0 and r.data.metrics[f"test/{m}_se"] >= 0
         assert len(c.get_metric_history(r.info.run_id, "step/kl")) >= 2  # per-step KL (Figure 5)
