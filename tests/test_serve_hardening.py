@@ -685,6 +685,15 @@ def test_one_server_answers_several_models_each_on_its_route(project, api_key):
             FACELAB_API_KEY=api_key,
         )
         assert "keyframe 1 (valid=True)" in proc.stdout, proc.stdout
+        proc = facelab(
+            project,
+            "request-keyframes",
+            *("--url", b + "/models/keyframe-tiny", "--model", "keyframe-tiny-b", "--background", "A student waits."),
+            *("--emotion", "joy", "--keyframe", "a smile"),
+            timeout=60,
+            FACELAB_API_KEY=api_key,
+        )
+        assert "models:/keyframe-tiny-b v" in proc.stdout, proc.stdout
 
         # its own watcher serves it once a loadable version is champion
         store(project).set_registered_model_alias("cteg-broken", "champion", good)

@@ -608,11 +608,14 @@ def _default_model(c) -> str:
     )
 
 
-def _request_headers() -> dict[str, str]:
-    """JSON, plus the API key from FACELAB_API_KEY when the server requires one."""
+def _request_headers(model: str | None = None) -> dict[str, str]:
+    """JSON, plus the API key from FACELAB_API_KEY when the server requires one, and ``X-Facelab-Model``
+    when ``model`` names an adapter of a group (``request-keyframes --model``)."""
     headers = {"Content-Type": "application/json"}
     if os.environ.get("FACELAB_API_KEY"):
         headers["X-API-Key"] = os.environ["FACELAB_API_KEY"]
+    if model:
+        headers["X-Facelab-Model"] = model
     return headers
 
 
@@ -658,13 +661,13 @@ def _wait_healthy(url: str, wait: float) -> str | None:
         time.sleep(min(1.0, max(left, 0.05)))
 
 
-def _post_json(url: str, body: dict, timeout: float = 120) -> tuple[bytes | None, str | None]:
+def _post_json(url: str, body: dict, timeout: float = 120, model: str | None = None) -> tuple[bytes | None, str | None]:
     """POST ``body``; → (the answer's bytes, None), or (None, a one-paragraph error that carries the
     server's ``detail`` for a 4xx/5xx answer)."""
     import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=_request_headers())
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=_request_headers(model))
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.read(), None
@@ -993,7 +996,8 @@ def cmd_request_keyframes(args) -> int:
         print(f"facelab: error: {problem}", file=sys.stderr)
         return 1
     body = {"background": args.background, "emotion": args.emotion, "keyframes": args.keyframe}
-    payload, problem = _post_json(f"{args.url}/v1/keyframes" + ("?format=csv" if args.csv else ""), body)
+    url = f"{args.url}/v1/keyframes" + ("?format=csv" if args.csv else "")
+    payload, problem = _post_json(url, body, model=args.model)
     if problem:
         print(f"facelab: error: POST /v1/keyframes: {problem}", file=sys.stderr)
         return 1
@@ -1331,6 +1335,13 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--keyframe", action="append", required=True, help="a keyframe description (repeat, in order)")
     rk.add_argument("--url", default="http://127.0.0.1:8000")
     rk.add_argument("--csv", default=None, metavar="PATH", help="ask for the Live Link Face CSV and write it here")
+    rk.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME",
+        help="an adapter of a group (serve --model A+B): sent as the X-Facelab-Model header to --url, the "
+        "group's route (e.g. http://127.0.0.1:8000/models/A)",
+    )
     rk.add_argument(
         "--wait",
         type=float,
