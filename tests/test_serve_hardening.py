@@ -716,7 +716,11 @@ def test_one_server_answers_several_models_each_on_its_route(project, api_key):
 
 
 def test_several_models_refuse_bad_options_in_one_paragraph(project):
+    (project / "bad-serve.yaml").write_text("models:\n  - {model: cteg-tiny, replicas: 0}\n")
     for args, want in (
+        (("--config", "bad-serve.yaml"), "models.0.replicas: Input should be greater than or equal to 1"),
+        (("--config", "bad-serve.yaml", "--model", "cteg-tiny"), "not both"),
+        (("--model", "keyframe-tiny+keyframe-tiny-b", "--max-adapters", "1"), "--max-adapters 1 is smaller"),
         (("--model", "cteg-tiny", "--model", "cteg-tiny"), "given twice"),
         (("--model", "cteg-tiny", "--default", "keyframe-tiny"), "--default 'keyframe-tiny' is not one of"),
         (("--model", "cteg-tiny@"), "alias after '@'"),

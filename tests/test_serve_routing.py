@@ -83,3 +83,27 @@ def test_default_application_answers_its_own_prefix_and_refuses_other_names(tmp_
     finally:
         serve_app._ROUTING = None
         serve_app._API_KEY_CHECK = None
+
+
+def test_serve_config_gives_each_model_its_settings(tmp_path):
+    from facelab.serve.config import ServeConfigError, load_serve_config
+
+    f = tmp_path / "serve.yaml"
+    f.write_text(
+        "default: kf-a\n"
+        "models:\n"
+        "  - cteg-tiny@previous\n"
+        "  - {model: kf-a+kf-b, replicas: 2, max_batch_size: 1, cpus_per_replica: 0.5}\n"
+    )
+    cfg = load_serve_config(f)
+    assert [m.model for m in cfg.models] == ["cteg-tiny@previous", "kf-a+kf-b"] and cfg.default == "kf-a"
+    assert cfg.settings() == {"cteg-tiny": {}, "kf-a": {"replicas": 2, "max_batch_size": 1, "cpus_per_replica": 0.5}}
+    f.write_text("models:\n  - cteg-tiny\n  - {model: kf, replicas: 0, replicaz: 2}\nextra: 1\n")
+    with pytest.raises(ServeConfigError) as err:
+        load_serve_config(f)
+    msg = str(err.value)
+    assert msg.startswith(f"--config {f}: ") and "models.1.replicas: Input should be greater than or equal to 1" in msg
+    assert "models.1.replicaz: unknown key" in msg and "extra: unknown key" in msg
+    f.write_text("models: []\n")
+    with pytest.raises(ServeConfigError, match="models"):
+        load_serve_config(f)

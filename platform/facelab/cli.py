@@ -400,24 +400,39 @@ def cmd_serve(args) -> int:
     from facelab.core import tracking
     from facelab.runtime.sweep import init_ray
     from facelab.serve.app import batch_size_for, build_app, drain_key_for, peers_of, plan_models
+    from facelab.serve.config import load_serve_config
 
+    raw_batch = args.max_batch_size
     try:  # checked before Ray starts
         args.max_batch_size = batch_size_for(args.max_batch_size, args.max_ongoing_requests)
     except ValueError as exc:
         print(f"facelab: error: --max-batch-size: {exc}", file=sys.stderr)
         return 2
+    if args.config and (args.model or args.default):
+        print(
+            "facelab: error: --config lists the models: give it, or --model (and --default), not both", file=sys.stderr
+        )
+        return 2
     if args.default is not None and not args.model:
         print("facelab: error: --default names one of the --model names; give them", file=sys.stderr)
         return 2
+    per: dict[str, dict] = {}  # per model (an entry's first name): the settings --config gives it
     try:
+        if args.config:
+            cfg = load_serve_config(Path(args.config))
+            args.model, args.default, per = [m.model for m in cfg.models], cfg.default, cfg.settings()
         entries = plan_models(args.model, args.default) if args.model else None
+        settings: dict[str, argparse.Namespace] = {}
         for e in entries or ():
-            if args.max_adapters < 1 + len(e.adapters):
+            own = per.get(e.name, {})
+            s = settings[e.name] = argparse.Namespace(**{**vars(args), **own})
+            s.max_batch_size = batch_size_for(own.get("max_batch_size", raw_batch), s.max_ongoing_requests)
+            if s.max_adapters < 1 + len(e.adapters):
                 raise ValueError(
-                    f"--max-adapters {args.max_adapters} is smaller than the adapter group --model "
+                    f"--max-adapters {s.max_adapters} is smaller than the adapter group --model "
                     f"{'+'.join([e.name, *(n for n, _ in e.adapters)])} ({1 + len(e.adapters)} models)"
                 )
-    except ValueError as exc:
+    except ValueError as exc:  # ServeConfigError too
         print(f"facelab: error: {exc}", file=sys.stderr)
         return 2
     root = _root()
@@ -460,20 +475,21 @@ def cmd_serve(args) -> int:
     peers = peers_of(entries)
 
     def app_of(e):
+        s = settings.get(e.name, args)  # the command line's, with what --config gives this model
         return build_app(
             e.name,
             uri,
             alias=e.alias,
             root=str(root),
             api_key=api_key,
-            replicas=args.replicas,
-            max_ongoing_requests=args.max_ongoing_requests,
-            max_queued_requests=args.max_queued_requests,
-            watch_s=args.watch_champion,
-            max_batch_size=args.max_batch_size,
-            batch_wait_s=args.batch_wait_ms / 1000.0,
-            gpus_per_replica=args.gpus_per_replica,
-            cpus_per_replica=args.cpus_per_replica,
+            replicas=s.replicas,
+            max_ongoing_requests=s.max_ongoing_requests,
+            max_queued_requests=s.max_queued_requests,
+            watch_s=s.watch_champion,
+            max_batch_size=s.max_batch_size,
+            batch_wait_s=s.batch_wait_ms / 1000.0,
+            gpus_per_replica=s.gpus_per_replica,
+            cpus_per_replica=s.cpus_per_replica,
             request_timeout_s=args.request_timeout_s,
             drain_key=drain_key,
             **(
@@ -483,7 +499,7 @@ def cmd_serve(args) -> int:
                     "board_key": board_key,
                     "route_prefix": e.route_prefix,
                     "adapters": e.adapters,
-                    "max_adapters": args.max_adapters,
+                    "max_adapters": s.max_adapters,
                 }
                 if several
                 else {}
@@ -526,7 +542,7 @@ def cmd_serve(args) -> int:
     up.set()
     print(
         f"API key: {'required (X-API-Key header; from $' + args.api_key_env + ')' if api_key else 'none ($' + args.api_key_env + ' is unset)'}; "
-        f"{args.replicas} replica(s){' per model' if several else ''} on {'CUDA' if args.gpus_per_replica > 0 else 'CPU'} x "
+        f"{args.replicas} replica(s){' per model' if several else ''}{' (unless --config says otherwise)' if per else ''} on {'CUDA' if args.gpus_per_replica > 0 else 'CPU'} x "
         f"{args.max_ongoing_requests} concurrent + {args.max_queued_requests} queued, "
         f"timeout {args.request_timeout_s:g}s; "
         + (
@@ -1126,6 +1142,13 @@ def build_parser() -> argparse.ArgumentParser:
         "models at once, each at /models/NAME/v1/... and the first (or --default) also at /v1/...; "
         "NAME+NAME...: LoRA adapters of one base model served by one deployment holding the base once "
         "(the others picked with the X-Facelab-Model header) (default: the only model with a champion)",
+    )
+    sv.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="a serve config YAML listing the models (instead of --model) and, per model, its own --replicas, "
+        "limits, batching, CPUs/GPUs, watch interval (facelab.serve.config)",
     )
     sv.add_argument(
         "--default",
