@@ -560,7 +560,8 @@ def test_lm_listener_baseline_learns_reports_and_serves(built_project):
 def test_mlflow_ui_opens_sweep_on_training_runs(quickstart, tmp_path):
     """`mlflow ui` on the finished quickstart sweep, in headless Chromium: the experiment link facelab
     prints opens on its training runs, not an empty GenAI overview, and the trials' names,
-    the sweep's metric, variant and seed can be read in the runs table."""
+    the sweep's metric, variant and seed can be read in the runs table; a trial's
+    viewer/preview.html opens in the artifact view and draws its heatmaps."""
     import os
 
     browser_bin = _chromium()
@@ -653,6 +654,19 @@ def test_mlflow_ui_opens_sweep_on_training_runs(quickstart, tmp_path):
                         and cell["seed"] == r.data.tags["facelab.seed"]
                     )
                     assert float(cell["metric"]) == pytest.approx(r.data.metrics[metric], rel=1e-6)
+
+                # a trial's viewer page in MLflow's artifact view: a sandboxed frame that runs its script
+                run = children[0]
+                page.goto(
+                    f"{base}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}/artifacts/viewer/preview.html"
+                )
+                frame = page.frame_locator("iframe.mlflow-html-iframe")
+                frame.locator("#facelab-root[data-ready='1']").wait_for()
+                assert frame.locator("section.item").count() == 3 and frame.locator("figure.seq.gt").count() == 3
+                assert frame.locator("figure.seq.gen canvas.heatmap").count() == 6  # two samples per text
+                shot = tmp_path / "mlflow-ui-viewer.png"
+                page.screenshot(path=str(shot))
+                print(f"viewer page in the artifact view after {time.time() - t1:.1f}s\nscreenshot: {shot}")
             finally:
                 browser.close()
     finally:
