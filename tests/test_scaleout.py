@@ -12,6 +12,7 @@ started (never `ray stop`, which would stop every Ray instance of this user on t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -21,7 +22,9 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,6 +182,7 @@ class Cluster:
     temp_dir: Path
     env: dict[str, str]  # what a client needs: token auth + the cluster's settings
     node_ids: list[str] = field(default_factory=list)
+    node_ips: list[str] = field(default_factory=list)
     pgids: list[int] = field(default_factory=list)
 
     def logs(self, n: int = 3000) -> str:
@@ -215,8 +219,8 @@ def _ray_start(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> in
 def _alive_nodes(address: str, env: dict[str, str]) -> list[dict]:
     code = (
         "import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
-        "print(json.dumps([{'id': n['NodeID'], 'resources': n['Resources']} for n in ray.nodes() if n['Alive']]))"
-        % address
+        "print(json.dumps([{'id': n['NodeID'], 'ip': n['NodeManagerAddress'], 'resources': n['Resources']} "
+        "for n in ray.nodes() if n['Alive']]))" % address
     )
     proc = subprocess.run([str(BIN / "python"), "-c", code], env=env, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
@@ -256,9 +260,13 @@ def _teardown(c: Cluster) -> None:
     shutil.rmtree(c.temp_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def cluster(project):
-    """A head node (GCS, dashboard + Jobs API) and a second node, each its own `ray start` process."""
+@contextlib.contextmanager
+def two_node_cluster(
+    project: Path, node_cpus: float = NODE_CPUS, node_env: list[dict[str, str]] | None = None
+) -> Iterator[Cluster]:
+    """A head node (GCS, dashboard + Jobs API) and a second node, each its own `ray start` process
+    offering ``node_cpus`` CPUs and a custom resource ``facelab_node_<i>``; torn down on exit.
+    ``node_env``: extra environment of each node (its daemons and workers inherit it)."""
     # A short root: Ray's unix socket paths live under it and must stay under ~100 characters.
     temp_dir = Path(tempfile.mkdtemp(prefix="fl-ray-"))
     # Token auth on, with a token of this cluster only (never the user's ~/.ray/auth_token).
@@ -281,7 +289,7 @@ def cluster(project):
         lo, hi = free_port_range(40, taken)
         return [
             "--node-ip-address=127.0.0.1",
-            f"--num-cpus={NODE_CPUS}",
+            f"--num-cpus={node_cpus}",
             "--num-gpus=0",
             f"--resources={json.dumps({f'facelab_node_{i}': 1})}",
             # One temp dir per node: nodes sharing one would share runtime_resources/, and the
@@ -300,6 +308,7 @@ def cluster(project):
         ]
 
     log = temp_dir / "ray-start.log"
+    extra = node_env or [{}, {}]
     try:
         c.pgids.append(
             _ray_start(
@@ -312,12 +321,12 @@ def cluster(project):
                     f"--dashboard-port={dash}",
                     *node_args(0),
                 ],
-                env,
+                {**env, **extra[0]},
                 project,
                 log,
             )
         )
-        c.pgids.append(_ray_start([f"--address={c.address}", *node_args(1)], env, project, log))
+        c.pgids.append(_ray_start([f"--address={c.address}", *node_args(1)], {**env, **extra[1]}, project, log))
         deadline = time.time() + 120
         nodes: list[dict] = []
         while time.time() < deadline:
@@ -326,10 +335,19 @@ def cluster(project):
                 break
             time.sleep(2)
         assert len(nodes) == 2, f"expected 2 alive nodes, got {nodes}\n{c.logs()}"
-        c.node_ids = [n["id"] for n in nodes]
+        # node_ids[i] is the node started with facelab_node_<i> (0: the head)
+        ordered = [next(n for n in nodes if f"facelab_node_{i}" in n["resources"]) for i in range(2)]
+        c.node_ids, c.node_ips = [n["id"] for n in ordered], [n["ip"] for n in ordered]
         yield c
     finally:
         _teardown(c)
+
+
+@pytest.fixture(scope="module")
+def cluster(project):
+    """The two-node cluster the scale-out tests share."""
+    with two_node_cluster(project) as c:
+        yield c
 
 
 def _trial(project: Path, experiment: str):
@@ -402,3 +420,314 @@ def test_facelab_stop_cancels_a_submitted_sweep(project, cluster):
             break
         time.sleep(2)
     assert "STOPPED" in state, state
+
+
+# ------------------------------------------------------------------------------------------------
+# A lost node: the worker node's raylet and everything it runs killed mid-sweep
+# ------------------------------------------------------------------------------------------------
+
+LOST_EPOCHS = 5
+# Two trials at once, one worker each: 0.98 CPU per worker + 0.01 per trial driver (both on the
+# head), so each 1-CPU node holds exactly one worker and one trial's worker is on the worker node for
+# certain. Once that node is gone, the head runs the surviving trial, then the interrupted one.
+LOST = FAST + [
+    f"train.epochs={LOST_EPOCHS}",
+    "data.train_subset=240",
+    "train.max_steps_per_epoch=60",  # about a second an epoch: the node dies mid-trial
+    "optim.batch_size=4",
+    "eval.enabled=false",
+    "resources.num_workers=1",
+    "resources.cpus_per_worker=0.98",
+    "resources.gpus_per_worker=0",
+    "max_concurrent_trials=2",
+    "train.max_failures=1",  # Ray Train restarts the worker group that lost its node
+    # The trials' drivers (trial function + Train controller) stay on the head, as on a cluster
+    # whose stable nodes offer a resource the preemptible ones do not.
+    "resources.driver_resources={facelab_node_0: 0.01}",
+]
+
+
+def node_processes(c: Cluster, i: int) -> list:
+    """Every process of node ``i`` of ``c`` (none of another Ray instance): its `ray start` session
+    (raylet, agents, log monitor), whatever names the node's own temp dir, and their descendants
+    (the workers its raylet started)."""
+    import psutil
+
+    root, needle = c.pgids[i], str(c.temp_dir / f"n{i}")
+    found: dict[int, psutil.Process] = {}
+    for q in psutil.process_iter(["cmdline"]):
+        try:
+            if os.getsid(q.pid) == root or needle in " ".join(q.info["cmdline"] or []):
+                found[q.pid] = q
+        except (psutil.Error, OSError):
+            pass
+    for q in list(found.values()):
+        try:
+            found.update((k.pid, k) for k in q.children(recursive=True))
+        except psutil.Error:
+            pass
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def kill_node(c: Cluster, i: int) -> list[str]:
+    """SIGKILL node ``i``'s raylet and every process it runs, at once (a node lost, not drained);
+    returns the names of what was killed."""
+    import psutil
+
+    procs = node_processes(c, i)
+    names = []
+    for q in procs:
+        try:
+            names.append(q.name())
+            q.kill()
+        except psutil.Error:
+            pass
+    assert "raylet" in names, f"node {i}'s raylet not found among {names}"
+    psutil.wait_procs(procs, timeout=30)
+    return names
+
+
+def poll_until(fn, what: str, proc: subprocess.Popen, log: Path, timeout: float = 300, every: float = 0.2):
+    """Call ``fn`` until it returns something truthy (a busy store is retried), while ``proc`` (a `facelab` command) runs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what}: {proc.args[1]} exited ({proc.returncode}) first:\n{tail(log.read_text())}")
+        try:
+            got = fn()
+        except Exception:  # noqa: BLE001 - sqlite busy: try again
+            got = None
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}:\n{tail(log.read_text())}")
+
+
+LOST_SWEEP = "scaleout-lost-node"
+
+
+@pytest.fixture(scope="module")
+def lost_node(project, tmp_path_factory) -> dict:
+    """A 2-trial sweep on a two-node cluster of its own whose worker node is killed (raylet, agents,
+    trial workers) once the trial on it has a checkpoint registered, mid-run. What happened, for the
+    assertions (and a finished sweep the serve test promotes)."""
+    from test_faults import epochs, registered_epoch
+
+    log = tmp_path_factory.mktemp("lost-node") / "sweep.log"
+    with two_node_cluster(project) as lost:
+        head, worker = lost.node_ids
+        env = env_for(project, **{k: lost.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI")})
+        c = store(project)
+        c.search_experiments(max_results=1)  # the store's tables exist before the sweep opens it too
+        t0 = time.time()
+        with open(log, "w") as out:
+            sweep = subprocess.Popen(
+                [str(BIN / "facelab"), "sweep", "sweeps/quickstart.yaml", "--address", lost.address]
+                + sets(LOST + [f"name={LOST_SWEEP}"]),
+                cwd=project,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+
+            def victim_checkpointed():
+                """The trial on the worker node, mid-run, once Ray Train registered a checkpoint of
+                it (what a restarted worker group resumes from): its epochs on record, that epoch."""
+                for r in runs_of(c, LOST_SWEEP):
+                    tags = r.data.tags
+                    if tags.get("facelab.role") != "trial" or tags.get("facelab.worker_nodes") != json.dumps([worker]):
+                        continue
+                    logged = epochs(c, r.info.run_id)
+                    registered = registered_epoch(project, LOST_SWEEP, tags["facelab.trial_key"])
+                    if logged and logged[-1] < LOST_EPOCHS - 1 and registered is not None:
+                        return r, logged, registered
+                return None
+
+            victim, logged, registered = poll_until(
+                victim_checkpointed, "a trial on the worker node to checkpoint", sweep, log, every=0.1
+            )
+            killed = kill_node(lost, 1)
+            t_kill = time.time() - t0
+            rc = sweep.wait(timeout=420)
+        finally:
+            if sweep.poll() is None:
+                os.killpg(sweep.pid, signal.SIGKILL)
+                sweep.wait(timeout=30)
+        ray_logs = lost.logs()
+    return {
+        "rc": rc,
+        "out": log.read_text(),
+        "ray_logs": ray_logs,
+        "head": head,
+        "worker": worker,
+        "ips": lost.node_ips,
+        "victim": victim.info.run_id,
+        "logged": logged,
+        "registered": registered,
+        "killed": killed,
+        "t_kill": t_kill,
+        "wall": time.time() - t0,
+    }
+
+
+def test_sweep_survives_losing_the_worker_node(project, lost_node):
+    """The worker node died while a trial ran on it: the sweep finishes, the interrupted trial resumes
+    from its checkpoint on the head node with every epoch logged exactly once, and its run names both
+    nodes."""
+    ln = lost_node
+    head, worker, registered = ln["head"], ln["worker"], ln["registered"]
+    assert ln["rc"] == 0, f"sweep failed ({ln['rc']}):\n{tail(ln['out'])}\n{ln['ray_logs']}"
+    c = store(project)
+    trials = [r for r in runs_of(c, LOST_SWEEP) if r.data.tags.get("facelab.role") == "trial"]
+    assert len(trials) == 2 and {r.info.status for r in trials} == {"FINISHED"}, [
+        (r.info.status, r.data.tags.get("facelab.error")) for r in trials
+    ]
+    for r in trials:  # every epoch exactly once: no gap, no duplicate (a resumed run re-logs nothing)
+        for key in ("val/loss", "train/loss"):
+            steps = sorted(int(m.step) for m in c.get_metric_history(r.info.run_id, key))
+            assert steps == list(range(LOST_EPOCHS)), (r.info.run_name, key, steps)
+    r = next(t for t in trials if t.info.run_id == ln["victim"])
+    tags = r.data.tags
+    history = json.loads(tags["facelab.node_history"])
+    # It started on the worker node and resumed on the head from the checkpoint it had when the node
+    # died (or a newer one Ray Train registered before it noticed), not from epoch 0.
+    assert list(history[0]["nodes"]) == [worker] and history[0]["start_epoch"] == 0, history
+    assert list(history[-1]["nodes"]) == [head], history
+    assert history[-1]["start_epoch"] >= registered + 1 >= 1, (registered, history)
+    # each node as Ray knows it: the address it registered with
+    assert history[0]["nodes"][worker]["ip"] == ln["ips"][1], (history, ln["ips"])
+    assert history[-1]["nodes"][head]["ip"] == ln["ips"][0], (history, ln["ips"])
+    assert tags["facelab.nodes"].split(",") == [worker, head]
+    assert json.loads(tags["facelab.worker_nodes"]) == [head]  # the last attempt's ranks
+    other = next(t for t in trials if t.info.run_id != ln["victim"])
+    assert other.data.tags["facelab.nodes"] == head  # the other trial's worker was on the head all along
+    print(
+        f"\n[lost node] killed {len(ln['killed'])} process(es) of the worker node at {ln['t_kill']:.0f}s, "
+        f"epochs {ln['logged']} of '{r.info.run_name}' on record (checkpoint of epoch {registered} registered); "
+        f"resumed from epoch {history[-1]['start_epoch']} on the head ({len(history)} attempt(s)); "
+        f"sweep done in {ln['wall']:.0f}s"
+    )
+
+
+OK_REQUEST = {"text": "I am so happy to see you!", "num_samples": 1, "max_frames": 16, "seed": 3}
+
+
+def replicas_by_node(c: Cluster) -> list[int]:
+    """How many Serve replica processes each node of ``c`` runs."""
+    import psutil
+
+    counts = []
+    for i in range(2):
+        n = 0
+        for q in node_processes(c, i):
+            try:
+                n += "ServeReplica:" in " ".join(q.cmdline()) and q.status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                pass
+        counts.append(n)
+    return counts
+
+
+def answered_by_node(c: Cluster, i: int) -> int:
+    """Requests the Serve replicas of node ``i`` logged as answered (their access log lines)."""
+    lines = 0
+    for f in c.temp_dir.glob(f"n{i}/session_*/logs/serve/replica_*.log"):
+        lines += sum(" POST " in ln and " 200 " in ln for ln in f.read_text(errors="replace").splitlines())
+    return lines
+
+
+def test_endpoint_keeps_answering_when_a_replica_node_is_lost(project, lost_node, tmp_path):
+    """`facelab serve` with two replicas, one on each node; the worker node is killed while clients
+    send requests: the endpoint keeps answering, errors (counted) fall only inside the kill window."""
+    import httpx
+
+    assert lost_node["rc"] == 0, "needs the lost-node sweep's trials to promote"
+    facelab(project, "promote", LOST_SWEEP, "--model-name", "lost-node")
+    port, worker_proxy = free_ports(2)
+    # Both nodes share one host: the worker node's Serve proxy gets a port of its own (the head's
+    # proxy, on `--port`, is the endpoint the clients use). A proxy prefers the replicas of its own
+    # node; off, so that the head's proxy sends requests to the worker node's replica too.
+    spread = {"RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
+    node_env = [spread, {**spread, "RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(worker_proxy)}]
+    with two_node_cluster(project, node_env=node_env) as cl:
+        log = tmp_path / "serve.log"
+        env = env_for(project, **{k: cl.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})
+        with open(log, "w") as out:
+            server = subprocess.Popen(
+                [str(BIN / "facelab"), "serve", "--address", cl.address, "--model", "lost-node"]
+                + ["--replicas", "2", "--port", str(port)],
+                cwd=project,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        base = f"http://127.0.0.1:{port}"
+        results: list[tuple[float, float, int | str]] = []  # (start, end, status or exception)
+        stop = threading.Event()
+        try:
+
+            def healthy_on_both_nodes():
+                return replicas_by_node(cl) == [1, 1] and httpx.get(base + "/healthz", timeout=3).status_code == 200
+
+            poll_until(healthy_on_both_nodes, "a replica on each node, healthy", server, log, timeout=300, every=1)
+
+            def client(i: int) -> None:
+                with httpx.Client(timeout=60) as http:
+                    while not stop.is_set():
+                        t0 = time.time()
+                        try:
+                            st: int | str = http.post(
+                                base + "/v1/expressions", json={**OK_REQUEST, "seed": i}
+                            ).status_code
+                        except httpx.HTTPError as e:
+                            st = type(e).__name__
+                        results.append((t0, time.time(), st))
+
+            threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(3)]
+            for t in threads:
+                t.start()
+            poll_until(lambda: sum(r[2] == 200 for r in results) >= 20, "answers before the kill", server, log)
+            poll_until(lambda: answered_by_node(cl, 1) >= 3, "the worker node's replica answering", server, log)
+            t_kill = time.time()
+            killed = kill_node(cl, 1)
+            lost_answered = answered_by_node(cl, 1)  # what the lost replica had served
+            # Keep the load on until 15 s pass without an error (at most 150 s after the kill).
+            while time.time() < t_kill + 150:
+                bad = [r[1] for r in results if r[2] != 200 and r[1] >= t_kill]
+                if time.time() - max(bad, default=t_kill) >= 15:
+                    break
+                time.sleep(0.5)
+            health = httpx.get(base + "/healthz", timeout=10).status_code
+        finally:
+            stop.set()
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(timeout=30)
+    t_end = time.time()
+    before = [r for r in results if r[1] < t_kill]
+    after = [r for r in results if r[0] >= t_kill]
+    errors = [r for r in after if r[2] != 200]
+    last_error = max((r[1] for r in errors), default=t_kill)
+    window = [r for r in after if r[0] <= last_error]
+    print(
+        f"\n[lost replica node] killed {len(killed)} process(es) of the worker node; {len(before)} requests before "
+        f"the kill, all 200: {all(r[2] == 200 for r in before)}; {len(after)} after it, {len(errors)} error(s) "
+        f"({sorted({str(r[2]) for r in errors})}), all within {last_error - t_kill:.1f}s of the kill "
+        f"({sum(r[2] == 200 for r in window)} answered in that window); "
+        f"{sum(r[1] > last_error and r[2] == 200 for r in after)} answered after it; the lost node's replica "
+        f"had logged {lost_answered} answer(s)"
+    )
+    assert before and all(r[2] == 200 for r in before), [r for r in before if r[2] != 200][:5]
+    assert lost_answered >= 3  # the lost replica was taking its share of the load
+    assert last_error - t_kill < 120, f"errors went on for {last_error - t_kill:.0f}s after the kill"
+    served_after = [r for r in after if r[0] > last_error]
+    assert len(served_after) >= 10 and all(r[2] == 200 for r in served_after)  # answering again, on the head
+    assert t_end - last_error >= 15  # ... for at least 15 s with no error
+    assert health == 200
