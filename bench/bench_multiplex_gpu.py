@@ -29,6 +29,7 @@ import argparse
 import copy
 import gc
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -195,6 +196,7 @@ def main() -> None:
             for name in names
         }
         print(f"answers agree (share of requests per adapter): {res['agree']}", flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # the adapter checkpoints written above
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))
 
