@@ -143,6 +143,11 @@ def test_ls_status_and_report_out_from_the_store(quickstart, tmp_path):
     facelab(project, "report", "quickstart", "--no-log", "--out", str(tmp_path / "rep"))
     assert (tmp_path / "rep" / "table.md").read_text().startswith("| Variant |")
     assert (tmp_path / "rep" / "table.csv").read_text().startswith("variant,n_seeds,")
+    # the sweep's viewer page (issue #20): one self-contained file, a row per variant under the ground truth
+    html = facelab(project, "report", "quickstart", "--no-log", "--html", str(tmp_path / "sweep.html"))
+    assert f"wrote {tmp_path / 'sweep.html'}" in html.stderr
+    page = (tmp_path / "sweep.html").read_text()
+    assert page.startswith("<!doctype html>") and '"CTEG"' in page and '"w.o. EwA"' in page
     # MLflow's experiment kind: training runs (the UI link facelab prints also says so: see below)
     assert store(project).get_experiment_by_name("quickstart").tags["mlflow.experimentKind"] == (
         "custom_model_development"

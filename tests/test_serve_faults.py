@@ -186,6 +186,43 @@ def test_api_key_required_except_healthz(secured, api_key):
     assert "API key: required" in log and api_key not in log  # the key is never logged
 
 
+def test_viewer_page_asks_the_real_server_in_a_browser(secured, api_key, tmp_path):
+    """Issue #20: `GET /viewer` of a real `facelab serve` (with an API key) in headless Chromium: the page is
+    open and holds no key; typed into its field, the key goes with the form's request; the page draws
+    each sample the server answered (53-row heatmap, stop frame) -- the same frames as the API's answer."""
+    from test_e2e import _chromium
+
+    browser_bin = _chromium()
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright (the dev extra) drives the browser")
+    r = httpx.get(secured.base + "/viewer", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html") and api_key not in r.text
+    assert "http://" not in r.text.replace("http://www.w3.org/2000/svg", "")  # no network, no CDN
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=browser_bin, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            outside = []
+            page.on("request", lambda q: outside.append(q.url) if not q.url.startswith(secured.base) else None)
+            page.goto(secured.base + "/viewer")
+            page.wait_for_selector("#facelab-root[data-ready='1']")
+            page.fill("input[name=key]", api_key)
+            with page.expect_response(lambda a: a.url.endswith("/v1/expressions")) as answer:
+                page.click("form.ask button[type=submit]")
+            assert answer.value.status == 200, answer.value.text()
+            sent = answer.value.request.post_data_json
+            page.wait_for_selector(".answer[data-answered='1']", timeout=60_000)
+            frames = page.locator(".answer figure.seq").evaluate_all("fs => fs.map(f => Number(f.dataset.frames))")
+            expected = [len(q["frames"]) for q in answer.value.json()["sequences"]]
+            assert frames == expected and len(frames) == sent["num_samples"], (frames, expected)
+            page.screenshot(path=str(tmp_path / "served-viewer.png"), full_page=True)
+            assert not outside, outside
+        finally:
+            browser.close()
+    # the API key rules are the server's: the page's request without the key is refused
+    r = httpx.post(secured.base + "/v1/expressions", json=OK)
+    assert r.status_code == 401
+
+
 def test_st_cli_finds_no_openapi_contract_failure_over_http(secured, api_key, tmp_path):
     """`st run --checks all` (Schemathesis' CLI) over HTTP against server A, with its API key: the
     document the replicas serve is the contract they keep (the fast, in-process tier is in

@@ -35,9 +35,9 @@ import httpx
 import psutil
 import pytest
 
-from test_serve_faults import FAST, OK, Server, _register_variant
+from test_serve_faults import OK, Server, _register_variant
 
-from conftest import BIN, clone_built, env_for, facelab, free_port
+from conftest import BIN, clone_with_runs, env_for, facelab, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -63,10 +63,10 @@ def sets(xs):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, built_project) -> Path:
-    """One store, two served models: cteg-tiny (quickstart sweep) and keyframe-tiny (a short LoRA run)."""
-    p = clone_built(built_project, tmp_path_factory.mktemp("serve-hardening") / "p")
-    facelab(p, "sweep", "sweeps/quickstart.yaml", *sets(FAST))
+def project(tmp_path_factory, quickstart_runs) -> Path:
+    """One store, two served models: cteg-tiny (the session's quickstart sweep) and keyframe-tiny (a short
+    LoRA run)."""
+    p = clone_with_runs(quickstart_runs[0], tmp_path_factory.mktemp("serve-hardening") / "p")
     facelab(p, "promote", "quickstart")
     facelab(p, "train", "jobs/keyframe_tiny.yaml", "--cpus-per-worker", "1", *sets(KF_FAST))
     facelab(p, "promote", "keyframe-tiny")
@@ -624,6 +624,12 @@ def test_one_server_answers_several_models_each_on_its_route(project, api_key):
             assert r.status_code == 200 and r.json()["model"]["name"] == "cteg-tiny", (url, r.text)
         r = httpx.post(b + "/models/keyframe-tiny/v1/keyframes", json=SMALL_SCRIPT, headers=h, timeout=60)
         assert r.status_code == 200 and r.json()["model"]["name"] == "keyframe-tiny", r.text
+        # each model's viewer page (open: it holds no data) asks that model's own route
+        page = httpx.get(b + "/models/keyframe-tiny/viewer", timeout=30)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html"), page.text[:500]
+        assert '"endpoint":"/models/keyframe-tiny/v1/keyframes"' in page.text and api_key not in page.text
+        page = httpx.get(b + "/viewer", timeout=30)
+        assert page.status_code == 200 and '"endpoint":"/v1/expressions"' in page.text
 
         # two adapters of one base in one replica, the adapter picked per request, each as it is alone
         for name in ("keyframe-tiny-b", "keyframe-tiny", "keyframe-tiny-b"):

@@ -267,6 +267,11 @@ def cmd_report(args) -> int:
     print(sweep_table(c, parent, trials, fmt=args.format, log=not args.no_log, by=by, out_dir=out))
     if out is not None:
         print(f"wrote {out}/ (table, CSV and plots)", file=sys.stderr)
+    if args.html:
+        from facelab.report import sweep_html
+
+        page = sweep_html(c, parent, trials, Path(args.html), by=by, log=not args.no_log)
+        print(f"wrote {page}" if page else "no trial of this sweep logged viewer/preview.json", file=sys.stderr)
     return 0
 
 
@@ -1106,6 +1111,13 @@ def build_parser() -> argparse.ArgumentParser:
         "and every searched parameter, so ± is over seeds only",
     )
     r.add_argument("--out", default=None, metavar="DIR", help="also write the table (md, csv) and plots into DIR")
+    r.add_argument(
+        "--html",
+        default=None,
+        metavar="FILE",
+        help="also write the sweep's viewer page (faces or heatmaps, ground truth then one row per variant) to FILE "
+        "and log it to the sweep's run (unless --no-log)",
+    )
     r.set_defaults(fn=cmd_report)
 
     pr = sub.add_parser("promote", help="register the sweep's best trial as champion")

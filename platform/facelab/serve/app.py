@@ -76,7 +76,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Body, FastAPI, HTTPException, Query, Request, params
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
 from facelab.serve.schemas import (
@@ -130,7 +130,9 @@ api = _Api(
 )
 
 MAX_BODY_BYTES = 64 * 1024  # a request is a short text and three numbers
-OPEN_PATHS = frozenset({"/healthz"})  # answered without an API key (liveness probes)
+# Answered without an API key: liveness probes, and the viewer page (it holds no data; its form asks for the
+# key and sends it with each request it makes).
+OPEN_PATHS = frozenset({"/healthz", "/viewer"})
 UNCOUNTED_PATHS = frozenset({"/healthz", "/v1/status"})  # not requests to drain: answered while draining
 DRAIN_NAMESPACE = "facelab"  # Ray internal-KV namespace of the drain flag and the replicas' reports
 DRAIN_POLL_S = 0.2
@@ -1130,6 +1132,22 @@ class FacelabServer:
             },
         }
         return JSONResponse(status_code=200 if body["status"] == "ok" else 503, content=body)
+
+    @api.get("/viewer", response_class=HTMLResponse, include_in_schema=False)
+    def viewer(self) -> HTMLResponse:
+        """The browser viewer of this route's model (issue #20; :mod:`facelab.viewer`): one self-contained
+        page (no network, no CDN) whose form asks this server's task route and draws the answer -- faces
+        and 61 channel bars per keyframe, or heatmaps and curves per sample with the stop frame marked.
+        The page holds no model data and no key: a server with an API key gets it from the page's field."""
+        from facelab.viewer.html import render_page, serve_payload
+
+        s = self.served
+        if s is None:
+            raise _unavailable(self.model_name, self.alias)
+        prefix = "" if self.route_prefix == "/" else self.route_prefix.rstrip("/")
+        task = s.route.rsplit("/", 1)[-1]
+        title = f"{s.info.name} v{s.info.version}"
+        return HTMLResponse(render_page(serve_payload(task, title=title, endpoint=prefix + s.route)))
 
     @api.get("/v1/status", response_model=ServerStatus, responses=error_responses(401))
     def status(self) -> dict:
