@@ -372,9 +372,11 @@ def test_browser_served_page_asks_the_endpoint_and_draws_the_answer(tmp_path):
             url, key, body = sent[-1]
             assert url == "http://facelab.test/v1/keyframes" and key == "s3cret"
             assert body == {**html.SERVE_EXAMPLES["keyframes"]}
-            assert page.locator('.answer svg.face[data-drawn="js"]').count() == 2
-            assert page.locator(".answer section.item").nth(0).locator("tr.bar").count() == 61
-            sneer = page.locator(".answer section.item").nth(0).locator('tr[data-channel="NoseSneerLeft"] .value')
+            keyframes = page.locator(".answer section.item[data-item]")  # one per keyframe (and the player)
+            assert keyframes.locator('svg.face[data-drawn="js"]').count() == 2
+            assert page.locator(".answer section.player").count() == 1
+            assert keyframes.nth(0).locator("tr.bar").count() == 61
+            sneer = keyframes.nth(0).locator('tr[data-channel="NoseSneerLeft"] .value')
             assert sneer.inner_text() == "0.75"
             page.screenshot(path=str(tmp_path / "served-keyframes.png"), full_page=True)
 
@@ -386,5 +388,154 @@ def test_browser_served_page_asks_the_endpoint_and_draws_the_answer(tmp_path):
             frames = page.locator(".answer figure.seq").evaluate_all("fs => fs.map(f => f.dataset.frames)")
             assert frames == ["30", "44"]
             page.screenshot(path=str(tmp_path / "served-expressions.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def _pchip_cases():
+    """Keyframe vectors that exercise PCHIP's branches: plateaus (zero slopes), sign changes (a peak),
+    monotone runs (the weighted harmonic mean), end slopes kept or zeroed, pose channels below 0."""
+    rng = np.random.default_rng(2)
+    rand = [np.clip(rng.normal(0.3, 0.35, 61), LOW, HIGH) for _ in range(5)]
+    shaped = [vec(JawOpen=a, HeadYaw=b, EyeBlinkLeft=c, MouthSmileLeft=d)
+              for a, b, c, d in ((0.0, -0.6, 0.0, 0.1), (0.8, 0.2, 0.0, 0.2), (0.1, 0.9, 1.0, 0.9), (0.1, -0.9, 0.0, 0.95))]  # fmt: skip
+    return [
+        (rand[:1], 1.0, 60.0),  # one keyframe: one held frame
+        (rand[:2], 1.0, 60.0),  # two: linear
+        (rand[:3], 1.0, 60.0),
+        (rand, 1.0, 60.0),
+        (shaped, 0.7, 60.0),  # key times off the grid
+        (rand[:4], 0.5, 30.0),
+    ]
+
+
+def test_browser_pchip_equals_facelab_export(tmp_path):
+    """The page's interpolation (face.js ``FaceLab.interpolate``) gives the frames ``facelab export``
+    writes (``arkit.interpolate_keyframes``: scipy's PchipInterpolator on keyframes ``spacing`` s apart,
+    the ``i / fps`` grid, clipped) to 1e-6, and ``FaceLab.pchip`` equals PchipInterpolator on uneven
+    knots with values outside [0, 1] (no clipping) -- in headless Chromium."""
+    browser_bin = _chromium()
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright (the dev extra) drives the browser")
+    from scipy.interpolate import PchipInterpolator
+
+    from facelab.data.arkit import interpolate_keyframes
+
+    served = html.write_page(html.serve_payload("keyframes", title="kf"), tmp_path / "served.html")
+    rng = np.random.default_rng(3)
+    knots = [np.cumsum(rng.uniform(0.2, 1.5, k)) for k in (3, 4, 7)]
+    curves = [np.array([0.0, 1.0, 1.0]), np.array([2.0, -1.0, 0.5, 3.0]), rng.normal(0, 2, 7)]
+    queries = [np.linspace(x[0] - 0.3, x[-1] + 0.3, 97) for x in knots]
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=browser_bin, headless=True)
+        try:
+            page = browser.new_page()
+            _open(page, served, [])
+            rig_js = "JSON.parse(document.getElementById('facelab-data').textContent).rig"
+            for rows, spacing, fps in _pchip_cases():
+                got = page.evaluate(f"([r, s, f]) => FaceLab.interpolate(r, s, f, {rig_js})",
+                                    [np.asarray(rows).tolist(), spacing, fps])  # fmt: skip
+                times, frames = interpolate_keyframes(np.stack(rows), [k * spacing for k in range(len(rows))], fps=fps)
+                assert len(got["frames"]) == len(frames)
+                np.testing.assert_allclose(got["times"], times, atol=1e-12)
+                np.testing.assert_allclose(np.array(got["frames"]), frames, atol=1e-6, rtol=0)
+                want_keys = [min(len(frames) - 1, int(np.ceil(k * spacing * fps - 1e-9))) for k in range(len(rows))]
+                assert got["keyFrames"] == want_keys
+            for x, y, q in zip(knots, curves, queries):
+                got = page.evaluate("([x, y, q]) => { const f = FaceLab.pchip(x, y); return q.map(f); }",
+                                    [x.tolist(), y.tolist(), q.tolist()])  # fmt: skip
+                np.testing.assert_allclose(got, PchipInterpolator(x, y)(q), atol=1e-9, rtol=0)
+        finally:
+            browser.close()
+
+
+def test_browser_served_keyframes_play_as_the_exported_animation(tmp_path):
+    """On the served keyframes page, after the answer: the animation player (60 Hz, PCHIP as ``facelab
+    export``) plays (the frame counter moves), pauses (it stops), scrubs (the face and the 61 bars show
+    that frame of ``interpolate_keyframes``), steps to the previous/next keyframe, and "download CSV"
+    asks the endpoint again with ``?format=csv`` (same body, same API key) and saves exactly what the
+    server answered. The server is played by Playwright's router."""
+    browser_bin = _chromium()
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright (the dev extra) drives the browser")
+    from facelab.data.arkit import format_llf_csv, interpolate_keyframes, mapping_from_vector
+
+    rows = np.stack([vec(**AUDIT), vec(JawOpen=0.6, MouthStretchLeft=0.5, HeadYaw=-0.3), vec(EyeBlinkLeft=1.0)])
+    answer = {"model": {"name": "kf", "version": "3"},
+              "keyframes": [{"index": k + 1, "blendshapes": mapping_from_vector(r)} for k, r in enumerate(rows)]}  # fmt: skip
+    csv_text = format_llf_csv(rows)
+    _, frames = interpolate_keyframes(rows, [0.0, 1.0, 2.0], fps=60.0)
+    body = {**html.SERVE_EXAMPLES["keyframes"], "keyframes": ["sneers", "opens the jaw", "winks"]}
+    page_html = html.render_page(html.serve_payload("keyframes", title="served keyframes"))
+    sent = []
+
+    def handle(route):
+        req = route.request
+        if req.method != "POST":
+            return route.fulfill(status=200, content_type="text/html", body=page_html)
+        sent.append((req.url, req.headers.get("x-api-key"), json.loads(req.post_data)))
+        if req.url.endswith("?format=csv"):
+            return route.fulfill(status=200, content_type="text/csv", body=csv_text,
+                                 headers={"Content-Disposition": 'attachment; filename="keyframes.csv"'})  # fmt: skip
+        route.fulfill(status=200, content_type="application/json", body=json.dumps(answer))
+
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=browser_bin, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.route("http://facelab.test/**", handle)
+            page.goto("http://facelab.test/viewer")
+            page.wait_for_selector("#facelab-root[data-ready='1']")
+            page.fill("textarea[name=keyframes]", "\n".join(body["keyframes"]))
+            page.fill("input[name=key]", "s3cret")
+            page.click("form.ask button[type=submit]")
+            page.wait_for_selector(".answer[data-answered='1']")
+            player = page.locator(".answer section.player")
+            assert player.get_attribute("data-frames") == str(len(frames)) == "121"
+            assert player.get_attribute("data-keyframes") == "0,60,120"
+            counter = player.locator("output.anim-frame")
+
+            def frame() -> int:
+                return int(counter.get_attribute("data-frame"))
+
+            def shows(i: int) -> None:
+                """The player's face and bars are frame i of interpolate_keyframes."""
+                assert frame() == i and int(player.locator("input.anim-scrub").input_value()) == i
+                shown = player.locator("tr.bar td.cell").evaluate_all("tds => tds.map(t => +t.dataset.value)")
+                np.testing.assert_allclose(shown, frames[i], atol=0.0051)
+                js = player.evaluate("""s => [...s.querySelectorAll('svg.face [data-shape]')].map(e => [e.dataset.shape,
+                                          e.getAttribute('d') || (e.getAttribute('cx') + ' ' + e.getAttribute('cy'))])""")
+                got, want = _svg_numbers(js), _svg_numbers(_python_shapes(frames[i]))
+                assert got.keys() == want.keys()
+                for sid in want:
+                    np.testing.assert_allclose(got[sid], want[sid], atol=0.011, err_msg=f"frame {i} {sid}")
+
+            shows(0)
+            player.locator("button.anim-play").click()  # plays: the counter moves
+            page.wait_for_function("() => +document.querySelector('output.anim-frame').dataset.frame > 5")
+            player.locator("button.anim-play").click()  # pauses: it stays
+            stopped = frame()
+            page.wait_for_timeout(300)
+            assert frame() == stopped and player.get_attribute("data-playing") is None
+            player.locator("input.anim-scrub").fill("37")  # scrubs
+            shows(37)
+            player.locator("button.anim-next").click()  # next keyframe: 2nd, at 1 s
+            shows(60)
+            player.locator("button.anim-next").click()
+            shows(120)
+            player.locator("button.anim-next").click()  # the last keyframe: stays
+            assert frame() == 120
+            player.locator("button.anim-prev").click()
+            shows(60)
+            page.screenshot(path=str(tmp_path / "served-animation.png"), full_page=True)
+
+            with page.expect_download() as got:  # the API's own CSV, same request and key
+                player.locator("button.anim-csv").click()
+            download = got.value
+            assert download.suggested_filename == "keyframes.csv"
+            assert Path(download.path()).read_text(encoding="utf-8") == csv_text
+            assert sent[-1] == ("http://facelab.test/v1/keyframes?format=csv", "s3cret", body)
+            assert sent[-2] == ("http://facelab.test/v1/keyframes", "s3cret", body)
+            assert not errors, errors
         finally:
             browser.close()

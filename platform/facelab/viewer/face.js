@@ -132,24 +132,37 @@
       var tr = el("tr", { class: "bar", "data-channel": name, "data-region": regionOf[name] || "" }, body);
       text("td", "name", name, tr);
       columns.forEach(function (col) {
-        var v = Number(col.values[i]);
-        var td = el("td", { class: "cell " + col.cls, "data-value": fmt(v) }, tr);
-        var track = el("span", { class: "track" + (ch.lo < 0 ? " signed" : "") }, td);
-        var clipped = Math.min(ch.hi, Math.max(ch.lo, isFinite(v) ? v : 0));
-        var fill = el("span", { class: "fill" }, track);
-        if (ch.lo < 0) {
-          var w = Math.abs(clipped) * 50;
-          fill.style.left = (clipped < 0 ? 50 - w : 50) + "%";
-          fill.style.width = w + "%";
-        } else {
-          fill.style.left = "0%";
-          fill.style.width = clipped * 100 + "%";
-        }
-        text("span", "value", fmt(v), td);
-        if (Math.abs(v) >= 0.3) tr.classList.add("strong");
+        var td = el("td", { class: "cell " + col.cls }, tr);
+        el("span", { class: "fill" }, el("span", { class: "track" + (ch.lo < 0 ? " signed" : "") }, td));
+        text("span", "value", "", td);
+        setCell(td, ch, Number(col.values[i]));
+        if (Math.abs(Number(col.values[i])) >= 0.3) tr.classList.add("strong");
       });
     });
     return table;
+  }
+
+  /* One bar cell shows value v: its data-value, the fill (from 0, or from the middle for pose) and the text. */
+  function setCell(td, ch, v) {
+    var fill = td.querySelector(".fill"), clipped = Math.min(ch.hi, Math.max(ch.lo, isFinite(v) ? v : 0));
+    td.setAttribute("data-value", fmt(v));
+    if (ch.lo < 0) {
+      var w = Math.abs(clipped) * 50;
+      fill.style.left = (clipped < 0 ? 50 - w : 50) + "%";
+      fill.style.width = w + "%";
+    } else {
+      fill.style.left = "0%";
+      fill.style.width = clipped * 100 + "%";
+    }
+    td.querySelector(".value").textContent = fmt(v);
+  }
+
+  /* A one-column bars table shows a new vector (the animation's current frame). */
+  function setBars(table, data, values) {
+    table.querySelectorAll("tr.bar").forEach(function (tr, i) {
+      setCell(tr.querySelector("td.cell"), data.rig.channels[i], Number(values[i]));
+      tr.classList.toggle("strong", Math.abs(Number(values[i])) >= 0.3);
+    });
   }
 
   function topList(data, values, k) {
@@ -282,6 +295,69 @@
   }
 
   // ---------------------------------------------------------------------------------------------
+  // Keyframes -> animation, as `facelab export` (facelab.data.arkit.interpolate_keyframes): PCHIP
+  // ---------------------------------------------------------------------------------------------
+
+  function sgn(x) { return x > 0 ? 1 : x < 0 ? -1 : 0; }
+
+  /* scipy's PchipInterpolator._edge_case: the one-sided three-point end slope, kept shape-preserving. */
+  function pchipEdge(h0, h1, m0, m1) {
+    var d = ((2 * h0 + h1) * m0 - h0 * m1) / (h0 + h1);
+    if (sgn(d) !== sgn(m0)) return 0;
+    if (sgn(m0) !== sgn(m1) && Math.abs(d) > 3 * Math.abs(m0)) return 3 * m0;
+    return d;
+  }
+
+  /* Fritsch-Carlson monotone cubic through (x[k], y[k]), x strictly increasing: the same slopes
+     (PchipInterpolator._find_derivatives) and the same piecewise polynomial (CubicHermiteSpline's
+     coefficients, evaluated in PPoly's local coordinate) as scipy. Returns t -> value. */
+  function pchip(x, y) {
+    var n = x.length, h = [], m = [], d = [], k;
+    if (n === 1) return function () { return y[0]; };
+    for (k = 0; k < n - 1; k++) { h.push(x[k + 1] - x[k]); m.push((y[k + 1] - y[k]) / h[k]); }
+    if (n === 2) d = [m[0], m[0]];
+    else {
+      d[0] = pchipEdge(h[0], h[1], m[0], m[1]);
+      for (k = 1; k < n - 1; k++) {
+        if (sgn(m[k]) !== sgn(m[k - 1]) || m[k] === 0 || m[k - 1] === 0) { d[k] = 0; continue; }
+        var w1 = 2 * h[k] + h[k - 1], w2 = h[k] + 2 * h[k - 1];
+        d[k] = 1 / ((w1 / m[k - 1] + w2 / m[k]) / (w1 + w2));
+      }
+      d[n - 1] = pchipEdge(h[n - 2], h[n - 3], m[n - 2], m[n - 3]);
+    }
+    var c = [];
+    for (k = 0; k < n - 1; k++) {
+      var t = (d[k] + d[k + 1] - 2 * m[k]) / h[k];
+      c.push([t / h[k], (m[k] - d[k]) / h[k] - t, d[k], y[k]]);
+    }
+    return function (v) {
+      var i = 0;
+      while (i < n - 2 && v >= x[i + 1]) i++;
+      var s = v - x[i], q = c[i];
+      return ((q[0] * s + q[1]) * s + q[2]) * s + q[3];
+    };
+  }
+
+  /* Keyframes rows (K, 61) placed spacing seconds apart (0, spacing, 2 spacing, ...) -> the frames at
+     fps on the grid i / fps up to the last key time (K = 1: one held frame), clipped to the channels'
+     ranges: {times, frames, keyFrames} where keyFrames[k] is the first frame at or after keyframe k. */
+  function interpolate(rows, spacing, fps, rig) {
+    var K = rows.length, keyTimes = rows.map(function (_, k) { return k * spacing; });
+    var n = K === 1 ? 1 : Math.floor((keyTimes[K - 1] - keyTimes[0]) * fps + 1e-9) + 1;
+    var times = [], frames = [], i;
+    for (i = 0; i < n; i++) { times.push(keyTimes[0] + i / fps); frames.push([]); }
+    (rig ? rig.channels : rows[0]).forEach(function (ch, c) {
+      var f = pchip(keyTimes, rows.map(function (r) { return Number(r[c]); }));
+      var lo = rig ? ch.lo : -Infinity, hi = rig ? ch.hi : Infinity;
+      for (i = 0; i < n; i++) frames[i].push(Math.min(hi, Math.max(lo, f(times[i]))));
+    });
+    var keyFrames = keyTimes.map(function (t) {
+      return Math.min(n - 1, Math.max(0, Math.ceil((t - keyTimes[0]) * fps - 1e-9)));
+    });
+    return { times: times, frames: frames, keyFrames: keyFrames };
+  }
+
+  // ---------------------------------------------------------------------------------------------
   // Pages
   // ---------------------------------------------------------------------------------------------
 
@@ -364,6 +440,111 @@
     return input;
   }
 
+  /* The answered keyframes as a 60 Hz animation (interpolate(): what `facelab export` writes): the face
+     and the 61 bars of the current frame, play/pause, a frame slider, previous/next keyframe, the frame
+     counter (data-frame), and "download CSV": the same request again with ?format=csv, the API's own file. */
+  function player(data, rows, anim, ask, parent) {
+    var a = interpolate(rows, anim.spacing, anim.fps, data.rig), n = a.frames.length, fps = anim.fps;
+    var sec = el("section", { class: "item player", "data-frames": String(n), "data-fps": String(fps),
+                              "data-keyframes": a.keyFrames.join(",") }, parent);
+    text("h2", "", "animation: " + rows.length + " keyframe" + (rows.length === 1 ? "" : "s") + " " +
+         anim.spacing + " s apart, " + n + " frames at " + fps + " Hz (PCHIP, as facelab export)", sec);
+    var bar = el("div", { class: "controls" }, sec);
+    var prev = el("button", { class: "anim-prev", type: "button", title: "previous keyframe" }, bar);
+    prev.textContent = "\u00ab keyframe";
+    var play = el("button", { class: "anim-play", type: "button" }, bar);
+    play.textContent = "play";
+    var next = el("button", { class: "anim-next", type: "button", title: "next keyframe" }, bar);
+    next.textContent = "keyframe \u00bb";
+    var ticks = el("datalist", { id: "anim-keyframes" }, bar);
+    a.keyFrames.forEach(function (f) { el("option", { value: String(f) }, ticks); });
+    var scrub = el("input", { class: "anim-scrub", type: "range", min: "0", max: String(n - 1), step: "1",
+                              value: "0", list: "anim-keyframes", "aria-label": "frame" }, bar);
+    var counter = el("output", { class: "anim-frame", "data-frame": "0" }, bar);
+    var csv = el("button", { class: "anim-csv", type: "button", title: "the server's Live Link Face CSV of these keyframes" }, bar);
+    csv.textContent = "download CSV";
+    var note = el("span", { class: "anim-note" }, bar);
+    var body = el("div", { class: "item-body" }, sec);
+    var fig = el("figure", { class: "face-figure gen anim" }, body);
+    var svg = faceSVG(data.rig, a.frames[0], "anim");
+    fig.appendChild(svg);
+    var cap = el("figcaption", {}, fig), capHead = text("strong", "", "", cap), capTop = text("span", "top", "", cap);
+    var det = el("details", { class: "bars-box", open: "" }, body);
+    text("summary", "", "61 channels (current frame)", det);
+    var table = bars(data, [{ label: "frame", cls: "gen", values: a.frames[0] }], det);
+    var cur = 0, playing = false, raf = 0, t0 = 0, from = 0;
+
+    function show(i) {
+      cur = Math.max(0, Math.min(n - 1, i));
+      var values = a.frames[cur], fresh = faceSVG(data.rig, values, "anim");
+      fig.replaceChild(fresh, svg);
+      svg = fresh;
+      setBars(table, data, values);
+      scrub.value = String(cur);
+      var k = a.keyFrames.indexOf(cur);
+      counter.setAttribute("data-frame", String(cur));
+      counter.textContent = "frame " + cur + " / " + (n - 1) + " · " + a.times[cur].toFixed(3) + " s" +
+        (k >= 0 ? " · keyframe " + (k + 1) : "");
+      capHead.textContent = k >= 0 ? "keyframe " + (k + 1) : "frame " + cur;
+      var top = topList(data, values, 4);
+      capTop.textContent = top.length ? top.join(", ") : "(neutral)";
+    }
+    function tick(now) {
+      if (!playing) return;
+      show((from + Math.floor(((now - t0) / 1000) * fps)) % n);
+      raf = requestAnimationFrame(tick);
+    }
+    function stop() {
+      playing = false;
+      cancelAnimationFrame(raf);
+      play.textContent = "play";
+      sec.removeAttribute("data-playing");
+    }
+    play.addEventListener("click", function () {
+      if (playing) { stop(); return; }
+      if (n < 2) return;
+      playing = true;
+      from = cur === n - 1 ? 0 : cur;
+      t0 = performance.now();
+      play.textContent = "pause";
+      sec.setAttribute("data-playing", "1");
+      raf = requestAnimationFrame(tick);
+    });
+    scrub.addEventListener("input", function () { stop(); show(Number(scrub.value)); });
+    next.addEventListener("click", function () {
+      stop();
+      var later = a.keyFrames.filter(function (f) { return f > cur; });
+      show(later.length ? later[0] : cur);
+    });
+    prev.addEventListener("click", function () {
+      stop();
+      var earlier = a.keyFrames.filter(function (f) { return f < cur; });
+      show(earlier.length ? earlier[earlier.length - 1] : cur);
+    });
+    csv.addEventListener("click", function () {
+      var url = ask.endpoint + (ask.endpoint.indexOf("?") >= 0 ? "&" : "?") + "format=csv";
+      note.className = "anim-note";
+      note.textContent = "asking " + url + " …";
+      fetch(url, { method: "POST", headers: ask.headers, body: JSON.stringify(ask.body) })
+        .then(function (r) {
+          if (!r.ok) return r.text().then(function (t) { throw new Error(r.status + ": " + t); });
+          var disp = r.headers.get("Content-Disposition") || "", m = /filename="?([^";]+)"?/.exec(disp);
+          return r.blob().then(function (b) { return { blob: b, name: m ? m[1] : "keyframes.csv" }; });
+        })
+        .then(function (got) {
+          var href = URL.createObjectURL(new Blob([got.blob], { type: "text/csv" }));
+          var link = el("a", { href: href, download: got.name, class: "anim-csv-link" }, bar);
+          link.textContent = got.name;
+          link.click();
+          note.textContent = "";
+          setTimeout(function () { URL.revokeObjectURL(href); link.remove(); }, 60000);
+        })
+        .catch(function (e) { note.className = "anim-note error"; note.textContent = String(e.message || e); });
+    });
+    show(0);
+    return sec;
+  }
+
   function servePage(data, root) {
     var page = data.page, form = el("form", { class: "ask" }, root);
     var inputs = {};
@@ -422,6 +603,10 @@
               text("summary", "", "61 channels", det);
               bars(data, [{ label: "generated", cls: "gen", values: it.values }], det);
             });
+            var anim = page.animation || { fps: 60, spacing: 1 };
+            var sec = player(data, items.map(function (it) { return it.values; }), anim,
+                             { endpoint: page.endpoint, headers: headers, body: body }, out);
+            out.insertBefore(sec, out.firstChild);  // the animation first, then each keyframe
           } else {
             var seqs = r.json.sequences.map(function (s) { return s.frames; });
             var d = { rig: data.rig, channels: data.channels, regions: data.regions,
@@ -454,7 +639,8 @@
     root.setAttribute("data-ready", "1");
   }
 
-  window.FaceLab = { geometry: geometry, segments: segments, pathD: pathD, faceSVG: faceSVG, fmt: fmt, boot: boot };
+  window.FaceLab = { geometry: geometry, segments: segments, pathD: pathD, faceSVG: faceSVG, fmt: fmt, boot: boot,
+                     pchip: pchip, interpolate: interpolate };
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", boot);
   else boot();
 })();

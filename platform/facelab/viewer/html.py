@@ -14,7 +14,7 @@ Three pages, each built from a JSON-ready *payload* (the page keeps it in
 * :func:`sweep_payload` -- a sweep: one row per variant (the ground truth first), one column per test
   item, from the runs' payloads;
 * :func:`serve_payload` -- the served model's page: a form that asks the same server's endpoint and
-  draws the answer.
+  draws the answer (a keyframes answer also as a 60 Hz animation, interpolated as ``facelab export``).
 
 :func:`render_page` turns a payload into the HTML text, :func:`write_page` writes it.
 """
@@ -161,13 +161,34 @@ SERVE_EXAMPLES = {
 }
 
 
-def serve_payload(task: str, *, title: str, endpoint: str | None = None, example: dict | None = None) -> dict:
+EXPORT_FPS = 60.0
+EXPORT_SPACING_S = 1.0
+"""``facelab export``'s defaults (``--fps``, ``--spacing``): the served keyframes page animates the answer
+on this grid, interpolated as export does (:func:`facelab.data.arkit.interpolate_keyframes`, PCHIP)."""
+
+
+def serve_payload(
+    task: str,
+    *,
+    title: str,
+    endpoint: str | None = None,
+    example: dict | None = None,
+    fps: float = EXPORT_FPS,
+    spacing: float = EXPORT_SPACING_S,
+) -> dict:
     """Payload of the served model's page (``GET /viewer``): a form that POSTs to ``endpoint`` on the same
     server (default ``/v1/keyframes`` or ``/v1/expressions``; an ``X-API-Key`` field for a server that
     needs one) and draws the answer -- faces and 61 bars per keyframe, or heatmaps and curves per
-    sample with the stop frame marked. ``example`` fills the form (:data:`SERVE_EXAMPLES`)."""
+    sample with the stop frame marked. ``example`` fills the form (:data:`SERVE_EXAMPLES`).
+
+    A keyframes answer is also played as an animation: keyframes ``spacing`` seconds apart interpolated
+    at ``fps`` exactly as ``facelab export`` does (PCHIP, ``payload["animation"]``), with play/pause, a
+    frame slider, previous/next keyframe and a "download CSV" button that asks the endpoint again with
+    ``?format=csv`` (the API's Live Link Face CSV of the keyframes)."""
     if task not in SERVE_EXAMPLES:
         raise ValueError(f"serve_payload: task must be one of {sorted(SERVE_EXAMPLES)}, got {task!r}")
+    if not (math.isfinite(fps) and fps > 0 and math.isfinite(spacing) and spacing > 0):
+        raise ValueError(f"serve_payload: fps and spacing must be > 0, got {fps!r}, {spacing!r}")
     return {
         "version": VERSION,
         "kind": "serve",
@@ -179,6 +200,7 @@ def serve_payload(task: str, *, title: str, endpoint: str | None = None, example
         "fps": 25,
         "dims": coefficient_labels(53),
         "curves": [0, 1, 2, 50],
+        "animation": {"fps": float(fps), "spacing": float(spacing)},
     }
 
 
