@@ -491,6 +491,7 @@
     }
     function tick(now) {
       if (!playing) return;
+      if (!sec.isConnected) { playing = false; return; }  // a new answer replaced this player
       show((from + Math.floor(((now - t0) / 1000) * fps)) % n);
       raf = requestAnimationFrame(tick);
     }
