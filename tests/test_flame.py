@@ -180,6 +180,22 @@ def test_a_flame_2020_format_pickle_loads_as_numpy_without_chumpy(tmp_path, py2)
     assert model.parents.tolist() == [-1, 0, 1, 1, 1]
 
 
+def test_numpy_scalars_and_a_python3_sparse_array_load(tmp_path):
+    """Values a FLAME dict may hold beside its arrays: numpy scalars (e.g. in an old sparse matrix's
+    shape), a csr matrix, chumpy's sets; extra keys are read (inertly) and ignored."""
+    arrays = flame_arrays(n_v=40, n_f=30)
+    reg = sp.csr_matrix(arrays["J_regressor"])
+    reg._shape = (np.int64(5), np.int64(40))
+    path = write_flame_pkl(
+        tmp_path / "m.pkl",
+        arrays,
+        py2=False,
+        extra=lambda ch: {"J_regressor": reg, "n": np.float32(2.5), "tags": {"a", "b"}, "nested": {"k": [1, (2,)]}},
+    )
+    model = load_flame(path)
+    np.testing.assert_array_equal(model.J_regressor, arrays["J_regressor"])
+
+
 def test_an_npz_with_the_same_keys_loads(tmp_path):
     arrays = flame_arrays(n_v=50, n_f=60)
     path = tmp_path / "flame.npz"

@@ -266,6 +266,8 @@ class _FlameUnpickler(_ReleaseUnpickler):
         self.encoding = "latin1"  # Python 2 str (keys, an array's data) -> str, as chumpy-era loaders read it
         self._limit = DECODE_FACTOR * size + DECODE_SLACK
         self._globals[("numpy", "ndarray")] = self._ndarray  # unchanged; listed for the reader
+        for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
+            self._globals[(mod, "scalar")] = self._scalar  # a numpy number, e.g. inside a sparse matrix's shape
         for mod in ("builtins", "__builtin__"):
             self._globals[(mod, "set")] = self._set
             self._globals[(mod, "frozenset")] = self._set
@@ -351,6 +353,22 @@ class _FlameUnpickler(_ReleaseUnpickler):
         if len(args) == 3 and args[2] == "b":  # Python 2 wrote the typecode as a str
             args = (args[0], args[1], b"b")
         return super()._reconstruct(*args)
+
+    def _scalar(self, *args: Any) -> int | float | bool:
+        """numpy's ``scalar(dtype, data)`` -> the Python number (data exactly one item of a plain dtype)."""
+        what = f"numpy scalar{_brief(args)}"
+        if len(args) != 2 or type(args[1]) not in (bytes, str):
+            raise self._refuse(f"{what}: expected (dtype, data)")
+        dt = self._checked_dtype(args[0], what)
+        data = args[1]
+        if type(data) is str:  # Python 2's raw str, read as latin-1 text
+            try:
+                data = data.encode("latin1")
+            except UnicodeEncodeError:
+                raise self._refuse(f"{what}: data is not latin-1 text") from None
+        if len(data) != dt.itemsize:
+            raise self._refuse(f"{what}: {len(data)} data bytes for one {dt}")
+        return np.frombuffer(data, dtype=dt)[0].item()
 
     def _set(self, *args: Any) -> set:
         if not args:
