@@ -265,7 +265,6 @@ class _FlameUnpickler(_ReleaseUnpickler):
         super().__init__(file, source, size)
         self.encoding = "latin1"  # Python 2 str (keys, an array's data) -> str, as chumpy-era loaders read it
         self._limit = DECODE_FACTOR * size + DECODE_SLACK
-        self._globals[("numpy", "ndarray")] = self._ndarray  # unchanged; listed for the reader
         for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
             self._globals[(mod, "scalar")] = self._scalar  # a numpy number, e.g. inside a sparse matrix's shape
         for mod in ("builtins", "__builtin__"):
