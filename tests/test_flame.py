@@ -527,3 +527,60 @@ def test_render_gif_refuses_wrong_params(small, tmp_path):
     _, path = small
     with pytest.raises(ValueError, match=r"expected \(T, 53\)"):
         render_gif(load_flame(path), np.zeros((4, 52)), tmp_path / "x.gif")
+
+
+# --------------------------------------------------------------------------------------------
+# Wired into a run: the expression scoring logs one avatar GIF per generated text
+# --------------------------------------------------------------------------------------------
+
+
+def test_an_expression_run_logs_flame_avatars_when_pointed_at_a_model(small, tmp_path, monkeypatch):
+    """With ``FACELAB_FLAME_MODEL`` set, the trial's preview step (``log_trajectories``) logs
+    ``viewer/flame_<i>.gif`` per test text: the generated sequence's frames at 24 fps, in a real MLflow
+    store. A variable naming no file skips the avatars with a tagged reason instead of failing the run;
+    unset, nothing is drawn."""
+    import types
+
+    import torch
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from facelab.tasks.expressions.scoring import log_trajectories
+
+    lengths = [12, 17, 9]
+
+    class Model:
+        mean_expression = torch.zeros(53)
+        cfg = types.SimpleNamespace(max_frames=40)
+
+        def generate(self, texts, max_frames, generator):
+            return [0.5 * torch.randn(lengths[i], 53, generator=generator) for i in range(len(texts))]
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = c.create_experiment("flame", artifact_location=(tmp_path / "artifacts").as_uri())
+    test = types.SimpleNamespace(texts=["a", "b", "c"], sequences=[np.zeros((30, 53), np.float32)] * 3)
+    job = {"train": {"seed": 0}, "eval": {"max_frames": 64}}
+
+    def viewer_files(run_id):
+        return {a.path for a in c.list_artifacts(run_id, "viewer")}
+
+    _, path = small
+    monkeypatch.setenv("FACELAB_FLAME_MODEL", str(path))
+    run = c.create_run(exp, run_name="with-flame").info.run_id
+    log_trajectories(Model(), test, job, c, run)
+    assert {f"viewer/flame_{i}.gif" for i in range(3)} <= viewer_files(run)
+    for i, n in enumerate(lengths):
+        gif = Image.open(c.download_artifacts(run, f"viewer/flame_{i}.gif", str(tmp_path / f"dl{i}")))
+        assert gif.n_frames == n
+
+    monkeypatch.setenv("FACELAB_FLAME_MODEL", str(tmp_path / "typo.pkl"))
+    run = c.create_run(exp, run_name="typo").info.run_id
+    log_trajectories(Model(), test, job, c, run)  # no exception: the run keeps its metrics and preview
+    assert not any(p.endswith(".gif") for p in viewer_files(run)) and "viewer/preview.html" in viewer_files(run)
+    assert "typo.pkl" in c.get_run(run).data.tags["facelab.flame_error"]
+
+    monkeypatch.delenv("FACELAB_FLAME_MODEL")
+    run = c.create_run(exp, run_name="without").info.run_id
+    log_trajectories(Model(), test, job, c, run)
+    assert not any(p.endswith(".gif") for p in viewer_files(run))

@@ -22,6 +22,7 @@ A model of this task (CTEG, LM-Listener, a team's own) offers ``generate(texts, 
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -150,6 +151,30 @@ def log_trajectories(model, test, job: dict, client, run_id: str, n: int = 3, n_
         n=n,
     )
     log_run_preview(client, run_id, payload)
+    log_flame_avatars(client, run_id, texts, [per_text[0] for per_text in samples])
+
+
+def log_flame_avatars(client, run_id: str, texts: list[str], sequences: list[np.ndarray]) -> int:
+    """Issue #20 item 3: when the user pointed facelab at their own FLAME model (``FACELAB_FLAME_MODEL``;
+    FLAME is licensed and never shipped), each generated sequence rendered as a FLAME avatar, a 24 fps GIF
+    (``viewer/flame_<i>.gif``; :func:`facelab.viewer.flame.render_gif`). A variable naming a bad file does
+    not fail the trial at its last step: the reason is printed and tagged (``facelab.flame_error``) and
+    the avatars are skipped. Returns how many GIFs were logged."""
+    from facelab.viewer.flame import FlameError, configured_model, render_gif
+
+    try:
+        flame = configured_model()
+    except FlameError as e:
+        print(f"facelab: no FLAME avatars for this run: {e}", file=sys.stderr)
+        client.set_tag(run_id, "facelab.flame_error", str(e)[:4000])
+        return 0
+    if flame is None:
+        return 0
+    with tempfile.TemporaryDirectory() as d:
+        for i, (text, seq) in enumerate(zip(texts, sequences, strict=True)):
+            gif = render_gif(flame, np.asarray(seq, dtype=np.float64), Path(d) / f"flame_{i}.gif", title=text[:48])
+            client.log_artifact(run_id, str(gif), "viewer")
+    return len(sequences)
 
 
 def run_baseline_eval(job: dict, data_dir: Path) -> dict[str, float]:
