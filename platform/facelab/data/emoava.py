@@ -537,12 +537,16 @@ class _ReleaseUnpickler(pickle._Unpickler):
     """
 
     dispatch = dict(pickle._Unpickler.dispatch)
+    # What a subclass for another kind of file changes: its error type, budget and the refusal's wording.
+    error: type[DataError] = DataError
+    decode_factor = DECODE_FACTOR
+    genuine = "a genuine release pickle decodes to about its own size, so this one is corrupt or a memory bomb"
 
     def __init__(self, file: io.BytesIO, source: str, size: int):
         super().__init__(file)
         self._source = source
         self._size = size
-        self._limit = DECODE_FACTOR * size + DECODE_SLACK
+        self._limit = self.decode_factor * size + DECODE_SLACK
         self._used = 0
         self._ndarray = self._ndarray_called  # kept once: _reconstruct checks its first argument is this
         simple = {"list": self._list, "str": self._str, "float": self._float, "bytes": self._bytes}
@@ -564,16 +568,15 @@ class _ReleaseUnpickler(pickle._Unpickler):
     # ---- refusals and the budget ------------------------------------------------------------
 
     def _refuse(self, what: str) -> DataError:
-        return DataError(f"{self._source}: refused {what}")
+        return self.error(f"{self._source}: refused {what}")
 
     def spend(self, n: int, what: str) -> None:
         """Charge ``n`` decoded bytes for ``what``; refuse the file once the budget is exceeded."""
         self._used += n
         if self._used > self._limit:
             raise self._refuse(
-                f"{what}: the decoded data would exceed {self._limit:,} bytes ({DECODE_FACTOR}x the file's "
-                f"{self._size:,} bytes + {DECODE_SLACK:,}); a genuine release pickle decodes to about its own "
-                "size, so this one is corrupt or a memory bomb"
+                f"{what}: the decoded data would exceed {self._limit:,} bytes ({self.decode_factor}x the file's "
+                f"{self._size:,} bytes + {DECODE_SLACK:,}); {self.genuine}"
             )
 
     # ---- the unpickler's hooks --------------------------------------------------------------

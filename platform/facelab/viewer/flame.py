@@ -260,29 +260,18 @@ class _FlameUnpickler(_ReleaseUnpickler):
     for _op in (pickle.ADDITEMS, pickle.FROZENSET):
         dispatch[_op[0]] = pickle._Unpickler.dispatch[_op[0]]
     del _op
+    error = FlameError
+    decode_factor = DECODE_FACTOR
+    genuine = "a genuine FLAME model decodes to about its own size"
 
     def __init__(self, file: io.BytesIO, source: str, size: int):
         super().__init__(file, source, size)
         self.encoding = "latin1"  # Python 2 str (keys, an array's data) -> str, as chumpy-era loaders read it
-        self._limit = DECODE_FACTOR * size + DECODE_SLACK
         for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
             self._globals[(mod, "scalar")] = self._scalar  # a numpy number, e.g. inside a sparse matrix's shape
         for mod in ("builtins", "__builtin__"):
             self._globals[(mod, "set")] = self._set
             self._globals[(mod, "frozenset")] = self._set
-
-    # ---- refusals and the budget ------------------------------------------------------------
-
-    def _refuse(self, what: str) -> FlameError:
-        return FlameError(f"{self._source}: refused {what}")
-
-    def spend(self, n: int, what: str) -> None:
-        self._used += n
-        if self._used > self._limit:
-            raise self._refuse(
-                f"{what}: the decoded data would exceed {self._limit:,} bytes ({DECODE_FACTOR}x the file's "
-                f"{self._size:,} bytes + {DECODE_SLACK:,}); a genuine FLAME model decodes to about its own size"
-            )
 
     def find_class(self, module: str, name: str) -> Any:
         fn = self._globals.get((module, name))

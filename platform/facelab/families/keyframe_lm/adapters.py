@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from facelab.core import checkpoint as ckpt
-from facelab.families.keyframe_lm.servable import ServableKeyframeLM, resolve_base_model
+from facelab.families.keyframe_lm.servable import ServableKeyframeLM, load_base_model
 
 SHARED_MODEL_KEYS = ("base_model", "dtype", "lora")
 """``model.*`` keys every adapter of one set must agree on: they decide the base weights."""
@@ -39,24 +39,11 @@ class AdapterSet:
     def __init__(self, job: dict, root: Path | None = None, device: str = "cpu", max_adapters: int = 8, base=None):
         """``base`` (optional): the (model, tokenizer) of the base LM, already loaded (a bench building
         one from a config); by default it is loaded from ``model.base_model`` offline, as for one model."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from facelab.families.keyframe_lm.servable import _dtype, missing_base_model
-
         if max_adapters < 1:
             raise ValueError(f"max_adapters must be >= 1 (got {max_adapters})")
         if not job["model"]["lora"]:
             raise ckpt.CheckpointError("model.lora is false: a fully fine-tuned model has no adapter to share a base")
-        m = job["model"]
-        if base is None:
-            path = resolve_base_model(m["base_model"], root)
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-                lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=_dtype(m["dtype"], device))
-            except OSError as exc:
-                raise ckpt.CheckpointError(missing_base_model(m["base_model"], path, exc)) from None
-        else:
-            lm, tokenizer = base
+        lm, tokenizer = load_base_model(job, root, device) if base is None else base
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         for p in lm.parameters():

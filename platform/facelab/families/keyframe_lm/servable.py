@@ -48,12 +48,11 @@ def _dtype(setting: str, device) -> torch.dtype:
     return torch.float32
 
 
-def build_keyframe_lm(job: dict, root: Path | None, device, trainable: bool = True):
-    """(model, tokenizer, info) for a ``keyframe`` job: the base causal LM, with a fresh LoRA adapter
-    (§5.2: r, α on every linear layer) or fully trainable (``model.lora: false``)."""
+def load_base_model(job: dict, root: Path | None, device):
+    """(model, tokenizer) of a ``keyframe`` job's base causal LM (``model.base_model``, resolved under
+    ``root``, in ``model.dtype``), local files only; a missing base is a CheckpointError saying where it
+    was looked for. The tokenizer pads with its end-of-sequence token when it has no pad token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from facelab.families.keyframe_lm.lora import LoraSettings, apply_lora, count_trainable
 
     m = job["model"]
     path = resolve_base_model(m["base_model"], root)
@@ -64,6 +63,16 @@ def build_keyframe_lm(job: dict, root: Path | None, device, trainable: bool = Tr
         raise ckpt.CheckpointError(missing_base_model(m["base_model"], path, exc)) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def build_keyframe_lm(job: dict, root: Path | None, device, trainable: bool = True):
+    """(model, tokenizer, info) for a ``keyframe`` job: the base causal LM, with a fresh LoRA adapter
+    (§5.2: r, α on every linear layer) or fully trainable (``model.lora: false``)."""
+    from facelab.families.keyframe_lm.lora import LoraSettings, apply_lora, count_trainable
+
+    m = job["model"]
+    model, tokenizer = load_base_model(job, root, device)
     label = getattr(model.config, "facelab_label", None)
     if m["gradient_checkpointing"] and trainable:
         model.gradient_checkpointing_enable()
