@@ -27,9 +27,12 @@ Measured, in one run:
    (real frames and text tokens only; see ``train_flops``) against ``--peak-tflops``.
 2. decoding of 256 frames at batch 1 and 64: the reference's ``TranslatorContinue.serial_inference``
    (whole prefix re-run each step, a tokenizer call per step) against facelab's ``CTEG.generate``
-   (static KV cache + CUDA graph on CUDA), with the stop threshold at 0 so every sequence runs the
-   full length; and facelab's output checked against its own full recomputation
-   (``use_cache=False``) with the same noise.
+   (on CUDA: static KV cache, the step compiled by TorchInductor, 16 steps per CUDA graph, the captured
+   decoder kept across calls; the first call of a shape, which compiles and captures, is timed apart),
+   with the stop threshold at 0 so every sequence runs the full length; facelab's output checked against
+   its own full recomputation (``use_cache=False``) with the same noise; on CUDA the per-step time (graph
+   replays timed alone with events), the encoder's time, the same graph without compiling the step, and
+   with ``--compile-modes`` other ``torch.compile`` modes. ``--skip-train`` measures decoding only.
 
     python bench/bench_cteg_gpu.py --reference /path/to/EmoAva --vocab /path/to/vocab.txt \\
         --texts /path/to/test_stage1_text.pkl --json out.json
@@ -151,6 +154,40 @@ def timed(fn, device, repeat: int = 1) -> list[float]:
         sync(device)
         out.append(time.perf_counter() - t0)
     return out
+
+
+def decode_breakdown(model, texts: list[str], n_frames: int, device) -> dict:
+    """Per-step and fixed cost of the CUDA decoding path: the cached graph of this shape replayed
+    alone (timed with events), and the text encoder alone."""
+    from facelab.families.cteg import decoding
+
+    cache = model.__dict__["_graph_decoders"]
+    dec = next(
+        d
+        for k, d in reversed(cache.items())
+        if k[0] == len(texts) and k[3] == decoding.COMPILE_MODE and k[4] == decoding.ONE_QUERY_ATTENTION
+    )
+    n_replays = -(-n_frames // decoding.GRAPH_STEPS)  # one whole decode: the graph's capacity is not exceeded
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    reps = []
+    for _ in range(6):
+        dec.position.zero_()
+        start.record()
+        for _ in range(n_replays):
+            dec.graph.replay()
+        end.record()
+        end.synchronize()
+        reps.append(start.elapsed_time(end) / n_replays * 1e3)
+    replay_us = statistics.median(reps)
+    enc = statistics.median(timed(lambda: model.encode_text(texts), device, 7))
+    return {
+        "replay_us": replay_us,
+        "graph_steps": decoding.GRAPH_STEPS,
+        "per_step_us": replay_us / decoding.GRAPH_STEPS,
+        "encode_ms": enc * 1e3,
+        "capacity": dec.cap,
+        "text_width": dec.width,
+    }
 
 
 def matmul_tflops(device) -> float | None:
@@ -293,6 +330,10 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200 SXM: 989)")
     ap.add_argument("--small", action="store_true", help="tiny shapes, for a CPU smoke run")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--skip-train", action="store_true", help="decoding only (no training measurements)")
+    ap.add_argument(
+        "--compile-modes", default="", help="comma-separated torch.compile modes of the decoding step to time as well"
+    )
     ap.add_argument(
         "--profile", action="store_true", help="print a profile of 4 training steps and a decoding breakdown"
     )
@@ -301,8 +342,9 @@ def main() -> None:
 
     import transformers
 
-    from facelab.families.cteg.loop import BucketBatchSampler, PairDataset, collate, make_optimizer, train_step
+    from facelab.families.cteg.loop import BucketBatchSampler, make_optimizer, train_step
     from facelab.families.cteg.model import CTEG, CTEGConfig, TextStateCache, noam_lambda
+    from facelab.tasks.expressions.data import PairDataset, collate
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ref_dir = Path(args.reference)
@@ -375,112 +417,113 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
 
     # ---- facelab training: the default path of facelab.families.cteg.loop.worker_loop ---------
-    # (bucketed batches, bf16 autocast, fused Adam, frozen-encoder states cached per text)
-    model.text_cache = TextStateCache()
-    opt = make_optimizer(params, optim_cfg, device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, noam_lambda(cfg.d_model, 4000))
-    sampler = BucketBatchSampler([len(s) for s in ds.sequences], args.batch_size, seed=0)
-    loader = torch.utils.data.DataLoader(
-        ds, batch_sampler=sampler, collate_fn=collate, pin_memory=device.type == "cuda"
-    )
-    model.train()
-    epoch_times, padded = [], []
-    for epoch in range(2):  # epoch 0 warms up (kernel selection per shape); epoch 1 is reported
-        sampler.set_epoch(epoch)
-        sync(device)
-        t0 = time.perf_counter()
-        acc = torch.zeros(4, device=device)
-        n_frames_padded = n_frames_real = 0
-        for batch in loader:
-            acc += train_step(model, batch, opt, sched, params, 0.0, device)
-            n_frames_padded += batch[1].shape[0] * batch[1].shape[1]
-            n_frames_real += int(batch[2].sum())
-        loss = acc.tolist()
-        sync(device)
-        epoch_times.append(time.perf_counter() - t0)
-        padded.append(n_frames_padded)
-    steps = len(sampler)
-    n_seq = steps * args.batch_size
-    fl_sps = n_seq / epoch_times[1]
-    results["facelab_train"] = {
-        "epoch_s": epoch_times,
-        "steps": steps,
-        "seq": n_seq,
-        "seq_per_s": fl_sps,
-        "mfu": mfu(fl_sps),
-        "padded_frames": padded[1],
-        "real_frames": n_frames_real,
-        "loss_sum_last_epoch": loss,
-        "peak_mem_GiB": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-    }
-    print(
-        f"facelab train: epoch {epoch_times[1]:.2f} s ({steps} steps x {args.batch_size}) -> {fl_sps:,.0f} seq/s, "
-        f"MFU {100 * mfu(fl_sps):.1f}%  (first epoch, text cache cold: {epoch_times[0]:.2f} s; padded/real frames "
-        f"{padded[1] / n_frames_real:.2f})",
-        flush=True,
-    )
-    rows.append(("facelab default (2nd epoch)", fl_sps, mfu(fl_sps), n_seq / fl_sps))
-    sps0 = n_seq / epoch_times[0]
-    rows.append(("facelab default (1st epoch: text cache cold, warm-up)", sps0, mfu(sps0), epoch_times[0]))
-
-    if args.profile and device.type == "cuda":
-        from torch.profiler import ProfilerActivity, profile
-
-        it = iter(loader)
-        batches = [next(it) for _ in range(6)]
-        for b in batches[:2]:
-            train_step(model, b, opt, sched, params, 0.0, device)
-        sync(device)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    if not args.skip_train:
+        # (bucketed batches, bf16 autocast, fused Adam, frozen-encoder states cached per text)
+        model.text_cache = TextStateCache()
+        opt = make_optimizer(params, optim_cfg, device)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, noam_lambda(cfg.d_model, 4000))
+        sampler = BucketBatchSampler([len(s) for s in ds.sequences], args.batch_size, seed=0)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_sampler=sampler, collate_fn=collate, pin_memory=device.type == "cuda"
+        )
+        model.train()
+        epoch_times, padded = [], []
+        for epoch in range(2):  # epoch 0 warms up (kernel selection per shape); epoch 1 is reported
+            sampler.set_epoch(epoch)
+            sync(device)
             t0 = time.perf_counter()
-            for b in batches[2:]:
+            acc = torch.zeros(4, device=device)
+            n_frames_padded = n_frames_real = 0
+            for batch in loader:
+                acc += train_step(model, batch, opt, sched, params, 0.0, device)
+                n_frames_padded += batch[1].shape[0] * batch[1].shape[1]
+                n_frames_real += int(batch[2].sum())
+            loss = acc.tolist()
+            sync(device)
+            epoch_times.append(time.perf_counter() - t0)
+            padded.append(n_frames_padded)
+        steps = len(sampler)
+        n_seq = steps * args.batch_size
+        fl_sps = n_seq / epoch_times[1]
+        results["facelab_train"] = {
+            "epoch_s": epoch_times,
+            "steps": steps,
+            "seq": n_seq,
+            "seq_per_s": fl_sps,
+            "mfu": mfu(fl_sps),
+            "padded_frames": padded[1],
+            "real_frames": n_frames_real,
+            "loss_sum_last_epoch": loss,
+            "peak_mem_GiB": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        }
+        print(
+            f"facelab train: epoch {epoch_times[1]:.2f} s ({steps} steps x {args.batch_size}) -> {fl_sps:,.0f} seq/s, "
+            f"MFU {100 * mfu(fl_sps):.1f}%  (first epoch, text cache cold: {epoch_times[0]:.2f} s; padded/real frames "
+            f"{padded[1] / n_frames_real:.2f})",
+            flush=True,
+        )
+        rows.append(("facelab default (2nd epoch)", fl_sps, mfu(fl_sps), n_seq / fl_sps))
+        sps0 = n_seq / epoch_times[0]
+        rows.append(("facelab default (1st epoch: text cache cold, warm-up)", sps0, mfu(sps0), epoch_times[0]))
+
+        if args.profile and device.type == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            it = iter(loader)
+            batches = [next(it) for _ in range(6)]
+            for b in batches[:2]:
                 train_step(model, b, opt, sched, params, 0.0, device)
             sync(device)
-            wall = time.perf_counter() - t0
-        ev = prof.key_averages()
-        gpu_us = sum(e.self_device_time_total for e in ev)
-        n_kernels = sum(e.count for e in ev if e.device_type == torch.autograd.DeviceType.CUDA)
-        print(
-            f"profile: 4 training steps, wall {wall * 1e3:.0f} ms, GPU busy {gpu_us / 1e3:.0f} ms, "
-            f"{n_kernels / 4:.0f} kernels/step",
-            flush=True,
-        )
-        print(ev.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60), flush=True)
-        print(ev.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60), flush=True)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                t0 = time.perf_counter()
+                for b in batches[2:]:
+                    train_step(model, b, opt, sched, params, 0.0, device)
+                sync(device)
+                wall = time.perf_counter() - t0
+            ev = prof.key_averages()
+            gpu_us = sum(e.self_device_time_total for e in ev)
+            n_kernels = sum(e.count for e in ev if e.device_type == torch.autograd.DeviceType.CUDA)
+            print(
+                f"profile: 4 training steps, wall {wall * 1e3:.0f} ms, GPU busy {gpu_us / 1e3:.0f} ms, "
+                f"{n_kernels / 4:.0f} kernels/step",
+                flush=True,
+            )
+            print(ev.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60), flush=True)
+            print(ev.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60), flush=True)
 
-    # ---- facelab ablations (same model, a few steps each) ------------------------------------
-    def ablation(name: str, bucketed: bool, amp: bool, fused: bool):
-        opt_a = torch.optim.Adam(params, lr=1e-5, betas=(0.9, 0.98), eps=1e-9, fused=fused or None)
-        if bucketed:
-            idx_batches = list(BucketBatchSampler([len(s) for s in ds.sequences], args.batch_size, seed=5))
-        else:  # random batches padded to their longest (facelab's loop before bucketing)
-            perm = np.random.default_rng(5).permutation(len(ds))
-            idx_batches = [
-                perm[i : i + args.batch_size].tolist()
-                for i in range(0, len(perm) - args.batch_size + 1, args.batch_size)
-            ]
-        batches = [collate([ds[i] for i in b]) for b in idx_batches[: args.ablation_steps + 2]]
-        for b in batches[:2]:
-            train_step(model, b, opt_a, None, params, 0.0, device, amp=amp)
-        t = timed(
-            lambda: [train_step(model, b, opt_a, None, params, 0.0, device, amp=amp) for b in batches[2:]], device
-        )[0]
-        per_seq = t / (len(batches[2:]) * args.batch_size)
-        sps = 1 / per_seq
-        print(
-            f"  ablation {name}: {sps:,.0f} seq/s ({len(batches) - 2} steps, mean padded length "
-            f"{np.mean([b[1].shape[1] for b in batches[2:]]):.0f})",
-            flush=True,
-        )
-        rows.append((f"facelab ablation: {name}", sps, mfu(sps), args.n_train / sps))
-        results.setdefault("ablations", {})[name] = {"seq_per_s": sps, "mfu": mfu(sps)}
+        # ---- facelab ablations (same model, a few steps each) ------------------------------------
+        def ablation(name: str, bucketed: bool, amp: bool, fused: bool):
+            opt_a = torch.optim.Adam(params, lr=1e-5, betas=(0.9, 0.98), eps=1e-9, fused=fused or None)
+            if bucketed:
+                idx_batches = list(BucketBatchSampler([len(s) for s in ds.sequences], args.batch_size, seed=5))
+            else:  # random batches padded to their longest (facelab's loop before bucketing)
+                perm = np.random.default_rng(5).permutation(len(ds))
+                idx_batches = [
+                    perm[i : i + args.batch_size].tolist()
+                    for i in range(0, len(perm) - args.batch_size + 1, args.batch_size)
+                ]
+            batches = [collate([ds[i] for i in b]) for b in idx_batches[: args.ablation_steps + 2]]
+            for b in batches[:2]:
+                train_step(model, b, opt_a, None, params, 0.0, device, amp=amp)
+            t = timed(
+                lambda: [train_step(model, b, opt_a, None, params, 0.0, device, amp=amp) for b in batches[2:]], device
+            )[0]
+            per_seq = t / (len(batches[2:]) * args.batch_size)
+            sps = 1 / per_seq
+            print(
+                f"  ablation {name}: {sps:,.0f} seq/s ({len(batches) - 2} steps, mean padded length "
+                f"{np.mean([b[1].shape[1] for b in batches[2:]]):.0f})",
+                flush=True,
+            )
+            rows.append((f"facelab ablation: {name}", sps, mfu(sps), args.n_train / sps))
+            results.setdefault("ablations", {})[name] = {"seq_per_s": sps, "mfu": mfu(sps)}
 
-    model.text_cache = None  # the ablations and the decoding below run the encoder every time
-    if args.ablation_steps:
-        ablation("random batches, fp32, unfused Adam (before)", False, False, False)
-        ablation("bucketed, fp32, unfused Adam", True, False, False)
-        ablation("bucketed, bf16, unfused Adam", True, True, False)
-        ablation("random batches, bf16, fused Adam", False, True, True)
+        model.text_cache = None  # the ablations and the decoding below run the encoder every time
+        if args.ablation_steps:
+            ablation("random batches, fp32, unfused Adam (before)", False, False, False)
+            ablation("bucketed, fp32, unfused Adam", True, False, False)
+            ablation("bucketed, bf16, unfused Adam", True, True, False)
+            ablation("random batches, bf16, fused Adam", False, True, True)
 
     # ---- the reference's training ------------------------------------------------------------
     ref_model = None
@@ -491,50 +534,53 @@ def main() -> None:
         from transformers import BertTokenizer
 
         ref_tok = BertTokenizer(vocab_file=args.vocab, do_lower_case=False)
-        conf = {
-            "tokenizer": ref_tok,
-            "batch_size": args.batch_size,
-            "src_len": src_len,
-            "trg_len": trg_len,
-            "trg_exp_dim": 53,
-            "shuffle": False,
-        }
-        n_ref = (args.ref_steps + 1) * args.batch_size
-        ref_exps = [np.concatenate([mean[None], s], axis=0) for s in seqs[:n_ref]]  # as load_dataset_split_batch
-        ref_tgt_texts = [" ".join(["[UNK]"] * len(x)) for x in ref_exps]
-        t0 = time.perf_counter()
-        ref_loader = mods.data.get_dataloader(texts[:n_ref], ref_tgt_texts, ref_exps, conf)
-        ref_batches = list(ref_loader)
-        data_s = (time.perf_counter() - t0) / len(ref_batches)
-        ref_opt = types.SimpleNamespace(cvae=True, one_step_loss=True)
-        optimizer = mods.ScheduledOptim(
-            torch.optim.Adam(ref_model.parameters(), betas=(0.9, 0.98), eps=1e-9), 2.0, dims["d_model"], 4000
-        )
-        ref_times = {}
-        for anomaly in (True, False):
-            torch.autograd.set_detect_anomaly(anomaly)
-            mods.train.train_epoch(ref_model, ref_batches[:1], optimizer, ref_opt, device)  # warm-up step
-            t = timed(lambda: mods.train.train_epoch(ref_model, ref_batches[1:], optimizer, ref_opt, device), device)[0]
-            ref_times[anomaly] = t / len(ref_batches[1:])
-        torch.autograd.set_detect_anomaly(False)
-        for anomaly, label in ((True, "as shipped, anomaly detection on"), (False, "anomaly detection off")):
-            sps = args.batch_size / ref_times[anomaly]
-            rows.append((f"reference train_epoch ({label})", sps, mfu(sps), args.n_train / sps))
-        results["reference_train"] = {
-            "s_per_step_anomaly_on": ref_times[True],
-            "s_per_step_anomaly_off": ref_times[False],
-            "data_pipeline_s_per_batch": data_s,
-            "seq_per_s_on": args.batch_size / ref_times[True],
-            "seq_per_s_off": args.batch_size / ref_times[False],
-        }
-        print(
-            f"reference train: {ref_times[True]:.3f} s/step (anomaly on), {ref_times[False]:.3f} s/step (off); "
-            f"its data pipeline (not timed above) {data_s:.2f} s/batch",
-            flush=True,
-        )
-        del optimizer, ref_batches
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        if not args.skip_train:
+            conf = {
+                "tokenizer": ref_tok,
+                "batch_size": args.batch_size,
+                "src_len": src_len,
+                "trg_len": trg_len,
+                "trg_exp_dim": 53,
+                "shuffle": False,
+            }
+            n_ref = (args.ref_steps + 1) * args.batch_size
+            ref_exps = [np.concatenate([mean[None], s], axis=0) for s in seqs[:n_ref]]  # as load_dataset_split_batch
+            ref_tgt_texts = [" ".join(["[UNK]"] * len(x)) for x in ref_exps]
+            t0 = time.perf_counter()
+            ref_loader = mods.data.get_dataloader(texts[:n_ref], ref_tgt_texts, ref_exps, conf)
+            ref_batches = list(ref_loader)
+            data_s = (time.perf_counter() - t0) / len(ref_batches)
+            ref_opt = types.SimpleNamespace(cvae=True, one_step_loss=True)
+            optimizer = mods.ScheduledOptim(
+                torch.optim.Adam(ref_model.parameters(), betas=(0.9, 0.98), eps=1e-9), 2.0, dims["d_model"], 4000
+            )
+            ref_times = {}
+            for anomaly in (True, False):
+                torch.autograd.set_detect_anomaly(anomaly)
+                mods.train.train_epoch(ref_model, ref_batches[:1], optimizer, ref_opt, device)  # warm-up step
+                t = timed(
+                    lambda: mods.train.train_epoch(ref_model, ref_batches[1:], optimizer, ref_opt, device), device
+                )[0]
+                ref_times[anomaly] = t / len(ref_batches[1:])
+            torch.autograd.set_detect_anomaly(False)
+            for anomaly, label in ((True, "as shipped, anomaly detection on"), (False, "anomaly detection off")):
+                sps = args.batch_size / ref_times[anomaly]
+                rows.append((f"reference train_epoch ({label})", sps, mfu(sps), args.n_train / sps))
+            results["reference_train"] = {
+                "s_per_step_anomaly_on": ref_times[True],
+                "s_per_step_anomaly_off": ref_times[False],
+                "data_pipeline_s_per_batch": data_s,
+                "seq_per_s_on": args.batch_size / ref_times[True],
+                "seq_per_s_off": args.batch_size / ref_times[False],
+            }
+            print(
+                f"reference train: {ref_times[True]:.3f} s/step (anomaly on), {ref_times[False]:.3f} s/step (off); "
+                f"its data pipeline (not timed above) {data_s:.2f} s/batch",
+                flush=True,
+            )
+            del optimizer, ref_batches
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     # ---- decoding ----------------------------------------------------------------------------
     n_frames = min(args.decode_frames, trg_len)
@@ -554,34 +600,60 @@ def main() -> None:
             cvae=True,
             data_source=str(mean_path.parent),
         ).to(device)
-    if args.profile and device.type == "cuda":
-        for b in (1, 64):
-            fl_generate(model, texts[:b], max_frames=8, generator=gen())
-            enc_t = statistics.median(timed(lambda: model.encode_text(texts[:b]), device, 5))
-            ts = {
-                n: statistics.median(timed(lambda: model.generate(texts[:b], max_frames=n, generator=gen()), device, 5))
-                for n in (2, 64, 256)
-            }
-            per_step = (ts[256] - ts[64]) / 192
-            print(
-                f"decode breakdown b={b}: encode_text {enc_t * 1e3:.1f} ms; generate 2/64/256 frames "
-                f"{ts[2] * 1e3:.1f}/{ts[64] * 1e3:.1f}/{ts[256] * 1e3:.1f} ms -> {per_step * 1e6:.0f} us per replayed step, "
-                f"fixed {(ts[256] - 256 * per_step) * 1e3:.1f} ms",
-                flush=True,
-            )
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                model.generate(texts[:b], max_frames=64, generator=gen())
-                sync(device)
-            ev = prof.key_averages()
-            print(ev.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60), flush=True)
     for b in [int(x) for x in args.decode_batches.split(",")]:
         btexts = texts[:b]
         entry = {}
-        fl_generate(model, btexts, max_frames=8, generator=gen())  # warm-up
-        t = timed(lambda: model.generate(btexts, max_frames=n_frames, generator=gen()), device, 5)
+        # first call of this shape: compiles the step (once per process and shape) and captures the graph
+        entry["facelab_first_call_s"] = timed(
+            lambda: fl_generate(model, btexts, max_frames=n_frames, generator=gen()), device
+        )[0]
+        t = timed(lambda: model.generate(btexts, max_frames=n_frames, generator=gen()), device, 7)
         out = model.generate(btexts, max_frames=n_frames, generator=gen())
         entry["facelab_s"] = statistics.median(t)
+        entry["facelab_runs_s"] = t
         entry["facelab_frames"] = sum(len(o) for o in out)
+        print(
+            f"decode b={b}: facelab {entry['facelab_s'] * 1e3:.2f} ms (runs {[round(x * 1e3, 2) for x in t]})",
+            flush=True,
+        )
+        if device.type == "cuda":
+            entry.update(decode_breakdown(model, btexts, n_frames, device))
+            fl_generate(model, btexts, max_frames=n_frames, generator=gen(), compile=False)  # capture
+            t_nc = timed(
+                lambda: fl_generate(model, btexts, max_frames=n_frames, generator=gen(), compile=False), device, 5
+            )
+            entry["facelab_graph_not_compiled_s"] = statistics.median(t_nc)
+            for mode in [m for m in args.compile_modes.split(",") if m]:
+                t0 = time.perf_counter()
+                other = fl_generate(model, btexts, max_frames=n_frames, generator=gen(), compile=mode)
+                first = time.perf_counter() - t0
+                t_m = timed(
+                    lambda: fl_generate(model, btexts, max_frames=n_frames, generator=gen(), compile=mode), device, 5
+                )
+                d_m = max(float((x - y).abs().max()) for x, y in zip(other, out))
+                entry.setdefault("compile_modes", {})[mode] = {
+                    "first_call_s": first,
+                    "s": statistics.median(t_m),
+                    "max_abs_diff_vs_default": d_m,
+                }
+                print(
+                    f"decode b={b}: compile mode {mode}: {statistics.median(t_m) * 1e3:.2f} ms (first call {first:.1f} s, max |diff| vs default {d_m:.1e})",
+                    flush=True,
+                )
+            print(
+                f"decode b={b}: first call {entry['facelab_first_call_s']:.1f} s (compile + capture); "
+                f"{entry['per_step_us']:.1f} us per step ({entry['replay_us']:.0f} us per replay of "
+                f"{entry['graph_steps']} steps), encode_text {entry['encode_ms']:.2f} ms, fixed "
+                f"{entry['facelab_s'] * 1e3 - n_frames * entry['per_step_us'] / 1e3:.2f} ms; step not compiled "
+                f"{entry['facelab_graph_not_compiled_s'] * 1e3:.1f} ms",
+                flush=True,
+            )
+            if args.profile:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    model.generate(btexts, max_frames=n_frames, generator=gen())
+                    sync(device)
+                ev = prof.key_averages()
+                print(ev.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=70), flush=True)
         t_eager = timed(
             lambda: fl_generate(model, btexts, max_frames=n_frames, generator=gen(), static=False), device, 2
         )

@@ -84,6 +84,7 @@ class Attention(nn.Module):
         key_valid: Tensor | KeyMask | None = None,
         causal: bool = False,
         attn_mask: Tensor | None = None,
+        one_query: bool = False,
     ) -> Tensor:
         """Attend from queries ``x`` (..., Lq, D) to ``k``/``v`` (..., H, Lk, D/H).
 
@@ -91,7 +92,10 @@ class Attention(nn.Module):
         row with no valid key at all (an empty text) gets a zero attention output instead of NaN,
         i.e. the block passes ``x`` through. ``causal`` applies the autoregressive mask (query i
         sees keys <= i; needs Lq == Lk). ``attn_mask`` (bool, broadcastable to (B, H, Lq, Lk)) is
-        passed to SDPA as is (the filled slots of a preallocated decoding cache).
+        passed to SDPA as is (the filled slots of a preallocated decoding cache). ``one_query``
+        (inference, Lq = 1, a mask of shape (B|1, 1, 1, Lk)): the same softmax(q·Kᵀ/√d_h)·V written as
+        elementwise products and sums instead of SDPA, which TorchInductor fuses into a few kernels
+        (compiled CUDA decoding: ``decoding._GraphDecoder``); equal up to float rounding.
         """
         q = self._heads(self.w_q(x))
         mask = attn_mask
@@ -100,7 +104,14 @@ class Attention(nn.Module):
             km = key_valid if isinstance(key_valid, KeyMask) else KeyMask(key_valid)
             mask, has_key = km.mask, km.has_key
         p_drop = self.attn_dropout if self.training else 0.0
-        if self.fused:
+        if one_query:
+            if causal or x.shape[-2] != 1 or p_drop > 0:
+                raise ValueError("one_query attention takes one query, no causal flag and no dropout")
+            scores = (q * self.head_dim**-0.5 * k).sum(-1)  # (B, H, Lk)
+            if mask is not None:
+                scores = scores.masked_fill(~mask[..., 0, :], float("-inf"))
+            y = (torch.softmax(scores, dim=-1).unsqueeze(-1) * v).sum(-2).unsqueeze(-2)  # (B, H, 1, d_h)
+        elif self.fused:
             with sdpa_kernel(SDPA_BACKENDS):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop, is_causal=causal)
         else:

@@ -73,6 +73,9 @@ class LayerState:
     the caller advances after each step; the caches are :class:`StaticKVCache` and ``lta_sum`` a
     preallocated buffer, so a step reads and writes fixed addresses."""
     slot_mask: Tensor | None = None  # static: the filled cache slots of the current step
+    one_query: bool = False
+    """Static only: attention as elementwise products and sums (``Attention.forward``'s ``one_query``),
+    for a step compiled with TorchInductor."""
 
     @property
     def static(self) -> bool:
@@ -104,7 +107,7 @@ class LatentTemporalAttention(nn.Module):
             if state is None:
                 return self.attn(a, k, v, causal=True)
             k, v = state.lta_kv.append(k, v)
-            return self.attn(a, k, v, attn_mask=state.slot_mask)
+            return self.attn(a, k, v, attn_mask=state.slot_mask, one_query=state.one_query)
         # pooling: running mean over the history
         if state is None:
             count = torch.arange(1, a.shape[1] + 1, device=a.device, dtype=a.dtype)[:, None]
@@ -183,15 +186,18 @@ class CVADLayer(nn.Module):
                 raise ValueError("cached decoding takes one position at a time")
             if state.static:
                 state.slot_mask = state.self_kv.filled()
-            s = self.self_attn(h, *state.self_kv.append(k, v), attn_mask=state.slot_mask)
-        a = self.text_attn(s, *mem_kv[0], key_valid=key_valid)
+            s = self.self_attn(h, *state.self_kv.append(k, v), attn_mask=state.slot_mask, one_query=state.one_query)
+        one = state is not None and state.one_query
+        a = self.text_attn(s, *mem_kv[0], key_valid=key_valid, one_query=one)
         o = self.lta(a, state)
         if state is not None and not state.static:
             state.steps += 1
         return s, o
 
-    def _generate(self, s: Tensor, z: Tensor, mem_kv, key_valid: Tensor, eps_out: Tensor | None) -> Tensor:
-        mu_g = self.gen_ffn(self.gen_attn(s + self.z_proj(z), *mem_kv[1], key_valid=key_valid))
+    def _generate(
+        self, s: Tensor, z: Tensor, mem_kv, key_valid: Tensor, eps_out: Tensor | None, one_query: bool = False
+    ) -> Tensor:
+        mu_g = self.gen_ffn(self.gen_attn(s + self.z_proj(z), *mem_kv[1], key_valid=key_valid, one_query=one_query))
         if self.output_sigma > 0:
             mu_g = mu_g + self.output_sigma * eps_out
         return mu_g
@@ -240,4 +246,4 @@ class CVADLayer(nn.Module):
         s, o = self._context(h, mem_kv, key_valid, state)
         mu_p, logvar_p = self.prior(o).chunk(2, dim=-1)
         z = reparameterise(mu_p, logvar_p, eps_z)
-        return self._generate(s, z, mem_kv, key_valid, eps_out)
+        return self._generate(s, z, mem_kv, key_valid, eps_out, one_query=state is not None and state.one_query)

@@ -29,15 +29,22 @@ zero (``translate.truncate_mask``). Differences, on purpose:
 
 On CUDA the cached path is *static* by default: the KV caches are fixed-shape buffers written at a
 device-side step counter (:class:`~.layers.StaticKVCache`), the text masks are prepared once, and
-one decoding step is captured as a CUDA graph and replayed, so a step costs its kernels' run time
-instead of a Python pass over ~80 launches. All rows run every step (a stopped row's later frames
+:data:`GRAPH_STEPS` decoding steps are captured as one CUDA graph and replayed, so a step costs its
+kernels' run time instead of a Python pass over ~80 launches. The step is compiled with TorchInductor
+before the capture (``compile``; it fuses the elementwise work and LayerNorms; matrix products stay
+float32), and the captured decoder -- buffers and graph -- is kept per (batch, capacity, text width)
+and reused by later calls (:class:`_GraphDecoder`; capacity = ``max_frames`` rounded up to
+``GRAPH_STEPS`` · 2^k, text width to :data:`TEXT_BUCKET` tokens, at most :data:`GRAPH_CACHE_SIZE` kept
+per model; :func:`clear_graph_cache` drops them). All rows run every step (a stopped row's later frames
 are computed and dropped; its own frames are unaffected); whether every row has stopped is checked
-every :data:`STOP_CHECK_EVERY` steps. On the CPU the eager cached path (stopped rows leave the
-batch) stays the default.
+after every replay, i.e. every :data:`STOP_CHECK_EVERY` steps. On the CPU the eager cached path
+(stopped rows leave the batch) stays the default; ``static=True`` there runs the fixed-shape step
+without a graph.
 
-``should_stop`` (optional, every path): a callable asked before each decoding step; when it answers
-True, decoding raises ``TimeoutError`` and returns nothing. A server passes its request deadline this
-way, so abandoned work stops within one step instead of holding the model.
+``should_stop`` (optional, every path): a callable asked before each decoding step (on CUDA before each
+graph replay of :data:`GRAPH_STEPS` steps); when it answers True, decoding raises ``TimeoutError`` and
+returns nothing. A server passes its request deadline this way, so abandoned work stops within one
+step (one replay) instead of holding the model.
 """
 
 from __future__ import annotations
@@ -142,13 +149,17 @@ def generate(
     use_cache: bool = True,
     static: bool | None = None,
     should_stop=None,
+    compile: bool | str | None = None,
 ) -> list[Tensor]:
     """One (T_i, 53) tensor per text, 1 <= T_i <= max_frames (default ``cfg.max_frames``, the
     MSL), terminator not included. Empty texts are generated unconditionally. Runs in eval mode
     (no dropout) and restores the previous mode. ``should_stop``: see the module docstring.
 
     ``static`` (cached decoding only): fixed-shape caches with one step captured as a CUDA graph;
-    None = on CUDA devices. ``static=True`` on the CPU runs the same fixed-shape step without a graph."""
+    None = on CUDA devices. ``static=True`` on the CPU runs the same fixed-shape step without a graph.
+    ``compile`` (CUDA static decoding only): the captured step is compiled with TorchInductor first
+    (None/True = in :data:`COMPILE_MODE`, a string = in that mode, False = not compiled); the first call
+    per shape then compiles and captures (seconds); see :class:`_GraphDecoder`."""
     texts = list(texts)
     n_max = model.cfg.max_frames if max_frames is None else int(max_frames)
     if n_max < 1:
@@ -162,7 +173,9 @@ def generate(
     model.eval()
     try:
         if use_cache and static:
-            return _sample_static(model, texts, n_max, generator, graph=device.type == "cuda", should_stop=should_stop)
+            return _sample_static(
+                model, texts, n_max, generator, graph=device.type == "cuda", should_stop=should_stop, compile=compile
+            )
         return _sample(model, texts, n_max, generator, use_cache, should_stop=should_stop)
     finally:
         model.train(was_training)
@@ -280,68 +293,273 @@ def _sample(model: CTEG, texts: list[str], n_max: int, generator, use_cache: boo
     return [frames[i, : int(n)].clone() for i, n in enumerate(lengths.tolist())]
 
 
-def _sample_static(model: CTEG, texts: list[str], n_max: int, generator, graph: bool, should_stop=None) -> list[Tensor]:
-    """Cached decoding with fixed shapes: step 0 runs eagerly (it also warms the kernels up), the
-    step is then captured once as a CUDA graph (``graph``) and replayed for steps 1..n_max-1."""
+def _sample_static(
+    model: CTEG,
+    texts: list[str],
+    n_max: int,
+    generator,
+    graph: bool,
+    should_stop=None,
+    compile: bool | str | None = None,
+) -> list[Tensor]:
+    """Cached decoding with fixed shapes. On CUDA (``graph``) a cached :class:`_GraphDecoder` replays
+    :data:`GRAPH_STEPS` steps per CUDA graph; elsewhere step 0 runs eagerly, then the same
+    fixed-shape step runs for steps 1..n_max-1 without a graph."""
     cfg = model.cfg
     mean = model.mean_expression
     device, dtype = mean.device, mean.dtype
     b = len(texts)
     layers = list(model.layers)
 
+    if graph:
+        _, lock = _decoder_cache(model)
+        with lock:  # the captured graphs' buffers are shared by the calls of one model
+            memory, pad = model.encode_text(texts)
+            mem_kv = [layer.memory_kv(memory) for layer in layers]
+            noise = _Noise(model, b, n_max, generator, device, dtype).all()  # per layer (n_max, B, ·)
+            return _decode_graph(model, ~pad, mem_kv, noise, n_max, should_stop, compile)
+
     memory, pad = model.encode_text(texts)
-    text_mask = KeyMask(~pad)  # prepared once for every step and both cross-attentions
     mem_kv = [layer.memory_kv(memory) for layer in layers]
     noise = _Noise(model, b, n_max, generator, device, dtype).all()  # per layer (n_max, B, ·)
-    model.embed.positions(0, n_max)  # the PE table must hold every position before capture
 
+    text_mask = KeyMask(~pad)  # prepared once for every step and both cross-attentions
+    model.embed.positions(0, n_max)  # the PE table must hold every position before capture
     position = torch.zeros(1, dtype=torch.long, device=device)  # the step counter p, on the device
     states = [layer.new_static_state(b, n_max, position, dtype=dtype, device=device) for layer in layers]
     x = mean.expand(b, -1).clone()  # (B, 53) input frame of the step
     frames = torch.zeros(n_max, b, cfg.expr_dim, device=device, dtype=dtype)  # (n_max, B, 53)
 
     def step() -> None:
-        h = model.embed(x[:, None], start=position)
-        for m, layer in enumerate(layers):
-            e_z, e_out = noise[m]
-            h = layer.forward_infer(
-                h,
-                mem_kv[m],
-                text_mask,
-                e_z.index_select(0, position).transpose(0, 1),  # (B, 1, latent)
-                e_out.index_select(0, position).transpose(0, 1) if e_out is not None else None,
-                state=states[m],
-            )
-        y = model.project_out(h[:, 0])
-        frames.index_copy_(0, position, y[None])
-        x.copy_(y)
-        position.add_(1)
+        _decode_step(model, x, position, frames, noise, mem_kv, text_mask, states)
 
-    def all_stopped(done: int) -> bool:  # frame 0 is always kept; a row stops at its first small frame after it
-        return bool((frames[1:done].norm(dim=-1) < cfg.stop_threshold).any(dim=0).all())
-
-    if graph:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            step()  # step 0, for real: also loads every kernel before the capture
-        torch.cuda.current_stream(device).wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            step()  # recorded, not run
-        run = g.replay
-    else:
-        step()
-        run = step
+    step()
     done = 1
     while done < n_max:
         _check_stop(should_stop, done)
-        run()
+        step()
         done += 1
-        if done % STOP_CHECK_EVERY == 0 and done < n_max and all_stopped(done):
+        if done % STOP_CHECK_EVERY == 0 and done < n_max and _all_stopped(frames, done, cfg.stop_threshold):
             break
+    return _cut(frames, done, cfg.stop_threshold)
 
+
+def _decode_step(model: CTEG, x, position, frames, noise, mem_kv, text_mask, states) -> None:
+    """One fixed-shape decoding step at the device-side counter ``position``: reads ``x`` (B, 53),
+    writes frame p into ``frames`` (cap, B, 53) and into ``x``, advances ``position``."""
+    h = model.embed(x[:, None], start=position)
+    for m, layer in enumerate(model.layers):
+        e_z, e_out = noise[m]
+        h = layer.forward_infer(
+            h,
+            mem_kv[m],
+            text_mask,
+            e_z.index_select(0, position).transpose(0, 1),  # (B, 1, latent)
+            e_out.index_select(0, position).transpose(0, 1) if e_out is not None else None,
+            state=states[m],
+        )
+    y = model.project_out(h[:, 0])
+    frames.index_copy_(0, position, y[None])
+    x.copy_(y)
+    position.add_(1)
+
+
+def _all_stopped(frames: Tensor, done: int, threshold: float) -> bool:
+    """Frame 0 is always kept; a row stops at its first small frame after it."""
+    return bool((frames[1:done].norm(dim=-1) < threshold).any(dim=0).all())
+
+
+def _cut(frames: Tensor, done: int, threshold: float) -> list[Tensor]:
     out = frames[:done].transpose(0, 1)  # (B, done, 53)
-    small = out[:, 1:].norm(dim=-1) < cfg.stop_threshold  # (B, done-1)
+    small = out[:, 1:].norm(dim=-1) < threshold  # (B, done-1)
     first = torch.where(small.any(dim=1), small.float().argmax(dim=1) + 1, done)  # T_i
     return [out[i, :n].clone() for i, n in enumerate(first.tolist())]
+
+
+# -- CUDA: cached multi-step graphs ------------------------------------------------------------
+
+GRAPH_STEPS = STOP_CHECK_EVERY
+"""CUDA: decoding steps captured in one CUDA graph (one replay = this many steps)."""
+TEXT_BUCKET = 16
+"""CUDA: the text memory is zero-padded (and masked) to a multiple of this many tokens, so texts
+of similar length share one captured graph."""
+GRAPH_CACHE_SIZE = 4
+"""CUDA: captured decoders kept per model (least recently used dropped first); each holds its
+buffers (KV caches, noise, padded text keys/values) and its graph's memory pool."""
+
+COMPILE_MODE = "default"
+"""CUDA: the ``torch.compile`` mode of the captured step (``compile=True``/None); ``compile`` may also
+name a mode, e.g. ``"max-autotune-no-cudagraphs"`` (autotuned matrix products: a slower first call)."""
+
+ONE_QUERY_ATTENTION = False
+"""CUDA, compiled step: the attentions as elementwise products and sums (``Attention.forward``'s
+``one_query``) instead of SDPA's memory-efficient kernel, which took 35-37 % of the step's GPU time in
+the profile in bench/RESULTS.md. Off by default: its speed on the GPU is not measured yet."""
+
+_compiled_steps: dict[str, object] = {}
+
+
+def _step_fn(mode: str | None):
+    """The step function, compiled with TorchInductor in ``mode`` (it fuses the step's elementwise
+    work, LayerNorms and single-query attentions into few kernels; float32 throughout), or as is
+    when ``mode`` is None."""
+    if mode is None:
+        return _decode_step
+    if mode not in _compiled_steps:
+        _compiled_steps[mode] = torch.compile(_decode_step, mode=mode, dynamic=False)
+    return _compiled_steps[mode]
+
+
+def _bucket(n: int, unit: int) -> int:
+    """``unit`` · the smallest power of two with ``unit`` · 2^k >= n."""
+    c = unit
+    while c < n:
+        c *= 2
+    return c
+
+
+class _GraphDecoder:
+    """Fixed buffers and a CUDA graph of :data:`GRAPH_STEPS` decoding steps for one (batch,
+    capacity, text width): built (and the step compiled, then captured) on first use, kept across
+    ``generate`` calls (:func:`_decode_graph`); a call copies its inputs into the buffers, resets
+    the caches and replays. The buffers' unused parts (text keys past a text's length, cache slots
+    not yet written) are masked in attention and hold finite values (zeros), so they contribute
+    exactly nothing: a call's frames do not depend on earlier calls."""
+
+    def __init__(self, model: CTEG, b: int, cap: int, width: int, mode: str | None):
+        cfg = model.cfg
+        mean = model.mean_expression
+        device, dtype = mean.device, mean.dtype
+        self.b, self.cap, self.width = b, cap, width
+        self.model = model
+        layers = list(model.layers)
+        model.embed.positions(0, cap)  # the PE table must hold every position before capture
+        self.pe = model.embed.pe  # kept alive: the graph reads it
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.states = [layer.new_static_state(b, cap, self.position, dtype=dtype, device=device) for layer in layers]
+        for state in self.states:
+            state.one_query = mode is not None and ONE_QUERY_ATTENTION
+        self.x = torch.zeros(b, cfg.expr_dim, device=device, dtype=dtype)
+        self.frames = torch.zeros(cap, b, cfg.expr_dim, device=device, dtype=dtype)
+        self.noise = [
+            (
+                torch.zeros(cap, b, cfg.latent_dim, device=device, dtype=dtype),
+                torch.zeros(cap, b, cfg.d_model, device=device, dtype=dtype) if cfg.output_sigma > 0 else None,
+            )
+            for _ in layers
+        ]
+
+        def kv(attn) -> tuple[Tensor, Tensor]:
+            shape = (b, attn.n_heads, width, attn.head_dim)
+            return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+
+        self.mem_kv = [(kv(layer.text_attn), kv(layer.gen_attn)) for layer in layers]
+        self.text_mask = KeyMask(torch.ones(b, width, dtype=torch.bool, device=device))
+        self.mode = mode
+        self.params = _fingerprint(model)
+        self.graph = self._capture(mode)
+
+    def _capture(self, mode: str | None) -> torch.cuda.CUDAGraph:
+        device = self.x.device
+        args = (self.model, self.x, self.position, self.frames, self.noise, self.mem_kv, self.text_mask, self.states)
+        fn = _step_fn(mode)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):  # compiles (first time) and loads every kernel before the capture
+                fn(*args)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.position.zero_()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(GRAPH_STEPS):
+                fn(*args)  # recorded, not run
+        return g
+
+    def load(self, key_valid: Tensor, mem_kv, noise, n_max: int) -> None:
+        """Copy one call's inputs into the buffers and reset the decoding state."""
+        length = key_valid.shape[1]
+        valid = torch.zeros(self.b, self.width, dtype=torch.bool, device=key_valid.device)
+        valid[:, :length] = key_valid
+        mask = KeyMask(valid)
+        self.text_mask.mask.copy_(mask.mask)
+        self.text_mask.has_key.copy_(mask.has_key)
+        for (dst_t, dst_g), (src_t, src_g) in zip(self.mem_kv, mem_kv):
+            for dst, src in zip((*dst_t, *dst_g), (*src_t, *src_g)):
+                dst[:, :, :length].copy_(src)
+                dst[:, :, length:].zero_()
+        for (dz, do), (sz, so) in zip(self.noise, noise):
+            dz[:n_max].copy_(sz)
+            if do is not None:
+                do[:n_max].copy_(so)
+        for state in self.states:
+            state.self_kv.k.zero_()
+            state.self_kv.v.zero_()
+            if state.lta_kv is not None:
+                state.lta_kv.k.zero_()
+                state.lta_kv.v.zero_()
+            if state.lta_sum is not None:
+                state.lta_sum.zero_()
+        self.x.copy_(self.model.mean_expression.expand(self.b, -1))
+        self.position.zero_()
+
+
+def _fingerprint(model: CTEG) -> tuple:
+    """The decoder's parameter storage: a captured graph reads these addresses."""
+    return tuple(p.data_ptr() for n, p in model.named_parameters() if not n.startswith("text_encoder."))
+
+
+def _decoder_cache(model: CTEG):
+    cache = model.__dict__.get("_graph_decoders")
+    if cache is None:
+        import collections
+        import threading
+
+        cache = model.__dict__["_graph_decoders"] = collections.OrderedDict()
+        model.__dict__["_graph_lock"] = threading.RLock()
+    return cache, model.__dict__["_graph_lock"]
+
+
+def clear_graph_cache(model: CTEG) -> None:
+    """Drop the captured decoders of ``model`` (their buffers and graph memory)."""
+    cache, lock = _decoder_cache(model)
+    with lock:
+        cache.clear()
+
+
+def _decode_graph(model: CTEG, key_valid: Tensor, mem_kv, noise, n_max: int, should_stop, compile) -> list[Tensor]:
+    """CUDA: decode with the cached :class:`_GraphDecoder` of this (batch, capacity, text width),
+    capturing one first; :data:`GRAPH_STEPS` steps per replay, the stop test between replays."""
+    mode = COMPILE_MODE if compile is None or compile is True else (compile or None)
+    cfg = model.cfg
+    b = key_valid.shape[0]
+    cap = _bucket(n_max, GRAPH_STEPS)
+    width = TEXT_BUCKET * -(-key_valid.shape[1] // TEXT_BUCKET)
+    key = (b, cap, width, mode, ONE_QUERY_ATTENTION, model.mean_expression.dtype, model.mean_expression.device)
+    cache, lock = _decoder_cache(model)
+    with lock:
+        dec = cache.pop(key, None)
+        if dec is not None and dec.params != _fingerprint(model):
+            dec = None  # the parameters were replaced (not updated in place): capture again
+        if dec is None:
+            while len(cache) >= GRAPH_CACHE_SIZE:
+                cache.popitem(last=False)
+            try:
+                dec = _GraphDecoder(model, b, cap, width, mode)
+            except Exception as exc:  # noqa: BLE001 - no working compiler here: the eager step, still captured
+                if mode is None:
+                    raise
+                import warnings
+
+                warnings.warn(f"CTEG decoding: torch.compile of the step failed ({exc!r}); using the eager step")
+                dec = _GraphDecoder(model, b, cap, width, None)
+        cache[key] = dec
+        dec.load(key_valid, mem_kv, noise, n_max)
+        done = 0
+        while done < n_max:
+            _check_stop(should_stop, done)
+            dec.graph.replay()
+            done += GRAPH_STEPS
+            if done < n_max and _all_stopped(dec.frames, done, cfg.stop_threshold):
+                break
+        return _cut(dec.frames, min(done, n_max), cfg.stop_threshold)
