@@ -208,6 +208,7 @@ def test_document_declares_each_status_with_its_body():
     want = {
         ("/v1/expressions", "post"): {"200", "400", "401", "408", "409", "413", "422", "500", "503"},
         ("/v1/keyframes", "post"): {"200", "400", "401", "408", "409", "413", "422", "500", "503"},
+        ("/v1/scripts", "post"): {"200", "400", "401", "408", "409", "413", "422", "503"},  # §4.1's script writer
         ("/v1/models", "get"): {"200", "401", "503"},
         ("/v1/status", "get"): {"200", "401"},
         ("/healthz", "get"): {"200", "503"},

@@ -126,9 +126,27 @@ def api_key() -> str:
 
 
 @pytest.fixture(scope="module")
-def secured(project, api_key):
-    """Server A: API key from FACELAB_API_KEY, two replicas, default limits, looking for a new champion every second."""
-    s = Server(project, "secured", "--replicas", "2", "--watch-champion", "1", FACELAB_API_KEY=api_key)
+def flame_model(tmp_path_factory) -> Path:
+    """A synthetic FLAME-format model (FLAME is licensed, never shipped) for server A's GET /v1/flame."""
+    from test_flame_gl import sphere_flame
+
+    return sphere_flame(tmp_path_factory.mktemp("flame") / "generic_model.pkl")
+
+
+@pytest.fixture(scope="module")
+def secured(project, api_key, flame_model):
+    """Server A: API key from FACELAB_API_KEY, two replicas, default limits, looking for a new champion every
+    second, FACELAB_FLAME_MODEL naming a synthetic FLAME model (the viewer's avatars)."""
+    s = Server(
+        project,
+        "secured",
+        "--replicas",
+        "2",
+        "--watch-champion",
+        "1",
+        FACELAB_API_KEY=api_key,
+        FACELAB_FLAME_MODEL=str(flame_model),
+    )
     try:
         s.wait_healthy()
         yield s
@@ -140,7 +158,15 @@ def secured(project, api_key):
 def tight(project):
     """Server B: one replica running one request at a time with two waiting, 2 s per request."""
     s = Server(
-        project, "tight", "--max-ongoing-requests", "1", "--max-queued-requests", "2", "--request-timeout-s", "2"
+        project,
+        "tight",
+        "--max-ongoing-requests",
+        "1",
+        "--max-queued-requests",
+        "2",
+        "--request-timeout-s",
+        "2",
+        FACELAB_FLAME_MODEL="",  # no FLAME model: the viewer says so
     )
     try:
         s.wait_healthy()
@@ -190,6 +216,8 @@ def test_viewer_page_asks_the_real_server_in_a_browser(secured, api_key, tmp_pat
     """Issue #20: `GET /viewer` of a real `facelab serve` (with an API key) in headless Chromium: the page is
     open and holds no key; typed into its field, the key goes with the form's request; the page draws
     each sample the server answered (53-row heatmap, stop frame) -- the same frames as the API's answer."""
+    from test_flame_gl import CHROMIUM_ARGS, drawn_fraction
+
     from test_e2e import _chromium
 
     browser_bin = _chromium()
@@ -198,7 +226,7 @@ def test_viewer_page_asks_the_real_server_in_a_browser(secured, api_key, tmp_pat
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html") and api_key not in r.text
     assert "http://" not in r.text.replace("http://www.w3.org/2000/svg", "")  # no network, no CDN
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=browser_bin, headless=True)
+        browser = pw.chromium.launch(executable_path=browser_bin, headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             outside = []
@@ -214,6 +242,17 @@ def test_viewer_page_asks_the_real_server_in_a_browser(secured, api_key, tmp_pat
             frames = page.locator(".answer figure.seq").evaluate_all("fs => fs.map(f => Number(f.dataset.frames))")
             expected = [len(q["frames"]) for q in answer.value.json()["sequences"]]
             assert frames == expected and len(frames) == sent["num_samples"], (frames, expected)
+            # the FLAME avatars: the page asks GET /v1/flame with its key and poses each sample (flame_gl.js)
+            page.wait_for_selector(".answer .flame-box[data-flame='drawn']", timeout=60_000)
+            canvases = page.locator(".answer canvas.flame")
+            assert canvases.count() == sent["num_samples"]
+            before = canvases.first.evaluate("c => c.toDataURL()")
+            assert drawn_fraction(before) > 0.1
+            page.click(".answer button.play")  # the avatars follow the play cursor
+            page.wait_for_function(
+                "() => Number(document.querySelector('.answer canvas.flame').dataset.frame) >= 6", timeout=30_000
+            )
+            assert canvases.first.evaluate("c => c.toDataURL()") != before
             page.screenshot(path=str(tmp_path / "served-viewer.png"), full_page=True)
             assert not outside, outside
         finally:
@@ -221,6 +260,50 @@ def test_viewer_page_asks_the_real_server_in_a_browser(secured, api_key, tmp_pat
     # the API key rules are the server's: the page's request without the key is refused
     r = httpx.post(secured.base + "/v1/expressions", json=OK)
     assert r.status_code == 401
+
+
+def test_flame_route_serves_the_users_model_and_refuses_a_hostile_file(secured, api_key, flame_model, tmp_path):
+    """GET /v1/flame (issue #20): the mesh of the model FACELAB_FLAME_MODEL names, behind the API key, the
+    same bytes as facelab.viewer.flame_payload builds; a hostile file put in its place (wrong shapes, a
+    pickled os.system call) is a 500 naming the problem, nothing runs, the replicas live on; the good
+    file is served again once back (the replicas reload per file version)."""
+    from facelab.viewer.flame import load_flame
+    from facelab.viewer.flame_payload import mesh_payload
+    from test_flame import flame_arrays, write_flame_pkl
+
+    b, h = secured.base, _h(api_key)
+    assert httpx.get(b + "/v1/flame", timeout=30).status_code == 401
+    r = httpx.get(b + "/v1/flame", headers=h, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/vnd.facelab.flame-mesh"
+    assert r.content == mesh_payload(load_flame(flame_model))
+    good, pids = flame_model.read_bytes(), secured.replica_pids()
+    arrays = flame_arrays(n_v=60, n_f=40)
+    arrays["shapedirs"] = arrays["shapedirs"][:, :, :320]  # 300 shape + 20: fewer than 50 expression components
+    marker = tmp_path / "ran"
+    hostile = [
+        (write_flame_pkl(tmp_path / "shapes.pkl", arrays).read_bytes(), "key 'shapedirs' has shape (60, 3, 320)"),
+        (
+            b"\x80\x02cposix\nsystem\nX"
+            + len(f"touch {marker}").to_bytes(4, "little")
+            + f"touch {marker}".encode()
+            + b"\x85R.",
+            "refused to unpickle global posix.system",
+        ),
+    ]
+    try:
+        for data, msg in hostile:
+            flame_model.write_bytes(data)
+            for _ in range(4):  # both replicas
+                r = httpx.get(b + "/v1/flame", headers=h, timeout=60)
+                assert r.status_code == 500, r.text
+                d = r.json()["detail"][0]
+                assert d["field"] == "FACELAB_FLAME_MODEL" and d["type"] == "bad_flame_model" and msg in d["msg"], d
+    finally:
+        flame_model.write_bytes(good)
+    assert not marker.exists()
+    assert httpx.get(b + "/healthz", timeout=30).status_code == 200 and secured.replica_pids() == pids
+    r = httpx.get(b + "/v1/flame", headers=h, timeout=60)
+    assert r.status_code == 200 and r.content == mesh_payload(load_flame(flame_model))
 
 
 def test_st_cli_finds_no_openapi_contract_failure_over_http(secured, api_key, tmp_path):
@@ -526,6 +609,36 @@ def test_broken_promotion_is_refused_and_the_champion_keeps_serving(project, sec
     c = tracking.client(tracking.default_tracking_uri(project))
     tags = [c.get_model_version(name, v).tags.get("facelab.serve_refused") for v in broken]
     assert len(tags) == 3 and all(tags), tags  # the reason is on record in the registry
+
+
+def test_viewer_says_flame_is_not_configured_without_a_model(tight, tmp_path):
+    """Server B has no FACELAB_FLAME_MODEL: GET /v1/flame is 404 saying how to configure one, and the viewer
+    page shows that message under an expressions answer instead of the avatars."""
+    from test_flame_gl import CHROMIUM_ARGS
+
+    from test_e2e import _chromium
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright (the dev extra) drives the browser")
+    r = httpx.get(tight.base + "/v1/flame", timeout=30)
+    assert r.status_code == 404 and r.json()["detail"][0]["msg"].startswith(
+        "no FLAME model configured: set FACELAB_FLAME_MODEL to your own FLAME 2020 generic_model.pkl or .npz"
+    )
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=_chromium(), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(tight.base + "/viewer")
+            page.wait_for_selector("#facelab-root[data-ready='1']")
+            page.fill("input[name=num_samples]", "1")
+            page.fill("input[name=max_frames]", "16")
+            page.click("form.ask button[type=submit]")
+            box = page.wait_for_selector(".answer .flame-box[data-flame='missing']", timeout=60_000)
+            said = box.inner_text().splitlines()[-1]
+            assert said.startswith("FLAME mesh: not configured (no FLAME model configured: set FACELAB_FLAME_MODEL")
+            assert page.locator("canvas.flame").count() == 0 and page.locator(".answer canvas.heatmap").count() == 1
+            page.screenshot(path=str(tmp_path / "served-viewer-no-flame.png"), full_page=True)
+        finally:
+            browser.close()
 
 
 def test_overload_is_shed_quickly_with_503(tight):

@@ -389,6 +389,21 @@ def test_client_commands_print_the_servers_detail(project, kf):
     _no_traceback(proc.stderr)
 
 
+def test_scripts_route_writes_a_script_the_keyframes_route_takes(kf):
+    """KeyframeFace §4.1 on the real server: POST /v1/scripts, then /v1/keyframes with the script; hostile
+    input is a 422 naming the field (tests/test_scripts.py)."""
+    import test_scripts
+
+    test_scripts.check_served_scripts_route(kf.base)
+
+
+def test_viewer_writes_a_script_and_draws_its_keyframes_in_a_browser(kf, tmp_path):
+    """The served page in Chromium: free text → "Write script" → the fields filled → generate → faces."""
+    import test_scripts
+
+    test_scripts.check_viewer_writes_a_script_in_a_browser(kf.base, tmp_path / "scripts-viewer.png")
+
+
 def test_drain_on_sigterm_answers_every_request_in_flight(project):
     """6 clients keep heavy scripts in flight; SIGTERM: each request that started before the signal gets
     its 200, later ones 503 (or no connection once the server is gone); exit 0 with one line."""

@@ -356,6 +356,8 @@ def test_browser_served_page_asks_the_endpoint_and_draws_the_answer(tmp_path):
         if route.request.method == "POST":
             sent.append((url, route.request.headers.get("x-api-key"), json.loads(route.request.post_data)))
             route.fulfill(status=200, content_type="application/json", body=json.dumps(answers[task]))
+        elif task == "flame":  # GET /v1/flame after an expressions answer (flame_gl.js): no model here
+            route.fulfill(status=404, content_type="application/json", body=json.dumps({"detail": [{"msg": "none"}]}))
         else:
             route.fulfill(status=200, content_type="text/html", body=pages[task])
 

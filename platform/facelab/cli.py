@@ -275,6 +275,47 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    """``facelab study create | serve | report``: a blind ranking study (CTEG §4.5, Figure 4; facelab.study)."""
+    from facelab.study.core import StudyError
+
+    try:
+        if args.study_cmd == "create":
+            from facelab.study.core import create
+
+            c, exp, parent, trials = _sweep_runs(args.sweep)
+            variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+            out = Path(args.out or f"studies/{args.sweep}")
+            log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+            create(c, parent, trials, out, root=_root(), variants=variants, items=args.items, seed=args.seed,
+                   max_frames=args.max_frames, force=args.force, log=log)  # fmt: skip
+            print(f"wrote study {out} (serve it: facelab study serve {out} --port 8321)")
+        elif args.study_cmd == "serve":
+            from facelab.study.server import serve
+
+            server = serve(args.study, host=args.host, port=args.port)
+            print(f"study page: http://{args.host}:{server.server_address[1]}/?rater=NAME (Ctrl-C stops)", flush=True)
+            try:
+                server.serve_forever()
+            finally:
+                server.server_close()
+        else:
+            from facelab.study.report import report
+
+            client = None
+            if args.log:
+                from facelab.core import tracking
+
+                client = tracking.check_reachable(_tracking_uri(_root()))
+            text, _summary = report(args.study, log=args.log, client=client)
+            print(text, end="")
+            print(f"wrote {Path(args.study) / 'report.md'} and {Path(args.study) / 'preference.png'}", file=sys.stderr)
+    except StudyError as exc:
+        print(f"facelab: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _champion_models(c) -> list[str]:
     return sorted(m.name for m in c.search_registered_models(max_results=1000) if "champion" in (m.aliases or {}))
 
@@ -441,6 +482,14 @@ def cmd_serve(args) -> int:
         print(f"facelab: error: {exc}", file=sys.stderr)
         return 2
     root = _root()
+    try:  # a script writer (POST /v1/scripts) that cannot load offline is refused before Ray starts
+        from facelab.families.keyframe_lm.scripts import ScriptWriterError, check_script_writer
+
+        for writer in {args.script_writer, *(s.script_writer for s in settings.values())} - {None}:
+            check_script_writer(writer, root)
+    except ScriptWriterError as exc:
+        print(f"facelab: error: {exc}", file=sys.stderr)
+        return 2
     uri = _tracking_uri(root)
     c = tracking.check_reachable(uri)
     entries = entries or plan_models([_default_model(c)])
@@ -497,6 +546,7 @@ def cmd_serve(args) -> int:
             cpus_per_replica=s.cpus_per_replica,
             request_timeout_s=args.request_timeout_s,
             drain_key=drain_key,
+            script_writer=s.script_writer,
             **(
                 {
                     "strict": False,
@@ -1120,6 +1170,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.set_defaults(fn=cmd_report)
 
+    sy = sub.add_parser("study", help="blind ranking study of a sweep's outputs (CTEG Figure 4): create, serve, report")
+    sysub = sy.add_subparsers(dest="study_cmd", required=True)
+    syc = sysub.add_parser("create", help="sample test texts, generate every method's output, write a study folder")
+    syc.add_argument("sweep")
+    syc.add_argument("--variants", default=None, metavar="A,B", help="variants to compare (default: all with a model)")
+    syc.add_argument("--items", type=int, default=50, help="test texts to sample (default 50, as CTEG §4.5)")
+    syc.add_argument("--seed", type=int, default=0, help="sampling, generation and shuffling seed (default 0)")
+    syc.add_argument("--max-frames", type=int, default=128, help="longest expression output (default 128)")
+    syc.add_argument("--out", default=None, metavar="DIR", help="the study folder (default studies/SWEEP)")
+    syc.add_argument("--force", action="store_true", help="replace an existing study folder")
+    sys_ = sysub.add_parser("serve", help="serve the raters' page: open /?rater=NAME")
+    sys_.add_argument("study", metavar="STUDY_DIR")
+    sys_.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    sys_.add_argument("--port", type=int, default=8321, help="port (default 8321)")
+    syr = sysub.add_parser("report", help="preference distribution, average rank, Fleiss' kappa, heat map")
+    syr.add_argument("study", metavar="STUDY_DIR")
+    syr.add_argument("--log", action="store_true", help="log the metrics, table and heat map to the sweep's run")
+    sy.set_defaults(fn=cmd_study)
+
     pr = sub.add_parser("promote", help="register the sweep's best trial as champion")
     pr.add_argument("sweep")
     pr.add_argument("--model-name", default=None, help="registered model name (default: the job's name)")
@@ -1228,6 +1297,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="an adapter group (--model A+B): LoRA adapters one replica holds at once on the shared base "
         "(at least the group's size; one more lets a new champion be probed beside the one in service; default 8)",
+    )
+    sv.add_argument(
+        "--script-writer",
+        default=None,
+        metavar="NAME_OR_DIR",
+        help="the LM behind POST /v1/scripts of a keyframes model (KeyframeFace §4.1: free text -> script): a "
+        "model directory or a Hugging Face id already in the local cache, loaded offline (never downloaded); "
+        "default: a tiny untrained test model whose scripts are well-formed but not meaningful",
     )
     sv.add_argument(
         "--cpus-per-replica",

@@ -2,7 +2,8 @@
 
 Endpoints (OpenAPI at ``/docs``): ``GET /healthz``, ``GET /v1/models``, ``POST /v1/expressions``
 (CTEG models: text → FLAME expression sequences) and ``POST /v1/keyframes`` (KeyframeFace models:
-script → ARKit keyframes as JSON, or ``?format=csv`` for the Live Link Face CSV of the release).
+script → ARKit keyframes as JSON, or ``?format=csv`` for the Live Link Face CSV of the release), and
+``POST /v1/scripts`` beside it (KeyframeFace §4.1: free text → a script for ``/v1/keyframes``).
 Each endpoint answers 409 when the served model is of the other family.
 The replica downloads the champion's files from the MLflow registry at start and rebuilds the
 model from safetensors + config.json (no pickle); a model must pass a health probe (one small real
@@ -90,8 +91,11 @@ from facelab.serve.schemas import (
     KeyframeResponse,
     ModelInfo,
     ModelList,
+    ScriptRequest,
+    ScriptResponse,
     ServerStatus,
     error_responses,
+    validate_script,
 )
 from facelab.tasks import ROUTES as TASK_ROUTES
 from facelab.tasks import ModelUnhealthy  # noqa: F401 - re-exported: the probe's error
@@ -362,6 +366,16 @@ EXPRESSION_EXAMPLES = {
         "value": {"text": "I am so happy to see you again!", "num_samples": 1, "max_frames": 64, "seed": 0},
     },
     "defaults": {"summary": "Only the text (1 sample, up to 256 frames, random seed)", "value": {"text": "What?"}},
+}
+SCRIPT_EXAMPLES = {
+    "free text": {
+        "summary": "Free text, at most three keyframes, a fixed seed",
+        "value": {
+            "text": "She opens the letter, can't believe it, then bursts out laughing.",
+            "max_keyframes": 3,
+            "seed": 0,
+        },
+    }
 }
 KEYFRAME_EXAMPLES = {
     "two keyframes": {
@@ -847,6 +861,7 @@ class FacelabServer:
         route_prefix: str = "/",
         adapters: tuple[tuple[str, str], ...] = (),
         max_adapters: int = 8,
+        script_writer: str | None = None,
     ):
         import importlib
 
@@ -905,6 +920,9 @@ class FacelabServer:
             threading.Thread(target=self._poll_drain, args=(drain_key,), name="facelab-drain", daemon=True).start()
         if board_key:
             threading.Thread(target=self._publish, args=(board_key,), name="facelab-board", daemon=True).start()
+        self.script_writer, self._writer = script_writer, None  # POST /v1/scripts (§4.1): a keyframes model's
+        if any(m.served is not None and m.served.route == "/v1/keyframes" for m in self._members.values()):
+            self._script_writer()  # loaded at start: a writer that cannot load stops the replica, naming the option
 
     # The model a request is for: the replica's only one, or the member of an adapter group its route
     # prefix or ``X-Facelab-Model`` header named (``_CURRENT``, set by the middleware).
@@ -1147,7 +1165,24 @@ class FacelabServer:
         prefix = "" if self.route_prefix == "/" else self.route_prefix.rstrip("/")
         task = s.route.rsplit("/", 1)[-1]
         title = f"{s.info.name} v{s.info.version}"
-        return HTMLResponse(render_page(serve_payload(task, title=title, endpoint=prefix + s.route)))
+        writer = self._writer.info if getattr(self, "_writer", None) is not None else None  # /v1/scripts's
+        return HTMLResponse(
+            render_page(serve_payload(task, title=title, endpoint=prefix + s.route, script_writer=writer))
+        )
+
+    @api.get("/v1/flame", include_in_schema=False)
+    def flame(self) -> Response:
+        """The viewer's FLAME mesh (issue #20; :mod:`facelab.viewer.flame_payload`): the packed arrays the
+        page poses each answer with, from the user's own model named by ``FACELAB_FLAME_MODEL`` in the
+        replica's environment, loaded without executing anything and cached per file version. 404 when
+        none is configured, 500 naming the variable and the problem for a file that cannot be used.
+        Model data: behind the API key like every data route (not in the API document: a viewer asset)."""
+        from facelab.viewer.flame_payload import MEDIA_TYPE, route_answer
+
+        code, body = route_answer()
+        if code != 200:
+            return JSONResponse(status_code=code, content=body)
+        return Response(body, media_type=MEDIA_TYPE, headers={"Cache-Control": "private, no-cache"})
 
     @api.get("/v1/status", response_model=ServerStatus, responses=error_responses(401))
     def status(self) -> dict:
@@ -1304,6 +1339,62 @@ class FacelabServer:
             ],
         )
 
+    # ---- POST /v1/scripts: KeyframeFace §4.1, free text -> a script (facelab.families.keyframe_lm.scripts) ----
+
+    def _script_writer(self):
+        """This replica's script writer: ``--script-writer`` (None: the tiny test writer), loaded once."""
+        if self._writer is None:
+            from facelab.families.keyframe_lm.scripts import load_script_writer
+
+            root = Path(self.root) if self.root else None
+            self._writer = load_script_writer(self.script_writer, root, self.device)
+        return self._writer
+
+    def _scripts_now(self, req: ScriptRequest, seed: int, deadline: float, abandoned: threading.Event):
+        def write():
+            w = self._script_writer()
+            check_tokens(w, {"text": req.text, "max_keyframes": req.max_keyframes})  # 422 before decoding
+            stop = _stopper(deadline, abandoned)
+            script = w.write(req.text, max_keyframes=req.max_keyframes, seed=seed, should_stop=stop)
+            return w.info, validate_script(script)  # the writer's decoding guarantees it; checked all the same
+
+        return run_locked(deadline, write)
+
+    @api.post(
+        "/v1/scripts",
+        response_model=ScriptResponse,
+        responses={
+            200: {"description": "A script that is a valid `POST /v1/keyframes` request, and who wrote it."},
+            **error_responses(400, 401, 408, 409, 413, 422, 503),
+        },
+    )
+    async def scripts(self, req: Annotated[ScriptRequest, Body(openapi_examples=SCRIPT_EXAMPLES)]) -> ScriptResponse:
+        """KeyframeFace's first stage (§4.1, Input Standardization): the script writer LM rewrites free
+        text into a script -- background, emotion, 1 to ``max_keyframes`` keyframe descriptions -- decoded
+        under the script's schema, so the answer's ``script`` can be edited and sent to ``POST
+        /v1/keyframes`` as is. ``writer`` names the model; the default tiny one is untrained (``tiny``)."""
+        import asyncio
+
+        s = self.served
+        try:
+            self._require(s, "/v1/keyframes")
+        except HTTPException as exc:
+            if exc.status_code == 409:
+                exc.detail[0]["msg"] = "/v1/scripts writes scripts for /v1/keyframes: " + exc.detail[0]["msg"]
+            raise
+        deadline, abandoned = time.monotonic() + self.request_timeout_s, threading.Event()
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**31 - 1)
+        try:
+            writer, script = await asyncio.to_thread(self._scripts_now, req, seed, deadline, abandoned)
+        except asyncio.CancelledError:  # the client left (or the proxy timed out): stop writing for it
+            abandoned.set()
+            raise
+        except ModelBusy:
+            raise _busy() from None
+        except TimeoutError:
+            raise _timed_out(self.request_timeout_s) from None
+        return ScriptResponse(script=script, writer=writer, seed=seed)
+
 
 ExpressionServer = FacelabServer  # the name of the first release
 
@@ -1355,6 +1446,7 @@ def asgi_app(
     )
     server._members = {member.name: member}
     server._stop, server._watcher, server._drain_key = threading.Event(), None, None
+    server.script_writer, server._writer = None, None  # the tiny script writer, built on first use
     _this_module()._API_KEY_CHECK = api_key_check(api_key) if api_key else None
     # Serve's class-based view gives each route's ``self`` a dependency that returns the replica object
     injects = {p.default.dependency for p in _route_params(app.routes, "self") if isinstance(p.default, params.Depends)}
@@ -1403,6 +1495,7 @@ def build_app(
     route_prefix: str = "/",
     adapters: tuple[tuple[str, str], ...] = (),
     max_adapters: int = 8,
+    script_writer: str | None = None,
 ):
     """The bound Serve application. ``api_key`` (optional) is turned into a salted HMAC here, in the
     caller's process; replicas receive only that digest. ``replicas`` > 1 keeps answering while one
@@ -1431,7 +1524,11 @@ def build_app(
     ``adapters`` (an adapter group: ``(name, alias)`` of the models beside ``model_name``): every model
     of the group is a LoRA adapter of one base model, held once per replica, the adapter picked per
     request; at most ``max_adapters`` adapters are loaded at once (each model's version in service,
-    plus a new champion while it is probed), so it must be at least the group's size."""
+    plus a new champion while it is probed), so it must be at least the group's size.
+
+    ``script_writer``: the LM behind ``POST /v1/scripts`` of a keyframes model (KeyframeFace §4.1; a model
+    directory or a Hugging Face id in the local cache, offline; None = the tiny untrained test writer;
+    :mod:`facelab.families.keyframe_lm.scripts`)."""
     if adapters and max_adapters < 1 + len(adapters):
         raise ValueError(
             f"max_adapters ({max_adapters}) is smaller than the adapter group ({1 + len(adapters)} models)"
@@ -1470,6 +1567,7 @@ def build_app(
         route_prefix,
         tuple(adapters),
         max_adapters,
+        script_writer,
     )
 
 

@@ -10,6 +10,7 @@ models:
     replicas: 2
     max_batch_size: 1
     cpus_per_replica: 0.5
+    script_writer: Qwen/Qwen3-4B-Instruct-2507   # POST /v1/scripts (§4.1); default: the tiny test writer
 ```
 
 A key left out takes the command line's value (its default, or what the flag says); the proxy's
@@ -36,6 +37,7 @@ SETTINGS = (
     "cpus_per_replica",
     "watch_champion",
     "max_adapters",
+    "script_writer",
 )
 """The per-model keys: the ``facelab serve`` flags of the same name (``--replicas`` ...)."""
 
@@ -53,6 +55,9 @@ class ModelSettings(Strict):
     cpus_per_replica: float | None = Field(None, gt=0, description="CPUs each replica reserves.")
     watch_champion: float | None = Field(None, ge=0, description="Seconds between looks for a new champion.")
     max_adapters: int | None = Field(None, ge=1, description="Adapters one replica of a group holds at once.")
+    script_writer: str | None = Field(
+        None, min_length=1, description="A keyframes model's POST /v1/scripts LM (--script-writer; §4.1)."
+    )
 
 
 class ServeConfig(Strict):

@@ -277,6 +277,86 @@ class KeyframeResponse(BaseModel):
     keyframes: list[KeyframeOut]
 
 
+class ScriptRequest(BaseModel):
+    """Free text to be rewritten into a script (KeyframeFace §4.1, Input Standardization)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"text": "She opens the letter, can't believe it, then bursts out laughing.", "max_keyframes": 3},
+                {"text": "A tired nurse hears her shift is extended.", "seed": 7},
+            ]
+        },
+    )
+
+    text: str = Field(
+        ...,
+        min_length=1,
+        max_length=MAX_TEXT_CHARS,
+        pattern=NON_BLANK,
+        description=f"What the face should show, in the user's words (not blank; at most {MAX_TEXT_CHARS} "
+        f"characters and {MAX_TEXT_BYTES} UTF-8 bytes, and no more tokens than the script writer takes — "
+        "beyond those: 422 `too_many_bytes` / `too_many_tokens`).",
+        examples=["She opens the letter, can't believe it, then bursts out laughing."],
+    )
+    max_keyframes: Count = Field(
+        MAX_KEYFRAMES,
+        strict=True,
+        ge=1,
+        le=MAX_KEYFRAMES,
+        description=f"The most keyframes the script may hold (1–{MAX_KEYFRAMES}); the writer chooses how many.",
+        examples=[3],
+    )
+    seed: Annotated[int | None, BeforeValidator(_integral)] = Field(
+        None, strict=True, ge=0, le=2**53, description="Seed for reproducible sampling; null = random.", examples=[0]
+    )
+
+    @field_validator("text")
+    @classmethod
+    def _text_bytes(cls, v: str) -> str:
+        return _bytes_at_most(v, MAX_TEXT_BYTES, "text")
+
+
+class ScriptWriterInfo(BaseModel):
+    model: str = Field(..., description="The writer model (`--script-writer`; default: the tiny test model).")
+    tiny: bool = Field(..., description="The untrained tiny test model: its scripts are well-formed, not meaningful.")
+    note: str | None = Field(None, description="A warning to show with the script (set for the tiny writer).")
+
+
+def validate_script(obj) -> dict:
+    """A written script checked by the keyframes request's own schema (:class:`KeyframeRequest`: non-blank
+    texts, character and byte caps, 1-5 keyframes, no other keys) -> the request as a dict; ``ValueError``
+    naming each bad field otherwise (``POST /v1/scripts`` answers only scripts that pass)."""
+    from pydantic import ValidationError
+
+    try:
+        return KeyframeRequest.model_validate(obj).model_dump()
+    except ValidationError as exc:
+        problems = [f"{'.'.join(str(p) for p in e['loc']) or 'script'}: {e['msg']}" for e in exc.errors()]
+        raise ValueError("the script is not a valid keyframes request: " + "; ".join(problems)) from None
+
+
+class ScriptResponse(BaseModel):
+    """`POST /v1/scripts`: a script that is a valid `POST /v1/keyframes` request, and who wrote it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "script": KeyframeRequest.model_config["json_schema_extra"]["examples"][0],
+                    "writer": {"model": "Qwen/Qwen3-4B-Instruct-2507", "tiny": False, "note": None},
+                    "seed": 0,
+                }
+            ]
+        }
+    )
+
+    script: KeyframeRequest = Field(..., description="Edit it, then send it to `POST /v1/keyframes` as is.")
+    writer: ScriptWriterInfo
+    seed: int = Field(..., description="The seed used (the request's, or the random one drawn).")
+
+
 class Fallback(BaseModel):
     alias: str
     version: str

@@ -291,6 +291,7 @@
       playing = !playing;
       button.textContent = playing ? "pause" : "play over time";
       if (playing) { t0 = performance.now(); requestAnimationFrame(frame); }
+      root.facelabClock = playing ? { t0: t0, fps: fps } : null;  // flame_gl.js follows the cursor
     });
   }
 
@@ -394,6 +395,7 @@
       });
     });
     animate(root, data.page.fps);
+    if (window.facelabFlame) window.facelabFlame.preview(root, data);  // the FLAME avatars (flame_gl.js)
   }
 
   /* One row per variant (the ground truth first), one column per test item. */
@@ -546,6 +548,60 @@
     return sec;
   }
 
+  /* KeyframeFace §4.1 (Input Standardization) on a served keyframes page: free text -> POST /v1/scripts ->
+     the script fills the form's background / emotion / keyframes fields for the user to edit; the form's
+     own button then asks /v1/keyframes. The writer is named beside the button (the tiny one: untrained). */
+  function writerLabel(w) {
+    if (!w) return "script writer: named with its first script";
+    return "script writer: " + w.model + (w.tiny ? " \u2014 " + (w.note || "untrained test model") : "");
+  }
+
+  function scriptWriter(page, root, form, inputs) {
+    var sec = el("section", { class: "script-writer" });
+    root.insertBefore(sec, form);
+    var row = el("label", { class: "field" }, sec);
+    text("span", "", "free text: what the face should show (an LLM writes the script below from it)", row);
+    var box = el("textarea", { name: "free_text", rows: "3" }, row);
+    var bar = el("div", { class: "controls" }, sec);
+    var go = el("button", { type: "button", class: "write-script" }, bar);
+    go.textContent = "Write script";
+    var kl = el("label", {}, bar);
+    text("span", "", "at most ", kl);
+    var maxk = el("input", { name: "max_keyframes", type: "number", min: "1", max: "5", value: "5" }, kl);
+    text("span", "", " keyframes", kl);
+    var w = page.scripts.writer;
+    var label = text("span", "writer" + (w && w.tiny ? " tiny" : ""), writerLabel(w), bar);
+    var st = el("p", { class: "status script-status" }, sec);
+    go.addEventListener("click", function () {
+      var headers = { "Content-Type": "application/json" };
+      if (inputs.key.value) headers["X-API-Key"] = inputs.key.value;
+      var body = { text: box.value };
+      if (maxk.value !== "") body.max_keyframes = Number(maxk.value);
+      st.className = "status script-status";
+      st.textContent = "asking " + page.scripts.endpoint + " \u2026";
+      go.disabled = true;
+      fetch(page.scripts.endpoint, { method: "POST", headers: headers, body: JSON.stringify(body) })
+        .then(function (r) { return r.json().then(function (j) { return { ok: r.ok, code: r.status, json: j }; }); })
+        .then(function (r) {
+          go.disabled = false;
+          if (!r.ok) {
+            st.className = "status script-status error";
+            st.textContent = r.code + ": " + JSON.stringify(r.json.detail || r.json);
+            return;
+          }
+          var s = r.json.script, wr = r.json.writer;
+          inputs.background.value = s.background;
+          inputs.emotion.value = s.emotion;
+          inputs.keyframes.value = s.keyframes.join("\n");
+          label.textContent = writerLabel(wr);
+          label.className = "writer" + (wr && wr.tiny ? " tiny" : "");
+          st.textContent = "script written (seed " + r.json.seed + "): edit it below, then generate";
+          sec.setAttribute("data-written", "1");
+        })
+        .catch(function (e) { go.disabled = false; st.className = "status script-status error"; st.textContent = String(e); });
+    });
+  }
+
   function servePage(data, root) {
     var page = data.page, form = el("form", { class: "ask" }, root);
     var inputs = {};
@@ -562,6 +618,7 @@
     }
     inputs.key = field(form, "API key (if the server needs one)", "key", "", "password");
     el("button", { type: "submit" }, form).textContent = "generate";
+    if (page.task === "keyframes" && page.scripts) scriptWriter(page, root, form, inputs);  // §4.1
     var status = el("p", { class: "status" }, root), out = el("div", { class: "answer" }, root);
 
     form.addEventListener("submit", function (ev) {
@@ -621,6 +678,10 @@
               seqPanel(d, s, "sample " + (k + 1), "gen", st.tmax, st.scale, st.scale, row);
             });
             animate(out, d.page.fps);
+            if (window.facelabFlame) {  // the FLAME avatars: GET /v1/flame, or why not (flame_gl.js)
+              window.facelabFlame.served(out, seqs, { endpoint: page.endpoint, headers: headers,
+                                                      fps: d.page.fps, tmax: st.tmax });
+            }
           }
           out.setAttribute("data-answered", "1");
         })

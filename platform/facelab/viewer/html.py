@@ -175,6 +175,7 @@ def serve_payload(
     example: dict | None = None,
     fps: float = EXPORT_FPS,
     spacing: float = EXPORT_SPACING_S,
+    script_writer: dict | None = None,
 ) -> dict:
     """Payload of the served model's page (``GET /viewer``): a form that POSTs to ``endpoint`` on the same
     server (default ``/v1/keyframes`` or ``/v1/expressions``; an ``X-API-Key`` field for a server that
@@ -184,7 +185,12 @@ def serve_payload(
     A keyframes answer is also played as an animation: keyframes ``spacing`` seconds apart interpolated
     at ``fps`` exactly as ``facelab export`` does (PCHIP, ``payload["animation"]``), with play/pause, a
     frame slider, previous/next keyframe and a "download CSV" button that asks the endpoint again with
-    ``?format=csv`` (the API's Live Link Face CSV of the keyframes)."""
+    ``?format=csv`` (the API's Live Link Face CSV of the keyframes).
+
+    A keyframes page also has a free-text box and a "Write script" button (KeyframeFace §4.1): it asks
+    ``payload["scripts"]["endpoint"]`` (``/v1/scripts`` beside ``endpoint``) and fills the script fields
+    for the user to edit before sending; ``script_writer`` (the writer's ``{"model", "tiny", "note"}``,
+    if known) is shown beside it -- the tiny untrained writer is labelled as such."""
     if task not in SERVE_EXAMPLES:
         raise ValueError(f"serve_payload: task must be one of {sorted(SERVE_EXAMPLES)}, got {task!r}")
     if not (math.isfinite(fps) and fps > 0 and math.isfinite(spacing) and spacing > 0):
@@ -201,7 +207,16 @@ def serve_payload(
         "dims": coefficient_labels(53),
         "curves": [0, 1, 2, 50],
         "animation": {"fps": float(fps), "spacing": float(spacing)},
+        **_scripts_block(task, endpoint or f"/v1/{task}", script_writer),
     }
+
+
+def _scripts_block(task: str, endpoint: str, writer: dict | None) -> dict:
+    """``{"scripts": {"endpoint", "writer"}}`` of a keyframes page (``/v1/scripts`` beside its endpoint)."""
+    if task != "keyframes":
+        return {}
+    base = endpoint[: -len("/v1/keyframes")] if endpoint.endswith("/v1/keyframes") else ""
+    return {"scripts": {"endpoint": base + "/v1/scripts", "writer": writer}}
 
 
 def _asset(name: str) -> str:
@@ -214,8 +229,10 @@ def _script_json(obj) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def render_page(payload: dict) -> str:
-    """The HTML text of one page: header, the data, ``face.js`` and ``viewer.css`` inlined."""
+def render_page(payload: dict, *, flame: dict | None = None) -> str:
+    """The HTML text of one page: header, the data, ``flame_gl.js``, ``face.js`` and ``viewer.css`` inlined.
+    ``flame``: what :func:`facelab.viewer.flame_payload.embed` gives (the FLAME mesh, or why not), kept in
+    ``<script type="application/json" id="facelab-flame">`` for an expressions page's avatars."""
     from facelab.data.arkit import CHANNELS, REGIONS
     from facelab.viewer.rig import compiled
 
@@ -223,6 +240,10 @@ def render_page(payload: dict) -> str:
     title = escape(payload.get("title") or "facelab")
     sub = escape(payload.get("subtitle") or "")
     js = _asset("face.js").replace("</", "<\\/")
+    flame_js = _asset("flame_gl.js").replace("</", "<\\/")  # before face.js: its hooks call into it
+    flame_data = (
+        "" if flame is None else f'<script type="application/json" id="facelab-flame">{_script_json(flame)}</script>\n'
+    )
     return (
         "<!doctype html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
@@ -234,23 +255,29 @@ def render_page(payload: dict) -> str:
         "<footer>facelab viewer: schematic face of the 61 ARKit channels (facelab/viewer/rig_table.py); "
         "self-contained, no network.</footer>\n"
         f'<script type="application/json" id="facelab-data">{_script_json(data)}</script>\n'
+        f"{flame_data}<script>\n{flame_js}</script>\n"
         f"<script>\n{js}</script>\n</body></html>\n"
     )
 
 
-def write_page(payload: dict, out: Path) -> Path:
+def write_page(payload: dict, out: Path, *, flame: dict | None = None) -> Path:
     """Write :func:`render_page` of ``payload`` to ``out`` (UTF-8); returns ``out``."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_page(payload), encoding="utf-8")
+    out.write_text(render_page(payload, flame=flame), encoding="utf-8")
     return out
 
 
 def write_run_preview(payload: dict, out_dir: Path) -> tuple[Path, Path]:
-    """A run's ``preview.html`` and ``preview.json`` (the payload, for :func:`sweep_payload`) in ``out_dir``."""
+    """A run's ``preview.html`` and ``preview.json`` (the payload, for :func:`sweep_payload`) in ``out_dir``.
+    An expressions page also embeds the FLAME mesh when ``FACELAB_FLAME_MODEL`` names the user's model
+    (quantized, about 2.8 MB for FLAME 2020; :func:`facelab.viewer.flame_payload.embed`), or why not."""
+    from facelab.viewer.flame_payload import embed
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    page = write_page(payload, out_dir / "preview.html")
+    flame = embed() if payload.get("kind") == "expressions" else None
+    page = write_page(payload, out_dir / "preview.html", flame=flame)
     data = out_dir / "preview.json"
     data.write_text(json.dumps(payload, allow_nan=False), encoding="utf-8")
     return page, data
