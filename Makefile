@@ -56,8 +56,12 @@ keyframe-quickstart: data
 	  || { cat .serve.log; exit 1; }
 
 # The test suite CI runs (`.ci/run`): everything but GPU-only tests; the 15 slowest are listed at the end.
+# TEST_WORKERS pytest-xdist processes (default 2), one test file at a time each (--dist loadfile keeps a
+# module's fixtures in one process): the end-to-end tests mostly wait on Ray, MLflow and HTTP, so two
+# processes on 2 cores finish in less wall time. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not gpu" -q
+	$(BIN)/python -m pytest -m "not gpu" -q -n $(TEST_WORKERS) --dist loadfile
 
 # Lint, format check and the import layers (`.ci/run` runs it before the tests).
 lint: $(STAMP)
