@@ -56,10 +56,10 @@ keyframe-quickstart: data
 	  || { cat .serve.log; exit 1; }
 
 # The test suite CI runs (`.ci/run`): everything but GPU-only tests; the 15 slowest are listed at the end.
-# TEST_WORKERS pytest-xdist processes (default 2), one test file at a time each (--dist loadfile keeps a
-# module's fixtures in one process): the end-to-end tests mostly wait on Ray, MLflow and HTTP, so two
-# processes on 2 cores finish in less wall time. TEST_WORKERS=0 runs everything in one process.
-TEST_WORKERS ?= 2
+# TEST_WORKERS > 0 runs the test files in that many pytest-xdist processes (--dist loadfile keeps a
+# module's fixtures in one process): for machines with cores to spare. On 2 cores it does not pay (the
+# suite is CPU-bound there: 36 min with 2 processes, as with one), so the default is one process.
+TEST_WORKERS ?= 0
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not gpu" -q -n $(TEST_WORKERS) --dist loadfile
 

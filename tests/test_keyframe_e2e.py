@@ -294,3 +294,45 @@ def test_export_interpolates_to_60hz(kf, tmp_path):
     assert len(lines) == 1 + 121  # 2 s at 60 Hz, both ends included
     jaw = [float(line.split(",")[2 + CHANNELS.index("JawOpen")]) for line in lines[1:]]
     assert jaw[0] == 0.0 and jaw[60] == pytest.approx(0.6) and max(jaw) <= 0.6 + 1e-6
+
+
+def test_ranking_study_of_the_keyframe_sweep(kf, tmp_path):
+    """`facelab study create` on the finished keyframe sweep (issue #20 item 4 with keyframe models):
+    the sampled items are test scripts, every method answers each script's keyframes (61 ARKit channels
+    in range, one row per description), the page data a rater gets names no method, and two scripted
+    raters' rankings give the report's kappa computed independently here."""
+    import numpy as np
+
+    from facelab.data.arkit import HIGH, LOW
+    from facelab.data.keyframeface import load_split
+    from facelab.study import core, report
+
+    project, _ = kf
+    out = tmp_path / "study"
+    facelab(project, "study", "create", "keyframe-quickstart", "--variants", "Tuned,Base", "--items", "3",
+            "--seed", "1", "--out", str(out))  # fmt: skip
+    study = core.load(out)
+    assert study["task"] == "keyframes" and [m["name"] for m in study["methods"]] == ["Tuned", "Base"]
+    scripts = load_split(project / "data" / "keyframeface", "test")
+    for i, item in enumerate(study["items"]):
+        script = scripts[item["index"]]
+        assert item["descriptions"] == [k.descriptions["original"] for k in script.keyframes]
+        outs = core.outputs(out, item["id"])
+        for m in study["methods"]:
+            rows = np.asarray(outs[m["id"]]["keyframes"])
+            assert rows.shape == (len(item["descriptions"]), 61)
+            assert (rows >= LOW - 1e-6).all() and (rows <= HIGH + 1e-6).all()
+        shown = json.dumps(core.rater_item(out, study, "r1", i))
+        assert "Tuned" not in shown and "Base" not in shown and study["methods"][0]["run_id"] not in shown
+
+    # r1 prefers Tuned (m0) on every item, r2 too but on the first: Fleiss' table over the 6 (item, method)
+    # subjects has 4 agreeing rows and 2 split ones -> P = 4/6, P_e = 0.5^2 + 0.5^2, kappa = (2/3 - 1/2) / (1/2)
+    plan = {"r1": [{"m0": 1, "m1": 2}] * 3, "r2": [{"m0": 2, "m1": 1}] + [{"m0": 1, "m1": 2}] * 2}
+    for rater, by_item in plan.items():
+        for i, item in enumerate(study["items"]):
+            shown_order = core.order(study, rater, item["id"])  # label A, B, ... -> method id
+            core.submit(out, study, rater, i, {"AB"[k]: by_item[i][mid] for k, mid in enumerate(shown_order)})
+    _text, summary = report.report(out)
+    assert summary["raters"] == 2 and summary["items"] == 3
+    assert summary["kappa"] == pytest.approx(1 / 3, abs=1e-12)
+    assert summary["avg_rank"]["Tuned"] == pytest.approx(7 / 6) and summary["avg_rank"]["Base"] == pytest.approx(11 / 6)

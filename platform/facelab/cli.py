@@ -483,11 +483,13 @@ def cmd_serve(args) -> int:
         return 2
     root = _root()
     try:  # a script writer (POST /v1/scripts) that cannot load offline is refused before Ray starts
-        from facelab.families.keyframe_lm.scripts import ScriptWriterError, check_script_writer
+        writers = {args.script_writer, *(s.script_writer for s in settings.values())} - {None}
+        if writers:
+            from facelab.families import registry
 
-        for writer in {args.script_writer, *(s.script_writer for s in settings.values())} - {None}:
-            check_script_writer(writer, root)
-    except ScriptWriterError as exc:
+            for writer in writers:
+                registry.script_writer()(writer, root, check_only=True)
+    except ValueError as exc:  # FamilyError too
         print(f"facelab: error: {exc}", file=sys.stderr)
         return 2
     uri = _tracking_uri(root)

@@ -77,6 +77,13 @@ class Family:
     """Optional ``(config, root, device, max_adapters) -> set``: serve several registered models of this
     family that share a base model from one copy of it (LoRA adapters): the set's ``add(name,
     checkpoint_dir)`` returns a servable of one of them (``facelab serve --model A+B``)."""
+    script_writer: str | Callable[..., Any] | None = None
+    """Optional ``(name | None, root, device, *, check_only=False) -> writer``: KeyframeFace's first stage
+    (§4.1), the LM that rewrites free text into a script for ``POST /v1/scripts`` (``writer.info``,
+    ``writer.write(text, max_keyframes=, seed=, should_stop=)``); ``name`` None is the family's default
+    writer; ``check_only`` only checks, before anything starts, that ``name`` can load. A writer that
+    cannot load raises ``ValueError`` naming ``--script-writer``. The first installed family that
+    declares one provides the route (:func:`facelab.families.registry.script_writer`)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

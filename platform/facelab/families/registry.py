@@ -84,6 +84,15 @@ def get(kind: Any) -> Family:
     )
 
 
+def script_writer():
+    """The ``script_writer`` hook (:attr:`Family.script_writer`, ``POST /v1/scripts``) of the first installed
+    family that declares one, or :class:`FamilyError` when none does."""
+    for family in families().values():
+        if family.script_writer is not None:
+            return family.hook("script_writer")
+    raise FamilyError("no installed family provides a script writer (Family.script_writer) for POST /v1/scripts")
+
+
 def job_types() -> dict[str, type]:
     """kind → job schema class."""
     return {k: f.job for k, f in _load()[0].items()}

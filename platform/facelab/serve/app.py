@@ -1339,15 +1339,15 @@ class FacelabServer:
             ],
         )
 
-    # ---- POST /v1/scripts: KeyframeFace §4.1, free text -> a script (facelab.families.keyframe_lm.scripts) ----
+    # ---- POST /v1/scripts: KeyframeFace §4.1, free text -> a script (a family's Family.script_writer) ----
 
     def _script_writer(self):
         """This replica's script writer: ``--script-writer`` (None: the tiny test writer), loaded once."""
         if self._writer is None:
-            from facelab.families.keyframe_lm.scripts import load_script_writer
+            from facelab.families import registry
 
             root = Path(self.root) if self.root else None
-            self._writer = load_script_writer(self.script_writer, root, self.device)
+            self._writer = registry.script_writer()(self.script_writer, root, self.device)
         return self._writer
 
     def _scripts_now(self, req: ScriptRequest, seed: int, deadline: float, abandoned: threading.Event):
@@ -1528,7 +1528,7 @@ def build_app(
 
     ``script_writer``: the LM behind ``POST /v1/scripts`` of a keyframes model (KeyframeFace §4.1; a model
     directory or a Hugging Face id in the local cache, offline; None = the tiny untrained test writer;
-    :mod:`facelab.families.keyframe_lm.scripts`)."""
+    the first family declaring ``Family.script_writer``)."""
     if adapters and max_adapters < 1 + len(adapters):
         raise ValueError(
             f"max_adapters ({max_adapters}) is smaller than the adapter group ({1 + len(adapters)} models)"

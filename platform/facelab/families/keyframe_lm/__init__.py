@@ -10,6 +10,7 @@ One readable file per idea:
 ``lora``      the §5.2 adapter (r = 8, α = 32, every linear layer);
 ``generate``  plain greedy decoding and the grammar-constrained fast path;
 ``tiny``      the offline stand-in model (random weights, Qwen3 architecture, tokenizer trained here);
+``scripts``   §4.1's first stage: free text -> a script, decoded under the script's JSON schema;
 ``job``       the job schema; ``loop`` the Ray Train worker loop; ``servable`` build + reload.
 
 Nothing is imported or built at import time.
@@ -29,5 +30,6 @@ FAMILY = Family(
     servable_info="facelab.families.keyframe_lm.servable:servable_info",
     shared_base="facelab.families.keyframe_lm.adapters:AdapterSet",
     add_cli="facelab.families.keyframe_lm.tiny:add_cli",
+    script_writer="facelab.families.keyframe_lm.scripts:script_writer",
     description="KeyframeFace: LoRA-tuned causal LM writing 61 ARKit values per keyframe as JSON (2025)",
 )

@@ -87,7 +87,7 @@ class ScriptError(ValueError):
     """A written script that is not a valid keyframes request, or bad arguments to the writer."""
 
 
-class ScriptWriterError(RuntimeError):
+class ScriptWriterError(ValueError):
     """The configured script writer cannot be loaded (the message names the option)."""
 
 
@@ -479,3 +479,11 @@ def load_script_writer(name: str | None = None, root: Path | None = None, device
         raise ScriptWriterError(f"{OPTION} {name!r}: {exc}") from None
     tiny = getattr(model.config, "facelab_label", None) == LABEL
     return ScriptWriter(model, tokenizer, name=name, tiny=tiny, note=TINY_NOTE if tiny else None)
+
+
+def script_writer(name: str | None = None, root: Path | None = None, device: str = "cpu", *, check_only=False):
+    """This family's ``Family.script_writer`` hook: :func:`check_script_writer` (``check_only``) or
+    :func:`load_script_writer`."""
+    if check_only:
+        return check_script_writer(name, root)
+    return load_script_writer(name, root, device)
