@@ -4,6 +4,7 @@ promote → Ray Serve → HTTP. One project is built once (session fixture) and 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -290,7 +291,10 @@ def _check_mlflow_tools_load_the_registered_model(project: Path) -> None:
     import pandas as pd
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns.db'}")
-    model = mlflow.pyfunc.load_model("models:/cteg-tiny@champion")
+    try:
+        model = mlflow.pyfunc.load_model("models:/cteg-tiny@champion")
+    finally:  # set_tracking_uri also sets MLFLOW_TRACKING_URI in os.environ: later tests must not inherit it
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
     out = model.predict(pd.DataFrame([{"text": "I am so happy today!", "num_samples": 2, "max_frames": 12, "seed": 1}]))
     assert len(out["sequences"][0]) == 2 and all(len(f) == 53 for s in out["sequences"][0] for f in s)
     port = free_port()

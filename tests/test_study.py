@@ -277,7 +277,7 @@ def test_scripted_raters_in_chromium_give_the_planned_kappa(study_project, tmp_p
 
     from facelab.core import tracking
 
-    c = tracking.client(tracking.tracking_uri(study_project))
+    c = tracking.client(tracking.default_tracking_uri(study_project))  # the project's own store, as the CLI used
     run = c.get_run(study["parent_run_id"])
     assert run.data.metrics["study/kappa"] == pytest.approx(want_kappa, abs=1e-9)
     for m in METHODS:
