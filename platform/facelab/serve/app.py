@@ -1311,15 +1311,7 @@ class FacelabServer:
         deadline, abandoned = time.monotonic() + self.request_timeout_s, threading.Event()
         request = {"background": req.background, "emotion": req.emotion, "keyframes": list(req.keyframes)}
         await asyncio.to_thread(check_tokens, s.model, request)  # 422 before the model is touched
-        try:
-            results = await asyncio.to_thread(self._keyframes_now, s, req, deadline, abandoned)
-        except asyncio.CancelledError:  # the client left (or the proxy timed out): stop generating for it
-            abandoned.set()
-            raise
-        except ModelBusy:
-            raise _busy() from None
-        except TimeoutError:
-            raise _timed_out(self.request_timeout_s) from None
+        results = await self._in_thread(abandoned, self._keyframes_now, s, req, deadline, abandoned)
         rows = np.stack([r.values for r in results])  # (K, 61)
         if not all(math.isfinite(v) for v in rows.ravel().tolist()):
             raise HTTPException(status_code=500, detail="model produced non-finite values")
@@ -1338,6 +1330,21 @@ class FacelabServer:
                 for i, r in enumerate(results)
             ],
         )
+
+    async def _in_thread(self, abandoned: threading.Event, fn, *args):
+        """``fn(*args)`` in a worker thread for a request: a client that leaves (or a proxy timeout) sets
+        ``abandoned`` so the work stops; a busy model is 503, a passed deadline 408."""
+        import asyncio
+
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except asyncio.CancelledError:
+            abandoned.set()
+            raise
+        except ModelBusy:
+            raise _busy() from None
+        except TimeoutError:
+            raise _timed_out(self.request_timeout_s) from None
 
     # ---- POST /v1/scripts: KeyframeFace §4.1, free text -> a script (a family's Family.script_writer) ----
 
@@ -1373,7 +1380,6 @@ class FacelabServer:
         text into a script -- background, emotion, 1 to ``max_keyframes`` keyframe descriptions -- decoded
         under the script's schema, so the answer's ``script`` can be edited and sent to ``POST
         /v1/keyframes`` as is. ``writer`` names the model; the default tiny one is untrained (``tiny``)."""
-        import asyncio
 
         s = self.served
         try:
@@ -1384,15 +1390,7 @@ class FacelabServer:
             raise
         deadline, abandoned = time.monotonic() + self.request_timeout_s, threading.Event()
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31 - 1)
-        try:
-            writer, script = await asyncio.to_thread(self._scripts_now, req, seed, deadline, abandoned)
-        except asyncio.CancelledError:  # the client left (or the proxy timed out): stop writing for it
-            abandoned.set()
-            raise
-        except ModelBusy:
-            raise _busy() from None
-        except TimeoutError:
-            raise _timed_out(self.request_timeout_s) from None
+        writer, script = await self._in_thread(abandoned, self._scripts_now, req, seed, deadline, abandoned)
         return ScriptResponse(script=script, writer=writer, seed=seed)
 
 
